@@ -1,0 +1,182 @@
+//! The command line: argument definitions and dispatch to library functions.
+
+use crate::data::DataDir;
+use crate::report::{Cell, Format, Report, Table};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "quantlab",
+    version,
+    about = "Quantize models per layer and measure what it does: size, speed and accuracy.",
+    long_about = "quantlab loads models into Candle, quantizes them per layer (dynamic and static int8, \
+weight-only 8/4/3/2-bit, NF4/FP4, GGML types, fp16/bf16) and reports size, latency and quality \
+as markdown, CSV or JSON lines."
+)]
+pub struct Cli {
+    /// Output format for everything that reports numbers.
+    #[arg(long, value_enum, global = true, default_value_t = Format::Table)]
+    pub format: Format,
+    /// Folder holding datasets (MNIST, WikiText-2, lab inputs...). Default: ../shared/data.
+    #[arg(long, global = true, env = crate::data::DATA_ENV)]
+    pub data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Reproduce an exercise or table of the quantization lab.
+    Lab {
+        #[command(subcommand)]
+        which: LabCommand,
+    },
+    /// Quantize one tensor with one or more schemes and report the error of each.
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LabCommand {
+    /// Exercise 0: a 4x3 tensor affinely quantized to 2 bits by hand.
+    Ex0,
+    /// Exercise 1: 8-bit affine quantization of seeded randn(4,4) and randn(8,8).
+    Ex1,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct QuantizeArgs {
+    /// Schemes to compare: uniform `i8:sym:ch0`, `u4:affine:g64`, ... or `nf4`, `fp4`,
+    /// `nf4:dq` (double-quantized absmax), `nf4:b128` (block size).
+    #[arg(long = "scheme", required = true, num_args = 1..)]
+    pub schemes: Vec<String>,
+    /// A safetensors file to read the tensor from (with --tensor).
+    #[arg(long, requires = "tensor")]
+    pub input: Option<PathBuf>,
+    /// Name of the tensor inside --input.
+    #[arg(long)]
+    pub tensor: Option<String>,
+    /// Without --input: quantize a standard-normal matrix of this shape, e.g. 4096x4096.
+    #[arg(long, default_value = "1024x1024")]
+    pub randn: String,
+    /// Seed for --randn.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    let report = match cli.command {
+        Command::Lab { which } => match which {
+            LabCommand::Ex0 => crate::lab::ex0::report(&crate::lab::ex0::run()?),
+            LabCommand::Ex1 => {
+                let data = DataDir::resolve(cli.data_dir.as_deref())?;
+                crate::lab::ex1::report(&crate::lab::ex1::run(&data)?)
+            }
+        },
+        Command::Quantize(args) => quantize_report(&args)?,
+    };
+    print!("{}", report.render(cli.format));
+    Ok(())
+}
+
+fn parse_shape(s: &str) -> Result<Vec<usize>> {
+    let dims: Result<Vec<usize>, _> = s.split('x').map(str::parse).collect();
+    match dims {
+        Ok(d) if !d.is_empty() && d.iter().all(|&v| v > 0) => Ok(d),
+        _ => bail!("invalid shape '{s}': use dimensions joined by 'x', e.g. 1024x1024"),
+    }
+}
+
+fn load_tensor(args: &QuantizeArgs) -> Result<(String, Tensor)> {
+    match (&args.input, &args.tensor) {
+        (Some(path), Some(name)) => {
+            let map = candle_core::safetensors::load(path, &Device::Cpu)
+                .with_context(|| format!("reading safetensors file {}", path.display()))?;
+            let t = map.get(name).with_context(|| {
+                let mut names: Vec<&String> = map.keys().collect();
+                names.sort();
+                format!(
+                    "no tensor '{name}' in {}; it has: {}",
+                    path.display(),
+                    names
+                        .iter()
+                        .take(20)
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+            Ok((name.clone(), t.clone()))
+        }
+        _ => {
+            let shape = parse_shape(&args.randn)?;
+            Ok((
+                format!("randn {}", args.randn),
+                crate::quant::random::randn(&shape, args.seed)?,
+            ))
+        }
+    }
+}
+
+fn quantize_report(args: &QuantizeArgs) -> Result<Report> {
+    use crate::quant::{ErrorStats, FourBit};
+    let (name, x) = load_tensor(args)?;
+    let mut t = Table::new(
+        "quantize",
+        &format!("Quantization error of {name} {:?}", x.dims()),
+        &[
+            "scheme",
+            "bits per weight",
+            "bytes",
+            "mean abs error",
+            "max abs error",
+            "MSE",
+            "SQNR (dB)",
+        ],
+    );
+    let n = x.elem_count();
+    let flat = x
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    t.push(vec![
+        "f32".into(),
+        Cell::f(32.0, 3),
+        (n * 4).into(),
+        Cell::f(0.0, 6),
+        Cell::f(0.0, 6),
+        Cell::f(0.0, 9),
+        Cell::f(f64::INFINITY, 2),
+    ]);
+    for spec in &args.schemes {
+        let (approx, bytes) = if let Some(fb) = crate::quant::FourBitSpec::parse(spec)? {
+            let q = FourBit::quantize(&flat, fb.kind, fb.blocksize, fb.double_quant)?;
+            (q.dequantize(), q.nbytes())
+        } else {
+            let scheme: crate::quant::Scheme = spec.parse()?;
+            let q = crate::quant::quantize(&x, &scheme)?;
+            let bytes = crate::quant::pack::packed_len(n, scheme.bits) + q.params.len() * 8;
+            (q.dequantize()?.flatten_all()?.to_vec1::<f32>()?, bytes)
+        };
+        let e = ErrorStats::between_slices(&flat, &approx)?;
+        t.push(vec![
+            spec.clone().into(),
+            Cell::f(bytes as f64 * 8.0 / n as f64, 3),
+            bytes.into(),
+            Cell::f(e.mean_abs, 6),
+            Cell::f(e.max_abs, 6),
+            Cell::f(e.mse, 9),
+            Cell::f(e.sqnr_db, 2),
+        ]);
+    }
+    t.note(format!(
+        "bytes: packed codes plus parameters (uniform: f32 scale + i32 zero point per group; {}: f32 absmax per block, or 8-bit codes + f32 per 256 with double quant).",
+        "nf4/fp4"
+    ));
+    Ok(Report {
+        tables: vec![t],
+        notes: vec![],
+    })
+}

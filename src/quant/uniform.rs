@@ -1,0 +1,300 @@
+//! Uniform (integer) quantization of candle tensors: quantize, dequantize and
+//! fake-quantize at any granularity. The element-wise math runs as candle ops, so
+//! it runs on whatever device the tensor lives on.
+
+use super::params::QParams;
+use super::scheme::{Granularity, Scheme};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+/// A quantized tensor: integer codes plus the parameters that map them back to reals.
+#[derive(Debug, Clone)]
+pub struct QTensor {
+    pub scheme: Scheme,
+    /// Codes in the original shape, as U8 holding the code's bit pattern
+    /// (two's complement for signed schemes, as i8 storage would).
+    pub codes: Tensor,
+    pub params: QParams,
+}
+
+/// The 2-D view in which every row shares one (scale, zero point) pair.
+struct RowView {
+    rows: Tensor,
+    /// Permutation applied before flattening (per-channel on a non-leading axis).
+    permuted_dims: Option<(Vec<usize>, Vec<usize>)>,
+    dims: Vec<usize>,
+}
+
+impl RowView {
+    fn new(x: &Tensor, g: Granularity) -> Result<Self> {
+        let dims = x.dims().to_vec();
+        let numel = x.elem_count();
+        if numel == 0 {
+            bail!("cannot quantize an empty tensor of shape {dims:?}");
+        }
+        let (rows, permuted_dims) = match g {
+            Granularity::PerTensor => (x.reshape((1, numel))?, None),
+            Granularity::PerGroup { size } => (x.reshape((numel / size, size))?, None),
+            Granularity::PerChannel { axis } => {
+                if axis == 0 {
+                    (x.reshape((dims[0], numel / dims[0]))?, None)
+                } else {
+                    let mut perm: Vec<usize> = vec![axis];
+                    perm.extend((0..dims.len()).filter(|&d| d != axis));
+                    let p = x.permute(perm.clone())?.contiguous()?;
+                    let pdims = p.dims().to_vec();
+                    (
+                        p.reshape((dims[axis], numel / dims[axis]))?,
+                        Some((perm, pdims)),
+                    )
+                }
+            }
+        };
+        Ok(RowView {
+            rows,
+            permuted_dims,
+            dims,
+        })
+    }
+
+    /// Puts a tensor of the row view's shape back into the original layout.
+    fn restore(&self, t: Tensor) -> Result<Tensor> {
+        match &self.permuted_dims {
+            None => Ok(t.reshape(self.dims.as_slice())?),
+            Some((perm, pdims)) => {
+                let mut inverse = vec![0; perm.len()];
+                for (i, &p) in perm.iter().enumerate() {
+                    inverse[p] = i;
+                }
+                Ok(t.reshape(pdims.as_slice())?
+                    .permute(inverse)?
+                    .contiguous()?)
+            }
+        }
+    }
+}
+
+/// Fails with a clear message if the tensor holds NaN or infinite values.
+pub fn ensure_finite(x: &Tensor, what: &str) -> Result<()> {
+    let x = x.to_dtype(DType::F32)?;
+    // x * 0 is 0 for finite values and NaN for NaN and +-inf.
+    let probe = (&x * 0.0)?.sum_all()?.to_scalar::<f32>()?;
+    if !probe.is_finite() {
+        bail!("{what} contains NaN or infinite values: quantization needs finite numbers (clean the weights or inputs first)");
+    }
+    Ok(())
+}
+
+/// Per-row minima and maxima of the scheme's row view (the scheme's own ranges).
+pub fn row_ranges(x: &Tensor, scheme: &Scheme) -> Result<(Vec<f32>, Vec<f32>)> {
+    scheme.validate_for_shape(x.dims())?;
+    let view = RowView::new(&x.to_dtype(DType::F32)?, scheme.granularity)?;
+    let mins = view.rows.min(D::Minus1)?.to_vec1::<f32>()?;
+    let maxs = view.rows.max(D::Minus1)?.to_vec1::<f32>()?;
+    Ok((mins, maxs))
+}
+
+/// Computes the scheme's parameters from the tensor's own ranges.
+pub fn qparams_for(x: &Tensor, scheme: &Scheme) -> Result<QParams> {
+    ensure_finite(x, "tensor to quantize")?;
+    let (mins, maxs) = row_ranges(x, scheme)?;
+    QParams::from_ranges(scheme, &mins, &maxs)
+}
+
+/// Quantizes with parameters computed from the tensor itself.
+pub fn quantize(x: &Tensor, scheme: &Scheme) -> Result<QTensor> {
+    let params = qparams_for(x, scheme)?;
+    quantize_with(x, scheme, params)
+}
+
+/// Round half to even, element-wise, with candle ops (candle's `round` rounds ties away from zero).
+pub fn round_half_even_tensor(x: &Tensor) -> Result<Tensor> {
+    let r = x.round()?;
+    let d = (&r - x)?;
+    let tie = d.abs()?.eq(0.5)?;
+    let half = (&r * 0.5)?;
+    let odd = half.ne(&half.floor()?)?;
+    let fix = tie.mul(&odd)?;
+    let corrected = (&r - (&d * 2.0)?)?;
+    Ok(fix.where_cond(&corrected, &r)?)
+}
+
+fn column(values: &[f32], device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_slice(values, (values.len(), 1), device)?)
+}
+
+/// Quantizes with given parameters: `q = clamp(round_half_even(x * (1/scale)) + zp, qmin, qmax)`.
+pub fn quantize_with(x: &Tensor, scheme: &Scheme, params: QParams) -> Result<QTensor> {
+    scheme.validate_for_shape(x.dims())?;
+    let view = RowView::new(&x.to_dtype(DType::F32)?, scheme.granularity)?;
+    let rows = view.rows.dim(0)?;
+    if params.len() != rows {
+        bail!(
+            "scheme {scheme} needs {rows} (scale, zero point) pairs for shape {:?}, got {}",
+            x.dims(),
+            params.len()
+        );
+    }
+    let device = x.device();
+    let inv: Vec<f32> = params.scale.iter().map(|s| 1.0f32 / s).collect();
+    let zp: Vec<f32> = params.zero_point.iter().map(|&z| z as f32).collect();
+    let (qmin, qmax) = scheme.qrange();
+    let scaled = view.rows.broadcast_mul(&column(&inv, device)?)?;
+    let q = round_half_even_tensor(&scaled)?
+        .broadcast_add(&column(&zp, device)?)?
+        .clamp(qmin as f32, qmax as f32)?;
+    // Two's complement bit pattern in a byte: negative codes wrap to 256 + q.
+    let as_byte = q.lt(0f32)?.where_cond(&(&q + 256.0)?, &q)?;
+    let codes = view.restore(as_byte.to_dtype(DType::U8)?)?;
+    Ok(QTensor {
+        scheme: *scheme,
+        codes,
+        params,
+    })
+}
+
+impl QTensor {
+    /// The shape of the original tensor.
+    pub fn dims(&self) -> &[usize] {
+        self.codes.dims()
+    }
+
+    /// Codes as signed integers in an F32 tensor (exact for 8 bits or fewer).
+    pub fn codes_f32(&self) -> Result<Tensor> {
+        let c = self.codes.to_dtype(DType::F32)?;
+        if self.scheme.signed {
+            Ok(c.ge(128f32)?.where_cond(&(&c - 256.0)?, &c)?)
+        } else {
+            Ok(c)
+        }
+    }
+
+    /// Codes as plain integers (CPU), in row-major order of the original shape.
+    pub fn codes_i32(&self) -> Result<Vec<i32>> {
+        Ok(self
+            .codes_f32()?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|v| v as i32)
+            .collect())
+    }
+
+    /// `(q - zp) * scale`, in f32, in the original shape.
+    pub fn dequantize(&self) -> Result<Tensor> {
+        let c = self.codes_f32()?;
+        let view = RowView::new(&c, self.scheme.granularity)?;
+        let device = c.device();
+        let zp: Vec<f32> = self.params.zero_point.iter().map(|&z| z as f32).collect();
+        let deq = view
+            .rows
+            .broadcast_sub(&column(&zp, device)?)?
+            .broadcast_mul(&column(&self.params.scale, device)?)?;
+        view.restore(deq)
+            .context("restoring the dequantized tensor to its shape")
+    }
+}
+
+/// Quantize then dequantize: the values a quantized model actually sees.
+pub fn fake_quantize(x: &Tensor, scheme: &Scheme) -> Result<Tensor> {
+    quantize(x, scheme)?.dequantize()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::scheme::Convention;
+
+    fn t(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn tensor_rounding_is_half_even() {
+        let x = t(&[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 2.4, -2.6, 1e9], &[9]);
+        let r = round_half_even_tensor(&x)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(r, vec![0.0, 2.0, 2.0, 0.0, -2.0, -2.0, 2.0, -3.0, 1e9]);
+    }
+
+    #[test]
+    fn signed_codes_round_trip_through_bytes() {
+        let s = Scheme::new(8, true).unwrap().symmetric();
+        let x = t(&[-1.0, -0.5, 0.0, 0.5, 1.0], &[5]);
+        let q = quantize(&x, &s).unwrap();
+        // scale = 2/255 in f32, whose reciprocal rounds to 127.49999 (not 127.5), so -1 maps
+        // to -127, as PyTorch's `1.0f / scale` gives too; 0.5 * 127.49999 rounds to 64.
+        assert_eq!(q.codes_i32().unwrap(), vec![-127, -64, 0, 64, 127]);
+        let d = q.dequantize().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(d[4], 127.0 * q.params.scale[0]);
+    }
+
+    #[test]
+    fn per_channel_axis1_matches_transposed_axis0() {
+        let data: Vec<f32> = (0..12).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+        let x = t(&data, &[3, 4]);
+        let s1 = Scheme::new(8, false).unwrap().per_channel(1);
+        let s0 = Scheme::new(8, false).unwrap().per_channel(0);
+        let a = quantize(&x, &s1).unwrap();
+        let b = quantize(&x.t().unwrap().contiguous().unwrap(), &s0).unwrap();
+        assert_eq!(a.params, b.params);
+        let da = a.dequantize().unwrap();
+        let db = b.dequantize().unwrap().t().unwrap();
+        assert_eq!(
+            da.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            db.contiguous()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn per_group_uses_one_range_per_group() {
+        // Two groups of 2: [0, 1] and [10, 30]
+        let x = t(&[0.0, 1.0, 10.0, 30.0], &[1, 4]);
+        let s = Scheme::new(8, false).unwrap().per_group(2);
+        let q = quantize(&x, &s).unwrap();
+        assert_eq!(q.params.scale, vec![1.0 / 255.0, 30.0 / 255.0]);
+        let d = q
+            .dequantize()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (a, b) in d.iter().zip([0.0, 1.0, 10.0, 30.0]) {
+            assert!((a - b).abs() <= 30.0 / 255.0 / 2.0 + 1e-6);
+        }
+    }
+
+    #[test]
+    fn handout_codes_can_leave_zero_outside() {
+        let s = Scheme::new(2, false)
+            .unwrap()
+            .with_convention(Convention::Handout);
+        let x = t(&[1.0, 2.0, 3.0, 4.0], &[4]);
+        let q = quantize(&x, &s).unwrap();
+        assert_eq!(q.codes_i32().unwrap(), vec![0, 1, 2, 3]);
+        let d = q.dequantize().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(d, vec![1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn nan_and_bad_groups_are_errors() {
+        let s = Scheme::new(8, false).unwrap();
+        let x = t(&[0.0, f32::NAN], &[2]);
+        let e = quantize(&x, &s).unwrap_err().to_string();
+        assert!(e.contains("NaN"), "{e}");
+        let x = t(&[0.0, f32::INFINITY], &[2]);
+        assert!(quantize(&x, &s).is_err());
+        let g = Scheme::new(4, false).unwrap().per_group(3);
+        assert!(quantize(&t(&[0.0; 4], &[1, 4]), &g).is_err());
+        let empty = Tensor::zeros((0, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(quantize(&empty, &s).is_err());
+    }
+}
