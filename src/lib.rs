@@ -1,7 +1,11 @@
 //! quantlab: load models into Candle, quantize them per layer, and measure what changed.
 
+pub mod arch;
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod lab;
+pub mod nn;
+pub mod progress;
 pub mod quant;
 pub mod report;

@@ -4,6 +4,8 @@
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
+pub mod mnist;
+
 /// The environment variable naming the data folder.
 pub const DATA_ENV: &str = "QUANTLAB_DATA";
 

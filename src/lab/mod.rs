@@ -2,6 +2,7 @@
 
 pub mod ex0;
 pub mod ex1;
+pub mod mnist;
 
 /// A tensor's values as rows of f64 (for reports and comparisons).
 pub fn rows_f64(t: &candle_core::Tensor) -> anyhow::Result<Vec<Vec<f64>>> {

@@ -136,9 +136,11 @@ impl Scheme {
                 let last = *dims
                     .last()
                     .context("per-group quantization needs a tensor with at least one dimension")?;
-                if last % size != 0 {
+                // A ragged last group is padded with zeros, which leaves a range that already
+                // holds 0 (PyTorch convention) unchanged; the handout's range does not hold 0.
+                if last % size != 0 && self.convention == Convention::Handout {
                     bail!(
-                        "group size {size} does not divide the last dimension {last} of shape {dims:?}: pick a divisor of {last}"
+                        "group size {size} does not divide the last dimension {last} of shape {dims:?}, and the handout convention cannot pad a ragged group: pick a divisor of {last}"
                     );
                 }
             }
@@ -278,7 +280,15 @@ mod tests {
         assert!("i8:g0".parse::<Scheme>().is_err());
         assert!("x8".parse::<Scheme>().is_err());
         assert!("i8:bogus".parse::<Scheme>().is_err());
-        let g = Scheme::new(4, true).unwrap().per_group(64);
+        let g = Scheme::new(4, true)
+            .unwrap()
+            .per_group(64)
+            .with_convention(Convention::Handout);
+        assert!(Scheme::new(4, true)
+            .unwrap()
+            .per_group(64)
+            .validate_for_shape(&[8, 100])
+            .is_ok());
         let err = g.validate_for_shape(&[8, 100]).unwrap_err().to_string();
         assert!(err.contains("does not divide"), "{err}");
         let c = Scheme::new(8, true).unwrap().per_channel(2);

@@ -23,6 +23,8 @@ struct RowView {
     /// Permutation applied before flattening (per-channel on a non-leading axis).
     permuted_dims: Option<(Vec<usize>, Vec<usize>)>,
     dims: Vec<usize>,
+    /// Zeros appended to the last dimension so that groups tile it (ragged last group).
+    pad: usize,
 }
 
 impl RowView {
@@ -34,7 +36,22 @@ impl RowView {
         }
         let (rows, permuted_dims) = match g {
             Granularity::PerTensor => (x.reshape((1, numel))?, None),
-            Granularity::PerGroup { size } => (x.reshape((numel / size, size))?, None),
+            Granularity::PerGroup { size } => {
+                let last = *dims.last().unwrap_or(&1);
+                let pad = (size - last % size) % size;
+                if pad > 0 {
+                    let outer = numel / last;
+                    let padded = x.reshape((outer, last))?.pad_with_zeros(1, 0, pad)?;
+                    let rows = padded.reshape((outer * (last + pad) / size, size))?;
+                    return Ok(RowView {
+                        rows,
+                        permuted_dims: None,
+                        dims,
+                        pad,
+                    });
+                }
+                (x.reshape((numel / size, size))?, None)
+            }
             Granularity::PerChannel { axis } => {
                 if axis == 0 {
                     (x.reshape((dims[0], numel / dims[0]))?, None)
@@ -54,11 +71,18 @@ impl RowView {
             rows,
             permuted_dims,
             dims,
+            pad: 0,
         })
     }
 
     /// Puts a tensor of the row view's shape back into the original layout.
     fn restore(&self, t: Tensor) -> Result<Tensor> {
+        if self.pad > 0 {
+            let last = *self.dims.last().unwrap_or(&1);
+            let outer = self.dims.iter().product::<usize>() / last;
+            let t = t.reshape((outer, last + self.pad))?.narrow(1, 0, last)?;
+            return Ok(t.contiguous()?.reshape(self.dims.as_slice())?);
+        }
         match &self.permuted_dims {
             None => Ok(t.reshape(self.dims.as_slice())?),
             Some((perm, pdims)) => {
@@ -273,6 +297,25 @@ mod tests {
     }
 
     #[test]
+    fn ragged_last_group_matches_explicit_zero_padding() {
+        // 6 columns in groups of 4: the second group holds 2 values (padded with zeros,
+        // which cannot move a range that already contains 0).
+        let v = [0.5f32, -1.0, 2.0, 0.25, 3.0, -0.5];
+        let x = t(&v, &[1, 6]);
+        let s = Scheme::new(4, true).unwrap().per_group(4);
+        let q = quantize(&x, &s).unwrap();
+        assert_eq!(q.params.len(), 2);
+        let padded = t(&[0.5, -1.0, 2.0, 0.25, 3.0, -0.5, 0.0, 0.0], &[1, 8]);
+        let qp = quantize(&padded, &s).unwrap();
+        assert_eq!(q.params, qp.params);
+        assert_eq!(
+            q.codes_i32().unwrap(),
+            qp.codes_i32().unwrap()[..6].to_vec()
+        );
+        assert_eq!(q.dequantize().unwrap().dims(), &[1, 6]);
+    }
+
+    #[test]
     fn handout_codes_can_leave_zero_outside() {
         let s = Scheme::new(2, false)
             .unwrap()
@@ -292,7 +335,10 @@ mod tests {
         assert!(e.contains("NaN"), "{e}");
         let x = t(&[0.0, f32::INFINITY], &[2]);
         assert!(quantize(&x, &s).is_err());
-        let g = Scheme::new(4, false).unwrap().per_group(3);
+        let g = Scheme::new(4, false)
+            .unwrap()
+            .per_group(3)
+            .with_convention(Convention::Handout);
         assert!(quantize(&t(&[0.0; 4], &[1, 4]), &g).is_err());
         let empty = Tensor::zeros((0, 4), DType::F32, &Device::Cpu).unwrap();
         assert!(quantize(&empty, &s).is_err());

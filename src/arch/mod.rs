@@ -1,0 +1,4 @@
+//! Model architectures, each built from [`QLinear`](crate::nn::QLinear) layers.
+
+pub mod mlp;
+pub mod train;

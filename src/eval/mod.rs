@@ -1,0 +1,3 @@
+//! Measurements: latency statistics (and, per task, quality metrics).
+
+pub mod latency;

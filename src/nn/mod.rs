@@ -1,0 +1,59 @@
+//! The quantized linear layer, its kernels, and the per-layer plan that configures it.
+
+pub mod kernels;
+pub mod method;
+pub mod plan;
+pub mod qlinear;
+
+pub use method::Method;
+pub use plan::Plan;
+pub use qlinear::QLinear;
+
+use anyhow::Result;
+
+/// A model whose linear layers a plan can reach.
+pub trait HasLinears {
+    fn linears(&self) -> Vec<&QLinear>;
+    fn linears_mut(&mut self) -> Vec<&mut QLinear>;
+}
+
+/// What a plan did to one layer.
+#[derive(Debug, Clone)]
+pub struct LayerSummary {
+    pub name: String,
+    pub method: Method,
+    pub params: usize,
+    pub bytes: usize,
+}
+
+/// Applies a plan: layers whose method is static int8 are calibrated first by running
+/// `calibrate` (which should push calibration batches through the model), then every
+/// layer is converted.
+pub fn apply_plan<M: HasLinears>(
+    model: &mut M,
+    plan: &Plan,
+    calibrate: impl FnOnce(&M) -> Result<()>,
+) -> Result<Vec<LayerSummary>> {
+    let mut needs_calibration = false;
+    for l in model.linears() {
+        if let Method::StaticInt8(obs) = plan.method_for(&l.name) {
+            l.start_calibration(obs);
+            needs_calibration = true;
+        }
+    }
+    if needs_calibration {
+        calibrate(model)?;
+    }
+    let mut out = Vec::new();
+    for l in model.linears_mut() {
+        let m = plan.method_for(&l.name);
+        l.convert(&m)?;
+        out.push(LayerSummary {
+            name: l.name.clone(),
+            method: m,
+            params: l.num_params(),
+            bytes: l.stored_bytes()?,
+        });
+    }
+    Ok(out)
+}
