@@ -374,6 +374,19 @@ mod tests {
         assert_eq!(entropy_threshold(&hist, 128), 2048);
     }
 
+    /// Recorded by `scripts/entropy_reference.py` (independent float64 Python).
+    #[test]
+    fn entropy_matches_python_reference() {
+        let mut h: Vec<f64> = (0..2048)
+            .map(|i| (1000.0 * (-(i as f64) / 150.0).exp()).floor())
+            .collect();
+        for v in &mut h[300..320] {
+            *v += 40.0;
+        }
+        h[2000] += 3.0;
+        assert_eq!(entropy_threshold(&h, 128), 1151);
+    }
+
     #[test]
     fn entropy_clips_a_long_tail() {
         let mut o = Observer::new(

@@ -147,6 +147,45 @@ fn column(values: &[f32], device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_slice(values, (values.len(), 1), device)?)
 }
 
+/// The element-wise quantization as candle ops (any device).
+fn quantize_rows_ops(
+    rows: &Tensor,
+    inv: &[f32],
+    zp: &[f32],
+    qmin: i32,
+    qmax: i32,
+) -> Result<Tensor> {
+    let device = rows.device();
+    let scaled = rows.broadcast_mul(&column(inv, device)?)?;
+    let q = round_half_even_tensor(&scaled)?
+        .broadcast_add(&column(zp, device)?)?
+        .clamp(qmin as f32, qmax as f32)?;
+    // Two's complement bit pattern in a byte: negative codes wrap to 256 + q.
+    let as_byte = q.lt(0f32)?.where_cond(&(&q + 256.0)?, &q)?;
+    Ok(as_byte.to_dtype(DType::U8)?)
+}
+
+/// The same computation in one pass over CPU memory (about 10x faster than the op chain).
+fn quantize_rows_cpu(
+    rows: &Tensor,
+    inv: &[f32],
+    zp: &[f32],
+    qmin: i32,
+    qmax: i32,
+) -> Result<Tensor> {
+    let (r, c) = rows.dims2()?;
+    let data = rows.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let (lo, hi) = (qmin as f32, qmax as f32);
+    let mut out = Vec::with_capacity(data.len());
+    for (row, (&s, &z)) in data.chunks(c).zip(inv.iter().zip(zp)) {
+        out.extend(
+            row.iter()
+                .map(|&v| ((v * s).round_ties_even() + z).clamp(lo, hi) as i32 as i8 as u8),
+        );
+    }
+    Ok(Tensor::from_vec(out, (r, c), rows.device())?)
+}
+
 /// Quantizes with given parameters: `q = clamp(round_half_even(x * (1/scale)) + zp, qmin, qmax)`.
 pub fn quantize_with(x: &Tensor, scheme: &Scheme, params: QParams) -> Result<QTensor> {
     scheme.validate_for_shape(x.dims())?;
@@ -163,13 +202,12 @@ pub fn quantize_with(x: &Tensor, scheme: &Scheme, params: QParams) -> Result<QTe
     let inv: Vec<f32> = params.scale.iter().map(|s| 1.0f32 / s).collect();
     let zp: Vec<f32> = params.zero_point.iter().map(|&z| z as f32).collect();
     let (qmin, qmax) = scheme.qrange();
-    let scaled = view.rows.broadcast_mul(&column(&inv, device)?)?;
-    let q = round_half_even_tensor(&scaled)?
-        .broadcast_add(&column(&zp, device)?)?
-        .clamp(qmin as f32, qmax as f32)?;
-    // Two's complement bit pattern in a byte: negative codes wrap to 256 + q.
-    let as_byte = q.lt(0f32)?.where_cond(&(&q + 256.0)?, &q)?;
-    let codes = view.restore(as_byte.to_dtype(DType::U8)?)?;
+    let bytes = if device.is_cpu() {
+        quantize_rows_cpu(&view.rows, &inv, &zp, qmin, qmax)?
+    } else {
+        quantize_rows_ops(&view.rows, &inv, &zp, qmin, qmax)?
+    };
+    let codes = view.restore(bytes)?;
     Ok(QTensor {
         scheme: *scheme,
         codes,
@@ -210,10 +248,19 @@ impl QTensor {
         let view = RowView::new(&c, self.scheme.granularity)?;
         let device = c.device();
         let zp: Vec<f32> = self.params.zero_point.iter().map(|&z| z as f32).collect();
-        let deq = view
-            .rows
-            .broadcast_sub(&column(&zp, device)?)?
-            .broadcast_mul(&column(&self.params.scale, device)?)?;
+        let deq = if device.is_cpu() {
+            let (r, cols) = view.rows.dims2()?;
+            let data = view.rows.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let mut out = Vec::with_capacity(data.len());
+            for (row, (&s, &z)) in data.chunks(cols).zip(self.params.scale.iter().zip(&zp)) {
+                out.extend(row.iter().map(|&q| (q - z) * s));
+            }
+            Tensor::from_vec(out, (r, cols), device)?
+        } else {
+            view.rows
+                .broadcast_sub(&column(&zp, device)?)?
+                .broadcast_mul(&column(&self.params.scale, device)?)?
+        };
         view.restore(deq)
             .context("restoring the dequantized tensor to its shape")
     }
@@ -241,6 +288,27 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert_eq!(r, vec![0.0, 2.0, 2.0, 0.0, -2.0, -2.0, 2.0, -3.0, 1e9]);
+    }
+
+    #[test]
+    fn cpu_fast_path_equals_the_op_chain() {
+        let v: Vec<f32> = (0..400)
+            .map(|i| ((i * 7919) % 997) as f32 / 50.0 - 10.0 + if i % 8 == 0 { 0.5 } else { 0.0 })
+            .collect();
+        let rows = t(&v, &[4, 100]);
+        let inv = [3.0f32, 0.5, 1.0, 10.0];
+        let zp = [0.0f32, 10.0, -3.0, 128.0];
+        for (qmin, qmax) in [(-128, 127), (0, 255), (-4, 3)] {
+            let a = quantize_rows_cpu(&rows, &inv, &zp, qmin, qmax)
+                .unwrap()
+                .to_vec2::<u8>()
+                .unwrap();
+            let b = quantize_rows_ops(&rows, &inv, &zp, qmin, qmax)
+                .unwrap()
+                .to_vec2::<u8>()
+                .unwrap();
+            assert_eq!(a, b, "range {qmin}..{qmax}");
+        }
     }
 
     #[test]
