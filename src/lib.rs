@@ -5,6 +5,7 @@ pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod lab;
+pub mod load;
 pub mod nn;
 pub mod progress;
 pub mod quant;

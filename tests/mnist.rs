@@ -81,7 +81,8 @@ fn save_load_round_trip_gives_identical_logits() {
     let m = trained();
     let dir = tempfile::tempdir().unwrap();
     m.save(dir.path()).unwrap();
-    let back = Mlp::load(dir.path(), &Device::Cpu).unwrap();
+    let quantlab::load::AnyModel::Mlp(back) =
+        quantlab::load::load_model(dir.path().to_str().unwrap(), &Device::Cpu).unwrap();
     let x = data().test.images.narrow(0, 0, 32).unwrap();
     assert_eq!(
         m.forward(&x).unwrap().to_vec2::<f32>().unwrap(),

@@ -1,0 +1,102 @@
+//! Finding and loading models: a local directory, a file inside one, or a Hugging Face
+//! hub id resolved through the local hub cache (`$HF_HOME/hub`, the layout `hf-hub` and
+//! `huggingface-cli` write). No hub is reachable from these machines, so a hub id that is
+//! not cached is an error that says how to get it.
+
+use crate::arch::mlp::Mlp;
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+
+/// A model directory found from a user's spec.
+pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
+    resolve_with_cache(spec, &hf_hub::Cache::from_env())
+}
+
+pub fn resolve_with_cache(spec: &str, cache: &hf_hub::Cache) -> Result<PathBuf> {
+    let p = Path::new(spec);
+    if p.is_dir() {
+        return Ok(p.to_path_buf());
+    }
+    if p.is_file() {
+        return Ok(p
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(".")));
+    }
+    let looks_like_id =
+        spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/');
+    if !looks_like_id {
+        bail!("model '{spec}' is neither a directory nor a file, nor a hub id like 'org/name'");
+    }
+    let repo = cache.model(spec.to_string());
+    match repo.get("config.json") {
+        Some(cfg) => Ok(cfg.parent().context("cached config.json has no folder")?.to_path_buf()),
+        None => bail!(
+            "model '{spec}' is not a local path and is not in the Hugging Face cache at {}; no hub is reachable from here: \
+             download it where one is (huggingface-cli download {spec}) and copy the cache, or pass a local directory",
+            cache.path().display()
+        ),
+    }
+}
+
+/// The `model_type` field of a directory's config.json.
+pub fn model_type(dir: &Path) -> Result<String> {
+    let path = dir.join("config.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    v.get("model_type")
+        .and_then(|t| t.as_str())
+        .map(str::to_string)
+        .with_context(|| format!("{} has no 'model_type'", path.display()))
+}
+
+/// Any model quantlab can load.
+#[derive(Debug, Clone)]
+pub enum AnyModel {
+    Mlp(Mlp),
+}
+
+/// Loads a model from a directory, file or hub id, dispatching on config.json's `model_type`.
+pub fn load_model(spec: &str, device: &Device) -> Result<AnyModel> {
+    let dir = resolve_model_dir(spec)?;
+    match model_type(&dir)?.as_str() {
+        "mlp" => Ok(AnyModel::Mlp(Mlp::load(&dir, device)?)),
+        other => bail!(
+            "model type '{other}' in {} is not supported yet (supported: mlp)",
+            dir.display()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_hub_ids_through_the_cache_layout() {
+        let root = tempfile::tempdir().unwrap();
+        let repo = root.path().join("models--org--tiny");
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "abc123").unwrap();
+        let snap = repo.join("snapshots/abc123");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::write(snap.join("config.json"), r#"{"model_type": "mlp"}"#).unwrap();
+        let cache = hf_hub::Cache::new(root.path().to_path_buf());
+        let dir = resolve_with_cache("org/tiny", &cache).unwrap();
+        assert_eq!(dir, snap);
+        assert_eq!(model_type(&dir).unwrap(), "mlp");
+        let e = resolve_with_cache("org/absent", &cache)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("org/absent") && e.contains("cache"), "{e}");
+        assert!(resolve_with_cache("./nope", &cache).is_err());
+        // A local directory wins.
+        assert_eq!(
+            resolve_with_cache(root.path().to_str().unwrap(), &cache).unwrap(),
+            root.path()
+        );
+    }
+}
