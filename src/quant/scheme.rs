@@ -55,16 +55,21 @@ pub struct Scheme {
 impl Scheme {
     /// An affine, per-tensor, PyTorch-convention scheme; adjust with the builder methods.
     pub fn new(bits: u8, signed: bool) -> Result<Self> {
-        let s = Scheme {
+        let s = Self::unchecked(bits, signed);
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// The defaults, before validation (the parser validates after applying options).
+    fn unchecked(bits: u8, signed: bool) -> Self {
+        Scheme {
             bits,
             signed,
             mode: Mode::Affine,
             granularity: Granularity::PerTensor,
             reduce_range: false,
             convention: Convention::Pytorch,
-        };
-        s.validate()?;
-        Ok(s)
+        }
     }
 
     pub fn symmetric(mut self) -> Self {
@@ -206,14 +211,7 @@ impl FromStr for Scheme {
         let bits: u8 = digits
             .parse()
             .with_context(|| format!("invalid bit width in scheme '{spec}': {help}"))?;
-        let mut s = Scheme {
-            bits,
-            signed,
-            mode: Mode::Affine,
-            granularity: Granularity::PerTensor,
-            reduce_range: false,
-            convention: Convention::Pytorch,
-        };
+        let mut s = Scheme::unchecked(bits, signed);
         for part in parts {
             match part {
                 "sym" | "symmetric" => s.mode = Mode::Symmetric,
