@@ -337,13 +337,7 @@ impl QLinear {
                 }
             }
             Weights::Uniform(q) => {
-                let codes = q.codes_i32()?;
-                let raw = if q.scheme.signed {
-                    quant::pack::to_offset_binary(&codes, q.scheme.bits)?
-                } else {
-                    codes.iter().map(|&c| c as u8).collect()
-                };
-                let packed = quant::pack::pack(&raw, q.scheme.bits)?;
+                let packed = q.packed_codes()?;
                 out.push(StoredTensor {
                     name: n("weight_packed"),
                     dtype: D::U8,

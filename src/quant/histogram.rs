@@ -9,6 +9,8 @@ pub struct Histogram {
     pub lo: f32,
     pub hi: f32,
     pub counts: Vec<f64>,
+    /// Keep 0 as the left edge (for |x| histograms, whose thresholds are measured from 0).
+    anchor_zero: bool,
 }
 
 impl Histogram {
@@ -17,6 +19,15 @@ impl Histogram {
             lo: 0.0,
             hi: 0.0,
             counts: vec![0.0; bins],
+            anchor_zero: false,
+        }
+    }
+
+    /// A histogram whose range always starts at 0 (values must be non-negative).
+    pub fn from_zero(bins: usize) -> Self {
+        Histogram {
+            anchor_zero: true,
+            ..Self::new(bins)
         }
     }
 
@@ -45,6 +56,9 @@ impl Histogram {
             }
             lo = lo.min(v);
             hi = hi.max(v);
+        }
+        if self.anchor_zero {
+            lo = lo.min(0.0);
         }
         if self.total() == 0.0 {
             self.lo = lo;

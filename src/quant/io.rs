@@ -52,14 +52,7 @@ pub fn save_f32(t: &Tensor, name: &str, path: &Path) -> Result<u64> {
 
 /// Saves a quantized tensor with its codes packed to `bits` bits each. Returns bytes written.
 pub fn save_qtensor(q: &QTensor, path: &Path) -> Result<u64> {
-    let bits = q.scheme.bits;
-    let codes = q.codes_i32()?;
-    let raw = if q.scheme.signed {
-        pack::to_offset_binary(&codes, bits)?
-    } else {
-        codes.iter().map(|&c| c as u8).collect()
-    };
-    let packed = pack::pack(&raw, bits)?;
+    let packed = q.packed_codes()?;
     let scale = le_bytes_f32(&q.params.scale);
     let zp = le_bytes_i32(&q.params.zero_point);
     let n = q.params.len();

@@ -109,7 +109,7 @@ impl Observer {
             min: f32::INFINITY,
             max: f32::NEG_INFINITY,
             hist: Histogram::new(HISTOGRAM_BINS),
-            abs_hist: Histogram::new(HISTOGRAM_BINS),
+            abs_hist: Histogram::from_zero(HISTOGRAM_BINS),
         }
     }
 
@@ -153,12 +153,7 @@ impl Observer {
             ObserverKind::Percentile { .. } | ObserverKind::Mse => self.hist.add(v)?,
             ObserverKind::Entropy => {
                 let a: Vec<f32> = v.iter().map(|x| x.abs()).collect();
-                // Anchor the |x| histogram at 0 so thresholds are measured from zero.
-                if self.abs_hist.total() == 0.0 {
-                    self.abs_hist.lo = 0.0;
-                }
                 self.abs_hist.add(&a)?;
-                self.abs_hist.lo = 0.0_f32.min(self.abs_hist.lo);
             }
             _ => {}
         }

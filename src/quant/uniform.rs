@@ -242,6 +242,18 @@ impl QTensor {
             .collect())
     }
 
+    /// Codes packed `bits` bits each (signed codes in offset binary), as stored on disk.
+    pub fn packed_codes(&self) -> Result<Vec<u8>> {
+        let bits = self.scheme.bits;
+        let codes = self.codes_i32()?;
+        let raw = if self.scheme.signed {
+            super::pack::to_offset_binary(&codes, bits)?
+        } else {
+            codes.iter().map(|&c| c as u8).collect()
+        };
+        super::pack::pack(&raw, bits)
+    }
+
     /// `(q - zp) * scale`, in f32, in the original shape.
     pub fn dequantize(&self) -> Result<Tensor> {
         let c = self.codes_f32()?;
