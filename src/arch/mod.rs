@@ -1,4 +1,5 @@
 //! Model architectures, each built from [`QLinear`](crate::nn::QLinear) layers.
 
+pub mod llama;
 pub mod mlp;
 pub mod train;

@@ -1,3 +1,7 @@
-//! Measurements: latency statistics (and, per task, quality metrics).
+//! Measurements: latency statistics, perplexity, KL divergence to a base model.
 
+pub mod kl;
+pub mod lastword;
 pub mod latency;
+pub mod lm;
+pub mod perplexity;

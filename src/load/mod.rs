@@ -3,10 +3,15 @@
 //! `huggingface-cli` write). No hub is reachable from these machines, so a hub id that is
 //! not cached is an error that says how to get it.
 
+pub mod gguf;
+pub mod tokenizer;
+
+use crate::arch::llama::{Llama, LoadAs};
 use crate::arch::mlp::Mlp;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
+use tokenizer::TextTokenizer;
 
 /// A model directory found from a user's spec.
 pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
@@ -51,6 +56,123 @@ pub fn model_type(dir: &Path) -> Result<String> {
         .and_then(|t| t.as_str())
         .map(str::to_string)
         .with_context(|| format!("{} has no 'model_type'", path.display()))
+}
+
+/// The safetensors files of a checkpoint: `model.safetensors`, or the shards listed in
+/// `model.safetensors.index.json`.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let v: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&index)
+                .with_context(|| format!("reading {}", index.display()))?,
+        )
+        .with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{} has no 'weight_map'", index.display()))?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|f| f.as_str().map(str::to_string))
+            .collect();
+        files.sort();
+        files.dedup();
+        let files: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+        if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+            bail!(
+                "shard {} listed in {} is missing",
+                missing.display(),
+                index.display()
+            );
+        }
+        return Ok(files);
+    }
+    bail!(
+        "{} has neither model.safetensors nor model.safetensors.index.json",
+        dir.display()
+    )
+}
+
+/// A language model with its tokenizer, and where it came from.
+pub struct LoadedLlm {
+    pub model: Llama,
+    pub tokenizer: TextTokenizer,
+    /// The file or directory loaded.
+    pub source: PathBuf,
+    /// Bytes of the weight files on disk.
+    pub disk_bytes: u64,
+}
+
+/// Loads a Llama-family LLM from a `.gguf` file, a directory holding one `.gguf`, or a
+/// Hugging Face directory / hub id (config.json + safetensors + tokenizer.json).
+pub fn load_llm(spec: &str, load_as: LoadAs, device: &Device) -> Result<LoadedLlm> {
+    let p = Path::new(spec);
+    let gguf_path = if p.is_file() && p.extension().is_some_and(|e| e == "gguf") {
+        Some(p.to_path_buf())
+    } else if p.is_dir() && !p.join("config.json").is_file() {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+            .with_context(|| format!("listing {}", p.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|f| f.extension().is_some_and(|e| e == "gguf"))
+            .collect();
+        found.sort();
+        match found.len() {
+            0 => bail!(
+                "{} holds neither config.json nor a .gguf file (for SmolLM2 run scripts/fetch-smollm2.sh)",
+                p.display()
+            ),
+            1 => Some(found.remove(0)),
+            _ => bail!(
+                "{} holds several .gguf files; name one: {}",
+                p.display(),
+                found
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    } else {
+        None
+    };
+    if let Some(path) = gguf_path {
+        let mut g = gguf::Gguf::open(&path)?;
+        let tokenizer = TextTokenizer::from_gguf(&g)?;
+        let model = Llama::from_gguf(&mut g, load_as, device)?;
+        let disk_bytes = std::fs::metadata(&path)?.len();
+        return Ok(LoadedLlm {
+            model,
+            tokenizer,
+            source: path,
+            disk_bytes,
+        });
+    }
+    let dir = resolve_model_dir(spec)?;
+    let kind = model_type(&dir)?;
+    if !matches!(kind.as_str(), "llama" | "mistral") {
+        bail!(
+            "{} is a '{kind}' model, not a Llama-family LLM",
+            dir.display()
+        );
+    }
+    let model = Llama::from_hf_dir(&dir, device)?;
+    let tokenizer = TextTokenizer::from_hf_dir(&dir)?;
+    let disk_bytes = safetensors_files(&dir)?
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    Ok(LoadedLlm {
+        model,
+        tokenizer,
+        source: dir,
+        disk_bytes,
+    })
 }
 
 /// Any model quantlab can load.

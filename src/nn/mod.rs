@@ -26,6 +26,13 @@ pub struct LayerSummary {
     pub bytes: usize,
 }
 
+impl LayerSummary {
+    /// Stored bits per weight, scales and zero points included.
+    pub fn bits_per_weight(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.params.max(1) as f64
+    }
+}
+
 /// Applies a plan: layers whose method is static int8 are calibrated first by running
 /// `calibrate` (which should push calibration batches through the model), then every
 /// layer is converted.
@@ -50,7 +57,7 @@ pub fn apply_plan<M: HasLinears>(
         l.convert(&m)?;
         out.push(LayerSummary {
             name: l.name.clone(),
-            method: m,
+            method: l.method.clone(),
             params: l.num_params(),
             bytes: l.stored_bytes()?,
         });

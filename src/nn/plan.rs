@@ -50,13 +50,13 @@ impl Plan {
         }
     }
 
-    /// The method for a layer; layers no rule matches stay f32.
+    /// The method for a layer; layers no rule matches stay as loaded ([`Method::Keep`]).
     pub fn method_for(&self, name: &str) -> Method {
         self.rules
             .iter()
             .find(|r| glob_match(&r.pattern, name))
             .map(|r| r.method.clone())
-            .unwrap_or(Method::F32)
+            .unwrap_or(Method::Keep)
     }
 }
 
@@ -120,7 +120,7 @@ mod tests {
             Method::DynamicInt8
         );
         let only_ffn: Plan = "*.mlp.*=f16".parse().unwrap();
-        assert_eq!(only_ffn.method_for("x.self_attn.q_proj"), Method::F32);
+        assert_eq!(only_ffn.method_for("x.self_attn.q_proj"), Method::Keep);
         assert!("".parse::<Plan>().is_err());
         assert!("*=int3".parse::<Plan>().is_err());
     }

@@ -5,8 +5,9 @@ use super::kernels;
 use super::method::Method;
 use crate::quant::{self, FourBit, Observer, ObserverKind, QTensor, Scheme};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use std::sync::Mutex;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor as GgmlTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use std::sync::{Arc, Mutex};
 
 /// An int8 weight with per-output-channel symmetric scales, ready for the integer kernel.
 #[derive(Debug, Clone)]
@@ -34,6 +35,8 @@ pub enum Weights {
     Int8(Int8Weight, ActQuant),
     Uniform(QTensor),
     FourBit(FourBit),
+    /// A GGML block-quantized weight (kept from a GGUF file or quantized by candle).
+    Ggml(Arc<GgmlTensor>),
 }
 
 /// A named tensor as it is serialized: dtype, shape and little-endian bytes.
@@ -57,6 +60,9 @@ pub struct QLinear {
     pub bias: Option<Tensor>,
     pub method: Method,
     observer: Mutex<Option<Observer>>,
+    /// When set, compressed weights are dequantized once and the f32 copy is reused:
+    /// the same numbers, traded for memory (for long evaluations, not size measurements).
+    dequant_cache: Option<std::sync::OnceLock<Tensor>>,
 }
 
 impl Clone for QLinear {
@@ -69,6 +75,7 @@ impl Clone for QLinear {
             bias: self.bias.clone(),
             method: self.method.clone(),
             observer: Mutex::new(self.observer.lock().unwrap().clone()),
+            dequant_cache: self.dequant_cache.clone(),
         }
     }
 }
@@ -104,6 +111,36 @@ impl QLinear {
             bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
             method: Method::F32,
             observer: Mutex::new(None),
+            dequant_cache: None,
+        })
+    }
+
+    /// A layer that keeps a GGML weight as stored (e.g. Q4_1 from a GGUF file).
+    pub fn from_ggml(name: &str, weight: GgmlTensor) -> Result<Self> {
+        let (out_features, in_features) = weight
+            .shape()
+            .dims2()
+            .with_context(|| format!("linear layer {name}: weight must be 2-D [out, in]"))?;
+        let method = Method::Ggml(weight.dtype());
+        let weights = match weight.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                Weights::F32(weight.dequantize(&weight.device())?)
+            }
+            _ => Weights::Ggml(Arc::new(weight)),
+        };
+        let method = match weights {
+            Weights::F32(_) => Method::F32,
+            _ => method,
+        };
+        Ok(QLinear {
+            name: name.to_string(),
+            in_features,
+            out_features,
+            weights,
+            bias: None,
+            method,
+            observer: Mutex::new(None),
+            dequant_cache: None,
         })
     }
 
@@ -131,7 +168,13 @@ impl QLinear {
                 (self.out_features, self.in_features),
                 &Device::Cpu,
             )?),
+            Weights::Ggml(q) => Ok(q.dequantize(&q.device())?),
         }
+    }
+
+    /// Reuse one dequantized f32 copy of compressed weights across forward passes.
+    pub fn set_cache_dequantized(&mut self, on: bool) {
+        self.dequant_cache = on.then(std::sync::OnceLock::new);
     }
 
     /// Starts recording inputs for static calibration.
@@ -142,9 +185,24 @@ impl QLinear {
 
     /// Converts the layer to `method` (from f32 weights). Static int8 needs a finished calibration.
     pub fn convert(&mut self, method: &Method) -> Result<()> {
+        if *method == Method::Keep {
+            return Ok(());
+        }
         let w = self.weight_f32()?;
         quant::uniform::ensure_finite(&w, &format!("weight of layer {}", self.name))?;
         self.weights = match method {
+            Method::Keep => unreachable!("handled above"),
+            Method::Ggml(t) => {
+                let block = t.block_size();
+                if !self.in_features.is_multiple_of(block) {
+                    bail!(
+                        "layer {} cannot use {method}: its {} input features are not a multiple of the {block}-element block",
+                        self.name,
+                        self.in_features
+                    );
+                }
+                Weights::Ggml(Arc::new(GgmlTensor::quantize(&w, *t)?))
+            }
             Method::F32 => Weights::F32(w),
             Method::F16 => Weights::Half(w.to_dtype(DType::F16)?),
             Method::Bf16 => Weights::Half(w.to_dtype(DType::BF16)?),
@@ -181,6 +239,9 @@ impl QLinear {
             }
         };
         self.method = method.clone();
+        if self.dequant_cache.is_some() {
+            self.set_cache_dequantized(true);
+        }
         Ok(())
     }
 
@@ -214,10 +275,25 @@ impl QLinear {
         }
         let y = match &self.weights {
             Weights::Int8(w, act) => self.forward_int8(&x2, w, *act)?,
+            Weights::Ggml(q) => {
+                let y = QMatMul::from_arc(q.clone())?.forward(&x2)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
             other => {
-                let w = match other {
-                    Weights::F32(w) => w.clone(),
-                    _ => self.weight_f32()?,
+                let w = match (other, &self.dequant_cache) {
+                    (Weights::F32(w), _) => w.clone(),
+                    (_, Some(cache)) => match cache.get() {
+                        Some(w) => w.clone(),
+                        None => {
+                            let w = self.weight_f32()?;
+                            let _ = cache.set(w.clone());
+                            w
+                        }
+                    },
+                    (_, None) => self.weight_f32()?,
                 };
                 let y = x2.matmul(&w.t()?)?;
                 match &self.bias {
@@ -366,6 +442,12 @@ impl QLinear {
                     });
                 }
             }
+            Weights::Ggml(q) => out.push(StoredTensor {
+                name: n("weight_ggml"),
+                dtype: D::U8,
+                shape: vec![q.storage_size_in_bytes()],
+                bytes: q.data()?.into_owned(),
+            }),
             Weights::FourBit(q) => {
                 out.push(StoredTensor {
                     name: n("weight_packed"),
@@ -516,6 +598,26 @@ mod tests {
                 max_diff(&l.forward(&x).unwrap(), &reference(&l, &x)) < 1e-3,
                 "{m}"
             );
+        }
+    }
+
+    #[test]
+    fn cached_dequantization_gives_the_same_outputs() {
+        for m in ["w:i3:sym:g32", "nf4", "f16"] {
+            let (mut l, x) = layer();
+            l.convert(&m.parse().unwrap()).unwrap();
+            let plain = l.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            l.set_cache_dequantized(true);
+            for _ in 0..2 {
+                assert_eq!(
+                    l.forward(&x).unwrap().to_vec2::<f32>().unwrap(),
+                    plain,
+                    "{m}"
+                );
+            }
+            // A later conversion drops the stale copy.
+            l.convert(&"w:i8:sym:ch0".parse().unwrap()).unwrap();
+            assert!(max_diff(&l.forward(&x).unwrap(), &reference(&l, &x)) < 1e-3);
         }
     }
 

@@ -1,5 +1,7 @@
 //! The command line: argument definitions and dispatch to library functions.
 
+pub mod llm;
+
 use crate::data::DataDir;
 use crate::report::{Cell, Format, Report, Table};
 use anyhow::{bail, Context, Result};
@@ -36,6 +38,11 @@ pub enum Command {
     },
     /// Quantize one tensor with one or more schemes and report the error of each.
     Quantize(QuantizeArgs),
+    /// Perplexity of an LLM (optionally quantized by a plan) over a text file, with KL
+    /// divergence to a stored base model.
+    Perplexity(llm::PerplexityArgs),
+    /// Greedy text generation with the KV cache (prompt from --prompt or stdin).
+    Generate(llm::GenerateArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -130,6 +137,8 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Quantize(args) => quantize_report(&args)?,
+        Command::Perplexity(a) => llm::perplexity_report(&a, cli.data_dir.as_deref())?,
+        Command::Generate(a) => return llm::generate(&a),
     };
     print!("{}", report.render(cli.format));
     Ok(())

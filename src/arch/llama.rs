@@ -1,0 +1,674 @@
+//! A Llama-family decoder (SmolLM, SmolLM2, Llama 2/3 configs: GQA, tied embeddings, rope
+//! theta and scaling) whose every linear layer is a [`QLinear`], so one plan quantizes it.
+//! Layers are named as in Hugging Face checkpoints (`model.layers.3.mlp.down_proj`,
+//! `lm_head`) whichever file they came from.
+
+use crate::load::gguf::Gguf;
+use crate::nn::{HasLinears, QLinear};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use serde_json::Value;
+use std::path::Path;
+
+/// Rope frequency scaling from config.json's `rope_scaling`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3's piecewise rescaling of the frequencies.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// How q/k features are paired by the rotary embedding: Hugging Face rotates the two
+/// halves of each head; GGUF files store q/k permuted for adjacent (interleaved) pairs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeLayout {
+    HalfSplit,
+    Interleaved,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+}
+
+impl LlamaConfig {
+    /// Checks the shapes fit together, so a bad config fails here and not inside a matmul.
+    pub fn validate(&self) -> Result<()> {
+        let c = self;
+        if c.num_attention_heads == 0 || c.num_key_value_heads == 0 || c.hidden_size == 0 {
+            bail!("llama config: hidden size and head counts must be positive");
+        }
+        if !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
+            bail!(
+                "llama config: {} attention heads are not a multiple of {} key/value heads",
+                c.num_attention_heads,
+                c.num_key_value_heads
+            );
+        }
+        if !c.head_dim.is_multiple_of(2) {
+            bail!(
+                "llama config: head_dim {} must be even for rope",
+                c.head_dim
+            );
+        }
+        Ok(())
+    }
+
+    /// From a Hugging Face config.json.
+    pub fn from_hf_json(v: &Value) -> Result<Self> {
+        let u = |k: &str| -> Result<usize> {
+            v.get(k)
+                .and_then(Value::as_u64)
+                .map(|x| x as usize)
+                .with_context(|| format!("config.json: missing integer '{k}'"))
+        };
+        let heads = u("num_attention_heads")?;
+        let hidden = u("hidden_size")?;
+        let rope_scaling = match v.get("rope_scaling") {
+            None | Some(Value::Null) => None,
+            Some(s) => {
+                let kind = s
+                    .get("rope_type")
+                    .or_else(|| s.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                let f = |k: &str| s.get(k).and_then(Value::as_f64);
+                let factor = f("factor").context("config.json: rope_scaling needs 'factor'")?;
+                match kind {
+                    "linear" => Some(RopeScaling::Linear { factor }),
+                    "llama3" => Some(RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor: f("low_freq_factor").unwrap_or(1.0),
+                        high_freq_factor: f("high_freq_factor").unwrap_or(4.0),
+                        original_max_position_embeddings: s
+                            .get("original_max_position_embeddings")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(8192)
+                            as usize,
+                    }),
+                    other => bail!(
+                        "config.json: rope_scaling type '{other}' is not supported (linear, llama3)"
+                    ),
+                }
+            }
+        };
+        let cfg = LlamaConfig {
+            vocab_size: u("vocab_size")?,
+            hidden_size: hidden,
+            intermediate_size: u("intermediate_size")?,
+            num_hidden_layers: u("num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: u("num_key_value_heads").unwrap_or(heads),
+            head_dim: u("head_dim").unwrap_or(hidden / heads.max(1)),
+            rms_norm_eps: v
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6),
+            rope_theta: v
+                .get("rope_theta")
+                .and_then(Value::as_f64)
+                .unwrap_or(10000.0),
+            rope_scaling,
+            max_position_embeddings: u("max_position_embeddings").unwrap_or(2048),
+            tie_word_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// From a GGUF file's `llama.*` metadata.
+    pub fn from_gguf(g: &Gguf) -> Result<Self> {
+        let arch = g.string("general.architecture")?;
+        if arch != "llama" {
+            bail!(
+                "GGUF {}: architecture '{arch}' is not supported (only llama)",
+                g.path.display()
+            );
+        }
+        let heads = g.usize("llama.attention.head_count")?;
+        let hidden = g.usize("llama.embedding_length")?;
+        let vocab = if g.has("llama.vocab_size") {
+            g.usize("llama.vocab_size")?
+        } else {
+            g.strings("tokenizer.ggml.tokens")?.len()
+        };
+        let head_dim = if g.has("llama.rope.dimension_count") {
+            g.usize("llama.rope.dimension_count")?
+        } else {
+            hidden / heads.max(1)
+        };
+        let cfg = LlamaConfig {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: g.usize("llama.feed_forward_length")?,
+            num_hidden_layers: g.usize("llama.block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: if g.has("llama.attention.head_count_kv") {
+                g.usize("llama.attention.head_count_kv")?
+            } else {
+                heads
+            },
+            head_dim,
+            rms_norm_eps: g.f64("llama.attention.layer_norm_rms_epsilon")?,
+            rope_theta: if g.has("llama.rope.freq_base") {
+                g.f64("llama.rope.freq_base")?
+            } else {
+                10000.0
+            },
+            rope_scaling: None,
+            max_position_embeddings: if g.has("llama.context_length") {
+                g.usize("llama.context_length")?
+            } else {
+                2048
+            },
+            tie_word_embeddings: !g.has_tensor("output.weight"),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Rotary inverse frequencies, with the configured scaling applied.
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let d = self.head_dim;
+        (0..d / 2)
+            .map(|i| {
+                let f = 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64);
+                match &self.rope_scaling {
+                    None => f,
+                    Some(RopeScaling::Linear { factor }) => f / factor,
+                    Some(RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_position_embeddings,
+                    }) => {
+                        let old = *original_max_position_embeddings as f64;
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        let (low_wl, high_wl) = (old / low_freq_factor, old / high_freq_factor);
+                        if wavelen < high_wl {
+                            f
+                        } else if wavelen > low_wl {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// How weights are materialised when a model is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadAs {
+    /// Keep GGUF weights in their GGML types (as llama.cpp runs them).
+    Ggml,
+    /// Dequantize everything to f32: the reference model for quantization studies.
+    F32,
+}
+
+struct Block {
+    attn_norm: Tensor,
+    q: QLinear,
+    k: QLinear,
+    v: QLinear,
+    o: QLinear,
+    ffn_norm: Tensor,
+    gate: QLinear,
+    up: QLinear,
+    down: QLinear,
+}
+
+/// Cached keys and values per layer, `[batch, kv_heads, seq, head_dim]`.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Tokens already in the cache.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub rope_layout: RopeLayout,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: QLinear,
+    cos: Tensor,
+    sin: Tensor,
+    pub device: Device,
+}
+
+/// Where a model's tensors come from, named the Hugging Face way.
+trait TensorSource {
+    /// A vector or embedding table as f32.
+    fn dense(&mut self, hf_name: &str) -> Result<Tensor>;
+    /// A linear layer `[out, in]`.
+    fn linear(&mut self, hf_name: &str) -> Result<QLinear>;
+}
+
+struct GgufSource<'a> {
+    g: &'a mut Gguf,
+    load_as: LoadAs,
+    device: Device,
+}
+
+/// The GGUF (llama.cpp) name of a Hugging Face tensor name.
+pub fn gguf_name(hf: &str) -> Result<String> {
+    let fixed = [
+        ("model.embed_tokens", "token_embd"),
+        ("model.norm", "output_norm"),
+        ("lm_head", "output"),
+    ];
+    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
+        return Ok(format!("{g}.weight"));
+    }
+    let rest = hf
+        .strip_prefix("model.layers.")
+        .with_context(|| format!("no GGUF name for tensor '{hf}'"))?;
+    let (idx, part) = rest
+        .split_once('.')
+        .with_context(|| format!("no GGUF name for tensor '{hf}'"))?;
+    let g = match part {
+        "input_layernorm" => "attn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "post_attention_layernorm" => "ffn_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => bail!("no GGUF name for tensor '{hf}'"),
+    };
+    Ok(format!("blk.{idx}.{g}.weight"))
+}
+
+impl TensorSource for GgufSource<'_> {
+    fn dense(&mut self, hf_name: &str) -> Result<Tensor> {
+        let q = self.g.tensor(&gguf_name(hf_name)?, &self.device)?;
+        Ok(q.dequantize(&self.device)?)
+    }
+
+    fn linear(&mut self, hf_name: &str) -> Result<QLinear> {
+        let q = self.g.tensor(&gguf_name(hf_name)?, &self.device)?;
+        match self.load_as {
+            LoadAs::Ggml => QLinear::from_ggml(hf_name, q),
+            LoadAs::F32 => QLinear::new(hf_name, q.dequantize(&self.device)?, None),
+        }
+    }
+}
+
+struct SafetensorsSource {
+    st: candle_core::safetensors::MmapedSafetensors,
+    device: Device,
+}
+
+impl TensorSource for SafetensorsSource {
+    fn dense(&mut self, hf_name: &str) -> Result<Tensor> {
+        let name = format!("{hf_name}.weight");
+        let t = self
+            .st
+            .load(&name, &self.device)
+            .map_err(|e| anyhow::anyhow!("loading tensor '{name}': {e}"))?;
+        Ok(t.to_dtype(DType::F32)?)
+    }
+
+    fn linear(&mut self, hf_name: &str) -> Result<QLinear> {
+        let w = self.dense(hf_name)?;
+        QLinear::new(hf_name, w, None)
+    }
+}
+
+impl Llama {
+    /// Loads a llama-architecture GGUF file.
+    pub fn from_gguf(g: &mut Gguf, load_as: LoadAs, device: &Device) -> Result<Self> {
+        let cfg = LlamaConfig::from_gguf(g)?;
+        let mut src = GgufSource {
+            g,
+            load_as,
+            device: device.clone(),
+        };
+        Self::build(cfg, &mut src, RopeLayout::Interleaved, device)
+    }
+
+    /// Loads a Hugging Face directory: config.json and model.safetensors (or shards listed
+    /// in model.safetensors.index.json).
+    pub fn from_hf_dir(dir: &Path, device: &Device) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let v: Value = serde_json::from_str(
+            &std::fs::read_to_string(&cfg_path)
+                .with_context(|| format!("reading {}", cfg_path.display()))?,
+        )
+        .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+        let cfg =
+            LlamaConfig::from_hf_json(&v).with_context(|| format!("in {}", cfg_path.display()))?;
+        let files = crate::load::safetensors_files(dir)?;
+        // SAFETY: the files are memory-mapped read-only and not modified while loaded.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+            .map_err(|e| anyhow::anyhow!("opening safetensors in {}: {e}", dir.display()))?;
+        let mut src = SafetensorsSource {
+            st,
+            device: device.clone(),
+        };
+        Self::build(cfg, &mut src, RopeLayout::HalfSplit, device)
+    }
+
+    fn build(
+        cfg: LlamaConfig,
+        src: &mut dyn TensorSource,
+        rope_layout: RopeLayout,
+        device: &Device,
+    ) -> Result<Self> {
+        let embed = src.dense("model.embed_tokens")?;
+        if embed.dims() != [cfg.vocab_size, cfg.hidden_size] {
+            bail!(
+                "embedding table has shape {:?}, config says [{}, {}]",
+                embed.dims(),
+                cfg.vocab_size,
+                cfg.hidden_size
+            );
+        }
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = |s: &str| format!("model.layers.{i}.{s}");
+            let b = Block {
+                attn_norm: src.dense(&p("input_layernorm"))?,
+                q: src.linear(&p("self_attn.q_proj"))?,
+                k: src.linear(&p("self_attn.k_proj"))?,
+                v: src.linear(&p("self_attn.v_proj"))?,
+                o: src.linear(&p("self_attn.o_proj"))?,
+                ffn_norm: src.dense(&p("post_attention_layernorm"))?,
+                gate: src.linear(&p("mlp.gate_proj"))?,
+                up: src.linear(&p("mlp.up_proj"))?,
+                down: src.linear(&p("mlp.down_proj"))?,
+            };
+            let (hd, nh, nkv) = (
+                cfg.head_dim,
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+            );
+            let expect = [
+                (&b.q, nh * hd, cfg.hidden_size),
+                (&b.k, nkv * hd, cfg.hidden_size),
+                (&b.v, nkv * hd, cfg.hidden_size),
+                (&b.o, cfg.hidden_size, nh * hd),
+                (&b.gate, cfg.intermediate_size, cfg.hidden_size),
+                (&b.up, cfg.intermediate_size, cfg.hidden_size),
+                (&b.down, cfg.hidden_size, cfg.intermediate_size),
+            ];
+            for (l, o, i) in expect {
+                if (l.out_features, l.in_features) != (o, i) {
+                    bail!(
+                        "layer {} has shape [{}, {}], the config implies [{o}, {i}]",
+                        l.name,
+                        l.out_features,
+                        l.in_features
+                    );
+                }
+            }
+            blocks.push(b);
+        }
+        let norm = src.dense("model.norm")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            // Tied: the output layer starts as the embedding table (its own copy, so a plan
+            // can quantize it without touching the embeddings).
+            match src.linear("model.embed_tokens") {
+                Ok(mut l) => {
+                    l.name = "lm_head".into();
+                    l
+                }
+                Err(_) => QLinear::new("lm_head", embed.clone(), None)?,
+            }
+        } else {
+            src.linear("lm_head")?
+        };
+        let inv: Vec<f32> = cfg.inv_freq().iter().map(|&f| f as f32).collect();
+        let n = cfg.max_position_embeddings.max(1);
+        let inv = Tensor::from_vec(inv, (1, cfg.head_dim / 2), device)?;
+        let pos = Tensor::arange(0u32, n as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((n, 1))?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        Ok(Llama {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+            cfg,
+            rope_layout,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
+    /// Keep dequantized copies of compressed weights (faster evaluation, more memory).
+    pub fn set_cache_dequantized(&mut self, on: bool) {
+        for l in self.linears_mut() {
+            l.set_cache_dequantized(on);
+        }
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.cfg.num_hidden_layers],
+        }
+    }
+
+    fn rope(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        let x = x.contiguous()?;
+        Ok(match self.rope_layout {
+            RopeLayout::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
+            RopeLayout::HalfSplit => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
+        })
+    }
+
+    fn attention(
+        &self,
+        b: &Block,
+        x: &Tensor,
+        offset: usize,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (bsz, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((bsz, t, n, hd))?.transpose(1, 2)?)
+        };
+        let q = self.rope(&heads(b.q.forward(x)?, nh)?, offset)?;
+        let k = self.rope(&heads(b.k.forward(x)?, nkv)?, offset)?;
+        let v = heads(b.v.forward(x)?, nkv)?.contiguous()?;
+        let (k, v) = match cache.take() {
+            Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let total = k.dim(2)?;
+        let rep = nh / nkv;
+        let expand = |z: Tensor| -> Result<Tensor> {
+            if rep == 1 {
+                return Ok(z);
+            }
+            Ok(z.unsqueeze(2)?
+                .expand((bsz, nkv, rep, total, hd))?
+                .reshape((bsz, nh, total, hd))?)
+        };
+        let (k, v) = (expand(k)?, expand(v)?);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut att = (q.matmul(&k.t()?)? * scale)?;
+        if t > 1 {
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    (0..total).map(move |j| {
+                        if j > i + offset {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, total), &self.device)?;
+            att = att.broadcast_add(&mask)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((bsz, t, nh * hd))?;
+        b.o.forward(&y)
+    }
+
+    /// Logits `[batch, seq, vocab]` for `ids` `[batch, seq]` placed after the cache's
+    /// tokens. With `last_only`, only the last position's logits (`[batch, 1, vocab]`).
+    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache, last_only: bool) -> Result<Tensor> {
+        let (bsz, t) = ids.dims2()?;
+        let offset = cache.len();
+        if offset + t > self.cfg.max_position_embeddings {
+            bail!(
+                "sequence of {} tokens exceeds the model's {} positions",
+                offset + t,
+                self.cfg.max_position_embeddings
+            );
+        }
+        if cache.layers.len() != self.blocks.len() {
+            *cache = self.new_cache();
+        }
+        let flat = ids.flatten_all()?;
+        let max_id = flat.max(0)?.to_scalar::<u32>()? as usize;
+        if max_id >= self.cfg.vocab_size {
+            bail!(
+                "token id {max_id} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            );
+        }
+        let mut x = self
+            .embed
+            .index_select(&flat, 0)?
+            .reshape((bsz, t, self.cfg.hidden_size))?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        for (b, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)?;
+            x = (x + self.attention(b, &h, offset, c)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
+            let act = (candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?;
+            x = (x + b.down.forward(&act)?)?;
+        }
+        if last_only {
+            x = x.narrow(1, t - 1, 1)?;
+        }
+        let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, eps)?;
+        self.lm_head.forward(&x)
+    }
+
+    /// Parameters of the linear layers plus embeddings and norms.
+    pub fn num_params(&self) -> usize {
+        let norms = self.blocks.len() * 2 * self.cfg.hidden_size + self.cfg.hidden_size;
+        let embed = self.embed.elem_count();
+        let head = if self.cfg.tie_word_embeddings {
+            0
+        } else {
+            self.lm_head.num_params()
+        };
+        let linears: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]
+                    .iter()
+                    .map(|l| l.num_params())
+                    .sum::<usize>()
+            })
+            .sum();
+        norms + embed + head + linears
+    }
+
+    /// Bytes held by the embedding table and norms (always f32 here).
+    pub fn dense_bytes(&self) -> usize {
+        (self.embed.elem_count() + (self.blocks.len() * 2 + 1) * self.cfg.hidden_size)
+            * DType::F32.size_in_bytes()
+    }
+
+    /// Log-probabilities of the last dimension, in f32.
+    pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::log_softmax(
+            &logits.to_dtype(DType::F32)?,
+            D::Minus1,
+        )?)
+    }
+}
+
+impl HasLinears for Llama {
+    fn linears(&self) -> Vec<&QLinear> {
+        let mut v: Vec<&QLinear> = self
+            .blocks
+            .iter()
+            .flat_map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down])
+            .collect();
+        v.push(&self.lm_head);
+        v
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut QLinear> {
+        let mut v: Vec<&mut QLinear> = self
+            .blocks
+            .iter_mut()
+            .flat_map(|b| {
+                [
+                    &mut b.q,
+                    &mut b.k,
+                    &mut b.v,
+                    &mut b.o,
+                    &mut b.gate,
+                    &mut b.up,
+                    &mut b.down,
+                ]
+            })
+            .collect();
+        v.push(&mut self.lm_head);
+        v
+    }
+}

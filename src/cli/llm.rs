@@ -1,0 +1,285 @@
+//! LLM commands: perplexity (with KL to a base model) and generation.
+
+use crate::arch::llama::LoadAs;
+use crate::data::DataDir;
+use crate::eval::lm::{self, KlMode, PreparedLlm};
+use crate::eval::perplexity::Protocol;
+use crate::report::{Cell, Report, Table};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Where the SmolLM2 GGUF lands when fetched by `scripts/fetch-smollm2.sh`.
+pub const DEFAULT_LLM: &str = "models/smollm2-135m";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A .gguf file, a folder holding one, a Hugging Face folder (config.json, safetensors,
+    /// tokenizer.json) or a hub id in the local cache.
+    #[arg(long, default_value = DEFAULT_LLM, env = "QUANTLAB_LLM")]
+    pub model: String,
+    /// GGUF weights: dequantized to f32 (the reference for quantization studies) or kept
+    /// in their GGML types.
+    #[arg(long, value_enum, default_value_t = LoadAs::F32)]
+    pub load_as: LoadAs,
+    /// Per-layer plan, `pattern=method;...` (first match wins; unmatched layers stay as
+    /// loaded), e.g. `lm_head=f32;*.mlp.*=w:i4:sym:g64`.
+    #[arg(long)]
+    pub plan: Option<String>,
+    /// Hide progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TextArgs {
+    /// Text file to score (read whole). Default: WikiText-2 test from the data folder.
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Chunk length of the llama.cpp protocol.
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Put BOS in the first position of each chunk (llama.cpp does when the vocabulary's
+    /// add_bos_token is true; SmolLM2's GGUF says false).
+    #[arg(long)]
+    pub bos: bool,
+    /// Use Hugging Face's strided protocol instead: `MAX_LEN:STRIDE`, e.g. 1024:512.
+    #[arg(long)]
+    pub strided: Option<String>,
+    /// Score only the first N chunks (windows), for quick runs.
+    #[arg(long)]
+    pub max_chunks: Option<usize>,
+}
+
+impl TextArgs {
+    pub fn protocol(&self) -> Result<Protocol> {
+        Ok(match &self.strided {
+            None => Protocol::LlamaCpp {
+                ctx: self.ctx,
+                bos: self.bos,
+            },
+            Some(s) => {
+                let (a, b) = s.split_once(':').with_context(|| {
+                    format!("--strided '{s}': use MAX_LEN:STRIDE, e.g. 1024:512")
+                })?;
+                Protocol::Strided {
+                    max_len: a
+                        .trim()
+                        .parse()
+                        .with_context(|| format!("--strided '{s}'"))?,
+                    stride: b
+                        .trim()
+                        .parse()
+                        .with_context(|| format!("--strided '{s}'"))?,
+                }
+            }
+        })
+    }
+
+    pub fn text_path(&self, data: Option<&Path>) -> Result<PathBuf> {
+        match &self.text {
+            Some(p) => Ok(p.clone()),
+            None => DataDir::resolve(data)?.require(
+                "wikitext-2/test.txt",
+                "WikiText-2 is expected in the shared data folder; pass --text FILE to score another text",
+            ),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub text: TextArgs,
+    /// Store this (base) model's log-probs for later KL comparisons.
+    #[arg(long, conflicts_with = "kl_base")]
+    pub save_logprobs: Option<PathBuf>,
+    /// Tokens kept per position in --save-logprobs (the rest is one bucket); 0 keeps the
+    /// whole vocabulary (exact KL, ~200 KB per position for SmolLM2).
+    #[arg(long, default_value_t = 256)]
+    pub kl_top_k: usize,
+    /// Compare with a base file from --save-logprobs: KL divergence and top-1 agreement.
+    #[arg(long)]
+    pub kl_base: Option<PathBuf>,
+}
+
+pub fn kl_mode(save: &Option<PathBuf>, top_k: usize, base: &Option<PathBuf>) -> KlMode {
+    match (save, base) {
+        (Some(p), _) => KlMode::Save(p.clone(), top_k),
+        (_, Some(p)) => KlMode::Compare(p.clone()),
+        _ => KlMode::None,
+    }
+}
+
+fn mb(bytes: usize) -> Cell {
+    Cell::f(bytes as f64 / 1e6, 2)
+}
+
+pub fn reference_note(p: &PreparedLlm) -> String {
+    format!(
+        "model {} ({} params, {} layers), plan '{}'. No unquantized SmolLM is reachable here: \
+         for a GGUF file, the f32 weights dequantized from it are the reference model.",
+        p.llm.source.display(),
+        p.llm.model.num_params(),
+        p.llm.model.cfg.num_hidden_layers,
+        p.plan
+    )
+}
+
+pub fn perplexity_report(a: &PerplexityArgs, data: Option<&Path>) -> Result<Report> {
+    let protocol = a.text.protocol()?;
+    let path = a.text.text_path(data)?;
+    let text = lm::read_text(&path)?;
+    let device = Device::Cpu;
+    let p = lm::prepare(
+        &a.model.model,
+        a.model.load_as,
+        a.model.plan.as_deref(),
+        None,
+        &device,
+    )?;
+    let ids = p.llm.tokenizer.encode(&text)?;
+    let bar = crate::progress::bar(0, "perplexity", !a.model.quiet);
+    let mode = kl_mode(&a.save_logprobs, a.kl_top_k, &a.kl_base);
+    let s = lm::score(&p, &ids, protocol, a.text.max_chunks, &mode, &bar)?;
+    let mut t = Table::new(
+        "perplexity",
+        &format!("Perplexity on {}", path.display()),
+        &[
+            "plan",
+            "bits per weight",
+            "weights MB",
+            "chunks",
+            "tokens scored",
+            "perplexity",
+            "mean KL",
+            "top-1 agreement %",
+            "seconds",
+            "tokens/s",
+        ],
+    );
+    let (kl, agree) = match &s.kl {
+        Some(k) => (
+            Cell::f(k.mean_kl(), 5),
+            Cell::f(100.0 * k.top1_agreement(), 2),
+        ),
+        None => (Cell::Text("-".into()), Cell::Text("-".into())),
+    };
+    t.push(vec![
+        p.plan.clone().into(),
+        Cell::f(p.linear_bits_per_weight(), 3),
+        mb(p.weight_bytes()),
+        s.ppl.windows.into(),
+        s.ppl.scored_tokens.into(),
+        Cell::f(s.ppl.perplexity(), 4),
+        kl,
+        agree,
+        Cell::f(s.ppl.seconds, 1),
+        Cell::f(s.ppl.tokens_per_second(), 1),
+    ]);
+    t.note(format!(
+        "protocol: {protocol}; {} tokens in the text",
+        ids.len()
+    ));
+    t.note(reference_note(&p));
+    if let KlMode::Save(f, k) = &mode {
+        t.note(format!(
+            "base log-probs (top {k}) written to {}",
+            f.display()
+        ));
+    }
+    Ok(Report {
+        tables: vec![t],
+        notes: vec![],
+    })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt (default: read stdin).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Tokens to generate (greedy).
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+}
+
+/// Greedy decoding with the KV cache, streaming text to stdout; reports prefill and
+/// decode speed on stderr.
+pub fn generate(a: &GenerateArgs) -> Result<()> {
+    let prompt = match &a.prompt {
+        Some(p) => p.clone(),
+        None => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+            s
+        }
+    };
+    let device = Device::Cpu;
+    let p = lm::prepare(
+        &a.model.model,
+        a.model.load_as,
+        a.model.plan.as_deref(),
+        None,
+        &device,
+    )?;
+    let tok = &p.llm.tokenizer;
+    let mut ids = tok.encode(&prompt)?;
+    if tok.add_bos {
+        if let Some(b) = tok.bos {
+            ids.insert(0, b);
+        }
+    }
+    if ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let out = greedy(&p, &ids, a.max_new_tokens)?;
+    let mut stdout = std::io::stdout();
+    write!(stdout, "{}", tok.decode(&out.tokens)?)?;
+    writeln!(stdout)?;
+    eprintln!(
+        "prefill {} tokens at {:.1} tokens/s; decoded {} tokens at {:.1} tokens/s",
+        ids.len(),
+        ids.len() as f64 / out.prefill_s.max(1e-9),
+        out.tokens.len(),
+        out.tokens.len() as f64 / out.decode_s.max(1e-9)
+    );
+    Ok(())
+}
+
+pub struct Generated {
+    pub tokens: Vec<u32>,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+}
+
+/// Greedy continuation of `prompt` (stops at EOS).
+pub fn greedy(p: &PreparedLlm, prompt: &[u32], max_new: usize) -> Result<Generated> {
+    let m = &p.llm.model;
+    let mut cache = m.new_cache();
+    let start = std::time::Instant::now();
+    let input = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), &m.device)?;
+    let mut logits = m.forward(&input, &mut cache, true)?;
+    let prefill_s = start.elapsed().as_secs_f64();
+    let start = std::time::Instant::now();
+    let mut tokens = Vec::new();
+    for _ in 0..max_new {
+        let next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        if Some(next) == p.llm.tokenizer.eos {
+            break;
+        }
+        tokens.push(next);
+        let input = Tensor::from_vec(vec![next], (1, 1), &m.device)?;
+        logits = m.forward(&input, &mut cache, true)?;
+    }
+    Ok(Generated {
+        tokens,
+        prefill_s,
+        decode_s: start.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,199 @@
+//! Language-model evaluation shared by the `perplexity`, `sweep` and `lab smollm`
+//! commands: load, apply a plan, measure perplexity / KL / sizes.
+
+use super::kl::{self, BaseWriter, KlStats};
+use super::perplexity::{self, PerplexityResult, Protocol};
+use crate::arch::llama::LoadAs;
+use crate::load::{load_llm, LoadedLlm};
+use crate::nn::{apply_plan, HasLinears, LayerSummary, Plan};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+
+/// A loaded model with a plan applied.
+pub struct PreparedLlm {
+    pub llm: LoadedLlm,
+    pub layers: Vec<LayerSummary>,
+    pub plan: String,
+}
+
+impl PreparedLlm {
+    /// Bytes of all weights as held in memory: linear layers as stored, plus the f32
+    /// embedding table and norms. A tied output layer is counted once per copy held.
+    pub fn weight_bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.bytes).sum::<usize>() + self.llm.model.dense_bytes()
+    }
+
+    /// Parameters and bytes of the linear layers only (what a plan changes).
+    pub fn linear_params_bytes(&self) -> (usize, usize) {
+        (
+            self.layers.iter().map(|l| l.params).sum(),
+            self.layers.iter().map(|l| l.bytes).sum(),
+        )
+    }
+
+    /// Bits per weight over the linear layers.
+    pub fn linear_bits_per_weight(&self) -> f64 {
+        let (p, b) = self.linear_params_bytes();
+        b as f64 * 8.0 / p.max(1) as f64
+    }
+}
+
+/// Loads `spec` and applies `plan` (calibrating static int8 layers on `calibration` ids).
+pub fn prepare(
+    spec: &str,
+    load_as: LoadAs,
+    plan: Option<&str>,
+    calibration: Option<&[u32]>,
+    device: &Device,
+) -> Result<PreparedLlm> {
+    let mut llm = load_llm(spec, load_as, device)?;
+    let plan_text = plan.unwrap_or("keep").to_string();
+    let plan: Plan = plan_text
+        .parse()
+        .with_context(|| format!("in --plan '{plan_text}'"))?;
+    let layers = apply_plan(&mut llm.model, &plan, |m| {
+        let ids = calibration.context(
+            "static int8 needs calibration text: this command has none to give (use a weight-only or dynamic method)",
+        )?;
+        let ws = perplexity::windows(
+            ids,
+            Protocol::LlamaCpp {
+                ctx: 512,
+                bos: false,
+            },
+            None,
+            Some(4),
+        )?;
+        for w in ws {
+            perplexity::window_log_probs(m, &w)?;
+        }
+        Ok(())
+    })?;
+    if layers.is_empty() || llm.model.linears().is_empty() {
+        bail!("the model has no linear layers");
+    }
+    Ok(PreparedLlm {
+        llm,
+        layers,
+        plan: plan_text,
+    })
+}
+
+/// Reads a text file whole (perplexity protocols tokenize the file as one string).
+pub fn read_text(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read text file {}", path.display()))?;
+    if text.trim().is_empty() {
+        bail!("text file {} is empty", path.display());
+    }
+    Ok(text)
+}
+
+/// What to do with base log-probs while measuring perplexity.
+pub enum KlMode {
+    None,
+    /// Store the base model's distributions to this file (top-k, 0 = all).
+    Save(PathBuf, usize),
+    /// Compare with a stored base file.
+    Compare(PathBuf),
+}
+
+pub struct LmScores {
+    pub ppl: PerplexityResult,
+    pub kl: Option<KlStats>,
+}
+
+/// Perplexity of a prepared model, with KL against (or saving) a base file.
+pub fn score(
+    p: &PreparedLlm,
+    ids: &[u32],
+    protocol: Protocol,
+    max_windows: Option<usize>,
+    kl_mode: &KlMode,
+    progress: &indicatif::ProgressBar,
+) -> Result<LmScores> {
+    let model_name = p.llm.source.display().to_string();
+    let bos = p.llm.tokenizer.bos;
+    match kl_mode {
+        KlMode::None => Ok(LmScores {
+            ppl: perplexity::perplexity(
+                &p.llm.model,
+                ids,
+                protocol,
+                bos,
+                max_windows,
+                progress,
+                |_, _, _| Ok(()),
+            )?,
+            kl: None,
+        }),
+        KlMode::Save(path, top_k) => {
+            let mut w = BaseWriter::new(*top_k);
+            let ppl = perplexity::perplexity(
+                &p.llm.model,
+                ids,
+                protocol,
+                bos,
+                max_windows,
+                progress,
+                |_, win, lp| w.add_window(&win.tokens, lp),
+            )?;
+            w.write(
+                path,
+                &model_name,
+                &protocol.to_string(),
+                p.llm.model.cfg.vocab_size,
+            )?;
+            Ok(LmScores { ppl, kl: None })
+        }
+        KlMode::Compare(path) => {
+            let (header, rows) = kl::read_base(path)?;
+            // Check the text and protocol before spending time on the model.
+            let ws = perplexity::windows(ids, protocol, bos, max_windows)?;
+            let hash = ws
+                .iter()
+                .fold(kl::HASH_SEED, |h, w| kl::hash_tokens(h, &w.tokens));
+            let positions: usize = ws.iter().map(|w| w.scored()).sum();
+            if header.tokens_hash != hash || header.positions != positions {
+                bail!(
+                    "KL base {} was computed on other tokens or another protocol ({}, {} positions; this run: {protocol}, {positions} positions): \
+                     use the same text, --ctx, --bos and --max-chunks as when it was saved",
+                    path.display(),
+                    header.protocol,
+                    header.positions
+                );
+            }
+            let mut stats = KlStats::default();
+            let mut next = 0;
+            let ppl = perplexity::perplexity(
+                &p.llm.model,
+                ids,
+                protocol,
+                bos,
+                max_windows,
+                progress,
+                |_, _, lp| {
+                    for r in kl::rows(lp)? {
+                        let (d, agree) = kl::compare_row(&rows[next], &r);
+                        stats.add(d, agree);
+                        next += 1;
+                    }
+                    Ok(())
+                },
+            )?;
+            Ok(LmScores {
+                ppl,
+                kl: Some(stats),
+            })
+        }
+    }
+}
+
+/// Peak resident memory of this process, from /proc (Linux); None elsewhere.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

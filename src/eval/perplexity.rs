@@ -1,0 +1,289 @@
+//! Perplexity over a token stream, under llama.cpp's protocol (consecutive chunks, only
+//! the second half of each scored) or Hugging Face's strided sliding window.
+
+use crate::arch::llama::Llama;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use std::fmt;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Protocol {
+    /// `llama-perplexity`: consecutive `ctx`-token chunks; each chunk's first token is
+    /// replaced by BOS when `bos`; the logits at positions `ctx/2 .. ctx-1` are scored.
+    LlamaCpp { ctx: usize, bos: bool },
+    /// transformers' perplexity guide: windows of `max_len` tokens every `stride` tokens,
+    /// scoring only the tokens not scored by an earlier window.
+    Strided { max_len: usize, stride: usize },
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Protocol::LlamaCpp { ctx, bos } => write!(
+                f,
+                "llama.cpp chunks of {ctx}, second half scored, {}",
+                if *bos { "BOS first" } else { "no BOS" }
+            ),
+            Protocol::Strided { max_len, stride } => {
+                write!(f, "HF strided, max length {max_len}, stride {stride}")
+            }
+        }
+    }
+}
+
+/// One forward pass: its tokens, and the first position whose next-token prediction counts.
+/// Positions `first_scored .. tokens.len() - 1` predict `tokens[j + 1]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    pub tokens: Vec<u32>,
+    pub first_scored: usize,
+}
+
+impl Window {
+    pub fn scored(&self) -> usize {
+        self.tokens.len() - 1 - self.first_scored
+    }
+}
+
+/// Splits `ids` into the protocol's windows (at most `max_windows`).
+pub fn windows(
+    ids: &[u32],
+    protocol: Protocol,
+    bos_id: Option<u32>,
+    max_windows: Option<usize>,
+) -> Result<Vec<Window>> {
+    let limit = max_windows.unwrap_or(usize::MAX);
+    if limit == 0 {
+        bail!("--max-chunks must be at least 1");
+    }
+    let mut out = Vec::new();
+    match protocol {
+        Protocol::LlamaCpp { ctx, bos } => {
+            if ctx < 4 {
+                bail!("context {ctx} is too short (at least 4 tokens)");
+            }
+            if ids.len() < ctx {
+                bail!(
+                    "the text has {} tokens, fewer than one {ctx}-token chunk; use a longer text or a smaller --ctx",
+                    ids.len()
+                );
+            }
+            let bos_id = match (bos, bos_id) {
+                (true, None) => bail!("--bos was asked for but the vocabulary has no BOS token"),
+                (_, b) => b,
+            };
+            for c in ids.chunks_exact(ctx).take(limit) {
+                let mut tokens = c.to_vec();
+                if bos {
+                    tokens[0] = bos_id.expect("checked above");
+                }
+                out.push(Window {
+                    tokens,
+                    first_scored: ctx / 2,
+                });
+            }
+        }
+        Protocol::Strided { max_len, stride } => {
+            if stride == 0 || stride > max_len || max_len < 2 {
+                bail!("strided perplexity needs 0 < stride <= max length (got stride {stride}, max length {max_len})");
+            }
+            if ids.len() < 2 {
+                bail!("the text has fewer than 2 tokens");
+            }
+            let mut prev_end = 0;
+            let mut begin = 0;
+            while begin < ids.len() && out.len() < limit {
+                let end = (begin + max_len).min(ids.len());
+                let target_len = end - prev_end;
+                let len = end - begin;
+                // The window's first token has no prediction; targets start at index 1.
+                let first_target = (len - target_len).max(1);
+                out.push(Window {
+                    tokens: ids[begin..end].to_vec(),
+                    first_scored: first_target - 1,
+                });
+                prev_end = end;
+                if end == ids.len() {
+                    break;
+                }
+                begin += stride;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Log-probabilities of the scored positions of one window: `rows[k]` is the
+/// distribution at position `first_scored + k`, over the vocabulary.
+pub fn window_log_probs(model: &Llama, w: &Window) -> Result<Tensor> {
+    let ids = Tensor::from_vec(w.tokens.clone(), (1, w.tokens.len()), &model.device)?;
+    let mut cache = model.new_cache();
+    let logits = model.forward(&ids, &mut cache, false)?;
+    let scored = logits.narrow(1, w.first_scored, w.scored())?.squeeze(0)?;
+    Llama::log_softmax(&scored)
+}
+
+#[derive(Debug, Clone)]
+pub struct PerplexityResult {
+    pub protocol: Protocol,
+    pub windows: usize,
+    pub scored_tokens: usize,
+    pub tokens_processed: usize,
+    /// Σ −log p(target), per window.
+    pub window_nll: Vec<f64>,
+    pub seconds: f64,
+}
+
+impl PerplexityResult {
+    pub fn nll_sum(&self) -> f64 {
+        self.window_nll.iter().sum()
+    }
+
+    pub fn mean_nll(&self) -> f64 {
+        self.nll_sum() / self.scored_tokens.max(1) as f64
+    }
+
+    pub fn perplexity(&self) -> f64 {
+        self.mean_nll().exp()
+    }
+
+    /// Prompt-processing throughput.
+    pub fn tokens_per_second(&self) -> f64 {
+        self.tokens_processed as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// Σ −log p(target) over a window's scored positions, from its log-prob rows.
+pub fn window_nll(w: &Window, log_probs: &Tensor) -> Result<f64> {
+    let targets: Vec<u32> = w.tokens[w.first_scored + 1..].to_vec();
+    let t = Tensor::from_vec(targets, (w.scored(), 1), log_probs.device())?;
+    let picked = log_probs.gather(&t, 1)?.flatten_all()?.to_vec1::<f32>()?;
+    if let Some(bad) = picked.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "the model produced a non-finite log-probability at scored position {bad}; its weights or activations overflowed"
+        );
+    }
+    Ok(-picked.iter().map(|&v| v as f64).sum::<f64>())
+}
+
+/// Perplexity of `model` on `ids`. `each` is called with every window's log-prob rows
+/// (for KL divergence and agreement against a base model) and may stop nothing.
+pub fn perplexity(
+    model: &Llama,
+    ids: &[u32],
+    protocol: Protocol,
+    bos_id: Option<u32>,
+    max_windows: Option<usize>,
+    progress: &indicatif::ProgressBar,
+    mut each: impl FnMut(usize, &Window, &Tensor) -> Result<()>,
+) -> Result<PerplexityResult> {
+    let ws = windows(ids, protocol, bos_id, max_windows)?;
+    progress.set_length(ws.len() as u64);
+    let start = Instant::now();
+    let mut window_nll_sums = Vec::with_capacity(ws.len());
+    let (mut scored, mut processed) = (0, 0);
+    for (i, w) in ws.iter().enumerate() {
+        let lp = window_log_probs(model, w)?;
+        window_nll_sums.push(window_nll(w, &lp)?);
+        each(i, w, &lp)?;
+        scored += w.scored();
+        processed += w.tokens.len();
+        progress.inc(1);
+        progress.set_message(format!(
+            "ppl {:.3}",
+            (window_nll_sums.iter().sum::<f64>() / scored as f64).exp()
+        ));
+    }
+    progress.finish_and_clear();
+    Ok(PerplexityResult {
+        protocol,
+        windows: ws.len(),
+        scored_tokens: scored,
+        tokens_processed: processed,
+        window_nll: window_nll_sums,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama_cpp_windows_score_the_second_half() {
+        let ids: Vec<u32> = (0..20).collect();
+        let ws = windows(&ids, Protocol::LlamaCpp { ctx: 8, bos: false }, None, None).unwrap();
+        assert_eq!(ws.len(), 2, "the ragged tail is dropped, as llama.cpp does");
+        assert_eq!(ws[1].tokens, (8..16).collect::<Vec<_>>());
+        assert_eq!(ws[0].first_scored, 4);
+        assert_eq!(ws[0].scored(), 3, "positions 4,5,6 predict tokens 5,6,7");
+        let ws = windows(
+            &ids,
+            Protocol::LlamaCpp { ctx: 8, bos: true },
+            Some(99),
+            Some(1),
+        )
+        .unwrap();
+        assert_eq!(ws.len(), 1);
+        assert_eq!(ws[0].tokens[0], 99);
+        assert_eq!(ws[0].tokens[1], 1);
+        assert!(windows(&ids, Protocol::LlamaCpp { ctx: 8, bos: true }, None, None).is_err());
+        assert!(windows(
+            &ids[..5],
+            Protocol::LlamaCpp { ctx: 8, bos: false },
+            None,
+            None
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn strided_windows_score_every_token_once() {
+        // transformers' guide with max_length 6, stride 4 over 13 tokens: windows
+        // [0,6) [4,10) [8,13); targets 1..6, 6..10, 10..13.
+        let ids: Vec<u32> = (0..13).collect();
+        let ws = windows(
+            &ids,
+            Protocol::Strided {
+                max_len: 6,
+                stride: 4,
+            },
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(ws.len(), 3);
+        let targets: Vec<u32> = ws
+            .iter()
+            .flat_map(|w| w.tokens[w.first_scored + 1..].to_vec())
+            .collect();
+        assert_eq!(targets, (1..13).collect::<Vec<_>>());
+        assert_eq!(ws[1].tokens, (4..10).collect::<Vec<_>>());
+        assert!(windows(
+            &ids,
+            Protocol::Strided {
+                max_len: 4,
+                stride: 5
+            },
+            None,
+            None
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn window_nll_picks_the_targets() {
+        let w = Window {
+            tokens: vec![0, 1, 2],
+            first_scored: 0,
+        };
+        // Rows: position 0 predicts token 1, position 1 predicts token 2.
+        let lp = Tensor::new(
+            &[[-3.0f32, -0.5, -2.0], [-1.0, -1.5, -0.25]],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert!((window_nll(&w, &lp).unwrap() - 0.75).abs() < 1e-6);
+    }
+}
