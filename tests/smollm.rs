@@ -212,3 +212,43 @@ fn kept_ggml_weights_stay_close_to_the_reference() {
     );
     assert!(q.weight_bytes() < reference_model().weight_bytes() / 2);
 }
+
+#[test]
+fn sweep_appends_rows_and_resumes_without_rerunning() {
+    use quantlab::lab::sweep;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s.jsonl");
+    let data = quantlab::data::DataDir::resolve(None).unwrap();
+    let spec = sweep::SweepSpec {
+        model: model_path(),
+        load_as: LoadAs::F32,
+        configs: sweep::expand(&["rtn".into()], &[8, 2], &["64".into()], "sym").unwrap(),
+        layers: sweep::Layers::Ffn,
+        text: data.require("wikitext-2/test.txt", "").unwrap(),
+        protocol: Protocol::LlamaCpp {
+            ctx: 64,
+            bos: false,
+        },
+        max_chunks: Some(1),
+        out: out.clone(),
+        kl: true,
+        progress: false,
+    };
+    let rows = sweep::run(&spec).unwrap();
+    assert_eq!(rows.len(), 3);
+    let (base, i8, i2) = (&rows[0], &rows[1], &rows[2]);
+    assert_eq!(base.bits_per_weight, 32.0);
+    // int8 g64: 8 bits + one f32 scale per 64 weights = 8.5 bits per weight.
+    assert!(
+        (i8.bits_per_weight - 8.5).abs() < 1e-9,
+        "{}",
+        i8.bits_per_weight
+    );
+    assert!(i8.mean_kl.unwrap() < i2.mean_kl.unwrap());
+    assert!(base.perplexity < i2.perplexity);
+    assert_eq!(sweep::read_rows(&out).unwrap(), rows);
+    // Running again measures nothing new and appends nothing.
+    let again = sweep::run(&spec).unwrap();
+    assert_eq!(again, rows);
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 3);
+}

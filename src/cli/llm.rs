@@ -283,3 +283,142 @@ pub fn greedy(p: &PreparedLlm, prompt: &[u32], max_new: usize) -> Result<Generat
         decode_s: start.elapsed().as_secs_f64(),
     })
 }
+
+#[derive(clap::Args, Debug)]
+pub struct SweepArgs {
+    /// A .gguf file, a folder holding one, a Hugging Face folder or a cached hub id.
+    #[arg(long, default_value = DEFAULT_LLM, env = "QUANTLAB_LLM")]
+    pub model: String,
+    /// How GGUF weights are loaded before each configuration is applied.
+    #[arg(long, value_enum, default_value_t = LoadAs::F32)]
+    pub load_as: LoadAs,
+    /// Methods: `rtn` (round to nearest, over --bits and --groups), `nf4`, `fp4`,
+    /// `nf4:dq`, or any single method (`q4_k`, `q8_0`, `f16`, `w:u3:affine:g128`...).
+    #[arg(long, value_delimiter = ',', default_value = "rtn,nf4,fp4")]
+    pub methods: Vec<String>,
+    /// Bit widths for `rtn`.
+    #[arg(long, value_delimiter = ',', default_value = "8,4,3,2")]
+    pub bits: Vec<u32>,
+    /// Groupings for `rtn`: `ch` (per output channel) and/or group sizes; NF4/FP4 use the
+    /// group sizes as their block size.
+    #[arg(
+        long = "groups",
+        alias = "group",
+        value_delimiter = ',',
+        default_value = "ch,64"
+    )]
+    pub groups: Vec<String>,
+    /// Symmetric or affine RTN.
+    #[arg(long, default_value = "sym")]
+    pub mode: String,
+    /// Which layers are quantized.
+    #[arg(long, value_enum, default_value_t = crate::lab::sweep::Layers::All)]
+    pub layers: crate::lab::sweep::Layers,
+    #[command(flatten)]
+    pub text: TextArgs,
+    /// JSON-lines file the rows are appended to (and resumed from).
+    #[arg(long, default_value = "runs/sweep.jsonl")]
+    pub out: PathBuf,
+    /// SVG plot of perplexity against bits per weight.
+    #[arg(long, default_value = "runs/sweep.svg")]
+    pub plot: PathBuf,
+    /// Also measure KL divergence and top-1 agreement against the f32 baseline.
+    #[arg(long)]
+    pub kl: bool,
+    /// Hide progress output.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn sweep_report(a: &SweepArgs, data: Option<&Path>) -> Result<Report> {
+    use crate::lab::sweep;
+    let spec = sweep::SweepSpec {
+        model: a.model.clone(),
+        load_as: a.load_as,
+        configs: sweep::expand(&a.methods, &a.bits, &a.groups, &a.mode)?,
+        layers: a.layers,
+        text: a.text.text_path(data)?,
+        protocol: a.text.protocol()?,
+        max_chunks: a.text.max_chunks,
+        out: a.out.clone(),
+        kl: a.kl,
+        progress: !a.quiet,
+    };
+    let rows = sweep::run(&spec)?;
+    let mut t = Table::new(
+        "sweep",
+        &format!("Perplexity against bits ({:?} layers)", a.layers),
+        &[
+            "family",
+            "bits",
+            "method",
+            "bits per weight",
+            "weights MB",
+            "perplexity",
+            "mean KL",
+            "top-1 agreement %",
+            "seconds",
+        ],
+    );
+    let opt = |v: Option<f64>, scale: f64, d: usize| match v {
+        Some(x) => Cell::f(x * scale, d),
+        None => Cell::Text("-".into()),
+    };
+    for r in &rows {
+        t.push(vec![
+            r.family.clone().into(),
+            (r.bits as usize).into(),
+            r.method.clone().into(),
+            Cell::f(r.bits_per_weight, 3),
+            Cell::f(r.weights_mb, 2),
+            Cell::f(r.perplexity, 3),
+            opt(r.mean_kl, 1.0, 4),
+            opt(r.top1_agreement, 100.0, 2),
+            Cell::f(r.seconds, 1),
+        ]);
+    }
+    t.note(format!(
+        "protocol: {}{}; rows appended to {} (re-running resumes)",
+        spec.protocol,
+        match spec.max_chunks {
+            Some(n) => format!(", first {n} chunks"),
+            None => String::new(),
+        },
+        a.out.display()
+    ));
+    t.note("bits per weight: stored bytes of the quantized linear layers (scales and zero points included) × 8 / their weights (lm_head stays f32 unless --layers everything); weights MB counts every weight held, f32 embeddings and norms included.");
+    t.note("No unquantized SmolLM is reachable here: the baseline is the f32 model dequantized from the Q4_1 GGUF.");
+    let mut families: Vec<String> = Vec::new();
+    for r in rows.iter().filter(|r| r.method != "keep") {
+        if !families.contains(&r.family) {
+            families.push(r.family.clone());
+        }
+    }
+    let plot = crate::report::plot::LinePlot {
+        title: format!("Perplexity vs bits per weight ({:?} layers)", a.layers),
+        x_label: "bits per weight (quantized layers)".into(),
+        y_label: "perplexity (log scale)".into(),
+        series: families
+            .iter()
+            .map(|f| crate::report::plot::Series {
+                name: f.clone(),
+                points: rows
+                    .iter()
+                    .filter(|r| &r.family == f)
+                    .map(|r| (r.bits_per_weight, r.perplexity))
+                    .collect(),
+            })
+            .collect(),
+        baseline: rows
+            .iter()
+            .find(|r| r.method == "keep")
+            .map(|r| (r.perplexity, format!("f32 ({:.3})", r.perplexity))),
+        log_y: true,
+    };
+    plot.write_svg(&a.plot)?;
+    t.note(format!("plot: {}", a.plot.display()));
+    Ok(Report {
+        tables: vec![t],
+        notes: vec![],
+    })
+}

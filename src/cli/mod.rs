@@ -41,6 +41,9 @@ pub enum Command {
     /// Perplexity of an LLM (optionally quantized by a plan) over a text file, with KL
     /// divergence to a stored base model.
     Perplexity(llm::PerplexityArgs),
+    /// Perplexity against bits: one row per configuration, appended to a JSON-lines file
+    /// (resumable), a markdown table and an SVG plot.
+    Sweep(llm::SweepArgs),
     /// Greedy text generation with the KV cache (prompt from --prompt or stdin).
     Generate(llm::GenerateArgs),
 }
@@ -53,6 +56,31 @@ pub enum LabCommand {
     Ex1,
     /// The MNIST table: train (or reuse) the MLP, then fp32 / dynamic / static / weight-only rows.
     Mnist(MnistArgs),
+    /// The SmolLM2 tables: (a) f32 vs 8-bit whole model vs 8-bit FFN only; (b) int8/int4/int2
+    /// g64 last-word accuracy, decode speed and memory.
+    Smollm(SmollmArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SmollmArgs {
+    /// The SmolLM2 GGUF (or any Llama-family model).
+    #[arg(long, default_value = llm::DEFAULT_LLM, env = "QUANTLAB_LLM")]
+    pub model: String,
+    /// Text for perplexity and last-word passages. Default: WikiText-2 test.
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// 512-token chunks scored for perplexity in table (a).
+    #[arg(long, default_value_t = 8)]
+    pub max_chunks: usize,
+    /// Last-word passages scored in table (b).
+    #[arg(long, default_value_t = 100)]
+    pub last_word_examples: usize,
+    /// Tokens generated to measure decode speed.
+    #[arg(long, default_value_t = 16)]
+    pub decode_tokens: usize,
+    /// Hide progress output.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -135,10 +163,26 @@ pub fn run(cli: Cli) -> Result<()> {
                 let n = a.test_limit.unwrap_or(10_000).min(10_000);
                 crate::lab::mnist::report(&lab, &cfg, n)
             }
+            LabCommand::Smollm(a) => {
+                let text = match a.text {
+                    Some(t) => t,
+                    None => DataDir::resolve(cli.data_dir.as_deref())?
+                        .require("wikitext-2/test.txt", "pass --text FILE")?,
+                };
+                crate::lab::smollm::run(&crate::lab::smollm::SmollmLabConfig {
+                    model: a.model,
+                    text,
+                    max_chunks: a.max_chunks,
+                    last_word_examples: a.last_word_examples,
+                    decode_tokens: a.decode_tokens,
+                    progress: !a.quiet,
+                })?
+            }
         },
         Command::Quantize(args) => quantize_report(&args)?,
         Command::Perplexity(a) => llm::perplexity_report(&a, cli.data_dir.as_deref())?,
         Command::Generate(a) => return llm::generate(&a),
+        Command::Sweep(a) => llm::sweep_report(&a, cli.data_dir.as_deref())?,
     };
     print!("{}", report.render(cli.format));
     Ok(())

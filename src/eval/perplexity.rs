@@ -132,6 +132,8 @@ pub struct PerplexityResult {
     pub tokens_processed: usize,
     /// Σ −log p(target), per window.
     pub window_nll: Vec<f64>,
+    /// Wall time of each window's forward pass and scoring.
+    pub window_seconds: Vec<f64>,
     pub seconds: f64,
 }
 
@@ -183,9 +185,12 @@ pub fn perplexity(
     let start = Instant::now();
     let mut window_nll_sums = Vec::with_capacity(ws.len());
     let (mut scored, mut processed) = (0, 0);
+    let mut window_seconds = Vec::with_capacity(ws.len());
     for (i, w) in ws.iter().enumerate() {
+        let t = Instant::now();
         let lp = window_log_probs(model, w)?;
         window_nll_sums.push(window_nll(w, &lp)?);
+        window_seconds.push(t.elapsed().as_secs_f64());
         each(i, w, &lp)?;
         scored += w.scored();
         processed += w.tokens.len();
@@ -202,6 +207,7 @@ pub fn perplexity(
         scored_tokens: scored,
         tokens_processed: processed,
         window_nll: window_nll_sums,
+        window_seconds,
         seconds: start.elapsed().as_secs_f64(),
     })
 }

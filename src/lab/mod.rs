@@ -3,6 +3,8 @@
 pub mod ex0;
 pub mod ex1;
 pub mod mnist;
+pub mod smollm;
+pub mod sweep;
 
 /// A tensor's values as rows of f64 (for reports and comparisons).
 pub fn rows_f64(t: &candle_core::Tensor) -> anyhow::Result<Vec<Vec<f64>>> {

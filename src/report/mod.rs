@@ -1,6 +1,8 @@
 //! Tables that every command reports through, rendered as markdown, CSV or JSON lines.
 //! JSON keeps full precision and stable snake_case keys; markdown rounds for reading.
 
+pub mod plot;
+
 use serde_json::{Map, Value};
 use std::fmt::Write as _;
 
