@@ -85,3 +85,23 @@ fn bad_input_gives_clear_errors_not_panics() {
     let (ok, _, err) = quantlab(&["lab", "mnist", "--observer", "nope", "--quiet"]);
     assert!(!ok && err.contains("observer"), "{err}");
 }
+
+#[test]
+fn llm_commands_explain_bad_models_and_plans() {
+    let (ok, _, err) = quantlab(&["perplexity", "--model", "/nonexistent/m.gguf"]);
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/m.gguf"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00truncated").unwrap();
+    let (ok, _, err) = quantlab(&["perplexity", "--model", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("bad.gguf") && err.contains("GGUF"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let (ok, _, err) = quantlab(&["sweep", "--methods", "rtn", "--bits", "9"]);
+    assert!(!ok);
+    assert!(err.contains("9"), "{err}");
+    let (ok, _, err) = quantlab(&["perplexity", "--strided", "1024"]);
+    assert!(!ok);
+    assert!(err.contains("MAX_LEN:STRIDE"), "{err}");
+}

@@ -72,6 +72,9 @@ pub struct SmollmArgs {
     /// 512-token chunks scored for perplexity in table (a).
     #[arg(long, default_value_t = 8)]
     pub max_chunks: usize,
+    /// LAMBADA jsonl (`{"text": ...}` per line) for table (b); default: the WikiText-2 rule.
+    #[arg(long)]
+    pub lambada: Option<PathBuf>,
     /// Last-word passages scored in table (b).
     #[arg(long, default_value_t = 100)]
     pub last_word_examples: usize,
@@ -174,6 +177,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     text,
                     max_chunks: a.max_chunks,
                     last_word_examples: a.last_word_examples,
+                    lambada: a.lambada,
                     decode_tokens: a.decode_tokens,
                     progress: !a.quiet,
                 })?

@@ -17,6 +17,7 @@ pub struct SmollmLabConfig {
     pub text: PathBuf,
     pub max_chunks: usize,
     pub last_word_examples: usize,
+    pub lambada: Option<PathBuf>,
     pub decode_tokens: usize,
     pub progress: bool,
 }
@@ -115,10 +116,11 @@ pub fn run(cfg: &SmollmLabConfig) -> Result<Report> {
             "decode tokens/s",
         ],
     );
-    let examples: Vec<_> = lastword::wikitext_examples(&text, 40)
-        .into_iter()
-        .take(cfg.last_word_examples)
-        .collect();
+    let all = match &cfg.lambada {
+        Some(f) => lastword::lambada_examples(f)?,
+        None => lastword::wikitext_examples(&text, 40),
+    };
+    let examples: Vec<_> = all.into_iter().take(cfg.last_word_examples).collect();
     let rows_b: [(&str, &str, LoadAs); 6] = [
         ("f32", "keep", LoadAs::F32),
         ("int8 g64", "lm_head=keep;*=w:i8:sym:g64", LoadAs::F32),
@@ -149,8 +151,12 @@ pub fn run(cfg: &SmollmLabConfig) -> Result<Report> {
         ]);
     }
     b.note(format!(
-        "last word: first {} passages of the WikiText-2 test rule (src/eval/lastword.rs); correct when every token of the word ranks within the top 1 / top 5 (top 1 = greedy decoding reproduces it).",
-        examples.len()
+        "last word: first {} passages of {}; correct when every token of the word ranks within the top 1 / top 5 (top 1 = greedy decoding reproduces it).",
+        examples.len(),
+        match &cfg.lambada {
+            Some(f) => f.display().to_string(),
+            None => "the WikiText-2 test rule (src/eval/lastword.rs)".into(),
+        }
     ));
     b.note(format!(
         "decode: greedy, {} new tokens after a 64-token prompt, KV cache, batch 1, 2 CPU threads. int-N rows dequantize their weights in every step (memory stays at the stored size, speed pays); GGML rows run candle's quantized kernels.",
