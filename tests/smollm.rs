@@ -188,7 +188,8 @@ fn kept_ggml_weights_stay_close_to_the_reference() {
         ctx: 128,
         bos: false,
     };
-    let kl_path = tempfile::tempdir().unwrap().keep().join("base.kld");
+    let dir = tempfile::tempdir().unwrap();
+    let kl_path = dir.path().join("base.kld");
     let base = lm::score(
         reference_model(),
         &short,

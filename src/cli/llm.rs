@@ -6,7 +6,7 @@ use crate::eval::lm::{self, KlMode, PreparedLlm};
 use crate::eval::perplexity::Protocol;
 use crate::report::{Cell, Report, Table};
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -238,7 +238,7 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
     if ids.is_empty() {
         bail!("the prompt is empty");
     }
-    let out = greedy(&p, &ids, a.max_new_tokens)?;
+    let out = lm::greedy(&p, &ids, a.max_new_tokens)?;
     let mut stdout = std::io::stdout();
     write!(stdout, "{}", tok.decode(&out.tokens)?)?;
     writeln!(stdout)?;
@@ -250,38 +250,6 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
         out.tokens.len() as f64 / out.decode_s.max(1e-9)
     );
     Ok(())
-}
-
-pub struct Generated {
-    pub tokens: Vec<u32>,
-    pub prefill_s: f64,
-    pub decode_s: f64,
-}
-
-/// Greedy continuation of `prompt` (stops at EOS).
-pub fn greedy(p: &PreparedLlm, prompt: &[u32], max_new: usize) -> Result<Generated> {
-    let m = &p.llm.model;
-    let mut cache = m.new_cache();
-    let start = std::time::Instant::now();
-    let input = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), &m.device)?;
-    let mut logits = m.forward(&input, &mut cache, true)?;
-    let prefill_s = start.elapsed().as_secs_f64();
-    let start = std::time::Instant::now();
-    let mut tokens = Vec::new();
-    for _ in 0..max_new {
-        let next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
-        if Some(next) == p.llm.tokenizer.eos {
-            break;
-        }
-        tokens.push(next);
-        let input = Tensor::from_vec(vec![next], (1, 1), &m.device)?;
-        logits = m.forward(&input, &mut cache, true)?;
-    }
-    Ok(Generated {
-        tokens,
-        prefill_s,
-        decode_s: start.elapsed().as_secs_f64(),
-    })
 }
 
 #[derive(clap::Args, Debug)]

@@ -126,38 +126,15 @@ pub fn score(
 ) -> Result<LmScores> {
     let model_name = p.llm.source.display().to_string();
     let bos = p.llm.tokenizer.bos;
-    match kl_mode {
-        KlMode::None => Ok(LmScores {
-            ppl: perplexity::perplexity(
-                &p.llm.model,
-                ids,
-                protocol,
-                bos,
-                max_windows,
-                progress,
-                |_, _, _| Ok(()),
-            )?,
-            kl: None,
-        }),
-        KlMode::Save(path, top_k) => {
-            let mut w = BaseWriter::new(*top_k);
-            let ppl = perplexity::perplexity(
-                &p.llm.model,
-                ids,
-                protocol,
-                bos,
-                max_windows,
-                progress,
-                |_, win, lp| w.add_window(&win.tokens, lp),
-            )?;
-            w.write(
-                path,
-                &model_name,
-                &protocol.to_string(),
-                p.llm.model.cfg.vocab_size,
-            )?;
-            Ok(LmScores { ppl, kl: None })
-        }
+    // Per-window work of each mode, run by one scoring loop.
+    enum Sink {
+        None,
+        Save(BaseWriter),
+        Compare(Vec<kl::BaseRow>, KlStats, usize),
+    }
+    let mut sink = match kl_mode {
+        KlMode::None => Sink::None,
+        KlMode::Save(_, top_k) => Sink::Save(BaseWriter::new(*top_k)),
         KlMode::Compare(path) => {
             let (header, rows) = kl::read_base(path)?;
             // Check the text and protocol before spending time on the model.
@@ -175,30 +152,76 @@ pub fn score(
                     header.positions
                 );
             }
-            let mut stats = KlStats::default();
-            let mut next = 0;
-            let ppl = perplexity::perplexity(
-                &p.llm.model,
-                ids,
-                protocol,
-                bos,
-                max_windows,
-                progress,
-                |_, _, lp| {
-                    for r in kl::rows(lp)? {
-                        let (d, agree) = kl::compare_row(&rows[next], &r);
-                        stats.add(d, agree);
-                        next += 1;
-                    }
-                    Ok(())
-                },
-            )?;
-            Ok(LmScores {
-                ppl,
-                kl: Some(stats),
-            })
+            Sink::Compare(rows, KlStats::default(), 0)
         }
+    };
+    let ppl = perplexity::perplexity(
+        &p.llm.model,
+        ids,
+        protocol,
+        bos,
+        max_windows,
+        progress,
+        |_, win, lp| match &mut sink {
+            Sink::None => Ok(()),
+            Sink::Save(w) => w.add_window(&win.tokens, lp),
+            Sink::Compare(rows, stats, next) => {
+                for r in kl::rows(lp)? {
+                    let (d, agree) = kl::compare_row(&rows[*next], &r);
+                    stats.add(d, agree);
+                    *next += 1;
+                }
+                Ok(())
+            }
+        },
+    )?;
+    let kl = match (sink, kl_mode) {
+        (Sink::Save(w), KlMode::Save(path, _)) => {
+            w.write(
+                path,
+                &model_name,
+                &protocol.to_string(),
+                p.llm.model.cfg.vocab_size,
+            )?;
+            None
+        }
+        (Sink::Compare(_, stats, _), _) => Some(stats),
+        _ => None,
+    };
+    Ok(LmScores { ppl, kl })
+}
+
+/// Tokens from greedy decoding, and how long prefill and decode took.
+pub struct Generated {
+    pub tokens: Vec<u32>,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+}
+
+/// Greedy continuation of `prompt` with the KV cache (stops at EOS).
+pub fn greedy(p: &PreparedLlm, prompt: &[u32], max_new: usize) -> Result<Generated> {
+    let m = &p.llm.model;
+    let mut cache = m.new_cache();
+    let start = std::time::Instant::now();
+    let input = candle_core::Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), &m.device)?;
+    let mut logits = m.forward(&input, &mut cache, true)?;
+    let prefill_s = start.elapsed().as_secs_f64();
+    let start = std::time::Instant::now();
+    let mut tokens = Vec::new();
+    for _ in 0..max_new {
+        let next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        if Some(next) == p.llm.tokenizer.eos {
+            break;
+        }
+        tokens.push(next);
+        let input = candle_core::Tensor::from_vec(vec![next], (1, 1), &m.device)?;
+        logits = m.forward(&input, &mut cache, true)?;
     }
+    Ok(Generated {
+        tokens,
+        prefill_s,
+        decode_s: start.elapsed().as_secs_f64(),
+    })
 }
 
 /// Peak resident memory of this process, from /proc (Linux); None elsewhere.

@@ -37,8 +37,8 @@ fn prepare(cfg: &SmollmLabConfig, plan: &str, load_as: LoadAs) -> Result<Prepare
 
 /// Decode speed: greedy tokens after a fixed prompt, warm-up step excluded.
 fn decode_tokens_per_s(p: &PreparedLlm, prompt: &[u32], n: usize) -> Result<f64> {
-    crate::cli::llm::greedy(p, &prompt[..prompt.len().min(8)], 1)?;
-    let g = crate::cli::llm::greedy(p, prompt, n)?;
+    lm::greedy(p, &prompt[..prompt.len().min(8)], 1)?;
+    let g = lm::greedy(p, prompt, n)?;
     Ok(g.tokens.len() as f64 / g.decode_s.max(1e-9))
 }
 

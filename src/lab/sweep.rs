@@ -214,10 +214,16 @@ pub fn append_row(path: &Path, row: &Row) -> Result<()> {
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
     // A torn previous line (no newline) would glue onto this one: start on a fresh line.
-    let len = f.metadata()?.len();
-    let needs_newline = len > 0 && {
-        let bytes = std::fs::read(path)?;
-        bytes.last() != Some(&b'\n')
+    let needs_newline = {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut r = std::fs::File::open(path)?;
+        let len = r.seek(SeekFrom::End(0))?;
+        let mut last = [0u8; 1];
+        len > 0 && {
+            r.seek(SeekFrom::End(-1))?;
+            r.read_exact(&mut last)?;
+            last[0] != b'\n'
+        }
     };
     let mut line = String::new();
     if needs_newline {

@@ -121,16 +121,13 @@ impl QLinear {
             .shape()
             .dims2()
             .with_context(|| format!("linear layer {name}: weight must be 2-D [out, in]"))?;
-        let method = Method::Ggml(weight.dtype());
-        let weights = match weight.dtype() {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                Weights::F32(weight.dequantize(&weight.device())?)
-            }
-            _ => Weights::Ggml(Arc::new(weight)),
-        };
-        let method = match weights {
-            Weights::F32(_) => Method::F32,
-            _ => method,
+        // Float GGML tensors are plain f32 layers; block types stay packed.
+        let (weights, method) = match weight.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => (
+                Weights::F32(weight.dequantize(&weight.device())?),
+                Method::F32,
+            ),
+            t => (Weights::Ggml(Arc::new(weight)), Method::Ggml(t)),
         };
         Ok(QLinear {
             name: name.to_string(),
