@@ -4,6 +4,8 @@
 //! not cached is an error that says how to get it.
 
 pub mod gguf;
+pub mod marian_tokenizer;
+pub mod spm;
 pub mod tokenizer;
 
 use crate::arch::llama::{Llama, LoadAs};
@@ -173,6 +175,26 @@ pub fn load_llm(spec: &str, load_as: LoadAs, device: &Device) -> Result<LoadedLl
         source: dir,
         disk_bytes,
     })
+}
+
+/// The environment variable naming the MarianMT model used by default.
+pub const MARIAN_ENV: &str = "QUANTLAB_MARIAN";
+
+/// The default MarianMT model: `$QUANTLAB_MARIAN`, else the shared
+/// `marian-multi30k-en-de` next to the data folder (`../shared/models/`).
+pub fn default_marian_dir() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(MARIAN_ENV) {
+        return Ok(PathBuf::from(p));
+    }
+    let data = crate::data::DataDir::resolve(None)?;
+    let dir = data.root.join("../models/marian-multi30k-en-de");
+    if !dir.join("config.json").is_file() {
+        bail!(
+            "no MarianMT model at {}: pass --model DIR or set {MARIAN_ENV}=DIR",
+            dir.display()
+        );
+    }
+    Ok(dir)
 }
 
 /// Any model quantlab can load.
