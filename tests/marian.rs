@@ -107,3 +107,144 @@ fn tokenizer_ids_equal_marian_tokenizer_on_real_opus_mt_vocabularies() {
         }
     }
 }
+
+fn model() -> &'static quantlab::arch::marian::Marian {
+    static M: OnceLock<quantlab::arch::marian::Marian> = OnceLock::new();
+    M.get_or_init(|| {
+        quantlab::arch::marian::load_dir(&model_dir(), &candle_core::Device::Cpu).unwrap()
+    })
+}
+
+fn tokenizer() -> &'static MarianTokenizer {
+    static T: OnceLock<MarianTokenizer> = OnceLock::new();
+    T.get_or_init(|| MarianTokenizer::from_dir(&model_dir()).unwrap())
+}
+
+fn multi30k(name: &str) -> Vec<String> {
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(
+        std::fs::File::open(data_dir().join("multi30k").join(name)).unwrap(),
+    )
+    .read_to_string(&mut text)
+    .unwrap();
+    text.lines().map(str::to_string).collect()
+}
+
+#[test]
+fn teacher_forced_log_probs_equal_transformers() {
+    use candle_core::{Tensor, D};
+    let m = model();
+    for rec in reference()["forward"].as_array().unwrap() {
+        let src = ids_of(&rec["src_ids"]);
+        let idx = rec["index"].as_u64().unwrap() as usize;
+        assert_eq!(
+            tokenizer().encode(&multi30k("test_2016_flickr.en.gz")[idx], Side::Source),
+            src
+        );
+        let dec = ids_of(&rec["decoder_ids"]);
+        let dev = m.device();
+        let ids = Tensor::from_vec(src.clone(), (1, src.len()), dev).unwrap();
+        let mask = Tensor::ones((1, src.len()), candle_core::DType::U32, dev).unwrap();
+        let (enc, src_mask) = m.encode(&ids, &mask).unwrap();
+        let mut state = m.start_decoding(&enc, &src_mask).unwrap();
+        let d = Tensor::from_vec(dec.clone(), (1, dec.len()), dev).unwrap();
+        let logits = m.decode(&mut state, &d).unwrap().squeeze(0).unwrap();
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let expected: Vec<f64> = rec["chosen_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        for (t, e) in expected.iter().enumerate() {
+            let got = logp[t][dec[t + 1] as usize] as f64;
+            assert!(
+                (got - e).abs() < 2e-4,
+                "sentence {idx} step {t}: {got} vs {e}"
+            );
+        }
+        let top = &rec["first_step_top10"];
+        let first = logits.get(0).unwrap().to_vec1::<f32>().unwrap();
+        for (id, l) in ids_of(&top["ids"])
+            .iter()
+            .zip(top["logits"].as_array().unwrap())
+        {
+            let l = l.as_f64().unwrap();
+            assert!((first[*id as usize] as f64 - l).abs() < 1e-3 * l.abs().max(1.0));
+        }
+    }
+}
+
+/// Our translations of test_2016_flickr against transformers' for one decoding setting.
+fn check_translations(run: &str, cfg: quantlab::eval::seq2seq::GenerateConfig) {
+    let rec = &reference()["translations"][run];
+    let expected = strings(&rec["text"]);
+    let src: Vec<String> = multi30k("test_2016_flickr.en.gz")[..expected.len()].to_vec();
+    let got =
+        quantlab::eval::seq2seq::translate(model(), tokenizer(), &src, &cfg, 32, false).unwrap();
+    let same = got
+        .iter()
+        .zip(&expected)
+        .filter(|(g, e)| g.text == **e)
+        .count();
+    let differ: Vec<String> = got
+        .iter()
+        .zip(&expected)
+        .filter(|(g, e)| g.text != **e)
+        .take(5)
+        .map(|(g, e)| format!("ours {:?}\n  hf {:?}", g.text, e))
+        .collect();
+    eprintln!("{run}: {same}/{} identical", expected.len());
+    assert!(
+        same * 100 >= expected.len() * 99,
+        "{run}: only {same} of {} translations equal transformers':\n{}",
+        expected.len(),
+        differ.join("\n")
+    );
+    if let Some(scores) = rec["sequences_scores"].as_array().filter(|s| !s.is_empty()) {
+        for ((g, e), s) in got.iter().zip(&expected).zip(scores) {
+            if g.text == *e {
+                let s = s.as_f64().unwrap();
+                assert!(
+                    (g.score as f64 - s).abs() < 1e-3,
+                    "{run}: score {} vs {s}",
+                    g.score
+                );
+            }
+        }
+    }
+}
+
+fn generation_defaults() -> quantlab::eval::seq2seq::GenerateConfig {
+    quantlab::eval::seq2seq::GenerateConfig::for_model(&model_dir(), &model().cfg)
+        .unwrap()
+        .with_max_new_tokens(128)
+}
+
+#[test]
+fn greedy_translations_equal_transformers() {
+    let mut cfg = generation_defaults();
+    cfg.num_beams = 1;
+    check_translations("greedy", cfg);
+}
+
+#[test]
+fn beam4_translations_equal_transformers() {
+    let cfg = generation_defaults();
+    assert_eq!(cfg.num_beams, 4, "generation_config.json sets num_beams 4");
+    check_translations("beam4", cfg);
+}
+
+#[test]
+fn beam4_early_stopping_and_length_penalty_equal_transformers() {
+    use quantlab::eval::seq2seq::EarlyStopping;
+    let mut cfg = generation_defaults();
+    cfg.early_stopping = EarlyStopping::True;
+    check_translations("beam4_early", cfg);
+    let mut cfg = generation_defaults();
+    cfg.length_penalty = 0.6;
+    check_translations("beam4_lp06", cfg);
+}

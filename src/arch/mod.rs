@@ -1,5 +1,6 @@
 //! Model architectures, each built from [`QLinear`](crate::nn::QLinear) layers.
 
 pub mod llama;
+pub mod marian;
 pub mod mlp;
 pub mod train;

@@ -5,3 +5,4 @@ pub mod lastword;
 pub mod latency;
 pub mod lm;
 pub mod perplexity;
+pub mod seq2seq;

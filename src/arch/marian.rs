@@ -1,0 +1,651 @@
+//! MarianMT (transformers' `MarianMTModel`): a post-LayerNorm encoder–decoder transformer
+//! with sinusoidal positions, every projection a [`QLinear`] named as in the checkpoint
+//! (`model.encoder.layers.0.self_attn.q_proj`, `model.decoder.layers.2.encoder_attn.v_proj`,
+//! `model.decoder.layers.1.fc1`, `lm_head`), so any plan applies to it.
+//!
+//! Decoding runs one token per row per step: the decoder self-attention keys/values grow in a
+//! cache, the cross-attention keys/values are computed once from the encoder output, and
+//! rows (sentences × beams) can be reordered or dropped between steps.
+
+use crate::nn::{HasLinears, QLinear};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::LayerNorm;
+use serde_json::Value;
+use std::path::Path;
+
+/// The activation between `fc1` and `fc2`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    Swish,
+    Relu,
+    Gelu,
+    GeluTanh,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "swish" | "silu" => Self::Swish,
+            "relu" => Self::Relu,
+            "gelu" => Self::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" => Self::GeluTanh,
+            other => bail!(
+                "activation_function '{other}' is not supported (swish, relu, gelu, gelu_new)"
+            ),
+        })
+    }
+
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Swish => candle_nn::ops::silu(x)?,
+            Self::Relu => x.relu()?,
+            Self::Gelu => x.gelu_erf()?,
+            Self::GeluTanh => x.gelu()?,
+        })
+    }
+}
+
+/// The fields of a Marian `config.json` that the forward pass and generation need.
+#[derive(Debug, Clone)]
+pub struct MarianConfig {
+    pub d_model: usize,
+    pub encoder_layers: usize,
+    pub decoder_layers: usize,
+    pub encoder_heads: usize,
+    pub decoder_heads: usize,
+    pub encoder_ffn_dim: usize,
+    pub decoder_ffn_dim: usize,
+    pub vocab_size: usize,
+    pub decoder_vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub scale_embedding: bool,
+    pub activation: Activation,
+    pub share_encoder_decoder_embeddings: bool,
+    pub pad_token_id: u32,
+    pub eos_token_id: u32,
+    pub decoder_start_token_id: u32,
+    pub forced_eos_token_id: Option<u32>,
+}
+
+impl MarianConfig {
+    /// Reads a Hugging Face Marian config, with transformers' defaults for absent fields.
+    pub fn from_hf_json(v: &Value) -> Result<Self> {
+        if let Some(t) = v.get("model_type").and_then(|t| t.as_str()) {
+            if t != "marian" {
+                bail!("model_type is '{t}', not 'marian'");
+            }
+        }
+        let int = |k: &str, default: usize| -> Result<usize> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(default),
+                Some(x) => x
+                    .as_u64()
+                    .map(|x| x as usize)
+                    .with_context(|| format!("'{k}' must be a non-negative integer, got {x}")),
+            }
+        };
+        let boolean =
+            |k: &str, default: bool| v.get(k).and_then(|x| x.as_bool()).unwrap_or(default);
+        if boolean("normalize_before", false) {
+            bail!(
+                "normalize_before=true (pre-LayerNorm) is not Marian's layout and is not supported"
+            );
+        }
+        if !boolean("static_position_embeddings", true) {
+            bail!(
+                "learned position embeddings are not supported (static_position_embeddings=false)"
+            );
+        }
+        let vocab_size = int("vocab_size", 58101)?;
+        let cfg = Self {
+            d_model: int("d_model", 1024)?,
+            encoder_layers: int("encoder_layers", 12)?,
+            decoder_layers: int("decoder_layers", 12)?,
+            encoder_heads: int("encoder_attention_heads", 16)?,
+            decoder_heads: int("decoder_attention_heads", 16)?,
+            encoder_ffn_dim: int("encoder_ffn_dim", 4096)?,
+            decoder_ffn_dim: int("decoder_ffn_dim", 4096)?,
+            vocab_size,
+            decoder_vocab_size: int("decoder_vocab_size", vocab_size)?,
+            max_position_embeddings: int("max_position_embeddings", 1024)?,
+            scale_embedding: boolean("scale_embedding", false),
+            activation: Activation::parse(
+                v.get("activation_function")
+                    .and_then(|x| x.as_str())
+                    .unwrap_or("gelu"),
+            )?,
+            share_encoder_decoder_embeddings: boolean("share_encoder_decoder_embeddings", true),
+            pad_token_id: int("pad_token_id", 58100)? as u32,
+            eos_token_id: int("eos_token_id", 0)? as u32,
+            decoder_start_token_id: int("decoder_start_token_id", 58100)? as u32,
+            forced_eos_token_id: match v.get("forced_eos_token_id") {
+                Some(Value::Null) => None,
+                None => Some(0),
+                Some(x) => Some(
+                    x.as_u64()
+                        .context("'forced_eos_token_id' must be an integer")?
+                        as u32,
+                ),
+            },
+        };
+        for (name, dim, heads) in [
+            ("encoder", cfg.d_model, cfg.encoder_heads),
+            ("decoder", cfg.d_model, cfg.decoder_heads),
+        ] {
+            if heads == 0 || dim % heads != 0 {
+                bail!("d_model {dim} is not divisible by {name}_attention_heads {heads}");
+            }
+        }
+        if !cfg.d_model.is_multiple_of(2) {
+            bail!(
+                "d_model {} must be even for sinusoidal positions",
+                cfg.d_model
+            );
+        }
+        Ok(cfg)
+    }
+}
+
+struct Attention {
+    q: QLinear,
+    k: QLinear,
+    v: QLinear,
+    o: QLinear,
+    heads: usize,
+}
+
+impl Attention {
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, t, d) = x.dims3()?;
+        Ok(x.reshape((n, t, self.heads, d / self.heads))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    }
+
+    /// Keys and values of `x` split into heads: `[n, heads, t, head_dim]` each.
+    fn keys_values(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.split_heads(&self.k.forward(x)?)?,
+            self.split_heads(&self.v.forward(x)?)?,
+        ))
+    }
+
+    /// Attention of queries from `x` over `k`/`v`; `mask` is additive, broadcast to
+    /// `[n, heads, t_q, t_k]`.
+    fn attend(&self, x: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (n, t, d) = x.dims3()?;
+        let hd = d / self.heads;
+        let q = self.split_heads(&self.q.forward(x)?)?;
+        let mut att = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
+        if let Some(m) = mask {
+            att = att.broadcast_add(m)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(v)?.transpose(1, 2)?.reshape((n, t, d))?;
+        self.o.forward(&y)
+    }
+}
+
+struct FeedForward {
+    fc1: QLinear,
+    fc2: QLinear,
+}
+
+struct EncoderLayer {
+    self_attn: Attention,
+    self_attn_norm: LayerNorm,
+    ffn: FeedForward,
+    final_norm: LayerNorm,
+}
+
+struct DecoderLayer {
+    self_attn: Attention,
+    self_attn_norm: LayerNorm,
+    cross_attn: Attention,
+    cross_attn_norm: LayerNorm,
+    ffn: FeedForward,
+    final_norm: LayerNorm,
+}
+
+/// An encoded batch: what the decoder attends to, one row per decoder row.
+pub struct DecoderState {
+    /// Per decoder layer: cross-attention keys and values `[rows, heads, src_len, head_dim]`.
+    cross: Vec<(Tensor, Tensor)>,
+    /// Per decoder layer: self-attention keys and values so far.
+    past: Vec<Option<(Tensor, Tensor)>>,
+    /// Additive source padding mask `[rows, 1, 1, src_len]`.
+    src_mask: Tensor,
+    /// Tokens fed so far (the decoder position of the next one).
+    pub len: usize,
+}
+
+impl DecoderState {
+    pub fn rows(&self) -> Result<usize> {
+        Ok(self.src_mask.dim(0)?)
+    }
+
+    /// Keeps (and reorders, or repeats) rows: row `i` of the result is old row `rows[i]`.
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let idx = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            self.src_mask.device(),
+        )?;
+        let pick = |t: &Tensor| t.index_select(&idx, 0);
+        self.src_mask = pick(&self.src_mask)?;
+        for (k, v) in &mut self.cross {
+            *k = pick(k)?;
+            *v = pick(v)?;
+        }
+        for (k, v) in self.past.iter_mut().flatten() {
+            *k = pick(k)?;
+            *v = pick(v)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the weights come from: named tensors of a safetensors or PyTorch checkpoint.
+pub trait WeightSource {
+    fn get(&mut self, name: &str) -> Result<Tensor>;
+    fn has(&self, name: &str) -> bool;
+}
+
+pub struct Marian {
+    pub cfg: MarianConfig,
+    encoder_embed: Tensor,
+    decoder_embed: Tensor,
+    positions: Tensor,
+    encoder: Vec<EncoderLayer>,
+    decoder: Vec<DecoderLayer>,
+    lm_head: QLinear,
+    device: Device,
+}
+
+/// Sinusoidal position table `[n, dim]`: sin in the first half, cos in the second, computed
+/// in f64 as transformers does (numpy) before rounding to f32.
+pub fn sinusoidal_positions(n: usize, dim: usize, device: &Device) -> Result<Tensor> {
+    let half = dim / 2;
+    let mut out = vec![0f32; n * dim];
+    for pos in 0..n {
+        for j in 0..half {
+            let angle = pos as f64 / 10000f64.powf(2.0 * j as f64 / dim as f64);
+            out[pos * dim + j] = angle.sin() as f32;
+            out[pos * dim + half + j] = angle.cos() as f32;
+        }
+    }
+    Ok(Tensor::from_vec(out, (n, dim), device)?)
+}
+
+impl Marian {
+    /// Builds the model from `config.json`'s fields and a source of named tensors.
+    pub fn build(cfg: MarianConfig, src: &mut dyn WeightSource, device: &Device) -> Result<Self> {
+        let d = cfg.d_model;
+        let shared = if src.has("model.shared.weight") {
+            Some(src.get("model.shared.weight")?)
+        } else {
+            None
+        };
+        let table = |src: &mut dyn WeightSource, name: &str, rows: usize| -> Result<Tensor> {
+            let t = match (
+                &shared,
+                cfg.share_encoder_decoder_embeddings || !src.has(name),
+            ) {
+                (Some(s), true) => s.clone(),
+                _ => src.get(name)?,
+            };
+            if t.dims() != [rows, d] {
+                bail!(
+                    "embedding {name} has shape {:?}, config says [{rows}, {d}]",
+                    t.dims()
+                );
+            }
+            Ok(t)
+        };
+        let encoder_embed = table(src, "model.encoder.embed_tokens.weight", cfg.vocab_size)?;
+        let decoder_embed = table(
+            src,
+            "model.decoder.embed_tokens.weight",
+            cfg.decoder_vocab_size,
+        )?;
+        let linear = |src: &mut dyn WeightSource, name: &str| -> Result<QLinear> {
+            let w = src.get(&format!("{name}.weight"))?;
+            let b = src.get(&format!("{name}.bias"))?;
+            QLinear::new(name, w, Some(b))
+        };
+        let norm = |src: &mut dyn WeightSource, name: &str| -> Result<LayerNorm> {
+            Ok(LayerNorm::new(
+                src.get(&format!("{name}.weight"))?,
+                src.get(&format!("{name}.bias"))?,
+                1e-5,
+            ))
+        };
+        let attention = |src: &mut dyn WeightSource, p: &str, heads: usize| -> Result<Attention> {
+            Ok(Attention {
+                q: linear(src, &format!("{p}.q_proj"))?,
+                k: linear(src, &format!("{p}.k_proj"))?,
+                v: linear(src, &format!("{p}.v_proj"))?,
+                o: linear(src, &format!("{p}.out_proj"))?,
+                heads,
+            })
+        };
+        let ffn = |src: &mut dyn WeightSource, p: &str| -> Result<FeedForward> {
+            Ok(FeedForward {
+                fc1: linear(src, &format!("{p}.fc1"))?,
+                fc2: linear(src, &format!("{p}.fc2"))?,
+            })
+        };
+        let mut encoder = Vec::with_capacity(cfg.encoder_layers);
+        for i in 0..cfg.encoder_layers {
+            let p = format!("model.encoder.layers.{i}");
+            encoder.push(EncoderLayer {
+                self_attn: attention(src, &format!("{p}.self_attn"), cfg.encoder_heads)?,
+                self_attn_norm: norm(src, &format!("{p}.self_attn_layer_norm"))?,
+                ffn: ffn(src, &p)?,
+                final_norm: norm(src, &format!("{p}.final_layer_norm"))?,
+            });
+        }
+        let mut decoder = Vec::with_capacity(cfg.decoder_layers);
+        for i in 0..cfg.decoder_layers {
+            let p = format!("model.decoder.layers.{i}");
+            decoder.push(DecoderLayer {
+                self_attn: attention(src, &format!("{p}.self_attn"), cfg.decoder_heads)?,
+                self_attn_norm: norm(src, &format!("{p}.self_attn_layer_norm"))?,
+                cross_attn: attention(src, &format!("{p}.encoder_attn"), cfg.decoder_heads)?,
+                cross_attn_norm: norm(src, &format!("{p}.encoder_attn_layer_norm"))?,
+                ffn: ffn(src, &p)?,
+                final_norm: norm(src, &format!("{p}.final_layer_norm"))?,
+            });
+        }
+        // The output projection is its own layer (tied to the decoder embeddings unless the
+        // checkpoint stores `lm_head.weight`), so a plan can quantize it alone.
+        let head_weight = if src.has("lm_head.weight") {
+            src.get("lm_head.weight")?
+        } else {
+            decoder_embed.clone()
+        };
+        let bias = if src.has("final_logits_bias") {
+            src.get("final_logits_bias")?.flatten_all()?
+        } else {
+            Tensor::zeros(cfg.decoder_vocab_size, DType::F32, device)?
+        };
+        let lm_head = QLinear::new("lm_head", head_weight, Some(bias))?;
+        let positions = sinusoidal_positions(cfg.max_position_embeddings, d, device)?;
+        Ok(Self {
+            cfg,
+            encoder_embed,
+            decoder_embed,
+            positions,
+            encoder,
+            decoder,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn embed_scale(&self) -> f64 {
+        if self.cfg.scale_embedding {
+            (self.cfg.d_model as f64).sqrt()
+        } else {
+            1.0
+        }
+    }
+
+    fn embed(&self, table: &Tensor, ids: &Tensor, offset: usize) -> Result<Tensor> {
+        let (n, t) = ids.dims2()?;
+        if offset + t > self.cfg.max_position_embeddings {
+            bail!(
+                "sequence of {} tokens exceeds max_position_embeddings {}",
+                offset + t,
+                self.cfg.max_position_embeddings
+            );
+        }
+        let x = table
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((n, t, self.cfg.d_model))?;
+        let pos = self.positions.narrow(0, offset, t)?;
+        Ok(((x * self.embed_scale())?.broadcast_add(&pos))?)
+    }
+
+    /// Source ids `[n, s]` with a 1/0 attention mask `[n, s]` → encoder output `[n, s, d]`
+    /// and the additive mask `[n, 1, 1, s]` that hides padding.
+    pub fn encode(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (n, s) = ids.dims2()?;
+        let keep = attention_mask.to_dtype(DType::F32)?;
+        // 0 where attended, the lowest f32 where padded (as transformers' eager masks).
+        let mask = ((keep.ones_like()? - &keep)? * f32::MIN as f64)?.reshape((n, 1, 1, s))?;
+        let mut x = self.embed(&self.encoder_embed, ids, 0)?;
+        for l in &self.encoder {
+            let (k, v) = l.self_attn.keys_values(&x)?;
+            let h = l.self_attn.attend(&x, &k, &v, Some(&mask))?;
+            x = l.self_attn_norm.forward(&(x + h)?)?;
+            let h = l
+                .ffn
+                .fc2
+                .forward(&self.cfg.activation.apply(&l.ffn.fc1.forward(&x)?)?)?;
+            x = l.final_norm.forward(&(x + h)?)?;
+        }
+        Ok((x, mask))
+    }
+
+    /// The decoder's view of an encoded batch, before any target token.
+    pub fn start_decoding(&self, encoded: &Tensor, src_mask: &Tensor) -> Result<DecoderState> {
+        let cross = self
+            .decoder
+            .iter()
+            .map(|l| l.cross_attn.keys_values(encoded))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DecoderState {
+            cross,
+            past: vec![None; self.decoder.len()],
+            src_mask: src_mask.clone(),
+            len: 0,
+        })
+    }
+
+    /// Feeds target ids `[rows, t]` after the state's tokens; returns logits `[rows, t, vocab]`
+    /// (with `final_logits_bias`).
+    pub fn decode(&self, state: &mut DecoderState, ids: &Tensor) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let offset = state.len;
+        let mut x = self.embed(&self.decoder_embed, ids, offset)?;
+        let causal = if t > 1 {
+            let total = offset + t;
+            let m: Vec<f32> = (0..t)
+                .flat_map(|i| (0..total).map(move |j| if j > i + offset { f32::MIN } else { 0.0 }))
+                .collect();
+            Some(Tensor::from_vec(m, (t, total), &self.device)?)
+        } else {
+            None
+        };
+        for (i, l) in self.decoder.iter().enumerate() {
+            let (k, v) = l.self_attn.keys_values(&x)?;
+            let (k, v) = match state.past[i].take() {
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                None => (k, v),
+            };
+            let h = l.self_attn.attend(&x, &k, &v, causal.as_ref())?;
+            state.past[i] = Some((k, v));
+            x = l.self_attn_norm.forward(&(x + h)?)?;
+            let (ck, cv) = &state.cross[i];
+            let h = l.cross_attn.attend(&x, ck, cv, Some(&state.src_mask))?;
+            x = l.cross_attn_norm.forward(&(x + h)?)?;
+            let h = l
+                .ffn
+                .fc2
+                .forward(&self.cfg.activation.apply(&l.ffn.fc1.forward(&x)?)?)?;
+            x = l.final_norm.forward(&(x + h)?)?;
+        }
+        state.len += t;
+        self.lm_head.forward(&x)
+    }
+}
+
+impl HasLinears for Marian {
+    fn linears(&self) -> Vec<&QLinear> {
+        let mut out = Vec::new();
+        for l in &self.encoder {
+            let a = &l.self_attn;
+            out.extend([&a.q, &a.k, &a.v, &a.o, &l.ffn.fc1, &l.ffn.fc2]);
+        }
+        for l in &self.decoder {
+            let (a, c) = (&l.self_attn, &l.cross_attn);
+            out.extend([
+                &a.q, &a.k, &a.v, &a.o, &c.q, &c.k, &c.v, &c.o, &l.ffn.fc1, &l.ffn.fc2,
+            ]);
+        }
+        out.push(&self.lm_head);
+        out
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut QLinear> {
+        let mut out = Vec::new();
+        for l in &mut self.encoder {
+            let a = &mut l.self_attn;
+            out.extend([
+                &mut a.q,
+                &mut a.k,
+                &mut a.v,
+                &mut a.o,
+                &mut l.ffn.fc1,
+                &mut l.ffn.fc2,
+            ]);
+        }
+        for l in &mut self.decoder {
+            let (a, c) = (&mut l.self_attn, &mut l.cross_attn);
+            out.extend([
+                &mut a.q,
+                &mut a.k,
+                &mut a.v,
+                &mut a.o,
+                &mut c.q,
+                &mut c.k,
+                &mut c.v,
+                &mut c.o,
+                &mut l.ffn.fc1,
+                &mut l.ffn.fc2,
+            ]);
+        }
+        out.push(&mut self.lm_head);
+        out
+    }
+}
+
+/// Named tensors from safetensors files (single or sharded), memory-mapped.
+pub struct SafetensorsWeights {
+    st: candle_core::safetensors::MmapedSafetensors,
+    names: std::collections::HashSet<String>,
+    device: Device,
+}
+
+impl SafetensorsWeights {
+    pub fn open(files: &[std::path::PathBuf], device: &Device) -> Result<Self> {
+        // SAFETY: the files are memory-mapped read-only and not modified while loaded.
+        let st =
+            unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }.map_err(|e| {
+                anyhow::anyhow!("opening {:?}: {e} (re-download the checkpoint)", files)
+            })?;
+        let names = st.tensors().into_iter().map(|(n, _)| n).collect();
+        Ok(Self {
+            st,
+            names,
+            device: device.clone(),
+        })
+    }
+}
+
+impl WeightSource for SafetensorsWeights {
+    fn get(&mut self, name: &str) -> Result<Tensor> {
+        if !self.names.contains(name) {
+            bail!("tensor '{name}' is missing from the checkpoint");
+        }
+        let t = self
+            .st
+            .load(name, &self.device)
+            .map_err(|e| anyhow::anyhow!("loading tensor '{name}': {e}"))?;
+        checked_f32(name, t)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+}
+
+/// Named tensors from a PyTorch `pytorch_model.bin`.
+pub struct PickleWeights {
+    tensors: std::collections::HashMap<String, Tensor>,
+    device: Device,
+}
+
+impl PickleWeights {
+    pub fn open(path: &Path, device: &Device) -> Result<Self> {
+        let tensors = candle_core::pickle::read_all(path)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "reading {}: {e} (re-download the checkpoint)",
+                    path.display()
+                )
+            })?
+            .into_iter()
+            .collect();
+        Ok(Self {
+            tensors,
+            device: device.clone(),
+        })
+    }
+}
+
+impl WeightSource for PickleWeights {
+    fn get(&mut self, name: &str) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .get(name)
+            .with_context(|| format!("tensor '{name}' is missing from the checkpoint"))?
+            .to_device(&self.device)?;
+        checked_f32(name, t)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+/// Converts to f32 and refuses NaN or infinite weights, naming the tensor.
+fn checked_f32(name: &str, t: Tensor) -> Result<Tensor> {
+    let t = t.to_dtype(DType::F32)?;
+    let finite = t
+        .flatten_all()?
+        .abs()?
+        .max(0)?
+        .to_scalar::<f32>()?
+        .is_finite();
+    if !finite {
+        bail!("tensor '{name}' holds NaN or infinite values: the checkpoint is corrupt");
+    }
+    Ok(t)
+}
+
+/// Loads a Hugging Face Marian directory: config.json, then model.safetensors (or the shards of
+/// its index) or pytorch_model.bin.
+pub fn load_dir(dir: &Path, device: &Device) -> Result<Marian> {
+    let cfg_path = dir.join("config.json");
+    let v: Value = serde_json::from_str(
+        &std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("reading {}", cfg_path.display()))?,
+    )
+    .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+    let cfg =
+        MarianConfig::from_hf_json(&v).with_context(|| format!("in {}", cfg_path.display()))?;
+    let bin = dir.join("pytorch_model.bin");
+    let mut src: Box<dyn WeightSource> = match crate::load::safetensors_files(dir) {
+        Ok(files) => Box::new(SafetensorsWeights::open(&files, device)?),
+        Err(_) if bin.is_file() => Box::new(PickleWeights::open(&bin, device)?),
+        Err(e) => return Err(e.context("no pytorch_model.bin either")),
+    };
+    Marian::build(cfg, src.as_mut(), device).with_context(|| format!("loading {}", dir.display()))
+}

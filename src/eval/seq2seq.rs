@@ -1,0 +1,458 @@
+//! Greedy and beam-search decoding for encoder–decoder models, with the semantics of
+//! transformers' `generate` (5.x): the same logits processors (bad words, minimum length,
+//! forced EOS at the last position), the same beam bookkeeping (2 × num_beams candidates per
+//! step, finished hypotheses scored by sum of log-probs / generated_length^length_penalty,
+//! the `early_stopping` heuristics), and the same f32 arithmetic, so outputs match token for
+//! token up to floating-point ties.
+
+use crate::arch::marian::{DecoderState, Marian, MarianConfig};
+use crate::load::marian_tokenizer::{MarianTokenizer, Side};
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use serde_json::Value;
+use std::path::Path;
+
+/// transformers' `early_stopping`: `False` (stop when the best running beam cannot beat the
+/// worst finished one at its current length), `True` (stop once num_beams hypotheses are
+/// finished), `Never` (the canonical bound, with max_length when length_penalty > 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EarlyStopping {
+    False,
+    True,
+    Never,
+}
+
+impl std::str::FromStr for EarlyStopping {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "false" | "no" => Self::False,
+            "true" | "yes" => Self::True,
+            "never" => Self::Never,
+            _ => bail!("early stopping '{s}' must be true, false or never"),
+        })
+    }
+}
+
+/// Decoding settings, named as in `generation_config.json`.
+#[derive(Debug, Clone)]
+pub struct GenerateConfig {
+    pub num_beams: usize,
+    /// Maximum decoder length, the start token included (transformers' `max_length`).
+    pub max_length: usize,
+    pub min_length: usize,
+    pub length_penalty: f64,
+    pub early_stopping: EarlyStopping,
+    pub bad_words_ids: Vec<Vec<u32>>,
+    pub forced_eos_token_id: Option<u32>,
+    pub eos_token_id: u32,
+    pub pad_token_id: u32,
+    pub decoder_start_token_id: u32,
+}
+
+impl GenerateConfig {
+    /// The model's defaults: `generation_config.json` where present, else `config.json`'s
+    /// generation fields, else transformers' defaults.
+    pub fn for_model(dir: &Path, cfg: &MarianConfig) -> Result<Self> {
+        let read = |name: &str| -> Result<Value> {
+            let p = dir.join(name);
+            match std::fs::read_to_string(&p) {
+                Ok(t) => serde_json::from_str(&t)
+                    .with_context(|| format!("{} is not valid JSON", p.display())),
+                Err(_) => Ok(Value::Null),
+            }
+        };
+        let gen = read("generation_config.json")?;
+        let config = read("config.json")?;
+        let field = |k: &str| {
+            gen.get(k)
+                .or_else(|| config.get(k))
+                .filter(|v| !v.is_null())
+        };
+        let int = |k: &str, d: usize| field(k).and_then(|v| v.as_u64()).map_or(d, |v| v as usize);
+        let bad_words_ids = match field("bad_words_ids") {
+            Some(v) => serde_json::from_value::<Vec<Vec<u32>>>(v.clone())
+                .context("bad_words_ids must be a list of lists of token ids")?,
+            None => vec![vec![cfg.pad_token_id]],
+        };
+        let early_stopping = match field("early_stopping") {
+            Some(Value::Bool(true)) => EarlyStopping::True,
+            Some(Value::String(s)) => s.parse()?,
+            _ => EarlyStopping::False,
+        };
+        Ok(Self {
+            num_beams: int("num_beams", 1).max(1),
+            max_length: int("max_length", 20),
+            min_length: int("min_length", 0),
+            length_penalty: field("length_penalty")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1.0),
+            early_stopping,
+            bad_words_ids,
+            forced_eos_token_id: cfg.forced_eos_token_id,
+            eos_token_id: cfg.eos_token_id,
+            pad_token_id: cfg.pad_token_id,
+            decoder_start_token_id: cfg.decoder_start_token_id,
+        })
+    }
+
+    /// Sets `max_length` from a number of new tokens, as `max_new_tokens` does.
+    pub fn with_max_new_tokens(mut self, n: usize) -> Self {
+        self.max_length = n + 1;
+        self
+    }
+
+    /// Applies the logits processors to one row of scores; `seq` holds the decoder tokens so
+    /// far (start token included).
+    fn process(&self, scores: &mut [f32], seq: &[u32]) {
+        let cur_len = seq.len();
+        if cur_len < self.min_length {
+            scores[self.eos_token_id as usize] = f32::NEG_INFINITY;
+        }
+        for bad in &self.bad_words_ids {
+            let Some((&last, prefix)) = bad.split_last() else {
+                continue;
+            };
+            if seq.ends_with(prefix) && (last as usize) < scores.len() {
+                scores[last as usize] = f32::NEG_INFINITY;
+            }
+        }
+        if let Some(eos) = self.forced_eos_token_id {
+            if cur_len + 1 == self.max_length {
+                scores.fill(f32::NEG_INFINITY);
+                scores[eos as usize] = 0.0;
+            }
+        }
+    }
+}
+
+/// One output: the generated ids (start token excluded, EOS included when produced) and,
+/// for beam search, the sequence score transformers reports (`sequences_scores`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hypothesis {
+    pub ids: Vec<u32>,
+    pub score: f32,
+}
+
+/// Pads source id lists into `[n, s]` ids and a 1/0 mask.
+fn pad_batch(model: &Marian, src: &[Vec<u32>], pad: u32) -> Result<(Tensor, Tensor)> {
+    let s = src.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut ids = Vec::with_capacity(src.len() * s);
+    let mut mask = Vec::with_capacity(src.len() * s);
+    for row in src {
+        ids.extend(
+            row.iter()
+                .copied()
+                .chain(std::iter::repeat_n(pad, s - row.len())),
+        );
+        mask.extend((0..s).map(|i| u32::from(i < row.len())));
+    }
+    let dev = model.device();
+    Ok((
+        Tensor::from_vec(ids, (src.len(), s), dev)?,
+        Tensor::from_vec(mask, (src.len(), s), dev)?,
+    ))
+}
+
+/// Decodes one batch of source id lists (each ending with EOS) with `cfg`.
+pub fn generate(model: &Marian, src: &[Vec<u32>], cfg: &GenerateConfig) -> Result<Vec<Hypothesis>> {
+    if src.is_empty() {
+        return Ok(Vec::new());
+    }
+    if cfg.max_length < 2 {
+        bail!(
+            "max_length {} leaves no room for a generated token",
+            cfg.max_length
+        );
+    }
+    let (ids, mask) = pad_batch(model, src, cfg.pad_token_id)?;
+    let (encoded, src_mask) = model.encode(&ids, &mask)?;
+    let mut state = model.start_decoding(&encoded, &src_mask)?;
+    if cfg.num_beams == 1 {
+        greedy(model, &mut state, src.len(), cfg)
+    } else {
+        let rows: Vec<usize> = (0..src.len())
+            .flat_map(|i| std::iter::repeat_n(i, cfg.num_beams))
+            .collect();
+        state.select_rows(&rows)?;
+        beam_search(model, &mut state, src.len(), cfg)
+    }
+}
+
+/// Next-token scores `[rows][vocab]` for the last token of each row.
+fn step(
+    model: &Marian,
+    state: &mut DecoderState,
+    last: &[u32],
+    log_probs: bool,
+) -> Result<Vec<Vec<f32>>> {
+    let ids = Tensor::from_vec(last.to_vec(), (last.len(), 1), model.device())?;
+    let logits = model.decode(state, &ids)?.squeeze(1)?;
+    let out = if log_probs {
+        candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?
+    } else {
+        logits
+    };
+    Ok(out.to_vec2::<f32>()?)
+}
+
+fn greedy(
+    model: &Marian,
+    state: &mut DecoderState,
+    n: usize,
+    cfg: &GenerateConfig,
+) -> Result<Vec<Hypothesis>> {
+    let mut seqs: Vec<Vec<u32>> = vec![vec![cfg.decoder_start_token_id]; n];
+    let mut active: Vec<usize> = (0..n).collect();
+    while !active.is_empty() {
+        let last: Vec<u32> = active.iter().map(|&i| *seqs[i].last().unwrap()).collect();
+        let scores = step(model, state, &last, false)?;
+        let mut keep = Vec::with_capacity(active.len());
+        for (row, (&i, mut s)) in active.iter().zip(scores).enumerate() {
+            cfg.process(&mut s, &seqs[i]);
+            let next = argmax(&s);
+            seqs[i].push(next);
+            if next != cfg.eos_token_id && seqs[i].len() < cfg.max_length {
+                keep.push(row);
+            }
+        }
+        if keep.len() != active.len() && !keep.is_empty() {
+            state.select_rows(&keep)?;
+        }
+        active = keep.iter().map(|&r| active[r]).collect();
+    }
+    Ok(seqs
+        .into_iter()
+        .map(|s| Hypothesis {
+            ids: s[1..].to_vec(),
+            score: 0.0,
+        })
+        .collect())
+}
+
+/// The first index of the largest value (torch.argmax's choice on ties).
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// transformers' stand-in for "impossible" in beam bookkeeping.
+const NEG: f32 = -1.0e9;
+
+/// The beam state of one sentence.
+struct Beams {
+    running: Vec<(Vec<u32>, f32)>,
+    finished: Vec<(Vec<u32>, f32, bool)>,
+    improvable: bool,
+    done: bool,
+}
+
+impl Beams {
+    fn new(cfg: &GenerateConfig) -> Self {
+        let nb = cfg.num_beams;
+        let start = vec![cfg.decoder_start_token_id];
+        Self {
+            running: (0..nb)
+                .map(|b| (start.clone(), if b == 0 { 0.0 } else { NEG }))
+                .collect(),
+            finished: (0..nb).map(|_| (start.clone(), NEG, false)).collect(),
+            improvable: true,
+            done: false,
+        }
+    }
+
+    /// One step given the log-probs of each running beam; returns the parent beam of each
+    /// new running beam.
+    fn advance(&mut self, mut logp: Vec<Vec<f32>>, cfg: &GenerateConfig) -> Vec<usize> {
+        let nb = cfg.num_beams;
+        let k = 2 * nb;
+        let cur_len = self.running[0].0.len();
+        // Top-k over beams × vocab of accumulated scores: each beam's own top k suffices.
+        let mut cands: Vec<(f32, usize, u32)> = Vec::with_capacity(nb * k);
+        for (b, row) in logp.iter_mut().enumerate() {
+            cfg.process(row, &self.running[b].0);
+            let base = self.running[b].1;
+            let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+            for (t, &lp) in row.iter().enumerate() {
+                let s = lp + base;
+                if best.len() < k || s > best[k - 1].0 {
+                    let pos = best.partition_point(|&(x, _)| x >= s);
+                    best.insert(pos, (s, t as u32));
+                    best.truncate(k);
+                }
+            }
+            cands.extend(best.into_iter().map(|(s, t)| (s, b, t)));
+        }
+        let vocab = logp.first().map_or(0, Vec::len);
+        cands.sort_by(|x, y| {
+            y.0.total_cmp(&x.0)
+                .then((x.1 * vocab + x.2 as usize).cmp(&(y.1 * vocab + y.2 as usize)))
+        });
+        cands.truncate(k);
+        let hits: Vec<bool> = cands
+            .iter()
+            .map(|&(_, _, t)| t == cfg.eos_token_id || cur_len + 1 >= cfg.max_length)
+            .collect();
+        // Next running beams: the best candidates that did not stop.
+        let mut order: Vec<(f32, usize)> = cands
+            .iter()
+            .zip(&hits)
+            .enumerate()
+            .map(|(i, (c, &h))| (c.0 + if h { NEG } else { 0.0 }, i))
+            .collect();
+        order.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+        let seq_of = |c: &(f32, usize, u32), running: &[(Vec<u32>, f32)]| {
+            let mut s = running[c.1].0.clone();
+            s.push(c.2);
+            s
+        };
+        let parents: Vec<usize> = order[..nb].iter().map(|&(_, i)| cands[i].1).collect();
+        let new_running: Vec<(Vec<u32>, f32)> = order[..nb]
+            .iter()
+            .map(|&(s, i)| (seq_of(&cands[i], &self.running), s))
+            .collect();
+        // Finished hypotheses: candidates among the top nb that stopped, length-normalized.
+        let denom = (cur_len as f64).powf(cfg.length_penalty) as f32;
+        let full = self.finished.iter().all(|f| f.2) && cfg.early_stopping == EarlyStopping::True;
+        let mut merged: Vec<(f32, usize, bool)> = self
+            .finished
+            .iter()
+            .enumerate()
+            .map(|(j, f)| (f.1, j, f.2))
+            .collect();
+        for (i, c) in cands.iter().enumerate() {
+            let just_finished = hits[i] && i < nb;
+            let mut s = c.0 / denom;
+            if full {
+                s += NEG;
+            }
+            if !self.improvable {
+                s += NEG;
+            }
+            if !just_finished {
+                s += NEG;
+            }
+            merged.push((s, nb + i, just_finished));
+        }
+        merged.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+        let finished = merged[..nb]
+            .iter()
+            .map(|&(s, j, f)| {
+                let seq = if j < nb {
+                    self.finished[j].0.clone()
+                } else {
+                    seq_of(&cands[j - nb], &self.running)
+                };
+                (seq, s, f)
+            })
+            .collect();
+        self.finished = finished;
+        self.running = new_running;
+        // Can a running beam still beat the worst finished one?
+        let cur_len = cur_len + 1;
+        let best_len = if cfg.early_stopping == EarlyStopping::Never && cfg.length_penalty > 0.0 {
+            cfg.max_length - 1
+        } else {
+            cur_len - 1
+        };
+        let best_possible = self.running[0].1 / (best_len as f64).powf(cfg.length_penalty) as f32;
+        let worst = self
+            .finished
+            .iter()
+            .map(|f| f.1)
+            .fold(f32::INFINITY, f32::min);
+        self.improvable &= self
+            .finished
+            .iter()
+            .any(|f| best_possible > if f.2 { worst } else { NEG });
+        let all_finished = self.finished.iter().all(|f| f.2);
+        self.done = !self.improvable
+            || (all_finished && cfg.early_stopping == EarlyStopping::True)
+            || hits.iter().all(|&h| h);
+        parents
+    }
+}
+
+fn beam_search(
+    model: &Marian,
+    state: &mut DecoderState,
+    n: usize,
+    cfg: &GenerateConfig,
+) -> Result<Vec<Hypothesis>> {
+    let nb = cfg.num_beams;
+    let mut beams: Vec<Beams> = (0..n).map(|_| Beams::new(cfg)).collect();
+    let mut active: Vec<usize> = (0..n).collect();
+    while !active.is_empty() {
+        let last: Vec<u32> = active
+            .iter()
+            .flat_map(|&i| beams[i].running.iter().map(|r| *r.0.last().unwrap()))
+            .collect();
+        let mut scores = step(model, state, &last, true)?.into_iter();
+        let mut rows = Vec::with_capacity(active.len() * nb);
+        let mut still = Vec::with_capacity(active.len());
+        for (slot, &i) in active.iter().enumerate() {
+            let logp: Vec<Vec<f32>> = scores.by_ref().take(nb).collect();
+            let parents = beams[i].advance(logp, cfg);
+            if !beams[i].done {
+                rows.extend(parents.iter().map(|&p| slot * nb + p));
+                still.push(i);
+            }
+        }
+        if !still.is_empty() {
+            state.select_rows(&rows)?;
+        }
+        active = still;
+    }
+    Ok(beams
+        .into_iter()
+        .map(|b| {
+            let (seq, score, _) = &b.finished[0];
+            Hypothesis {
+                ids: seq[1..].to_vec(),
+                score: *score,
+            }
+        })
+        .collect())
+}
+
+/// A translated sentence: its text, generated ids and (beam search) sequence score.
+#[derive(Debug, Clone)]
+pub struct Translation {
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub score: f32,
+}
+
+/// Translates `texts` in order, `batch` sentences at a time (padded, as transformers batches).
+pub fn translate(
+    model: &Marian,
+    tokenizer: &MarianTokenizer,
+    texts: &[String],
+    cfg: &GenerateConfig,
+    batch: usize,
+    progress: bool,
+) -> Result<Vec<Translation>> {
+    let bar = crate::progress::bar(texts.len() as u64, "translate", progress);
+    let mut out = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(batch.max(1)) {
+        let src: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|t| tokenizer.encode(t, Side::Source))
+            .collect();
+        for h in generate(model, &src, cfg)? {
+            out.push(Translation {
+                text: tokenizer.decode(&h.ids),
+                ids: h.ids,
+                score: h.score,
+            });
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
