@@ -248,3 +248,65 @@ fn beam4_early_stopping_and_length_penalty_equal_transformers() {
     cfg.length_penalty = 0.6;
     check_translations("beam4_lp06", cfg);
 }
+
+#[test]
+fn bleu_and_chrf_equal_sacrebleu() {
+    use quantlab::eval::bleu::{
+        corpus_bleu, corpus_chrf, tokenize_13a, BLEU_SIGNATURE, CHRF_SIGNATURE,
+    };
+    let sb = &reference()["sacrebleu"];
+    for p in sb["tok13a"].as_array().unwrap() {
+        assert_eq!(
+            tokenize_13a(p["text"].as_str().unwrap()),
+            p["tokens"].as_str().unwrap(),
+            "13a of {:?}",
+            p["text"]
+        );
+    }
+    let close = |a: f64, b: &Value, what: &str| {
+        let b = b.as_f64().unwrap();
+        assert!((a - b).abs() < 1e-9, "{what}: {a} vs sacrebleu {b}");
+    };
+    for case in sb["single"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(sb["edge"].as_array().unwrap())
+    {
+        let h = vec![case["hyp"].as_str().unwrap().to_string()];
+        let r = vec![case["ref"].as_str().unwrap().to_string()];
+        close(
+            corpus_bleu(&h, &r).unwrap().score,
+            &case["bleu"],
+            &format!("BLEU {h:?}"),
+        );
+        close(
+            corpus_chrf(&h, &r).unwrap(),
+            &case["chrf"],
+            &format!("chrF {h:?}"),
+        );
+    }
+    let refs = multi30k("test_2016_flickr.de.gz");
+    for (name, run) in reference()["translations"].as_object().unwrap() {
+        let hyps = strings(&run["text"]);
+        let s = &run["scores"];
+        let b = corpus_bleu(&hyps, &refs[..hyps.len()].to_vec()).unwrap();
+        close(b.score, &s["bleu"], name);
+        assert_eq!(b.to_string(), s["formatted"].as_str().unwrap());
+        assert_eq!(b.sys_len as u64, s["sys_len"].as_u64().unwrap());
+        assert_eq!(
+            b.counts.to_vec(),
+            ids_of(&s["counts"])
+                .iter()
+                .map(|&c| c as usize)
+                .collect::<Vec<_>>()
+        );
+        close(
+            corpus_chrf(&hyps, &refs[..hyps.len()].to_vec()).unwrap(),
+            &s["chrf"],
+            name,
+        );
+        assert_eq!(s["signature"].as_str().unwrap(), BLEU_SIGNATURE);
+        assert_eq!(s["chrf_signature"].as_str().unwrap(), CHRF_SIGNATURE);
+    }
+}

@@ -1,5 +1,6 @@
 //! Measurements: latency statistics, perplexity, KL divergence to a base model.
 
+pub mod bleu;
 pub mod kl;
 pub mod lastword;
 pub mod latency;
