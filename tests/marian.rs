@@ -290,7 +290,7 @@ fn bleu_and_chrf_equal_sacrebleu() {
     for (name, run) in reference()["translations"].as_object().unwrap() {
         let hyps = strings(&run["text"]);
         let s = &run["scores"];
-        let b = corpus_bleu(&hyps, &refs[..hyps.len()].to_vec()).unwrap();
+        let b = corpus_bleu(&hyps, &refs[..hyps.len()]).unwrap();
         close(b.score, &s["bleu"], name);
         assert_eq!(b.to_string(), s["formatted"].as_str().unwrap());
         assert_eq!(b.sys_len as u64, s["sys_len"].as_u64().unwrap());
@@ -302,7 +302,7 @@ fn bleu_and_chrf_equal_sacrebleu() {
                 .collect::<Vec<_>>()
         );
         close(
-            corpus_chrf(&hyps, &refs[..hyps.len()].to_vec()).unwrap(),
+            corpus_chrf(&hyps, &refs[..hyps.len()]).unwrap(),
             &s["chrf"],
             name,
         );
