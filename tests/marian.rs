@@ -310,3 +310,232 @@ fn bleu_and_chrf_equal_sacrebleu() {
         assert_eq!(s["chrf_signature"].as_str().unwrap(), CHRF_SIGNATURE);
     }
 }
+
+fn quantlab(args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_quantlab"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn translate_command_reads_stdin_and_matches_transformers() {
+    let src = multi30k("test_2016_flickr.en.gz");
+    let beam = strings(&reference()["translations"]["beam4"]["text"]);
+    let greedy = strings(&reference()["translations"]["greedy"]["text"]);
+    let input = src[..3].join("\n") + "\n";
+    let m = model_dir();
+    let (ok, out, err) = quantlab(&["translate", "--model", m.to_str().unwrap()], &input);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), beam[..3].to_vec());
+    let (ok, out, err) = quantlab(
+        &[
+            "translate",
+            "--num-beams",
+            "1",
+            "--batch-size",
+            "2",
+            "--model",
+            m.to_str().unwrap(),
+        ],
+        &input,
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), greedy[..3].to_vec());
+}
+
+#[test]
+fn eval_bleu_command_scores_and_writes_hypotheses() {
+    let data = data_dir().join("multi30k");
+    let out_dir = tempfile::tempdir().unwrap();
+    let hyps = out_dir.path().join("hyps.txt");
+    let (ok, out, err) = quantlab(
+        &[
+            "eval",
+            "--task",
+            "bleu",
+            "--src",
+            data.join("test_2016_flickr.en.gz").to_str().unwrap(),
+            "--ref",
+            data.join("test_2016_flickr.de.gz").to_str().unwrap(),
+            "--limit",
+            "40",
+            "--num-beams",
+            "1",
+            "--hyps-out",
+            hyps.to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let row: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    // transformers' greedy translations of the same 40 sentences, scored by our BLEU
+    // (itself checked against sacrebleu above).
+    let hf = strings(&reference()["translations"]["greedy"]["text"])[..40].to_vec();
+    let refs = multi30k("test_2016_flickr.de.gz")[..40].to_vec();
+    let expected = quantlab::eval::bleu::corpus_bleu(&hf, &refs).unwrap().score;
+    assert!(
+        (row["bleu"].as_f64().unwrap() - expected).abs() < 0.005,
+        "{row}"
+    );
+    let written = std::fs::read_to_string(&hyps).unwrap();
+    assert_eq!(written.lines().collect::<Vec<_>>(), hf);
+}
+
+#[test]
+fn bad_translation_input_gives_clear_errors() {
+    let data = data_dir().join("multi30k");
+    let en = data.join("test_2016_flickr.en.gz");
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let check = |args: &[&str], needle: &str| {
+        let (ok, _, err) = quantlab(args, "");
+        assert!(!ok, "{args:?} should fail");
+        assert!(
+            err.contains(needle) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    };
+    let en_s = en.to_str().unwrap();
+    let val_de = data.join("val.de.gz");
+    check(
+        &[
+            "eval",
+            "--task",
+            "bleu",
+            "--src",
+            en_s,
+            "--ref",
+            val_de.to_str().unwrap(),
+        ],
+        "aligned",
+    );
+    check(
+        &[
+            "eval",
+            "--task",
+            "bleu",
+            "--src",
+            empty.to_str().unwrap(),
+            "--ref",
+            en_s,
+        ],
+        "empty",
+    );
+    check(
+        &["translate", "--model", "/nonexistent/marian"],
+        "/nonexistent/marian",
+    );
+    check(&["translate", "--plan", "*=w:i9"], "plan");
+    check(&["translate", "--num-beams", "0"], "num-beams");
+
+    // A model folder with a truncated shard, and one with a NaN weight.
+    let m = model_dir();
+    for (name, corrupt) in [("truncated", true), ("nan", false)] {
+        let bad = dir.path().join(name);
+        std::fs::create_dir(&bad).unwrap();
+        for e in std::fs::read_dir(&m).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, bad.join(p.file_name().unwrap())).unwrap();
+        }
+        let shard = bad.join("model-00001-of-00003.safetensors");
+        let bytes = std::fs::read(&shard).unwrap();
+        let new = if corrupt {
+            bytes[..bytes.len() / 2].to_vec()
+        } else {
+            nan_first_value(&bytes)
+        };
+        std::fs::write(&shard, new).unwrap();
+        let (ok, _, err) = quantlab(&["translate", "--model", bad.to_str().unwrap()], "Hi.\n");
+        assert!(!ok, "{name}: should fail");
+        let needle = if corrupt { "safetensors" } else { "NaN" };
+        assert!(
+            err.contains(needle) && !err.contains("panicked"),
+            "{name}: {err}"
+        );
+    }
+}
+
+/// The same safetensors file with the first value of its first f32 tensor set to NaN.
+fn nan_first_value(bytes: &[u8]) -> Vec<u8> {
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let (_, info) = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(k, v)| *k != "__metadata__" && v["dtype"] == "F32")
+        .unwrap();
+    let start = 8 + header_len + info["data_offsets"][0].as_u64().unwrap() as usize;
+    let mut out = bytes.to_vec();
+    out[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    out
+}
+
+#[test]
+fn real_opus_mt_configs_are_read_in_full() {
+    use quantlab::arch::marian::{Activation, MarianConfig};
+    use quantlab::eval::seq2seq::GenerateConfig;
+    let vocab = data_dir().join("marian-vocab");
+    let read = |name: &str| -> Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(vocab.join(name).join("config.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    let big = MarianConfig::from_hf_json(&read("opus-mt-tc-big-fr-en")).unwrap();
+    assert_eq!(
+        (
+            big.d_model,
+            big.encoder_layers,
+            big.decoder_heads,
+            big.decoder_ffn_dim
+        ),
+        (1024, 6, 16, 4096)
+    );
+    assert_eq!(big.activation, Activation::Relu);
+    assert_eq!((big.vocab_size, big.max_position_embeddings), (53017, 1024));
+    assert_eq!(
+        (big.eos_token_id, big.forced_eos_token_id),
+        (43311, Some(43311))
+    );
+    let gen = GenerateConfig::for_model(&vocab.join("opus-mt-tc-big-fr-en"), &big).unwrap();
+    assert_eq!((gen.num_beams, gen.max_length), (4, 512));
+    assert_eq!(gen.bad_words_ids, vec![vec![53016]]);
+    assert_eq!(
+        (gen.decoder_start_token_id, gen.pad_token_id),
+        (53016, 53016)
+    );
+    let mg = MarianConfig::from_hf_json(&read("opus-mt-en-mg")).unwrap();
+    assert_eq!(
+        (mg.d_model, mg.decoder_layers, mg.vocab_size),
+        (512, 6, 54688)
+    );
+    assert_eq!(mg.activation, Activation::Swish);
+    // No forced_eos_token_id in this older config: transformers' MarianConfig default (0).
+    assert_eq!(mg.forced_eos_token_id, Some(0));
+    let mut bad = read("opus-mt-en-mg");
+    bad["d_model"] = 500.into();
+    bad["encoder_attention_heads"] = 7.into();
+    let err = MarianConfig::from_hf_json(&bad).unwrap_err().to_string();
+    assert!(err.contains("divisible"), "{err}");
+}

@@ -260,6 +260,10 @@ pub struct Marian {
     encoder: Vec<EncoderLayer>,
     decoder: Vec<DecoderLayer>,
     lm_head: QLinear,
+    /// Encoder and decoder read one embedding table.
+    shared_embeddings: bool,
+    /// `lm_head` was built from the decoder embedding table (no `lm_head.weight` stored).
+    tied_lm_head: bool,
     device: Device,
 }
 
@@ -360,7 +364,12 @@ impl Marian {
         }
         // The output projection is its own layer (tied to the decoder embeddings unless the
         // checkpoint stores `lm_head.weight`), so a plan can quantize it alone.
-        let head_weight = if src.has("lm_head.weight") {
+        let tied_lm_head = !src.has("lm_head.weight");
+        let shared_embeddings = shared.is_some()
+            && (cfg.share_encoder_decoder_embeddings
+                || !src.has("model.encoder.embed_tokens.weight")
+                    && !src.has("model.decoder.embed_tokens.weight"));
+        let head_weight = if !tied_lm_head {
             src.get("lm_head.weight")?
         } else {
             decoder_embed.clone()
@@ -380,8 +389,35 @@ impl Marian {
             encoder,
             decoder,
             lm_head,
+            shared_embeddings,
+            tied_lm_head,
             device: device.clone(),
         })
+    }
+
+    /// Bytes of everything but the linear layers: embedding tables (once when shared),
+    /// layer norms and, when the output projection is still the tied f32 table, nothing
+    /// more for it. Sinusoidal positions are computed, not stored.
+    pub fn dense_bytes(&self) -> usize {
+        let t = |x: &Tensor| x.elem_count() * 4;
+        let mut n = t(&self.encoder_embed);
+        if !self.shared_embeddings {
+            n += t(&self.decoder_embed);
+        }
+        let norms = |l: &LayerNorm| t(l.weight()) + l.bias().map_or(0, t);
+        for l in &self.encoder {
+            n += norms(&l.self_attn_norm) + norms(&l.final_norm);
+        }
+        for l in &self.decoder {
+            n += norms(&l.self_attn_norm) + norms(&l.cross_attn_norm) + norms(&l.final_norm);
+        }
+        n
+    }
+
+    /// Whether the output projection still shares the decoder embedding table's storage
+    /// (then its weight costs no bytes of its own).
+    pub fn lm_head_is_tied(&self) -> bool {
+        self.tied_lm_head && matches!(self.lm_head.weights, crate::nn::qlinear::Weights::F32(_))
     }
 
     pub fn device(&self) -> &Device {

@@ -1,6 +1,7 @@
 //! The command line: argument definitions and dispatch to library functions.
 
 pub mod llm;
+pub mod mt;
 
 use crate::data::DataDir;
 use crate::report::{Cell, Format, Report, Table};
@@ -46,6 +47,10 @@ pub enum Command {
     Sweep(llm::SweepArgs),
     /// Greedy text generation with the KV cache (prompt from --prompt or stdin).
     Generate(llm::GenerateArgs),
+    /// Translate with a MarianMT model: one sentence per stdin line, one per stdout line.
+    Translate(mt::MtModelArgs),
+    /// Evaluate a model on a task: `--task bleu` translates --src and scores it against --ref.
+    Eval(mt::EvalArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -59,6 +64,38 @@ pub enum LabCommand {
     /// The SmolLM2 tables: (a) f32 vs 8-bit whole model vs 8-bit FFN only; (b) int8/int4/int2
     /// g64 last-word accuracy, decode speed and memory.
     Smollm(SmollmArgs),
+    /// The translation table: MarianMT in fp32, dynamic int8, dynamic fp16, int4 and NF4 on
+    /// Multi30k test_2016_flickr (BLEU, diff vs fp32, size, latency, samples/s).
+    Marian(MarianArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MarianArgs {
+    /// The MarianMT model (default: the shared marian-multi30k-en-de).
+    #[arg(long, env = crate::load::MARIAN_ENV)]
+    pub model: Option<String>,
+    /// Source sentences. Default: multi30k/test_2016_flickr.en.gz in the data folder.
+    #[arg(long)]
+    pub src: Option<PathBuf>,
+    /// References aligned with --src. Default: multi30k/test_2016_flickr.de.gz.
+    #[arg(long = "ref")]
+    pub reference: Option<PathBuf>,
+    /// Score only the first N sentences.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Decoding overrides (the model's generation config otherwise; --max-new-tokens
+    /// defaults to 128 here, as in the model card's BLEU).
+    #[command(flatten)]
+    pub decoding: mt::DecodingArgs,
+    /// Sentences translated together for BLEU and samples/s.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Sentences timed one at a time for the latency column.
+    #[arg(long, default_value_t = 100)]
+    pub latency_sentences: usize,
+    /// Hide progress output.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -182,14 +219,67 @@ pub fn run(cli: Cli) -> Result<()> {
                     progress: !a.quiet,
                 })?
             }
+            LabCommand::Marian(a) => marian_lab(a, cli.data_dir.as_deref())?,
         },
         Command::Quantize(args) => quantize_report(&args)?,
         Command::Perplexity(a) => llm::perplexity_report(&a, cli.data_dir.as_deref())?,
         Command::Generate(a) => return llm::generate(&a),
         Command::Sweep(a) => llm::sweep_report(&a, cli.data_dir.as_deref())?,
+        Command::Translate(a) => return mt::translate_stdin(&a),
+        Command::Eval(a) => mt::eval_report(&a)?,
     };
     print!("{}", report.render(cli.format));
     Ok(())
+}
+
+fn marian_lab(a: MarianArgs, data_dir: Option<&std::path::Path>) -> Result<Report> {
+    let file = |flag: Option<PathBuf>, rel: &str, how: &str| -> Result<PathBuf> {
+        match flag {
+            Some(p) => Ok(p),
+            None => DataDir::resolve(data_dir)?.require(rel, how),
+        }
+    };
+    let mut src = crate::data::read_lines(&file(
+        a.src,
+        "multi30k/test_2016_flickr.en.gz",
+        "pass --src FILE",
+    )?)?;
+    let mut refs = crate::data::read_lines(&file(
+        a.reference,
+        "multi30k/test_2016_flickr.de.gz",
+        "pass --ref FILE",
+    )?)?;
+    if src.len() != refs.len() {
+        bail!(
+            "{} source lines but {} references: the files must be aligned",
+            src.len(),
+            refs.len()
+        );
+    }
+    if let Some(n) = a.limit {
+        src.truncate(n);
+        refs.truncate(n);
+    }
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let model = match a.model {
+        Some(m) => m,
+        None => crate::load::default_marian_dir()?.display().to_string(),
+    };
+    let mut decoding = a.decoding;
+    // The model card's protocol: generate(max_new_tokens=128); the config's max_length lets a
+    // few degenerate beams run on to 255 tokens, which moves BLEU by half a point.
+    decoding.max_new_tokens.get_or_insert(128);
+    crate::lab::marian::run(&crate::lab::marian::MarianLabConfig {
+        model,
+        src,
+        refs,
+        decoding,
+        batch_size: a.batch_size,
+        latency_sentences: a.latency_sentences,
+        progress: !a.quiet,
+    })
 }
 
 fn parse_shape(s: &str) -> Result<Vec<usize>> {

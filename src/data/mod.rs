@@ -68,3 +68,26 @@ impl DataDir {
         Ok(p)
     }
 }
+
+/// The lines of a text file (gzip-compressed when the name ends in `.gz`), without their
+/// line endings. An unreadable, non-UTF-8 or empty file is an error naming it.
+pub fn read_lines(path: &Path) -> Result<Vec<String>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    let mut text = String::new();
+    let read = if path.extension().is_some_and(|e| e == "gz") {
+        flate2::read::GzDecoder::new(file).read_to_string(&mut text)
+    } else {
+        std::io::BufReader::new(file).read_to_string(&mut text)
+    };
+    read.map_err(|e| anyhow::anyhow!("reading {}: {e} (is it UTF-8 text?)", path.display()))?;
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
+        .collect();
+    if lines.is_empty() {
+        bail!("{} is empty: nothing to evaluate", path.display());
+    }
+    Ok(lines)
+}

@@ -5,5 +5,6 @@ pub mod kl;
 pub mod lastword;
 pub mod latency;
 pub mod lm;
+pub mod mt;
 pub mod perplexity;
 pub mod seq2seq;

@@ -177,6 +177,54 @@ pub fn load_llm(spec: &str, load_as: LoadAs, device: &Device) -> Result<LoadedLl
     })
 }
 
+/// A MarianMT model with its tokenizer and generation defaults.
+pub struct LoadedMarian {
+    pub model: crate::arch::marian::Marian,
+    pub tokenizer: marian_tokenizer::MarianTokenizer,
+    pub generation: crate::eval::seq2seq::GenerateConfig,
+    pub source: PathBuf,
+    /// Bytes of the weight files on disk.
+    pub disk_bytes: u64,
+}
+
+/// Loads a Hugging Face MarianMT directory or cached hub id: config.json, weights
+/// (safetensors, sharded or not, or pytorch_model.bin), source.spm/target.spm/vocab.json and
+/// generation_config.json.
+pub fn load_marian(spec: &str, device: &Device) -> Result<LoadedMarian> {
+    let dir = resolve_model_dir(spec)?;
+    let kind = model_type(&dir)?;
+    if kind != "marian" {
+        bail!("{} is a '{kind}' model, not MarianMT", dir.display());
+    }
+    let model = crate::arch::marian::load_dir(&dir, device)?;
+    let tokenizer = marian_tokenizer::MarianTokenizer::from_dir(&dir)?;
+    if tokenizer.vocab_size() > model.cfg.vocab_size {
+        bail!(
+            "{}: vocab.json has {} entries but the model's vocab_size is {}",
+            dir.display(),
+            tokenizer.vocab_size(),
+            model.cfg.vocab_size
+        );
+    }
+    let generation = crate::eval::seq2seq::GenerateConfig::for_model(&dir, &model.cfg)?;
+    let weight_files = match safetensors_files(&dir) {
+        Ok(f) => f,
+        Err(_) => vec![dir.join("pytorch_model.bin")],
+    };
+    let disk_bytes = weight_files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    Ok(LoadedMarian {
+        model,
+        tokenizer,
+        generation,
+        source: dir,
+        disk_bytes,
+    })
+}
+
 /// The environment variable naming the MarianMT model used by default.
 pub const MARIAN_ENV: &str = "QUANTLAB_MARIAN";
 
@@ -194,7 +242,7 @@ pub fn default_marian_dir() -> Result<PathBuf> {
             dir.display()
         );
     }
-    Ok(dir)
+    Ok(dir.canonicalize().unwrap_or(dir))
 }
 
 /// Any model quantlab can load.
