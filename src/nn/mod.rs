@@ -4,6 +4,7 @@ pub mod kernels;
 pub mod method;
 pub mod plan;
 pub mod qlinear;
+pub mod rows;
 
 pub use method::Method;
 pub use plan::Plan;

@@ -3,6 +3,7 @@
 
 use super::kernels;
 use super::method::Method;
+use super::rows;
 use crate::quant::{self, FourBit, Observer, ObserverKind, QTensor, Scheme};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor as GgmlTensor};
@@ -143,6 +144,10 @@ impl QLinear {
 
     /// The weight as f32 `[out, in]` (dequantized if needed).
     pub fn weight_f32(&self) -> Result<Tensor> {
+        let (rows, cols) = (self.out_features, self.in_features);
+        if let Some(w) = self.with_rows(|src| src.decode_all(rows, cols))? {
+            return Ok(Tensor::from_vec(w, (rows, cols), &Device::Cpu)?);
+        }
         match &self.weights {
             Weights::F32(w) => Ok(w.clone()),
             Weights::Half(w) => Ok(w.to_dtype(DType::F32)?),
@@ -167,6 +172,76 @@ impl QLinear {
             )?),
             Weights::Ggml(q) => Ok(q.dequantize(&q.device())?),
         }
+    }
+
+    /// Runs `f` on a row-decodable view of the compressed weights (fp16, integer codes with
+    /// per-tensor/per-row/per-group parameters, 4-bit code books) held on the CPU; `None`
+    /// for other layouts, which take the general dequantize path.
+    fn with_rows<R>(&self, f: impl FnOnce(&rows::RowSource) -> R) -> Result<Option<R>> {
+        use crate::quant::Granularity;
+        use candle_core::{CpuStorage, Storage};
+        let cpu_slice = |t: &Tensor| -> bool { t.device().is_cpu() && t.is_contiguous() };
+        match &self.weights {
+            Weights::Half(t) if cpu_slice(t) => {
+                let (storage, layout) = t.storage_and_layout();
+                match &*storage {
+                    Storage::Cpu(CpuStorage::F16(v)) => {
+                        let n = self.out_features * self.in_features;
+                        let v = &v[layout.start_offset()..layout.start_offset() + n];
+                        Ok(Some(f(&rows::RowSource::Half(v))))
+                    }
+                    _ => Ok(None),
+                }
+            }
+            Weights::Uniform(q) if cpu_slice(&q.codes) => {
+                let group = match q.scheme.granularity {
+                    Granularity::PerTensor => 0,
+                    Granularity::PerChannel { axis: 0 } => self.in_features,
+                    Granularity::PerGroup { size } => size,
+                    Granularity::PerChannel { .. } => return Ok(None),
+                };
+                let (storage, layout) = q.codes.storage_and_layout();
+                match &*storage {
+                    Storage::Cpu(CpuStorage::U8(v)) => {
+                        let n = self.out_features * self.in_features;
+                        let codes = &v[layout.start_offset()..layout.start_offset() + n];
+                        Ok(Some(f(&rows::RowSource::Grouped {
+                            codes,
+                            signed: q.scheme.signed,
+                            scale: &q.params.scale,
+                            zero: &q.params.zero_point,
+                            group,
+                        })))
+                    }
+                    _ => Ok(None),
+                }
+            }
+            Weights::FourBit(q) => {
+                let absmax = q.absmax.values();
+                Ok(Some(f(&rows::RowSource::FourBit {
+                    packed: &q.packed,
+                    table: q.kind.code(),
+                    absmax: &absmax,
+                    blocksize: q.blocksize,
+                })))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Adds the bias and restores the input's leading dimensions.
+    fn finish(&self, y: Tensor, dims: Vec<usize>) -> Result<Tensor> {
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        self.finish_unbiased(y, dims)
+    }
+
+    /// Restores the input's leading dimensions (the bias is already in `y`).
+    fn finish_unbiased(&self, y: Tensor, mut dims: Vec<usize>) -> Result<Tensor> {
+        *dims.last_mut().unwrap() = self.out_features;
+        Ok(y.reshape(dims)?)
     }
 
     /// Reuse one dequantized f32 copy of compressed weights across forward passes.
@@ -271,37 +346,41 @@ impl QLinear {
             obs.observe(&x2)?;
         }
         let y = match &self.weights {
-            Weights::Int8(w, act) => self.forward_int8(&x2, w, *act)?,
-            Weights::Ggml(q) => {
-                let y = QMatMul::from_arc(q.clone())?.forward(&x2)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                }
+            Weights::Int8(w, act) => {
+                return self.finish_unbiased(self.forward_int8(&x2, w, *act)?, dims)
             }
-            other => {
-                let w = match (other, &self.dequant_cache) {
-                    (Weights::F32(w), _) => w.clone(),
-                    (_, Some(cache)) => match cache.get() {
-                        Some(w) => w.clone(),
-                        None => {
-                            let w = self.weight_f32()?;
-                            let _ = cache.set(w.clone());
-                            w
-                        }
-                    },
-                    (_, None) => self.weight_f32()?,
+            Weights::Ggml(q) => QMatMul::from_arc(q.clone())?.forward(&x2)?,
+            Weights::F32(w) => x2.matmul(&w.t()?)?,
+            _ => {
+                let m = x2.dim(0)?;
+                let (o, i) = (self.out_features, self.in_features);
+                // Few rows (decoding): multiply straight from the codes, row by row.
+                let direct = if m <= rows::SMALL_BATCH && self.dequant_cache.is_none() {
+                    let xs = x2.flatten_all()?.to_vec1::<f32>()?;
+                    self.with_rows(|src| src.matmul(&xs, m, o, i))?
+                } else {
+                    None
                 };
-                let y = x2.matmul(&w.t()?)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
+                match direct {
+                    Some(y) => Tensor::from_vec(y, (m, o), x2.device())?,
+                    None => {
+                        let w = match &self.dequant_cache {
+                            Some(cache) => match cache.get() {
+                                Some(w) => w.clone(),
+                                None => {
+                                    let w = self.weight_f32()?;
+                                    let _ = cache.set(w.clone());
+                                    w
+                                }
+                            },
+                            None => self.weight_f32()?,
+                        };
+                        x2.matmul(&w.t()?)?
+                    }
                 }
             }
         };
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.out_features;
-        Ok(y.reshape(out_dims)?)
+        self.finish(y, dims)
     }
 
     fn forward_int8(&self, x: &Tensor, w: &Int8Weight, act: ActQuant) -> Result<Tensor> {
@@ -599,19 +678,68 @@ mod tests {
     }
 
     #[test]
+    fn row_decoding_equals_the_schemes_own_dequantization() {
+        for m in [
+            "w:i4:sym:g32",
+            "w:i3:affine:g24",
+            "w:u8:affine:ch0",
+            "w:i8:sym:tensor",
+            "nf4",
+            "fp4:dq",
+            "f16",
+        ] {
+            let (mut l, x) = layer();
+            l.convert(&m.parse().unwrap()).unwrap();
+            let own = match &l.weights {
+                Weights::Uniform(q) => q.dequantize().unwrap(),
+                Weights::FourBit(q) => {
+                    Tensor::from_vec(q.dequantize(), (16, 64), &Device::Cpu).unwrap()
+                }
+                Weights::Half(w) => w.to_dtype(DType::F32).unwrap(),
+                _ => unreachable!(),
+            };
+            let rows = l
+                .with_rows(|src| src.decode_all(16, 64))
+                .unwrap()
+                .unwrap_or_else(|| panic!("{m} has no row view"));
+            assert_eq!(
+                rows,
+                own.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{m}"
+            );
+            // Many rows take the decode-then-matmul path; both match the f64 reference.
+            let big = Tensor::cat(&[&x, &x, &x], 0).unwrap();
+            assert!(
+                max_diff(&l.forward(&big).unwrap(), &reference(&l, &big)) < 1e-3,
+                "{m}"
+            );
+        }
+    }
+
+    #[test]
     fn cached_dequantization_gives_the_same_outputs() {
         for m in ["w:i3:sym:g32", "nf4", "f16"] {
             let (mut l, x) = layer();
             l.convert(&m.parse().unwrap()).unwrap();
-            let plain = l.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            // Uncached, few rows multiply straight from the codes: same values, another
+            // summation order.
+            let plain = l.forward(&x).unwrap();
             l.set_cache_dequantized(true);
-            for _ in 0..2 {
-                assert_eq!(
-                    l.forward(&x).unwrap().to_vec2::<f32>().unwrap(),
-                    plain,
-                    "{m}"
-                );
-            }
+            let cached = l.forward(&x).unwrap();
+            let plain: Vec<f64> = plain
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|&v| v as f64)
+                .collect();
+            assert!(max_diff(&cached, &plain) < 1e-5, "{m}");
+            assert_eq!(
+                l.forward(&x).unwrap().to_vec2::<f32>().unwrap(),
+                cached.to_vec2::<f32>().unwrap(),
+                "{m}"
+            );
             // A later conversion drops the stale copy.
             l.convert(&"w:i8:sym:ch0".parse().unwrap()).unwrap();
             assert!(max_diff(&l.forward(&x).unwrap(), &reference(&l, &x)) < 1e-3);
