@@ -144,6 +144,9 @@ impl QLinear {
 
     /// The weight as f32 `[out, in]` (dequantized if needed).
     pub fn weight_f32(&self) -> Result<Tensor> {
+        if let Weights::F32(w) = &self.weights {
+            return Ok(w.clone());
+        }
         let (rows, cols) = (self.out_features, self.in_features);
         if let Some(w) = self.with_rows(|src| src.decode_all(rows, cols))? {
             return Ok(Tensor::from_vec(w, (rows, cols), &Device::Cpu)?);
@@ -182,6 +185,17 @@ impl QLinear {
         use candle_core::{CpuStorage, Storage};
         let cpu_slice = |t: &Tensor| -> bool { t.device().is_cpu() && t.is_contiguous() };
         match &self.weights {
+            Weights::F32(t) if cpu_slice(t) => {
+                let (storage, layout) = t.storage_and_layout();
+                match &*storage {
+                    Storage::Cpu(CpuStorage::F32(v)) => {
+                        let n = self.out_features * self.in_features;
+                        let v = &v[layout.start_offset()..layout.start_offset() + n];
+                        Ok(Some(f(&rows::RowSource::F32(v))))
+                    }
+                    _ => Ok(None),
+                }
+            }
             Weights::Half(t) if cpu_slice(t) => {
                 let (storage, layout) = t.storage_and_layout();
                 match &*storage {
@@ -350,7 +364,6 @@ impl QLinear {
                 return self.finish_unbiased(self.forward_int8(&x2, w, *act)?, dims)
             }
             Weights::Ggml(q) => QMatMul::from_arc(q.clone())?.forward(&x2)?,
-            Weights::F32(w) => x2.matmul(&w.t()?)?,
             _ => {
                 let m = x2.dim(0)?;
                 let (o, i) = (self.out_features, self.in_features);
@@ -365,6 +378,7 @@ impl QLinear {
                     Some(y) => Tensor::from_vec(y, (m, o), x2.device())?,
                     None => {
                         let w = match &self.dequant_cache {
+                            _ if matches!(self.weights, Weights::F32(_)) => self.weight_f32()?,
                             Some(cache) => match cache.get() {
                                 Some(w) => w.clone(),
                                 None => {

@@ -16,6 +16,7 @@ pub const SMALL_BATCH: usize = 8;
 
 /// Borrowed view of a compressed `[rows, cols]` weight matrix.
 pub enum RowSource<'a> {
+    F32(&'a [f32]),
     Half(&'a [f16]),
     /// Codes as u8 bit patterns (two's complement when `signed`); one (scale, zero point)
     /// for the whole matrix (`group == 0`) or per `group` consecutive columns of a row.
@@ -41,6 +42,7 @@ impl RowSource<'_> {
     pub fn decode_row(&self, o: usize, cols: usize, out: &mut [f32]) {
         let start = o * cols;
         match self {
+            RowSource::F32(w) => out[..cols].copy_from_slice(&w[start..start + cols]),
             RowSource::Half(w) => {
                 // Vectorized (F16C) where the processor has it.
                 w[start..start + cols].convert_to_f32_slice(&mut out[..cols]);
