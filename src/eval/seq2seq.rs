@@ -73,7 +73,8 @@ impl GenerateConfig {
         let bad_words_ids = match field("bad_words_ids") {
             Some(v) => serde_json::from_value::<Vec<Vec<u32>>>(v.clone())
                 .context("bad_words_ids must be a list of lists of token ids")?,
-            None => vec![vec![cfg.pad_token_id]],
+            // transformers bans nothing unless the config says so (opus-mt configs ban pad).
+            None => Vec::new(),
         };
         let early_stopping = match field("early_stopping") {
             Some(Value::Bool(true)) => EarlyStopping::True,
