@@ -10,7 +10,8 @@ It writes one JSON file that quantlab's tests compare against:
 - translations: the shared marian-multi30k-en-de model in float32 (TF32 off) translating all
   1,000 English test sentences with `generate`: greedy and beam 4 (max_new_tokens=128, as the
   model's README), plus beam 4 with early_stopping=True and with length_penalty=0.6 on a
-  prefix; token ids, detokenized text and beam sequence scores.
+  prefix, and beam 4 with the generation config's own max_length (256); token ids,
+  detokenized text and beam sequence scores.
 - forward: teacher-forced log-probabilities of the greedy output for a few sentences.
 - BLEU/chrF: sacrebleu's corpus scores (default settings) with signatures, single-sentence
   corpora (smoothing paths), and 13a tokenizations of probe strings.
@@ -112,12 +113,14 @@ model = MarianMTModel.from_pretrained(model_dir, dtype=torch.float32).to(dev).ev
 BATCH = 32
 
 
-def translate(sents, **kw):
+def translate(sents, max_new_tokens=128, **kw):
     ids, texts, scores = [], [], []
+    if max_new_tokens is not None:
+        kw["max_new_tokens"] = max_new_tokens
     for i in range(0, len(sents), BATCH):
         enc = tok(sents[i : i + BATCH], return_tensors="pt", padding=True).to(dev)
         with torch.no_grad():
-            res = model.generate(**enc, max_new_tokens=128, return_dict_in_generate=True, output_scores=True, **kw)
+            res = model.generate(**enc, return_dict_in_generate=True, output_scores=True, **kw)
         for row in res.sequences.tolist():
             row = row[1:]  # decoder start
             while row and row[-1] == model.config.pad_token_id:
@@ -153,6 +156,8 @@ runs = {
     "beam4": translate(en, num_beams=4, do_sample=False),
     "beam4_early": translate(en[:200], num_beams=4, do_sample=False, early_stopping=True),
     "beam4_lp06": translate(en[:200], num_beams=4, do_sample=False, length_penalty=0.6),
+    # The model's own max_length (256): a few degenerate beams run on past 128 tokens.
+    "beam4_maxlen256": translate(en, max_new_tokens=None),
 }
 for name, run in runs.items():
     run["scores"] = bleu_record(run["text"], de[: len(run["text"])])

@@ -628,3 +628,13 @@ fn static_int8_calibrates_on_source_sentences() {
     eprintln!("static int8 on fc layers: {same}/20 greedy translations unchanged");
     assert!(same >= 10, "only {same}/20 greedy translations unchanged");
 }
+
+#[test]
+fn beam4_with_the_configs_max_length_equals_transformers() {
+    // generation_config.json's max_length 256: a few beams degenerate into repetitions and
+    // run on past 128 tokens, exactly as in transformers.
+    let cfg =
+        quantlab::eval::seq2seq::GenerateConfig::for_model(&model_dir(), &model().cfg).unwrap();
+    assert_eq!(cfg.max_length, 256);
+    check_translations("beam4_maxlen256", cfg);
+}
