@@ -267,7 +267,7 @@ fn marian_lab(a: MarianArgs, data_dir: Option<&std::path::Path>) -> Result<Repor
         Some(m) => m,
         None => crate::load::default_marian_dir()?.display().to_string(),
     };
-    let mut decoding = a.decoding;
+    let mut decoding = a.decoding.overrides();
     // The model card's protocol: generate(max_new_tokens=128); the config's max_length lets a
     // few degenerate beams run on to 255 tokens, which moves BLEU by half a point.
     decoding.max_new_tokens.get_or_insert(128);

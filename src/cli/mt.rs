@@ -2,7 +2,7 @@
 
 use crate::eval::bleu::{BLEU_SIGNATURE, CHRF_SIGNATURE};
 use crate::eval::mt::{self, PreparedMarian};
-use crate::eval::seq2seq::{translate, EarlyStopping, GenerateConfig};
+use crate::eval::seq2seq::{translate, EarlyStopping, GenerateConfig, Overrides};
 use crate::report::{Cell, Report, Table};
 use anyhow::{bail, Result};
 use candle_core::Device;
@@ -51,30 +51,13 @@ pub struct DecodingArgs {
 }
 
 impl DecodingArgs {
-    pub fn apply(&self, defaults: &GenerateConfig) -> Result<GenerateConfig> {
-        let mut cfg = defaults.clone();
-        if let Some(n) = self.num_beams {
-            if n == 0 {
-                bail!("--num-beams must be at least 1");
-            }
-            cfg.num_beams = n;
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            num_beams: self.num_beams,
+            max_new_tokens: self.max_new_tokens,
+            length_penalty: self.length_penalty,
+            early_stopping: self.early_stopping,
         }
-        if let Some(n) = self.max_new_tokens {
-            if n == 0 {
-                bail!("--max-new-tokens must be at least 1");
-            }
-            cfg = cfg.with_max_new_tokens(n);
-        }
-        if let Some(lp) = self.length_penalty {
-            if !lp.is_finite() {
-                bail!("--length-penalty must be a finite number");
-            }
-            cfg.length_penalty = lp;
-        }
-        if let Some(e) = self.early_stopping {
-            cfg.early_stopping = e;
-        }
-        Ok(cfg)
     }
 }
 
@@ -100,7 +83,7 @@ impl MtModelArgs {
             calibration.as_deref(),
             &Device::Cpu,
         )?;
-        let cfg = self.decoding.apply(&p.mt.generation)?;
+        let cfg = self.decoding.overrides().apply(&p.mt.generation)?;
         Ok((p, cfg))
     }
 }
@@ -211,7 +194,7 @@ pub fn eval_report(a: &EvalArgs) -> Result<Report> {
     t.push(vec![
         p.mt.source.display().to_string().into(),
         p.plan.clone().into(),
-        decoding_label(&cfg).into(),
+        cfg.label().into(),
         Cell::Int(src.len() as i64),
         Cell::f(run.bleu.score, 2),
         Cell::f(run.chrf, 2),
@@ -228,17 +211,4 @@ pub fn eval_report(a: &EvalArgs) -> Result<Report> {
         tables: vec![t],
         notes: vec![],
     })
-}
-
-/// A short description of the decoding settings, e.g. `beam 4 (lp 1, early false), max 256`.
-pub fn decoding_label(cfg: &GenerateConfig) -> String {
-    let max = cfg.max_length - 1;
-    if cfg.num_beams == 1 {
-        format!("greedy, max {max} new")
-    } else {
-        format!(
-            "beam {} (lp {}, early {:?}), max {max} new",
-            cfg.num_beams, cfg.length_penalty, cfg.early_stopping
-        )
-    }
 }

@@ -127,6 +127,59 @@ impl GenerateConfig {
     }
 }
 
+/// Changes to a model's generation defaults (the `translate`/`eval`/`lab` flags).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub num_beams: Option<usize>,
+    pub max_new_tokens: Option<usize>,
+    pub length_penalty: Option<f64>,
+    pub early_stopping: Option<EarlyStopping>,
+}
+
+impl Overrides {
+    /// `defaults` with these changes, checked.
+    pub fn apply(&self, defaults: &GenerateConfig) -> Result<GenerateConfig> {
+        let mut cfg = defaults.clone();
+        if let Some(n) = self.num_beams {
+            if n == 0 {
+                bail!("--num-beams must be at least 1");
+            }
+            cfg.num_beams = n;
+        }
+        if let Some(n) = self.max_new_tokens {
+            if n == 0 {
+                bail!("--max-new-tokens must be at least 1");
+            }
+            cfg = cfg.with_max_new_tokens(n);
+        }
+        if let Some(lp) = self.length_penalty {
+            if !lp.is_finite() {
+                bail!("--length-penalty must be a finite number");
+            }
+            cfg.length_penalty = lp;
+        }
+        if let Some(e) = self.early_stopping {
+            cfg.early_stopping = e;
+        }
+        Ok(cfg)
+    }
+}
+
+impl GenerateConfig {
+    /// A short description, e.g. `beam 4 (lp 1, early False), max 128 new`.
+    pub fn label(&self) -> String {
+        let max = self.max_length - 1;
+        if self.num_beams == 1 {
+            format!("greedy, max {max} new")
+        } else {
+            format!(
+                "beam {} (lp {}, early {:?}), max {max} new",
+                self.num_beams, self.length_penalty, self.early_stopping
+            )
+        }
+    }
+}
+
 /// One output: the generated ids (start token excluded, EOS included when produced) and,
 /// for beam search, the sequence score transformers reports (`sequences_scores`).
 #[derive(Debug, Clone, PartialEq)]

@@ -2,10 +2,9 @@
 //! weight-only int4 and NF4, with BLEU, its change against fp32, size, per-sentence latency
 //! and throughput on Multi30k test_2016_flickr.
 
-use crate::cli::mt::decoding_label;
 use crate::eval::bleu::BLEU_SIGNATURE;
 use crate::eval::mt::{self, PreparedMarian};
-use crate::eval::seq2seq::GenerateConfig;
+use crate::eval::seq2seq::{GenerateConfig, Overrides};
 use crate::report::{Cell, Report, Table};
 use anyhow::Result;
 use candle_core::Device;
@@ -14,7 +13,7 @@ pub struct MarianLabConfig {
     pub model: String,
     pub src: Vec<String>,
     pub refs: Vec<String>,
-    pub decoding: crate::cli::mt::DecodingArgs,
+    pub decoding: Overrides,
     pub batch_size: usize,
     /// Sentences timed one at a time for the latency column.
     pub latency_sentences: usize,
@@ -60,7 +59,7 @@ pub fn run(cfg: &MarianLabConfig) -> Result<Report> {
             eprintln!("{name}: {plan}");
         }
         let (p, g) = prepare(cfg, plan)?;
-        label = decoding_label(&g);
+        label = g.label();
         let run = mt::evaluate(&p, &cfg.src, &cfg.refs, &g, cfg.batch_size, cfg.progress)?;
         let lat = mt::sentence_latency(&p, timed, &g)?;
         let base = *base_bleu.get_or_insert(run.bleu.score);

@@ -159,7 +159,7 @@ pub fn run(cfg: &SmollmLabConfig) -> Result<Report> {
         }
     ));
     b.note(format!(
-        "decode: greedy, {} new tokens after a 64-token prompt, KV cache, batch 1, 2 CPU threads. int-N rows dequantize their weights in every step (memory stays at the stored size, speed pays); GGML rows run candle's quantized kernels.",
+        "decode: greedy, {} new tokens after a 64-token prompt, KV cache, batch 1, 2 CPU threads. int-N rows multiply straight from their codes, one weight row at a time (src/nn/rows.rs: no f32 copy, memory stays at the stored size); GGML rows run candle's quantized kernels.",
         cfg.decode_tokens
     ));
     if let Some(rss) = lm::peak_rss_bytes() {
