@@ -549,6 +549,25 @@ mod tests {
     }
 
     #[test]
+    fn user_defined_pieces_always_win_and_skip_normalization() {
+        let mut m = Vec::new();
+        m.extend(piece("<unk>", 0.0, 2));
+        for (t, sc) in [
+            ("▁a", -1.0),
+            ("b", -1.0),
+            ("<", -0.5),
+            ("x", -0.5),
+            (">", -0.5),
+        ] {
+            m.extend(piece(t, sc, 1));
+        }
+        m.extend(piece("<x>", 0.0, 4));
+        let spm = SentencePiece::from_bytes(&m).unwrap();
+        let seg: Vec<String> = spm.encode("a<x>b").into_iter().map(|s| s.text).collect();
+        assert_eq!(seg, ["▁a", "<x>", "b"]);
+    }
+
+    #[test]
     fn corrupt_models_are_errors() {
         assert!(SentencePiece::from_bytes(b"\x0a\xff").is_err());
         assert!(SentencePiece::from_bytes(&[]).is_err());
