@@ -638,3 +638,34 @@ fn beam4_with_the_configs_max_length_equals_transformers() {
     assert_eq!(cfg.max_length, 256);
     check_translations("beam4_maxlen256", cfg);
 }
+
+#[test]
+fn eval_bleu_scores_existing_hypotheses_like_sacrebleu() {
+    let run = &reference()["translations"]["beam4"];
+    let dir = tempfile::tempdir().unwrap();
+    let hyps = dir.path().join("hf_beam4.txt");
+    std::fs::write(&hyps, strings(&run["text"]).join("\n") + "\n").unwrap();
+    let refs = data_dir().join("multi30k/test_2016_flickr.de.gz");
+    let args = [
+        "eval",
+        "--task",
+        "bleu",
+        "--hyps",
+        hyps.to_str().unwrap(),
+        "--ref",
+        refs.to_str().unwrap(),
+        "--format",
+        "json",
+    ];
+    let (ok, out, err) = quantlab(&args, "");
+    assert!(ok, "{err}");
+    let row: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let sb = &run["scores"];
+    assert!((row["bleu"].as_f64().unwrap() - sb["bleu"].as_f64().unwrap()).abs() < 1e-9);
+    assert!((row["chrf"].as_f64().unwrap() - sb["chrf"].as_f64().unwrap()).abs() < 1e-9);
+    let (ok, _, err) = quantlab(
+        &[&args[..], &["--src", hyps.to_str().unwrap()]].concat(),
+        "",
+    );
+    assert!(!ok && err.contains("--src"), "{err}");
+}

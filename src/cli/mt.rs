@@ -4,7 +4,7 @@ use crate::eval::bleu::{BLEU_SIGNATURE, CHRF_SIGNATURE};
 use crate::eval::mt::{self, PreparedMarian};
 use crate::eval::seq2seq::{translate, EarlyStopping, GenerateConfig, Overrides};
 use crate::report::{Cell, Report, Table};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -121,6 +121,46 @@ pub fn translate_stdin(a: &MtModelArgs) -> Result<()> {
     }
 }
 
+/// `eval --task bleu --hyps F --ref F`: corpus scores of existing translations.
+fn score_hypotheses(hyps_path: &std::path::Path, a: &EvalArgs) -> Result<Report> {
+    let mut hyps = crate::data::read_lines(hyps_path)?;
+    let mut refs = crate::data::read_lines(&a.reference)?;
+    if hyps.len() != refs.len() {
+        bail!(
+            "{} has {} lines but {} has {}: hypotheses and references must be aligned line by line",
+            hyps_path.display(),
+            hyps.len(),
+            a.reference.display(),
+            refs.len()
+        );
+    }
+    if let Some(n) = a.limit {
+        hyps.truncate(n);
+        refs.truncate(n);
+    }
+    let bleu = crate::eval::bleu::corpus_bleu(&hyps, &refs)?;
+    let chrf = crate::eval::bleu::corpus_chrf(&hyps, &refs)?;
+    let mut t = Table::new(
+        "bleu",
+        "Translation quality",
+        &["hypotheses", "sentences", "BLEU", "chrF"],
+    );
+    t.push(vec![
+        hyps_path.display().to_string().into(),
+        Cell::Int(hyps.len() as i64),
+        Cell::f(bleu.score, 2),
+        Cell::f(chrf, 2),
+    ]);
+    t.note(bleu.to_string());
+    t.note(format!(
+        "BLEU signature: {BLEU_SIGNATURE}; chrF signature: {CHRF_SIGNATURE}"
+    ));
+    Ok(Report {
+        tables: vec![t],
+        notes: vec![],
+    })
+}
+
 /// What `quantlab eval` measures.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EvalTask {
@@ -135,8 +175,12 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub model: MtModelArgs,
     /// Source sentences, one per line (.gz read transparently).
-    #[arg(long)]
-    pub src: PathBuf,
+    #[arg(long, required_unless_present = "hyps")]
+    pub src: Option<PathBuf>,
+    /// Score these hypotheses (one per line) instead of translating: BLEU/chrF only, like
+    /// `sacrebleu REF -i HYPS`.
+    #[arg(long, conflicts_with_all = ["src", "hyps_out", "plan"])]
+    pub hyps: Option<PathBuf>,
     /// Reference translations aligned with --src.
     #[arg(long = "ref")]
     pub reference: PathBuf,
@@ -152,12 +196,19 @@ pub fn eval_report(a: &EvalArgs) -> Result<Report> {
     match a.task {
         EvalTask::Bleu => {}
     }
-    let mut src = crate::data::read_lines(&a.src)?;
+    if let Some(h) = &a.hyps {
+        return score_hypotheses(h, a);
+    }
+    let src_path = a
+        .src
+        .as_ref()
+        .context("--src is required unless --hyps is given")?;
+    let mut src = crate::data::read_lines(src_path)?;
     let mut refs = crate::data::read_lines(&a.reference)?;
     if src.len() != refs.len() {
         bail!(
             "{} has {} lines but {} has {}: source and reference must be aligned line by line",
-            a.src.display(),
+            src_path.display(),
             src.len(),
             a.reference.display(),
             refs.len()
