@@ -51,10 +51,21 @@ fn dot_u8_i8(a: &[u8], b: &[i8]) -> i32 {
     acc
 }
 
+/// From this many activation rows on, the AVX2 kernel's widening of the weights pays off.
+const AVX2_MIN_ROWS: usize = 16;
+
 /// `C[m, n] = Σ_k A[m, k] · W[n, k]` with A u8 `[m, k]`, W i8 `[n, k]` (PyTorch's weight layout).
 pub fn gemm_u8_i8(a: &[u8], m: usize, k: usize, w: &[i8], n: usize) -> Vec<i32> {
     assert_eq!(a.len(), m * k, "activation buffer size");
     assert_eq!(w.len(), n * k, "weight buffer size");
+    #[cfg(target_arch = "x86_64")]
+    if m >= AVX2_MIN_ROWS && avx2::available() {
+        return avx2::gemm(a, m, k, w, n);
+    }
+    gemm_u8_i8_portable(a, m, k, w, n)
+}
+
+fn gemm_u8_i8_portable(a: &[u8], m: usize, k: usize, w: &[i8], n: usize) -> Vec<i32> {
     let mut out = vec![0i32; m * n];
     let row = |(i, o): (usize, &mut [i32])| {
         let ar = &a[i * k..(i + 1) * k];
@@ -104,6 +115,141 @@ pub fn requantize_f32(
     out
 }
 
+/// An exact u8 × i8 → i32 matrix product on AVX2: both operands widened to i16, products
+/// summed in pairs by VPMADDWD (|255 · −128| · 2 fits i32, so nothing saturates), with a
+/// 2 × 4 register block of accumulators so each load feeds several multiply-adds.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+
+    /// Columns per VPMADDWD step (16 × i16 = 256 bits).
+    const STEP: usize = 16;
+    /// Weight rows handled by one task.
+    const BLOCK: usize = 64;
+
+    pub fn available() -> bool {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
+    }
+
+    /// Rows widened to i16, each padded with zeros to `kp` columns.
+    fn widen<T: Copy>(
+        src: &[T],
+        rows: usize,
+        k: usize,
+        kp: usize,
+        f: impl Fn(T) -> i16,
+    ) -> Vec<i16> {
+        let mut out = vec![0i16; rows * kp];
+        for r in 0..rows {
+            for (d, &v) in out[r * kp..r * kp + k]
+                .iter_mut()
+                .zip(&src[r * k..(r + 1) * k])
+            {
+                *d = f(v);
+            }
+        }
+        out
+    }
+
+    pub fn gemm(a: &[u8], m: usize, k: usize, w: &[i8], n: usize) -> Vec<i32> {
+        let kp = k.div_ceil(STEP) * STEP;
+        let a16 = widen(a, m, k, kp, |v| v as i16);
+        let firsts: Vec<usize> = (0..n).step_by(BLOCK).collect();
+        let parts: Vec<Vec<i32>> = firsts
+            .par_iter()
+            .map(|&first| {
+                let nb = (first + BLOCK).min(n) - first;
+                let w16 = widen(&w[first * k..(first + nb) * k], nb, k, kp, |v| v as i16);
+                let mut part = vec![0i32; m * nb];
+                // SAFETY: `available()` confirmed AVX2 before `gemm` was called.
+                unsafe { block(&a16, m, &w16, nb, kp, &mut part) };
+                part
+            })
+            .collect();
+        let mut out = vec![0i32; m * n];
+        for (&first, part) in firsts.iter().zip(&parts) {
+            let nb = part.len() / m;
+            for i in 0..m {
+                out[i * n + first..i * n + first + nb].copy_from_slice(&part[i * nb..(i + 1) * nb]);
+            }
+        }
+        out
+    }
+
+    /// `out[i, j] = a[i] · w[j]` for all `m` activation rows and `nb` weight rows.
+    #[target_feature(enable = "avx2")]
+    unsafe fn block(a: &[i16], m: usize, w: &[i16], nb: usize, kp: usize, out: &mut [i32]) {
+        assert!(a.len() >= m * kp && w.len() >= nb * kp && out.len() >= m * nb);
+        let load = |v: &[i16], off: usize| {
+            // SAFETY: every caller passes off + STEP <= v.len() (rows are kp long, kp % STEP == 0).
+            unsafe { _mm256_loadu_si256(v.as_ptr().add(off) as *const __m256i) }
+        };
+        let mut i = 0;
+        while i + 2 <= m {
+            let mut j = 0;
+            while j + 4 <= nb {
+                let mut acc = [_mm256_setzero_si256(); 8];
+                let mut p = 0;
+                while p < kp {
+                    let a0 = load(a, i * kp + p);
+                    let a1 = load(a, (i + 1) * kp + p);
+                    for c in 0..4 {
+                        let wc = load(w, (j + c) * kp + p);
+                        acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(a0, wc));
+                        acc[4 + c] = _mm256_add_epi32(acc[4 + c], _mm256_madd_epi16(a1, wc));
+                    }
+                    p += STEP;
+                }
+                for c in 0..4 {
+                    out[i * nb + j + c] = hsum(acc[c]);
+                    out[(i + 1) * nb + j + c] = hsum(acc[4 + c]);
+                }
+                j += 4;
+            }
+            for jj in j..nb {
+                out[i * nb + jj] = dot(a, i * kp, w, jj * kp, kp);
+                out[(i + 1) * nb + jj] = dot(a, (i + 1) * kp, w, jj * kp, kp);
+            }
+            i += 2;
+        }
+        if i < m {
+            for jj in 0..nb {
+                out[i * nb + jj] = dot(a, i * kp, w, jj * kp, kp);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn dot(a: &[i16], ao: usize, w: &[i16], wo: usize, kp: usize) -> i32 {
+        assert!(ao + kp <= a.len() && wo + kp <= w.len());
+        let mut acc = _mm256_setzero_si256();
+        let mut p = 0;
+        while p < kp {
+            // SAFETY: p + STEP <= kp, and both rows have kp elements from their offsets.
+            let (x, y) = unsafe {
+                (
+                    _mm256_loadu_si256(a.as_ptr().add(ao + p) as *const __m256i),
+                    _mm256_loadu_si256(w.as_ptr().add(wo + p) as *const __m256i),
+                )
+            };
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(x, y));
+            p += STEP;
+        }
+        hsum(acc)
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn hsum(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +274,39 @@ mod tests {
         let a = vec![255u8; 64];
         let w = vec![-128i8; 64];
         assert_eq!(gemm_u8_i8(&a, 1, 64, &w, 1), vec![255 * -128 * 64]);
+    }
+
+    #[test]
+    fn avx2_kernel_equals_the_portable_one_exactly() {
+        // Odd row counts, weight rows not a multiple of 4 or of the task block, k not a
+        // multiple of 16, and the extreme codes.
+        for (m, k, n) in [(17, 70, 130), (32, 256, 257), (19, 5, 3)] {
+            let a: Vec<u8> = (0..m * k)
+                .map(|i| {
+                    if i % 11 == 0 {
+                        255
+                    } else {
+                        (i * 131 % 256) as u8
+                    }
+                })
+                .collect();
+            let w: Vec<i8> = (0..n * k)
+                .map(|i| {
+                    if i % 7 == 0 {
+                        -128
+                    } else {
+                        ((i * 197 % 256) as i32 - 128) as i8
+                    }
+                })
+                .collect();
+            let got = gemm_u8_i8(&a, m, k, &w, n);
+            assert_eq!(got, gemm_u8_i8_portable(&a, m, k, &w, n), "{m}x{k}x{n}");
+        }
+        #[cfg(target_arch = "x86_64")]
+        assert!(
+            avx2::available(),
+            "this test is meant to exercise the AVX2 kernel"
+        );
     }
 
     #[test]
