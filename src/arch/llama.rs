@@ -371,11 +371,7 @@ impl Llama {
     /// in model.safetensors.index.json).
     pub fn from_hf_dir(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let v: Value = serde_json::from_str(
-            &std::fs::read_to_string(&cfg_path)
-                .with_context(|| format!("reading {}", cfg_path.display()))?,
-        )
-        .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+        let v = crate::load::read_json(&cfg_path)?;
         let cfg =
             LlamaConfig::from_hf_json(&v).with_context(|| format!("in {}", cfg_path.display()))?;
         let files = crate::load::safetensors_files(dir)?;

@@ -291,12 +291,14 @@ impl Marian {
         } else {
             None
         };
+        // A table comes from `model.shared` when the config shares them or the checkpoint
+        // stores no table of its own.
+        let from_shared = |src: &dyn WeightSource, name: &str| {
+            shared.is_some() && (cfg.share_encoder_decoder_embeddings || !src.has(name))
+        };
         let table = |src: &mut dyn WeightSource, name: &str, rows: usize| -> Result<Tensor> {
-            let t = match (
-                &shared,
-                cfg.share_encoder_decoder_embeddings || !src.has(name),
-            ) {
-                (Some(s), true) => s.clone(),
+            let t = match &shared {
+                Some(s) if from_shared(src, name) => s.clone(),
                 _ => src.get(name)?,
             };
             if t.dims() != [rows, d] {
@@ -365,10 +367,8 @@ impl Marian {
         // The output projection is its own layer (tied to the decoder embeddings unless the
         // checkpoint stores `lm_head.weight`), so a plan can quantize it alone.
         let tied_lm_head = !src.has("lm_head.weight");
-        let shared_embeddings = shared.is_some()
-            && (cfg.share_encoder_decoder_embeddings
-                || !src.has("model.encoder.embed_tokens.weight")
-                    && !src.has("model.decoder.embed_tokens.weight"));
+        let shared_embeddings = from_shared(src, "model.encoder.embed_tokens.weight")
+            && from_shared(src, "model.decoder.embed_tokens.weight");
         let head_weight = if !tied_lm_head {
             src.get("lm_head.weight")?
         } else {
@@ -670,11 +670,7 @@ fn checked_f32(name: &str, t: Tensor) -> Result<Tensor> {
 /// its index) or pytorch_model.bin.
 pub fn load_dir(dir: &Path, device: &Device) -> Result<Marian> {
     let cfg_path = dir.join("config.json");
-    let v: Value = serde_json::from_str(
-        &std::fs::read_to_string(&cfg_path)
-            .with_context(|| format!("reading {}", cfg_path.display()))?,
-    )
-    .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+    let v = crate::load::read_json(&cfg_path)?;
     let cfg =
         MarianConfig::from_hf_json(&v).with_context(|| format!("in {}", cfg_path.display()))?;
     let bin = dir.join("pytorch_model.bin");

@@ -86,7 +86,7 @@ pub struct MarianArgs {
     /// Decoding overrides (the model's generation config otherwise; --max-new-tokens
     /// defaults to 128 here, as in the model card's BLEU).
     #[command(flatten)]
-    pub decoding: mt::DecodingArgs,
+    pub decoding: crate::eval::seq2seq::Overrides,
     /// Sentences translated together for BLEU and samples/s.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
@@ -239,27 +239,15 @@ fn marian_lab(a: MarianArgs, data_dir: Option<&std::path::Path>) -> Result<Repor
             None => DataDir::resolve(data_dir)?.require(rel, how),
         }
     };
-    let mut src = crate::data::read_lines(&file(
-        a.src,
-        "multi30k/test_2016_flickr.en.gz",
-        "pass --src FILE",
-    )?)?;
-    let mut refs = crate::data::read_lines(&file(
-        a.reference,
-        "multi30k/test_2016_flickr.de.gz",
-        "pass --ref FILE",
-    )?)?;
-    if src.len() != refs.len() {
-        bail!(
-            "{} source lines but {} references: the files must be aligned",
-            src.len(),
-            refs.len()
-        );
-    }
-    if let Some(n) = a.limit {
-        src.truncate(n);
-        refs.truncate(n);
-    }
+    let (src, refs) = crate::data::read_aligned(
+        &file(a.src, "multi30k/test_2016_flickr.en.gz", "pass --src FILE")?,
+        &file(
+            a.reference,
+            "multi30k/test_2016_flickr.de.gz",
+            "pass --ref FILE",
+        )?,
+        a.limit,
+    )?;
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -267,7 +255,7 @@ fn marian_lab(a: MarianArgs, data_dir: Option<&std::path::Path>) -> Result<Repor
         Some(m) => m,
         None => crate::load::default_marian_dir()?.display().to_string(),
     };
-    let mut decoding = a.decoding.overrides();
+    let mut decoding = a.decoding;
     // The model card's protocol: generate(max_new_tokens=128); the config's max_length lets a
     // few degenerate beams run on to 255 tokens, which moves BLEU by half a point.
     decoding.max_new_tokens.get_or_insert(128);

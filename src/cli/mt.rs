@@ -2,7 +2,7 @@
 
 use crate::eval::bleu::{BLEU_SIGNATURE, CHRF_SIGNATURE};
 use crate::eval::mt::{self, PreparedMarian};
-use crate::eval::seq2seq::{translate, EarlyStopping, GenerateConfig, Overrides};
+use crate::eval::seq2seq::{translate, GenerateConfig, Overrides};
 use crate::report::{Cell, Report, Table};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -24,41 +24,13 @@ pub struct MtModelArgs {
     #[arg(long)]
     pub calibration: Option<PathBuf>,
     #[command(flatten)]
-    pub decoding: DecodingArgs,
+    pub decoding: Overrides,
     /// Sentences translated together (padded).
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
     /// Hide progress bars.
     #[arg(long)]
     pub quiet: bool,
-}
-
-/// Overrides of the model's generation_config.json.
-#[derive(clap::Args, Debug, Clone)]
-pub struct DecodingArgs {
-    /// Beams (1 = greedy). Default: the model's generation config.
-    #[arg(long)]
-    pub num_beams: Option<usize>,
-    /// Most tokens generated per sentence (EOS included). Default: the model's max_length.
-    #[arg(long)]
-    pub max_new_tokens: Option<usize>,
-    /// Beam scores are divided by length^length_penalty.
-    #[arg(long)]
-    pub length_penalty: Option<f64>,
-    /// Beam search stopping rule: false (transformers' default heuristic), true, never.
-    #[arg(long)]
-    pub early_stopping: Option<EarlyStopping>,
-}
-
-impl DecodingArgs {
-    pub fn overrides(&self) -> Overrides {
-        Overrides {
-            num_beams: self.num_beams,
-            max_new_tokens: self.max_new_tokens,
-            length_penalty: self.length_penalty,
-            early_stopping: self.early_stopping,
-        }
-    }
 }
 
 impl MtModelArgs {
@@ -83,7 +55,7 @@ impl MtModelArgs {
             calibration.as_deref(),
             &Device::Cpu,
         )?;
-        let cfg = self.decoding.overrides().apply(&p.mt.generation)?;
+        let cfg = self.decoding.apply(&p.mt.generation)?;
         Ok((p, cfg))
     }
 }
@@ -123,21 +95,7 @@ pub fn translate_stdin(a: &MtModelArgs) -> Result<()> {
 
 /// `eval --task bleu --hyps F --ref F`: corpus scores of existing translations.
 fn score_hypotheses(hyps_path: &std::path::Path, a: &EvalArgs) -> Result<Report> {
-    let mut hyps = crate::data::read_lines(hyps_path)?;
-    let mut refs = crate::data::read_lines(&a.reference)?;
-    if hyps.len() != refs.len() {
-        bail!(
-            "{} has {} lines but {} has {}: hypotheses and references must be aligned line by line",
-            hyps_path.display(),
-            hyps.len(),
-            a.reference.display(),
-            refs.len()
-        );
-    }
-    if let Some(n) = a.limit {
-        hyps.truncate(n);
-        refs.truncate(n);
-    }
+    let (hyps, refs) = crate::data::read_aligned(hyps_path, &a.reference, a.limit)?;
     let bleu = crate::eval::bleu::corpus_bleu(&hyps, &refs)?;
     let chrf = crate::eval::bleu::corpus_chrf(&hyps, &refs)?;
     let mut t = Table::new(
@@ -203,21 +161,7 @@ pub fn eval_report(a: &EvalArgs) -> Result<Report> {
         .src
         .as_ref()
         .context("--src is required unless --hyps is given")?;
-    let mut src = crate::data::read_lines(src_path)?;
-    let mut refs = crate::data::read_lines(&a.reference)?;
-    if src.len() != refs.len() {
-        bail!(
-            "{} has {} lines but {} has {}: source and reference must be aligned line by line",
-            src_path.display(),
-            src.len(),
-            a.reference.display(),
-            refs.len()
-        );
-    }
-    if let Some(n) = a.limit {
-        src.truncate(n);
-        refs.truncate(n);
-    }
+    let (src, refs) = crate::data::read_aligned(src_path, &a.reference, a.limit)?;
     let (p, cfg) = a.model.prepare()?;
     let run = mt::evaluate(&p, &src, &refs, &cfg, a.model.batch_size, !a.model.quiet)?;
     if let Some(out) = &a.hyps_out {

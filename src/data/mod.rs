@@ -69,6 +69,30 @@ impl DataDir {
     }
 }
 
+/// Two line-aligned files (source and reference, or hypotheses and reference), cut to the
+/// first `limit` lines; files of different lengths are an error naming both.
+pub fn read_aligned(
+    a: &Path,
+    b: &Path,
+    limit: Option<usize>,
+) -> Result<(Vec<String>, Vec<String>)> {
+    let (mut x, mut y) = (read_lines(a)?, read_lines(b)?);
+    if x.len() != y.len() {
+        bail!(
+            "{} has {} lines but {} has {}: the files must be aligned line by line",
+            a.display(),
+            x.len(),
+            b.display(),
+            y.len()
+        );
+    }
+    if let Some(n) = limit {
+        x.truncate(n);
+        y.truncate(n);
+    }
+    Ok((x, y))
+}
+
 /// The lines of a text file (gzip-compressed when the name ends in `.gz`), without their
 /// line endings. An unreadable, non-UTF-8 or empty file is an error naming it.
 pub fn read_lines(path: &Path) -> Result<Vec<String>> {

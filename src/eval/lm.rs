@@ -35,18 +35,7 @@ impl PreparedLlm {
     /// Bits per weight over the quantized linear layers (those not held in f32); 32 when
     /// every layer is f32.
     pub fn linear_bits_per_weight(&self) -> f64 {
-        use crate::nn::Method;
-        let quantized: Vec<&LayerSummary> = self
-            .layers
-            .iter()
-            .filter(|l| !matches!(l.method, Method::F32 | Method::Keep))
-            .collect();
-        if quantized.is_empty() {
-            return 32.0;
-        }
-        let p: usize = quantized.iter().map(|l| l.params).sum();
-        let b: usize = quantized.iter().map(|l| l.bytes).sum();
-        b as f64 * 8.0 / p.max(1) as f64
+        crate::nn::quantized_bits_per_weight(&self.layers)
     }
 }
 

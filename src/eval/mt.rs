@@ -5,7 +5,7 @@ use crate::eval::bleu::{corpus_bleu, corpus_chrf, Bleu};
 use crate::eval::latency::LatencyStats;
 use crate::eval::seq2seq::{translate, GenerateConfig, Translation};
 use crate::load::{load_marian, LoadedMarian};
-use crate::nn::{apply_plan, HasLinears, LayerSummary, Method, Plan};
+use crate::nn::{apply_plan, HasLinears, LayerSummary, Plan};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::time::Instant;
@@ -34,21 +34,6 @@ impl PreparedMarian {
             0
         };
         linears - tied + self.mt.model.dense_bytes()
-    }
-
-    /// Bits per weight over the layers a plan quantized; 32 when none was.
-    pub fn linear_bits_per_weight(&self) -> f64 {
-        let q: Vec<&LayerSummary> = self
-            .layers
-            .iter()
-            .filter(|l| !matches!(l.method, Method::F32 | Method::Keep))
-            .collect();
-        if q.is_empty() {
-            return 32.0;
-        }
-        let p: usize = q.iter().map(|l| l.params).sum();
-        let b: usize = q.iter().map(|l| l.bytes).sum();
-        b as f64 * 8.0 / p.max(1) as f64
     }
 }
 

@@ -56,10 +56,10 @@ impl GenerateConfig {
     pub fn for_model(dir: &Path, cfg: &MarianConfig) -> Result<Self> {
         let read = |name: &str| -> Result<Value> {
             let p = dir.join(name);
-            match std::fs::read_to_string(&p) {
-                Ok(t) => serde_json::from_str(&t)
-                    .with_context(|| format!("{} is not valid JSON", p.display())),
-                Err(_) => Ok(Value::Null),
+            if p.is_file() {
+                crate::load::read_json(&p)
+            } else {
+                Ok(Value::Null)
             }
         };
         let gen = read("generation_config.json")?;
@@ -127,12 +127,20 @@ impl GenerateConfig {
     }
 }
 
-/// Changes to a model's generation defaults (the `translate`/`eval`/`lab` flags).
-#[derive(Debug, Clone, Default)]
+/// Changes to a model's generation defaults; also the `translate`/`eval`/`lab` flags.
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct Overrides {
+    /// Beams (1 = greedy). Default: the model's generation config.
+    #[arg(long)]
     pub num_beams: Option<usize>,
+    /// Most tokens generated per sentence (EOS included). Default: the model's max_length.
+    #[arg(long)]
     pub max_new_tokens: Option<usize>,
+    /// Beam scores are divided by length^length_penalty.
+    #[arg(long)]
     pub length_penalty: Option<f64>,
+    /// Beam search stopping rule: false (transformers' default heuristic), true, never.
+    #[arg(long)]
     pub early_stopping: Option<EarlyStopping>,
 }
 

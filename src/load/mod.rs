@@ -47,13 +47,26 @@ pub fn resolve_with_cache(spec: &str, cache: &hf_hub::Cache) -> Result<PathBuf> 
     }
 }
 
+/// A JSON file (config.json, generation_config.json, ...), with errors naming it.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+/// Total size on disk of some weight files.
+fn files_bytes(files: &[PathBuf]) -> u64 {
+    files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
 /// The `model_type` field of a directory's config.json.
 pub fn model_type(dir: &Path) -> Result<String> {
     let path = dir.join("config.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let v = read_json(&path)?;
     v.get("model_type")
         .and_then(|t| t.as_str())
         .map(str::to_string)
@@ -164,11 +177,7 @@ pub fn load_llm(spec: &str, load_as: LoadAs, device: &Device) -> Result<LoadedLl
     }
     let model = Llama::from_hf_dir(&dir, device)?;
     let tokenizer = TextTokenizer::from_hf_dir(&dir)?;
-    let disk_bytes = safetensors_files(&dir)?
-        .iter()
-        .filter_map(|f| std::fs::metadata(f).ok())
-        .map(|m| m.len())
-        .sum();
+    let disk_bytes = files_bytes(&safetensors_files(&dir)?);
     Ok(LoadedLlm {
         model,
         tokenizer,
@@ -211,11 +220,7 @@ pub fn load_marian(spec: &str, device: &Device) -> Result<LoadedMarian> {
         Ok(f) => f,
         Err(_) => vec![dir.join("pytorch_model.bin")],
     };
-    let disk_bytes = weight_files
-        .iter()
-        .filter_map(|f| std::fs::metadata(f).ok())
-        .map(|m| m.len())
-        .sum();
+    let disk_bytes = files_bytes(&weight_files);
     Ok(LoadedMarian {
         model,
         tokenizer,

@@ -34,6 +34,21 @@ impl LayerSummary {
     }
 }
 
+/// Bits per weight over the layers a plan quantized (those not held in f32); 32 when none
+/// was.
+pub fn quantized_bits_per_weight(layers: &[LayerSummary]) -> f64 {
+    let q: Vec<&LayerSummary> = layers
+        .iter()
+        .filter(|l| !matches!(l.method, Method::F32 | Method::Keep))
+        .collect();
+    if q.is_empty() {
+        return 32.0;
+    }
+    let p: usize = q.iter().map(|l| l.params).sum();
+    let b: usize = q.iter().map(|l| l.bytes).sum();
+    b as f64 * 8.0 / p.max(1) as f64
+}
+
 /// Applies a plan: layers whose method is static int8 are calibrated first by running
 /// `calibrate` (which should push calibration batches through the model), then every
 /// layer is converted.

@@ -90,6 +90,26 @@ pub fn int8_weight_scheme() -> Scheme {
         .per_channel(0)
 }
 
+/// Runs `f` on the first `n` elements of a contiguous CPU tensor's storage, borrowed in
+/// place; `None` for other devices, layouts or element types.
+fn with_cpu_slice<T, R>(
+    t: &Tensor,
+    n: usize,
+    pick: impl Fn(&candle_core::CpuStorage) -> candle_core::Result<&[T]>,
+    f: impl FnOnce(&[T]) -> R,
+) -> Option<R> {
+    if !t.device().is_cpu() || !t.is_contiguous() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return None;
+    };
+    let all = pick(cpu).ok()?;
+    all.get(layout.start_offset()..layout.start_offset() + n)
+        .map(f)
+}
+
 impl QLinear {
     /// An f32 layer from a `[out, in]` weight and optional `[out]` bias.
     pub fn new(name: &str, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
@@ -181,61 +201,56 @@ impl QLinear {
     /// per-tensor/per-row/per-group parameters, 4-bit code books) held on the CPU; `None`
     /// for other layouts, which take the general dequantize path.
     fn with_rows<R>(&self, f: impl FnOnce(&rows::RowSource) -> R) -> Result<Option<R>> {
+        use crate::quant::codebook::Absmax;
         use crate::quant::Granularity;
-        use candle_core::{CpuStorage, Storage};
-        let cpu_slice = |t: &Tensor| -> bool { t.device().is_cpu() && t.is_contiguous() };
+        use candle_core::CpuStorage;
+        let n = self.out_features * self.in_features;
         match &self.weights {
-            Weights::F32(t) if cpu_slice(t) => {
-                let (storage, layout) = t.storage_and_layout();
-                match &*storage {
-                    Storage::Cpu(CpuStorage::F32(v)) => {
-                        let n = self.out_features * self.in_features;
-                        let v = &v[layout.start_offset()..layout.start_offset() + n];
-                        Ok(Some(f(&rows::RowSource::F32(v))))
-                    }
-                    _ => Ok(None),
-                }
-            }
-            Weights::Half(t) if cpu_slice(t) => {
-                let (storage, layout) = t.storage_and_layout();
-                match &*storage {
-                    Storage::Cpu(CpuStorage::F16(v)) => {
-                        let n = self.out_features * self.in_features;
-                        let v = &v[layout.start_offset()..layout.start_offset() + n];
-                        Ok(Some(f(&rows::RowSource::Half(v))))
-                    }
-                    _ => Ok(None),
-                }
-            }
-            Weights::Uniform(q) if cpu_slice(&q.codes) => {
+            Weights::F32(t) => Ok(with_cpu_slice(t, n, CpuStorage::as_slice::<f32>, |v| {
+                f(&rows::RowSource::F32(v))
+            })),
+            Weights::Half(t) => Ok(with_cpu_slice(
+                t,
+                n,
+                CpuStorage::as_slice::<half::f16>,
+                |v| f(&rows::RowSource::Half(v)),
+            )),
+            Weights::Uniform(q) => {
                 let group = match q.scheme.granularity {
                     Granularity::PerTensor => 0,
                     Granularity::PerChannel { axis: 0 } => self.in_features,
                     Granularity::PerGroup { size } => size,
                     Granularity::PerChannel { .. } => return Ok(None),
                 };
-                let (storage, layout) = q.codes.storage_and_layout();
-                match &*storage {
-                    Storage::Cpu(CpuStorage::U8(v)) => {
-                        let n = self.out_features * self.in_features;
-                        let codes = &v[layout.start_offset()..layout.start_offset() + n];
-                        Ok(Some(f(&rows::RowSource::Grouped {
+                Ok(with_cpu_slice(
+                    &q.codes,
+                    n,
+                    CpuStorage::as_slice::<u8>,
+                    |codes| {
+                        f(&rows::RowSource::Grouped {
                             codes,
                             signed: q.scheme.signed,
                             scale: &q.params.scale,
                             zero: &q.params.zero_point,
                             group,
-                        })))
-                    }
-                    _ => Ok(None),
-                }
+                        })
+                    },
+                ))
             }
             Weights::FourBit(q) => {
-                let absmax = q.absmax.values();
+                // Plain scales are used in place; double-quantized ones are decoded (n/64 values).
+                let decoded;
+                let absmax: &[f32] = match &q.absmax {
+                    Absmax::Plain(v) => v,
+                    double => {
+                        decoded = double.values();
+                        &decoded
+                    }
+                };
                 Ok(Some(f(&rows::RowSource::FourBit {
                     packed: &q.packed,
                     table: q.kind.code(),
-                    absmax: &absmax,
+                    absmax,
                     blocksize: q.blocksize,
                 })))
             }
