@@ -22,7 +22,7 @@ fn bench(c: &mut Criterion) {
             "nf4",
         ] {
             let mut l = QLinear::new("lm_head", w.clone(), None).unwrap();
-            l.convert(&method.parse().unwrap()).unwrap();
+            l.convert(&method.parse().unwrap(), None).unwrap();
             g.bench_function(format!("m{m}/{method}"), |b| {
                 b.iter(|| l.forward(black_box(&x)).unwrap())
             });

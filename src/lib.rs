@@ -6,6 +6,7 @@ pub mod data;
 pub mod eval;
 pub mod lab;
 pub mod load;
+pub mod model;
 pub mod nn;
 pub mod progress;
 pub mod quant;

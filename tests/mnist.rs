@@ -5,9 +5,8 @@ use candle_core::{Device, Tensor};
 use quantlab::arch::mlp::{Mlp, MlpConfig};
 use quantlab::arch::train::{accuracy, train, TrainConfig};
 use quantlab::data::{mnist, DataDir};
-use quantlab::nn::qlinear::{ActQuant, Weights};
+use quantlab::nn::format::int8::{ActQuant, Int8};
 use quantlab::nn::{apply_plan, HasLinears, Method, Plan};
-use quantlab::quant::ObserverKind;
 use std::sync::OnceLock;
 
 fn data() -> &'static mnist::Mnist {
@@ -81,8 +80,11 @@ fn save_load_round_trip_gives_identical_logits() {
     let m = trained();
     let dir = tempfile::tempdir().unwrap();
     m.save(dir.path()).unwrap();
-    let quantlab::load::AnyModel::Mlp(back) =
-        quantlab::load::load_model(dir.path().to_str().unwrap(), &Device::Cpu).unwrap();
+    let quantlab::model::AnyModel::Mlp(back) =
+        quantlab::model::load_model(dir.path().to_str().unwrap(), &Device::Cpu).unwrap()
+    else {
+        panic!("an MLP checkpoint loads as an MLP")
+    };
     let x = data().test.images.narrow(0, 0, 32).unwrap();
     assert_eq!(
         m.forward(&x).unwrap().to_vec2::<f32>().unwrap(),
@@ -127,7 +129,7 @@ fn quantized_rows_stay_close_to_fp32() {
             "{method}: {acc} vs fp32 {base_acc}"
         );
         // Really quantized: sizes shrink for everything but f32.
-        let bytes: usize = m.linears().iter().map(|l| l.stored_bytes().unwrap()).sum();
+        let bytes: usize = m.linears().iter().map(|l| l.stored_bytes()).sum();
         assert!(bytes < m.num_params() * 4, "{method}");
     }
 }
@@ -138,11 +140,9 @@ fn static_calibration_is_deterministic_and_plan_selective() {
     let params = |m: &Mlp| -> Vec<(f32, i32)> {
         m.layers
             .iter()
-            .filter_map(|l| match &l.weights {
-                Weights::Int8(_, ActQuant::Static { scale, zero_point }) => {
-                    Some((*scale, *zero_point))
-                }
-                _ => None,
+            .filter_map(|l| match l.weight.as_any().downcast_ref::<Int8>()?.act {
+                ActQuant::Static { scale, zero_point } => Some((scale, zero_point)),
+                ActQuant::Dynamic => None,
             })
             .collect()
     };
@@ -152,7 +152,7 @@ fn static_calibration_is_deterministic_and_plan_selective() {
     apply_plan(&mut b, &plan, calibrate).unwrap();
     assert_eq!(params(&a).len(), 2, "fc1 and fc2 static, fc3 kept f32");
     assert_eq!(params(&a), params(&b));
-    assert!(matches!(a.layers[2].weights, Weights::F32(_)));
+    assert_eq!(a.layers[2].weight.id(), "f32");
     let x = Tensor::zeros((1, 784), candle_core::DType::F32, &Device::Cpu).unwrap();
     assert_eq!(a.forward(&x).unwrap().dims(), &[1, 10]);
 }
@@ -162,7 +162,7 @@ fn missing_calibration_is_an_error() {
     let mut m = trained().clone();
     let e = apply_plan(
         &mut m,
-        &Plan::uniform(Method::StaticInt8(ObserverKind::MinMax)),
+        &Plan::uniform("static-int8:minmax".parse::<Method>().unwrap()),
         |_| Ok(()),
     )
     .unwrap_err();

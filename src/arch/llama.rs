@@ -4,6 +4,7 @@
 //! `lm_head`) whichever file they came from.
 
 use crate::load::gguf::Gguf;
+use crate::load::{SafetensorsSource, TensorSource};
 use crate::nn::{HasLinears, QLinear};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -221,6 +222,10 @@ impl LlamaConfig {
     }
 }
 
+/// Key in a quantized checkpoint's config.json: the rope layout of its q/k weights
+/// (`interleaved` when they came from a GGUF file, whose q/k rows are permuted).
+pub const ROPE_LAYOUT_KEY: &str = "quantlab_rope_layout";
+
 /// How weights are materialised when a model is loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LoadAs {
@@ -274,18 +279,34 @@ pub struct Llama {
     pub device: Device,
 }
 
-/// Where a model's tensors come from, named the Hugging Face way.
-trait TensorSource {
-    /// A vector or embedding table as f32.
-    fn dense(&mut self, hf_name: &str) -> Result<Tensor>;
-    /// A linear layer `[out, in]`.
-    fn linear(&mut self, hf_name: &str) -> Result<QLinear>;
+/// GGUF tensors read under Hugging Face names (`model.layers.0.self_attn.q_proj.weight`).
+struct GgufNames<'a>(&'a mut Gguf);
+
+/// The GGUF name of a Hugging Face tensor name ending in `.weight`.
+fn gguf_tensor_name(hf: &str) -> Result<String> {
+    gguf_name(hf.strip_suffix(".weight").unwrap_or(hf))
 }
 
-struct GgufSource<'a> {
-    g: &'a mut Gguf,
-    load_as: LoadAs,
-    device: Device,
+impl TensorSource for GgufNames<'_> {
+    fn origin(&self) -> String {
+        self.0.origin()
+    }
+
+    fn has(&self, name: &str) -> bool {
+        gguf_tensor_name(name).is_ok_and(|g| self.0.has(&g))
+    }
+
+    fn tensor(&mut self, name: &str, device: &Device) -> Result<Tensor> {
+        TensorSource::tensor(self.0, &gguf_tensor_name(name)?, device)
+    }
+
+    fn ggml(
+        &mut self,
+        name: &str,
+        device: &Device,
+    ) -> Result<Option<candle_core::quantized::QTensor>> {
+        self.0.ggml(&gguf_tensor_name(name)?, device)
+    }
 }
 
 /// The GGUF (llama.cpp) name of a Hugging Face tensor name.
@@ -319,39 +340,22 @@ pub fn gguf_name(hf: &str) -> Result<String> {
     Ok(format!("blk.{idx}.{g}.weight"))
 }
 
-impl TensorSource for GgufSource<'_> {
-    fn dense(&mut self, hf_name: &str) -> Result<Tensor> {
-        let q = self.g.tensor(&gguf_name(hf_name)?, &self.device)?;
-        Ok(q.dequantize(&self.device)?)
-    }
-
-    fn linear(&mut self, hf_name: &str) -> Result<QLinear> {
-        let q = self.g.tensor(&gguf_name(hf_name)?, &self.device)?;
-        match self.load_as {
-            LoadAs::Ggml => QLinear::from_ggml(hf_name, q),
-            LoadAs::F32 => QLinear::new(hf_name, q.dequantize(&self.device)?, None),
-        }
-    }
-}
-
-struct SafetensorsSource {
-    st: candle_core::safetensors::MmapedSafetensors,
+/// Tensors with their Hugging Face names, for building the model.
+struct Reader<'a> {
+    src: &'a mut dyn TensorSource,
+    keep_ggml: bool,
     device: Device,
 }
 
-impl TensorSource for SafetensorsSource {
+impl Reader<'_> {
+    /// A vector or embedding table as f32.
     fn dense(&mut self, hf_name: &str) -> Result<Tensor> {
-        let name = format!("{hf_name}.weight");
-        let t = self
-            .st
-            .load(&name, &self.device)
-            .map_err(|e| anyhow::anyhow!("loading tensor '{name}': {e}"))?;
-        Ok(t.to_dtype(DType::F32)?)
+        self.src.tensor(&format!("{hf_name}.weight"), &self.device)
     }
 
+    /// A linear layer `[out, in]`.
     fn linear(&mut self, hf_name: &str) -> Result<QLinear> {
-        let w = self.dense(hf_name)?;
-        QLinear::new(hf_name, w, None)
+        QLinear::load(hf_name, self.src, self.keep_ggml, &self.device)
     }
 }
 
@@ -359,35 +363,43 @@ impl Llama {
     /// Loads a llama-architecture GGUF file.
     pub fn from_gguf(g: &mut Gguf, load_as: LoadAs, device: &Device) -> Result<Self> {
         let cfg = LlamaConfig::from_gguf(g)?;
-        let mut src = GgufSource {
-            g,
-            load_as,
+        let mut names = GgufNames(g);
+        let mut src = Reader {
+            src: &mut names,
+            keep_ggml: load_as == LoadAs::Ggml,
             device: device.clone(),
         };
         Self::build(cfg, &mut src, RopeLayout::Interleaved, device)
     }
 
     /// Loads a Hugging Face directory: config.json and model.safetensors (or shards listed
-    /// in model.safetensors.index.json).
+    /// in model.safetensors.index.json), possibly a quantized checkpoint written by quantlab
+    /// (whose config.json records the rope layout of the weights it was made from).
     pub fn from_hf_dir(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let v = crate::load::read_json(&cfg_path)?;
         let cfg =
             LlamaConfig::from_hf_json(&v).with_context(|| format!("in {}", cfg_path.display()))?;
-        let files = crate::load::safetensors_files(dir)?;
-        // SAFETY: the files are memory-mapped read-only and not modified while loaded.
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
-            .map_err(|e| anyhow::anyhow!("opening safetensors in {}: {e}", dir.display()))?;
-        let mut src = SafetensorsSource {
-            st,
+        let layout = match v.get(ROPE_LAYOUT_KEY).and_then(|l| l.as_str()) {
+            None | Some("half-split") => RopeLayout::HalfSplit,
+            Some("interleaved") => RopeLayout::Interleaved,
+            Some(other) => bail!(
+                "{}: unknown {ROPE_LAYOUT_KEY} '{other}' (interleaved or half-split)",
+                cfg_path.display()
+            ),
+        };
+        let mut st = SafetensorsSource::open(&crate::load::safetensors_files(dir)?)?;
+        let mut src = Reader {
+            src: &mut st,
+            keep_ggml: false,
             device: device.clone(),
         };
-        Self::build(cfg, &mut src, RopeLayout::HalfSplit, device)
+        Self::build(cfg, &mut src, layout, device)
     }
 
     fn build(
         cfg: LlamaConfig,
-        src: &mut dyn TensorSource,
+        src: &mut Reader,
         rope_layout: RopeLayout,
         device: &Device,
     ) -> Result<Self> {
@@ -441,7 +453,11 @@ impl Llama {
             blocks.push(b);
         }
         let norm = src.dense("model.norm")?;
-        let lm_head = if cfg.tie_word_embeddings {
+        let stored_head = crate::nn::checkpoint::stored_layers(src.src)?
+            .is_some_and(|m| m.contains_key("lm_head"));
+        let lm_head = if stored_head {
+            src.linear("lm_head")?
+        } else if cfg.tie_word_embeddings {
             // Tied: the output layer starts as the embedding table (its own copy, so a plan
             // can quantize it without touching the embeddings).
             match src.linear("model.embed_tokens") {

@@ -7,6 +7,7 @@
 //! cache, the cross-attention keys/values are computed once from the encoder output, and
 //! rows (sentences × beams) can be reordered or dropped between steps.
 
+use crate::load::TensorSource;
 use crate::nn::{HasLinears, QLinear};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
@@ -246,12 +247,6 @@ impl DecoderState {
     }
 }
 
-/// Where the weights come from: named tensors of a safetensors or PyTorch checkpoint.
-pub trait WeightSource {
-    fn get(&mut self, name: &str) -> Result<Tensor>;
-    fn has(&self, name: &str) -> bool;
-}
-
 pub struct Marian {
     pub cfg: MarianConfig,
     encoder_embed: Tensor,
@@ -284,22 +279,22 @@ pub fn sinusoidal_positions(n: usize, dim: usize, device: &Device) -> Result<Ten
 
 impl Marian {
     /// Builds the model from `config.json`'s fields and a source of named tensors.
-    pub fn build(cfg: MarianConfig, src: &mut dyn WeightSource, device: &Device) -> Result<Self> {
+    pub fn build(cfg: MarianConfig, src: &mut dyn TensorSource, device: &Device) -> Result<Self> {
         let d = cfg.d_model;
         let shared = if src.has("model.shared.weight") {
-            Some(src.get("model.shared.weight")?)
+            Some(src.tensor("model.shared.weight", device)?)
         } else {
             None
         };
         // A table comes from `model.shared` when the config shares them or the checkpoint
         // stores no table of its own.
-        let from_shared = |src: &dyn WeightSource, name: &str| {
+        let from_shared = |src: &dyn TensorSource, name: &str| {
             shared.is_some() && (cfg.share_encoder_decoder_embeddings || !src.has(name))
         };
-        let table = |src: &mut dyn WeightSource, name: &str, rows: usize| -> Result<Tensor> {
+        let table = |src: &mut dyn TensorSource, name: &str, rows: usize| -> Result<Tensor> {
             let t = match &shared {
                 Some(s) if from_shared(src, name) => s.clone(),
-                _ => src.get(name)?,
+                _ => src.tensor(name, device)?,
             };
             if t.dims() != [rows, d] {
                 bail!(
@@ -315,19 +310,21 @@ impl Marian {
             "model.decoder.embed_tokens.weight",
             cfg.decoder_vocab_size,
         )?;
-        let linear = |src: &mut dyn WeightSource, name: &str| -> Result<QLinear> {
-            let w = src.get(&format!("{name}.weight"))?;
-            let b = src.get(&format!("{name}.bias"))?;
-            QLinear::new(name, w, Some(b))
+        let linear = |src: &mut dyn TensorSource, name: &str| -> Result<QLinear> {
+            let l = QLinear::load(name, src, false, device)?;
+            if l.bias.is_none() {
+                bail!("tensor '{name}.bias' is missing from {}", src.origin());
+            }
+            Ok(l)
         };
-        let norm = |src: &mut dyn WeightSource, name: &str| -> Result<LayerNorm> {
+        let norm = |src: &mut dyn TensorSource, name: &str| -> Result<LayerNorm> {
             Ok(LayerNorm::new(
-                src.get(&format!("{name}.weight"))?,
-                src.get(&format!("{name}.bias"))?,
+                src.tensor(&format!("{name}.weight"), device)?,
+                src.tensor(&format!("{name}.bias"), device)?,
                 1e-5,
             ))
         };
-        let attention = |src: &mut dyn WeightSource, p: &str, heads: usize| -> Result<Attention> {
+        let attention = |src: &mut dyn TensorSource, p: &str, heads: usize| -> Result<Attention> {
             Ok(Attention {
                 q: linear(src, &format!("{p}.q_proj"))?,
                 k: linear(src, &format!("{p}.k_proj"))?,
@@ -336,7 +333,7 @@ impl Marian {
                 heads,
             })
         };
-        let ffn = |src: &mut dyn WeightSource, p: &str| -> Result<FeedForward> {
+        let ffn = |src: &mut dyn TensorSource, p: &str| -> Result<FeedForward> {
             Ok(FeedForward {
                 fc1: linear(src, &format!("{p}.fc1"))?,
                 fc2: linear(src, &format!("{p}.fc2"))?,
@@ -366,20 +363,25 @@ impl Marian {
         }
         // The output projection is its own layer (tied to the decoder embeddings unless the
         // checkpoint stores `lm_head.weight`), so a plan can quantize it alone.
-        let tied_lm_head = !src.has("lm_head.weight");
+        // A quantized checkpoint records the head as a layer of its own (with its bias)
+        // unless it was still the tied f32 table.
+        let stored_head =
+            crate::nn::checkpoint::stored_layers(src)?.is_some_and(|m| m.contains_key("lm_head"));
+        let tied_lm_head = !src.has("lm_head.weight") && !stored_head;
         let shared_embeddings = from_shared(src, "model.encoder.embed_tokens.weight")
             && from_shared(src, "model.decoder.embed_tokens.weight");
-        let head_weight = if !tied_lm_head {
-            src.get("lm_head.weight")?
-        } else {
-            decoder_embed.clone()
-        };
         let bias = if src.has("final_logits_bias") {
-            src.get("final_logits_bias")?.flatten_all()?
+            src.tensor("final_logits_bias", device)?.flatten_all()?
         } else {
             Tensor::zeros(cfg.decoder_vocab_size, DType::F32, device)?
         };
-        let lm_head = QLinear::new("lm_head", head_weight, Some(bias))?;
+        let lm_head = if stored_head {
+            QLinear::load("lm_head", src, false, device)?
+        } else if !tied_lm_head {
+            QLinear::new("lm_head", src.tensor("lm_head.weight", device)?, Some(bias))?
+        } else {
+            QLinear::new("lm_head", decoder_embed.clone(), Some(bias))?
+        };
         let positions = sinusoidal_positions(cfg.max_position_embeddings, d, device)?;
         Ok(Self {
             cfg,
@@ -417,7 +419,7 @@ impl Marian {
     /// Whether the output projection still shares the decoder embedding table's storage
     /// (then its weight costs no bytes of its own).
     pub fn lm_head_is_tied(&self) -> bool {
-        self.tied_lm_head && matches!(self.lm_head.weights, crate::nn::qlinear::Weights::F32(_))
+        self.tied_lm_head && self.lm_head.weight.id() == crate::nn::format::dense::ID
     }
 
     pub fn device(&self) -> &Device {
@@ -572,100 +574,6 @@ impl HasLinears for Marian {
     }
 }
 
-/// Named tensors from safetensors files (single or sharded), memory-mapped.
-pub struct SafetensorsWeights {
-    st: candle_core::safetensors::MmapedSafetensors,
-    names: std::collections::HashSet<String>,
-    device: Device,
-}
-
-impl SafetensorsWeights {
-    pub fn open(files: &[std::path::PathBuf], device: &Device) -> Result<Self> {
-        // SAFETY: the files are memory-mapped read-only and not modified while loaded.
-        let st =
-            unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }.map_err(|e| {
-                anyhow::anyhow!("opening {:?}: {e} (re-download the checkpoint)", files)
-            })?;
-        let names = st.tensors().into_iter().map(|(n, _)| n).collect();
-        Ok(Self {
-            st,
-            names,
-            device: device.clone(),
-        })
-    }
-}
-
-impl WeightSource for SafetensorsWeights {
-    fn get(&mut self, name: &str) -> Result<Tensor> {
-        if !self.names.contains(name) {
-            bail!("tensor '{name}' is missing from the checkpoint");
-        }
-        let t = self
-            .st
-            .load(name, &self.device)
-            .map_err(|e| anyhow::anyhow!("loading tensor '{name}': {e}"))?;
-        checked_f32(name, t)
-    }
-
-    fn has(&self, name: &str) -> bool {
-        self.names.contains(name)
-    }
-}
-
-/// Named tensors from a PyTorch `pytorch_model.bin`.
-pub struct PickleWeights {
-    tensors: std::collections::HashMap<String, Tensor>,
-    device: Device,
-}
-
-impl PickleWeights {
-    pub fn open(path: &Path, device: &Device) -> Result<Self> {
-        let tensors = candle_core::pickle::read_all(path)
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "reading {}: {e} (re-download the checkpoint)",
-                    path.display()
-                )
-            })?
-            .into_iter()
-            .collect();
-        Ok(Self {
-            tensors,
-            device: device.clone(),
-        })
-    }
-}
-
-impl WeightSource for PickleWeights {
-    fn get(&mut self, name: &str) -> Result<Tensor> {
-        let t = self
-            .tensors
-            .get(name)
-            .with_context(|| format!("tensor '{name}' is missing from the checkpoint"))?
-            .to_device(&self.device)?;
-        checked_f32(name, t)
-    }
-
-    fn has(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-    }
-}
-
-/// Converts to f32 and refuses NaN or infinite weights, naming the tensor.
-fn checked_f32(name: &str, t: Tensor) -> Result<Tensor> {
-    let t = t.to_dtype(DType::F32)?;
-    let finite = t
-        .flatten_all()?
-        .abs()?
-        .max(0)?
-        .to_scalar::<f32>()?
-        .is_finite();
-    if !finite {
-        bail!("tensor '{name}' holds NaN or infinite values: the checkpoint is corrupt");
-    }
-    Ok(t)
-}
-
 /// Loads a Hugging Face Marian directory: config.json, then model.safetensors (or the shards of
 /// its index) or pytorch_model.bin.
 pub fn load_dir(dir: &Path, device: &Device) -> Result<Marian> {
@@ -673,11 +581,6 @@ pub fn load_dir(dir: &Path, device: &Device) -> Result<Marian> {
     let v = crate::load::read_json(&cfg_path)?;
     let cfg =
         MarianConfig::from_hf_json(&v).with_context(|| format!("in {}", cfg_path.display()))?;
-    let bin = dir.join("pytorch_model.bin");
-    let mut src: Box<dyn WeightSource> = match crate::load::safetensors_files(dir) {
-        Ok(files) => Box::new(SafetensorsWeights::open(&files, device)?),
-        Err(_) if bin.is_file() => Box::new(PickleWeights::open(&bin, device)?),
-        Err(e) => return Err(e.context("no pytorch_model.bin either")),
-    };
+    let mut src = crate::load::open_checkpoint(dir)?;
     Marian::build(cfg, src.as_mut(), device).with_context(|| format!("loading {}", dir.display()))
 }

@@ -1,5 +1,6 @@
 //! The lab's MNIST classifier: 784 → 256 → ReLU → 256 → ReLU → 10, layers `fc1..fc3`.
 
+use crate::load::{write_safetensors, SafetensorsSource};
 use crate::nn::{HasLinears, QLinear};
 use crate::quant::io::write_atomically;
 use anyhow::{bail, Context, Result};
@@ -94,40 +95,29 @@ impl Mlp {
         self.layers.iter().map(QLinear::num_params).sum()
     }
 
-    /// Writes `model.safetensors` (the layers' stored tensors, quantized or not) and
-    /// `config.json`. Returns the safetensors file's size in bytes.
+    /// Writes `model.safetensors` (the layers' stored tensors, quantized or not, with
+    /// each layer's format in the metadata) and `config.json`. Returns the safetensors
+    /// file's size in bytes.
     pub fn save(&self, dir: &Path) -> Result<u64> {
         let mut stored = Vec::new();
         for l in &self.layers {
             stored.extend(l.stored_tensors()?);
         }
-        let views: Vec<(String, safetensors::tensor::TensorView)> = stored
-            .iter()
-            .map(|t| {
-                Ok((
-                    t.name.clone(),
-                    safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes)?,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        let mut meta = HashMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        let methods: Vec<String> = self
-            .layers
-            .iter()
-            .map(|l| format!("{}={}", l.name, l.method))
+        let linears: Vec<&QLinear> = self.layers.iter().collect();
+        let mut meta: HashMap<String, String> = crate::nn::checkpoint::layers_metadata(&linears)?
+            .into_iter()
             .collect();
-        meta.insert("quantlab.plan".to_string(), methods.join(";"));
-        let bytes = safetensors::serialize(views, &Some(meta))?;
-        write_atomically(&dir.join("model.safetensors"), &bytes)?;
+        meta.insert("format".to_string(), "pt".to_string());
+        let bytes = write_safetensors(&dir.join("model.safetensors"), &stored, meta)?;
         write_atomically(
             &dir.join("config.json"),
             serde_json::to_string_pretty(&self.config)?.as_bytes(),
         )?;
-        Ok(bytes.len() as u64)
+        Ok(bytes)
     }
 
-    /// Loads an f32 checkpoint written by [`Mlp::save`] (or by PyTorch with the same names).
+    /// Loads a checkpoint written by [`Mlp::save`] (quantized or not) or by PyTorch with
+    /// the same names.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let cfg: MlpConfig = serde_json::from_str(
@@ -135,14 +125,30 @@ impl Mlp {
                 .with_context(|| format!("reading {}", cfg_path.display()))?,
         )
         .with_context(|| format!("{} is not a valid MLP config", cfg_path.display()))?;
+        cfg.validate()?;
         let weights = dir.join("model.safetensors");
-        let tensors = candle_core::safetensors::load(&weights, device).with_context(|| {
-            format!(
-                "reading {} (missing, truncated or corrupt?)",
-                weights.display()
-            )
-        })?;
-        Self::from_tensors(cfg, &tensors)
+        if !weights.is_file() {
+            bail!("{} is missing", weights.display());
+        }
+        let mut src = SafetensorsSource::open(std::slice::from_ref(&weights))?;
+        let mut layers = Vec::new();
+        for (i, (fan_in, fan_out)) in cfg.layer_shapes().into_iter().enumerate() {
+            let name = layer_name(i);
+            let l = QLinear::load(&name, &mut src, false, device)?;
+            if (l.out_features, l.in_features) != (fan_out, fan_in) {
+                bail!(
+                    "{name} in {} has shape [{}, {}]; the config asks for [{fan_out}, {fan_in}]",
+                    weights.display(),
+                    l.out_features,
+                    l.in_features
+                );
+            }
+            layers.push(l);
+        }
+        Ok(Mlp {
+            config: cfg,
+            layers,
+        })
     }
 }
 

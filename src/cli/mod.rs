@@ -72,7 +72,7 @@ pub enum LabCommand {
 #[derive(clap::Args, Debug)]
 pub struct MarianArgs {
     /// The MarianMT model (default: the shared marian-multi30k-en-de).
-    #[arg(long, env = crate::load::MARIAN_ENV)]
+    #[arg(long, env = crate::model::MARIAN_ENV)]
     pub model: Option<String>,
     /// Source sentences. Default: multi30k/test_2016_flickr.en.gz in the data folder.
     #[arg(long)]
@@ -253,7 +253,7 @@ fn marian_lab(a: MarianArgs, data_dir: Option<&std::path::Path>) -> Result<Repor
     }
     let model = match a.model {
         Some(m) => m,
-        None => crate::load::default_marian_dir()?.display().to_string(),
+        None => crate::model::default_marian_dir()?.display().to_string(),
     };
     let mut decoding = a.decoding;
     // The model card's protocol: generate(max_new_tokens=128); the config's max_length lets a
@@ -346,8 +346,7 @@ fn quantize_report(args: &QuantizeArgs) -> Result<Report> {
         } else {
             let scheme: crate::quant::Scheme = spec.parse()?;
             let q = crate::quant::quantize(&x, &scheme)?;
-            let bytes = crate::quant::pack::packed_len(n, scheme.bits) + q.params.len() * 8;
-            (q.dequantize()?.flatten_all()?.to_vec1::<f32>()?, bytes)
+            (q.dequantize()?.flatten_all()?.to_vec1::<f32>()?, q.nbytes())
         };
         let e = ErrorStats::between_slices(&flat, &approx)?;
         t.push(vec![
@@ -361,7 +360,7 @@ fn quantize_report(args: &QuantizeArgs) -> Result<Report> {
         ]);
     }
     t.note(format!(
-        "bytes: packed codes plus parameters (uniform: f32 scale + i32 zero point per group; {}: f32 absmax per block, or 8-bit codes + f32 per 256 with double quant).",
+        "bytes: as a quantized layer stores them: packed codes plus parameters (uniform: f32 scale per group, plus a one-byte zero point when affine; {}: f32 absmax per block, or 8-bit codes + f32 per 256 with double quant).",
         "nf4/fp4"
     ));
     Ok(Report {

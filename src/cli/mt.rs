@@ -14,7 +14,7 @@ pub struct MtModelArgs {
     /// A Hugging Face MarianMT folder (config.json, safetensors or pytorch_model.bin,
     /// source.spm, target.spm, vocab.json) or a hub id in the local cache. Default: the
     /// shared marian-multi30k-en-de beside the data folder.
-    #[arg(long, env = crate::load::MARIAN_ENV)]
+    #[arg(long, env = crate::model::MARIAN_ENV)]
     pub model: Option<String>,
     /// Per-layer plan, `pattern=method;...` (first match wins; unmatched layers stay f32),
     /// e.g. `*=dynamic-int8` or `lm_head=keep;*=w:i4:sym:g64`.
@@ -37,7 +37,7 @@ impl MtModelArgs {
     pub fn model_spec(&self) -> Result<String> {
         match &self.model {
             Some(m) => Ok(m.clone()),
-            None => Ok(crate::load::default_marian_dir()?.display().to_string()),
+            None => Ok(crate::model::default_marian_dir()?.display().to_string()),
         }
     }
 
@@ -55,7 +55,7 @@ impl MtModelArgs {
             calibration.as_deref(),
             &Device::Cpu,
         )?;
-        let cfg = self.decoding.apply(&p.mt.generation)?;
+        let cfg = self.decoding.apply(&p.generation)?;
         Ok((p, cfg))
     }
 }

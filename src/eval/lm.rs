@@ -4,7 +4,7 @@
 use super::kl::{self, BaseWriter, KlStats};
 use super::perplexity::{self, PerplexityResult, Protocol};
 use crate::arch::llama::LoadAs;
-use crate::load::{load_llm, LoadedLlm};
+use crate::model::{load_llm, LoadedLlm};
 use crate::nn::{apply_plan, HasLinears, LayerSummary, Plan};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -47,11 +47,11 @@ pub fn prepare(
     calibration: Option<&[u32]>,
     device: &Device,
 ) -> Result<PreparedLlm> {
-    let mut llm = load_llm(spec, load_as, device)?;
     let plan_text = plan.unwrap_or("keep").to_string();
     let plan: Plan = plan_text
         .parse()
         .with_context(|| format!("in --plan '{plan_text}'"))?;
+    let mut llm = load_llm(spec, load_as, device)?;
     let layers = apply_plan(&mut llm.model, &plan, |m| {
         let ids = calibration.context(
             "static int8 needs calibration text: this command has none to give (use a weight-only or dynamic method)",

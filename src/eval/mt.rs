@@ -4,7 +4,7 @@
 use crate::eval::bleu::{corpus_bleu, corpus_chrf, Bleu};
 use crate::eval::latency::LatencyStats;
 use crate::eval::seq2seq::{translate, GenerateConfig, Translation};
-use crate::load::{load_marian, LoadedMarian};
+use crate::model::{load_marian, LoadedMarian};
 use crate::nn::{apply_plan, HasLinears, LayerSummary, Plan};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -13,6 +13,8 @@ use std::time::Instant;
 /// A loaded MarianMT model after a plan was applied.
 pub struct PreparedMarian {
     pub mt: LoadedMarian,
+    /// Decoding defaults from the model's `generation_config.json`.
+    pub generation: GenerateConfig,
     pub layers: Vec<LayerSummary>,
     pub plan: String,
 }
@@ -45,12 +47,13 @@ pub fn prepare(
     calibration: Option<&[String]>,
     device: &Device,
 ) -> Result<PreparedMarian> {
-    let mut mt = load_marian(spec, device)?;
     let plan_text = plan.unwrap_or("keep").to_string();
     let parsed: Plan = plan_text
         .parse()
         .with_context(|| format!("in --plan '{plan_text}'"))?;
-    let (tokenizer, generation) = (mt.tokenizer.clone(), mt.generation.clone());
+    let mut mt = load_marian(spec, device)?;
+    let generation = GenerateConfig::for_model(&mt.source, &mt.model.cfg)?;
+    let tokenizer = mt.tokenizer.clone();
     let layers = apply_plan(&mut mt.model, &parsed, |m| {
         let text = calibration.context(
             "static int8 needs calibration sentences: pass --calibration FILE (source-language lines)",
@@ -62,6 +65,7 @@ pub fn prepare(
     })?;
     Ok(PreparedMarian {
         mt,
+        generation,
         layers,
         plan: plan_text,
     })

@@ -32,7 +32,7 @@ pub const ROWS: [(&str, &str); 5] = [
 
 fn prepare(cfg: &MarianLabConfig, plan: &str) -> Result<(PreparedMarian, GenerateConfig)> {
     let p = mt::prepare(&cfg.model, Some(plan), None, &Device::Cpu)?;
-    let g = cfg.decoding.apply(&p.mt.generation)?;
+    let g = cfg.decoding.apply(&p.generation)?;
     Ok((p, g))
 }
 

@@ -77,15 +77,18 @@ pub fn checkpoint(data: &mnist::Mnist, cfg: &MnistLabConfig) -> Result<(Mlp, boo
     Ok((model, true, log.losses.last().copied()))
 }
 
-fn rows_plan() -> Vec<(&'static str, Method)> {
-    vec![
-        ("-", Method::F32),
-        ("D", Method::F16),
-        ("D", Method::DynamicInt8),
-        ("S", Method::StaticInt8(ObserverKind::MinMax)),
-        ("W", "w:i4:sym:g64".parse().expect("valid")),
-        ("W", "nf4".parse().expect("valid")),
-    ]
+/// The table's rows: (PyTorch's quantization letter, method); static int8 takes the
+/// configured observer.
+fn rows_plan(observer: ObserverKind) -> Result<Vec<(&'static str, Method)>> {
+    let rows = [
+        ("-", "f32".to_string()),
+        ("D", "f16".to_string()),
+        ("D", "dynamic-int8".to_string()),
+        ("S", format!("static-int8:{observer}")),
+        ("W", "w:i4:sym:g64".to_string()),
+        ("W", "nf4".to_string()),
+    ];
+    rows.into_iter().map(|(q, m)| Ok((q, m.parse()?))).collect()
 }
 
 pub fn run(data_dir: &DataDir, cfg: &MnistLabConfig) -> Result<MnistLab> {
@@ -104,11 +107,9 @@ pub fn run(data_dir: &DataDir, cfg: &MnistLabConfig) -> Result<MnistLab> {
     let batch64 = test.images.narrow(0, 0, 64.min(test.len()))?;
     let tmp = tempfile::tempdir()?;
     let mut rows = Vec::new();
-    let bar = crate::progress::bar(rows_plan().len() as u64, "rows", cfg.train.progress);
-    for (q, mut method) in rows_plan() {
-        if let Method::StaticInt8(_) = method {
-            method = Method::StaticInt8(cfg.observer);
-        }
+    let plan_rows = rows_plan(cfg.observer)?;
+    let bar = crate::progress::bar(plan_rows.len() as u64, "rows", cfg.train.progress);
+    for (q, method) in plan_rows {
         bar.set_message(method.to_string());
         let mut model = base.clone();
         apply_plan(&mut model, &Plan::uniform(method.clone()), |m| {

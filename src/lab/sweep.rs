@@ -125,25 +125,7 @@ pub fn expand(
 }
 
 fn nominal_bits(m: &crate::nn::Method) -> u32 {
-    use crate::nn::Method as M;
-    use candle_core::quantized::GgmlDType as G;
-    match m {
-        M::Keep | M::F32 => 32,
-        M::F16 | M::Bf16 => 16,
-        M::DynamicInt8 | M::StaticInt8(_) => 8,
-        M::WeightOnly(s) => s.bits as u32,
-        M::FourBit(_) => 4,
-        M::Ggml(t) => match t {
-            G::Q8_0 | G::Q8_1 | G::Q8K => 8,
-            G::Q6K => 6,
-            G::Q5_0 | G::Q5_1 | G::Q5K => 5,
-            G::Q4_0 | G::Q4_1 | G::Q4K => 4,
-            G::Q3K => 3,
-            G::Q2K => 2,
-            G::F16 | G::BF16 => 16,
-            G::F32 => 32,
-        },
-    }
+    m.nominal_bits()
 }
 
 /// One measured row, as stored in the JSON-lines file.

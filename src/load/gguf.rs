@@ -173,6 +173,27 @@ impl Gguf {
     }
 }
 
+/// GGUF tensors under their GGUF names (`blk.0.attn_q.weight`); renaming from other
+/// conventions is the model's business.
+impl super::TensorSource for Gguf {
+    fn origin(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.has_tensor(name)
+    }
+
+    fn tensor(&mut self, name: &str, device: &Device) -> Result<candle_core::Tensor> {
+        let q = Gguf::tensor(self, name, device)?;
+        super::checked_f32(name, &self.origin(), q.dequantize(device)?)
+    }
+
+    fn ggml(&mut self, name: &str, device: &Device) -> Result<Option<GgmlTensor>> {
+        Gguf::tensor(self, name, device).map(Some)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

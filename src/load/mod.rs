@@ -5,15 +5,17 @@
 
 pub mod gguf;
 pub mod marian_tokenizer;
+pub mod source;
 pub mod spm;
 pub mod tokenizer;
 
-use crate::arch::llama::{Llama, LoadAs};
-use crate::arch::mlp::Mlp;
+pub use source::{
+    checked_f32, ensure_finite_values, raw_f32, write_safetensors, NamedTensor, PickleSource,
+    RawTensor, SafetensorsSource, TensorSource,
+};
+
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use std::path::{Path, PathBuf};
-use tokenizer::TextTokenizer;
 
 /// A model directory found from a user's spec.
 pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
@@ -55,7 +57,7 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value> {
 }
 
 /// Total size on disk of some weight files.
-fn files_bytes(files: &[PathBuf]) -> u64 {
+pub fn files_bytes(files: &[PathBuf]) -> u64 {
     files
         .iter()
         .filter_map(|f| std::fs::metadata(f).ok())
@@ -113,158 +115,22 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )
 }
 
-/// A language model with its tokenizer, and where it came from.
-pub struct LoadedLlm {
-    pub model: Llama,
-    pub tokenizer: TextTokenizer,
-    /// The file or directory loaded.
-    pub source: PathBuf,
-    /// Bytes of the weight files on disk.
-    pub disk_bytes: u64,
+/// The tensors of a Hugging Face style checkpoint directory: `model.safetensors`, the
+/// shards of `model.safetensors.index.json`, or `pytorch_model.bin`.
+pub fn open_checkpoint(dir: &Path) -> Result<Box<dyn TensorSource>> {
+    let bin = dir.join("pytorch_model.bin");
+    match safetensors_files(dir) {
+        Ok(files) => Ok(Box::new(SafetensorsSource::open(&files)?)),
+        Err(_) if bin.is_file() => Ok(Box::new(PickleSource::open(&bin)?)),
+        Err(e) => Err(e.context("no pytorch_model.bin either")),
+    }
 }
 
-/// Loads a Llama-family LLM from a `.gguf` file, a directory holding one `.gguf`, or a
-/// Hugging Face directory / hub id (config.json + safetensors + tokenizer.json).
-pub fn load_llm(spec: &str, load_as: LoadAs, device: &Device) -> Result<LoadedLlm> {
-    let p = Path::new(spec);
-    let gguf_path = if p.is_file() && p.extension().is_some_and(|e| e == "gguf") {
-        Some(p.to_path_buf())
-    } else if p.is_dir() && !p.join("config.json").is_file() {
-        let mut found: Vec<PathBuf> = std::fs::read_dir(p)
-            .with_context(|| format!("listing {}", p.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|f| f.extension().is_some_and(|e| e == "gguf"))
-            .collect();
-        found.sort();
-        match found.len() {
-            0 => bail!(
-                "{} holds neither config.json nor a .gguf file (for SmolLM2 run scripts/fetch-smollm2.sh)",
-                p.display()
-            ),
-            1 => Some(found.remove(0)),
-            _ => bail!(
-                "{} holds several .gguf files; name one: {}",
-                p.display(),
-                found
-                    .iter()
-                    .map(|f| f.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }
-    } else {
-        None
-    };
-    if let Some(path) = gguf_path {
-        let mut g = gguf::Gguf::open(&path)?;
-        let tokenizer = TextTokenizer::from_gguf(&g)?;
-        let model = Llama::from_gguf(&mut g, load_as, device)?;
-        let disk_bytes = std::fs::metadata(&path)?.len();
-        return Ok(LoadedLlm {
-            model,
-            tokenizer,
-            source: path,
-            disk_bytes,
-        });
-    }
-    let dir = resolve_model_dir(spec)?;
-    let kind = model_type(&dir)?;
-    if !matches!(kind.as_str(), "llama" | "mistral") {
-        bail!(
-            "{} is a '{kind}' model, not a Llama-family LLM",
-            dir.display()
-        );
-    }
-    let model = Llama::from_hf_dir(&dir, device)?;
-    let tokenizer = TextTokenizer::from_hf_dir(&dir)?;
-    let disk_bytes = files_bytes(&safetensors_files(&dir)?);
-    Ok(LoadedLlm {
-        model,
-        tokenizer,
-        source: dir,
-        disk_bytes,
-    })
-}
-
-/// A MarianMT model with its tokenizer and generation defaults.
-pub struct LoadedMarian {
-    pub model: crate::arch::marian::Marian,
-    pub tokenizer: marian_tokenizer::MarianTokenizer,
-    pub generation: crate::eval::seq2seq::GenerateConfig,
-    pub source: PathBuf,
-    /// Bytes of the weight files on disk.
-    pub disk_bytes: u64,
-}
-
-/// Loads a Hugging Face MarianMT directory or cached hub id: config.json, weights
-/// (safetensors, sharded or not, or pytorch_model.bin), source.spm/target.spm/vocab.json and
-/// generation_config.json.
-pub fn load_marian(spec: &str, device: &Device) -> Result<LoadedMarian> {
-    let dir = resolve_model_dir(spec)?;
-    let kind = model_type(&dir)?;
-    if kind != "marian" {
-        bail!("{} is a '{kind}' model, not MarianMT", dir.display());
-    }
-    let model = crate::arch::marian::load_dir(&dir, device)?;
-    let tokenizer = marian_tokenizer::MarianTokenizer::from_dir(&dir)?;
-    if tokenizer.vocab_size() > model.cfg.vocab_size {
-        bail!(
-            "{}: vocab.json has {} entries but the model's vocab_size is {}",
-            dir.display(),
-            tokenizer.vocab_size(),
-            model.cfg.vocab_size
-        );
-    }
-    let generation = crate::eval::seq2seq::GenerateConfig::for_model(&dir, &model.cfg)?;
-    let weight_files = match safetensors_files(&dir) {
+/// The weight files of a checkpoint directory (for sizes on disk).
+pub fn checkpoint_files(dir: &Path) -> Vec<PathBuf> {
+    match safetensors_files(dir) {
         Ok(f) => f,
         Err(_) => vec![dir.join("pytorch_model.bin")],
-    };
-    let disk_bytes = files_bytes(&weight_files);
-    Ok(LoadedMarian {
-        model,
-        tokenizer,
-        generation,
-        source: dir,
-        disk_bytes,
-    })
-}
-
-/// The environment variable naming the MarianMT model used by default.
-pub const MARIAN_ENV: &str = "QUANTLAB_MARIAN";
-
-/// The default MarianMT model: `$QUANTLAB_MARIAN`, else the shared
-/// `marian-multi30k-en-de` next to the data folder (`../shared/models/`).
-pub fn default_marian_dir() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os(MARIAN_ENV) {
-        return Ok(PathBuf::from(p));
-    }
-    let data = crate::data::DataDir::resolve(None)?;
-    let dir = data.root.join("../models/marian-multi30k-en-de");
-    if !dir.join("config.json").is_file() {
-        bail!(
-            "no MarianMT model at {}: pass --model DIR or set {MARIAN_ENV}=DIR",
-            dir.display()
-        );
-    }
-    Ok(dir.canonicalize().unwrap_or(dir))
-}
-
-/// Any model quantlab can load.
-#[derive(Debug, Clone)]
-pub enum AnyModel {
-    Mlp(Mlp),
-}
-
-/// Loads a model from a directory, file or hub id, dispatching on config.json's `model_type`.
-pub fn load_model(spec: &str, device: &Device) -> Result<AnyModel> {
-    let dir = resolve_model_dir(spec)?;
-    match model_type(&dir)?.as_str() {
-        "mlp" => Ok(AnyModel::Mlp(Mlp::load(&dir, device)?)),
-        other => bail!(
-            "model type '{other}' in {} is not supported yet (supported: mlp)",
-            dir.display()
-        ),
     }
 }
 

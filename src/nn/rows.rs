@@ -11,6 +11,26 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+/// Runs `f` on the first `n` elements of a contiguous CPU tensor's storage, borrowed in
+/// place; `None` for other devices, layouts or element types.
+pub fn with_cpu_slice<T, R>(
+    t: &candle_core::Tensor,
+    n: usize,
+    pick: impl Fn(&candle_core::CpuStorage) -> candle_core::Result<&[T]>,
+    f: impl FnOnce(&[T]) -> R,
+) -> Option<R> {
+    if !t.device().is_cpu() || !t.is_contiguous() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return None;
+    };
+    let all = pick(cpu).ok()?;
+    all.get(layout.start_offset()..layout.start_offset() + n)
+        .map(f)
+}
+
 /// Up to this many activation rows, multiply row by row instead of decoding the matrix.
 pub const SMALL_BATCH: usize = 8;
 

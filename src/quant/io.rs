@@ -45,7 +45,7 @@ pub fn save_f32(t: &Tensor, name: &str, path: &Path) -> Result<u64> {
     let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let bytes = le_bytes_f32(&v);
     let view = TensorView::new(Dtype::F32, t.dims().to_vec(), &bytes)?;
-    let out = safetensors::serialize([(name, view)], &None)?;
+    let out = safetensors::serialize([(name, view)], None)?;
     write_atomically(path, &out)?;
     Ok(out.len() as u64)
 }
@@ -68,7 +68,7 @@ pub fn save_qtensor(q: &QTensor, path: &Path) -> Result<u64> {
     meta.insert(FORMAT_KEY.to_string(), UNIFORM_FORMAT.to_string());
     meta.insert("scheme".to_string(), q.scheme.to_string());
     meta.insert("shape".to_string(), serde_json::to_string(q.dims())?);
-    let out = safetensors::serialize(tensors, &Some(meta))?;
+    let out = safetensors::serialize(tensors, Some(meta))?;
     write_atomically(path, &out)?;
     Ok(out.len() as u64)
 }

@@ -54,7 +54,7 @@ impl QParams {
 
 /// Zero point of a symmetric scheme: 0 for signed ranges, the middle for unsigned ones
 /// (PyTorch uses 128 for quint8).
-fn symmetric_zero_point(qmin: i32, qmax: i32, signed: bool) -> i32 {
+pub fn symmetric_zero_point(qmin: i32, qmax: i32, signed: bool) -> i32 {
     if signed {
         0
     } else {

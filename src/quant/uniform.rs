@@ -254,6 +254,45 @@ impl QTensor {
         super::pack::pack(&raw, bits)
     }
 
+    /// Bytes as stored: codes packed `bits` bits each, one f32 scale per group and, for
+    /// affine schemes, one byte of zero point per group (it fits the code width). The one
+    /// rule every size in quantlab uses for uniform schemes.
+    pub fn nbytes(&self) -> usize {
+        let n: usize = self.dims().iter().product();
+        let zp = if self.scheme.mode == super::scheme::Mode::Affine {
+            1
+        } else {
+            0
+        };
+        super::pack::packed_len(n, self.scheme.bits) + self.params.len() * (4 + zp)
+    }
+
+    /// Rebuilds a tensor from codes packed by [`QTensor::packed_codes`] and its parameters.
+    pub fn from_packed(
+        scheme: Scheme,
+        shape: &[usize],
+        packed: &[u8],
+        params: QParams,
+        device: &Device,
+    ) -> Result<Self> {
+        let count: usize = shape.iter().product();
+        let raw = super::pack::unpack(packed, scheme.bits, count)?;
+        let bytes: Vec<u8> = if scheme.signed {
+            super::pack::from_offset_binary(&raw, scheme.bits)
+                .into_iter()
+                .map(|c| c as i8 as u8)
+                .collect()
+        } else {
+            raw
+        };
+        let codes = Tensor::from_vec(bytes, shape, device)?;
+        Ok(QTensor {
+            scheme,
+            codes,
+            params,
+        })
+    }
+
     /// `(q - zp) * scale`, in f32, in the original shape.
     pub fn dequantize(&self) -> Result<Tensor> {
         let c = self.codes_f32()?;

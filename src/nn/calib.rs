@@ -1,0 +1,156 @@
+//! Statistics of a layer's inputs gathered while calibration data runs through the model:
+//! each layer keeps only its own running summaries (a range observer, a Hessian sum, a
+//! per-channel maximum), never the activations themselves.
+
+use crate::quant::{Observer, ObserverKind, Scheme};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, D};
+
+/// What an algorithm needs to know about a layer's inputs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Statistic {
+    /// The (min, max) range of the inputs as an observer calibrates it (for u8 codes).
+    InputRange(ObserverKind),
+    /// `H = 2/N · Σ x xᵀ` over the N input rows (GPTQ's Hessian of the layer's loss).
+    InputHessian,
+    /// `max |x|` per input channel (for activation-aware scaling: AWQ, SmoothQuant).
+    InputChannelAbsMax,
+}
+
+/// The statistics gathered for one layer.
+#[derive(Debug, Clone, Default)]
+pub struct Calibration {
+    /// Input rows seen.
+    pub rows: usize,
+    pub input_range: Option<(f32, f32)>,
+    /// Row-major `[in, in]`.
+    pub hessian: Option<Vec<f64>>,
+    pub channel_absmax: Option<Vec<f32>>,
+}
+
+/// Accumulates the requested statistics batch by batch.
+#[derive(Debug, Clone)]
+pub struct Collector {
+    in_features: usize,
+    rows: usize,
+    observer: Option<Observer>,
+    xtx: Option<Vec<f64>>,
+    absmax: Option<Vec<f32>>,
+}
+
+impl Collector {
+    pub fn new(needs: &[Statistic], in_features: usize) -> Self {
+        let mut c = Collector {
+            in_features,
+            rows: 0,
+            observer: None,
+            xtx: None,
+            absmax: None,
+        };
+        for s in needs {
+            match *s {
+                Statistic::InputRange(kind) => {
+                    let act = Scheme::new(8, false).expect("u8 is valid");
+                    c.observer = Some(Observer::new(kind, act));
+                }
+                Statistic::InputHessian => c.xtx = Some(vec![0.0; in_features * in_features]),
+                Statistic::InputChannelAbsMax => c.absmax = Some(vec![0.0; in_features]),
+            }
+        }
+        c
+    }
+
+    /// Adds a batch of inputs `[m, in]` (f32).
+    pub fn observe(&mut self, x: &Tensor) -> Result<()> {
+        let (m, k) = x.dims2()?;
+        if k != self.in_features {
+            bail!(
+                "calibration input has {k} features, the layer {}",
+                self.in_features
+            );
+        }
+        if m == 0 {
+            return Ok(());
+        }
+        crate::quant::uniform::ensure_finite(x, "calibration inputs")?;
+        if let Some(o) = &mut self.observer {
+            o.observe(x)?;
+        }
+        if let Some(acc) = &mut self.xtx {
+            // One f32 GEMM per batch, summed in f64 across batches.
+            let x = x.to_dtype(DType::F32)?;
+            let g = x.t()?.matmul(&x)?.flatten_all()?.to_vec1::<f32>()?;
+            for (a, v) in acc.iter_mut().zip(g) {
+                *a += v as f64;
+            }
+        }
+        if let Some(mx) = &mut self.absmax {
+            let b = x.abs()?.max(D::Minus2)?.to_vec1::<f32>()?;
+            for (a, v) in mx.iter_mut().zip(b) {
+                *a = a.max(v);
+            }
+        }
+        self.rows += m;
+        Ok(())
+    }
+
+    pub fn finish(self) -> Result<Calibration> {
+        if self.rows == 0 {
+            bail!("calibration saw no inputs: give at least one non-empty calibration sample");
+        }
+        let n = self.rows as f64;
+        Ok(Calibration {
+            rows: self.rows,
+            input_range: self
+                .observer
+                .map(|o| o.range())
+                .transpose()
+                .context("calibrating the input range")?,
+            hessian: self
+                .xtx
+                .map(|h| h.into_iter().map(|v| 2.0 * v / n).collect()),
+            channel_absmax: self.absmax,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn hand_computed_statistics_over_two_batches() {
+        let needs = [
+            Statistic::InputRange(ObserverKind::MinMax),
+            Statistic::InputHessian,
+            Statistic::InputChannelAbsMax,
+        ];
+        let mut c = Collector::new(&needs, 2);
+        let a = Tensor::new(&[[1f32, -2.0], [3.0, 0.5]], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[[-4f32, 1.0]], &Device::Cpu).unwrap();
+        c.observe(&a).unwrap();
+        c.observe(&b).unwrap();
+        let s = c.finish().unwrap();
+        assert_eq!(s.rows, 3);
+        assert_eq!(s.input_range, Some((-4.0, 3.0)));
+        // Σ x xᵀ = [[1+9+16, -2+1.5-4], [., 4+0.25+1]] = [[26, -4.5], [-4.5, 5.25]]; × 2/3.
+        let h = s.hessian.unwrap();
+        let want = [26.0, -4.5, -4.5, 5.25].map(|v| v * 2.0 / 3.0);
+        for (g, w) in h.iter().zip(want) {
+            assert!((g - w).abs() < 1e-9, "{h:?}");
+        }
+        assert_eq!(s.channel_absmax.unwrap(), [4.0, 2.0]);
+    }
+
+    #[test]
+    fn no_data_and_bad_data_are_errors() {
+        let c = Collector::new(&[Statistic::InputHessian], 2);
+        assert!(c.finish().unwrap_err().to_string().contains("no inputs"));
+        let mut c = Collector::new(&[Statistic::InputChannelAbsMax], 2);
+        let bad = Tensor::new(&[[f32::NAN, 1.0]], &Device::Cpu).unwrap();
+        assert!(c.observe(&bad).is_err());
+        let wrong = Tensor::new(&[[1f32, 2.0, 3.0]], &Device::Cpu).unwrap();
+        assert!(c.observe(&wrong).is_err());
+    }
+}

@@ -1,0 +1,181 @@
+//! GGML block types (llama.cpp's Q8_0, Q4_0, Q4_K...): kept as candle's quantized tensor
+//! and multiplied by its kernels (activations quantized to Q8 blocks on the fly), on the
+//! CPU or on whatever device candle has kernels for.
+
+use super::{meta_str, named, StoredParts, WeightFormat};
+use crate::load::{NamedTensor, RawTensor};
+use anyhow::{bail, Result};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use std::any::Any;
+use std::sync::Arc;
+
+pub const ID: &str = "ggml";
+
+/// The GGML types a plan can name, with their llama.cpp spelling.
+pub const GGML_TYPES: [(&str, GgmlDType); 11] = [
+    ("q8_0", GgmlDType::Q8_0),
+    ("q5_0", GgmlDType::Q5_0),
+    ("q5_1", GgmlDType::Q5_1),
+    ("q4_0", GgmlDType::Q4_0),
+    ("q4_1", GgmlDType::Q4_1),
+    ("q2_k", GgmlDType::Q2K),
+    ("q3_k", GgmlDType::Q3K),
+    ("q4_k", GgmlDType::Q4K),
+    ("q5_k", GgmlDType::Q5K),
+    ("q6_k", GgmlDType::Q6K),
+    ("q8_k", GgmlDType::Q8K),
+];
+
+/// llama.cpp's name of a GGML type (`q4_k`), also for the float types.
+pub fn ggml_name(t: GgmlDType) -> &'static str {
+    match t {
+        GgmlDType::F32 => "f32",
+        GgmlDType::F16 => "f16",
+        GgmlDType::BF16 => "bf16",
+        GgmlDType::Q8_1 => "q8_1",
+        other => GGML_TYPES
+            .iter()
+            .find(|(_, d)| *d == other)
+            .map(|(n, _)| *n)
+            .unwrap_or("?"),
+    }
+}
+
+/// The GGML type named `name` (`q4_k`, `Q4K`, `Q4_K`).
+pub fn parse_ggml_type(name: &str) -> Option<GgmlDType> {
+    let lower = name
+        .to_ascii_lowercase()
+        .replace("k", "_k")
+        .replace("__", "_");
+    GGML_TYPES
+        .iter()
+        .find(|(n, _)| *n == lower)
+        .map(|(_, t)| *t)
+}
+
+#[derive(Debug, Clone)]
+pub struct Ggml {
+    pub q: Arc<QTensor>,
+    /// Built once: candle's matmul over the quantized tensor.
+    matmul: QMatMul,
+}
+
+impl Ggml {
+    pub fn new(q: QTensor) -> Result<Self> {
+        let q = Arc::new(q);
+        Ok(Ggml {
+            matmul: QMatMul::from_arc(q.clone())?,
+            q,
+        })
+    }
+
+    /// Quantizes an f32 `[out, in]` weight; the input width must tile the type's block.
+    pub fn quantize(w: &Tensor, t: GgmlDType, layer: &str) -> Result<Self> {
+        let (_, in_features) = w.dims2()?;
+        let block = t.block_size();
+        if !in_features.is_multiple_of(block) {
+            bail!(
+                "layer {layer} cannot use {}: its {in_features} input features are not a multiple of the {block}-element block",
+                ggml_name(t)
+            );
+        }
+        Self::new(QTensor::quantize(w, t)?)
+    }
+
+    pub fn load(
+        shape: (usize, usize),
+        meta: &serde_json::Value,
+        parts: &mut StoredParts,
+        device: &Device,
+    ) -> Result<Arc<dyn WeightFormat>> {
+        let name = meta_str(meta, "type", parts.layer)?;
+        let t = parse_ggml_type(name)
+            .ok_or_else(|| anyhow::anyhow!("layer {}: unknown GGML type '{name}'", parts.layer))?;
+        if !shape.1.is_multiple_of(t.block_size()) {
+            bail!(
+                "layer {}: {name} needs a multiple of {} input features",
+                parts.layer,
+                t.block_size()
+            );
+        }
+        let expect = shape.0 * shape.1 / t.block_size() * t.type_size();
+        let what = parts.what("weight_ggml");
+        let bytes = parts
+            .get("weight_ggml")?
+            .to_bytes(&what, safetensors::Dtype::U8, expect)?;
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            t,
+            &bytes,
+            vec![shape.0, shape.1],
+            device,
+        )?;
+        Ok(Arc::new(Ggml::new(q)?))
+    }
+}
+
+impl WeightFormat for Ggml {
+    fn id(&self) -> &'static str {
+        ID
+    }
+
+    fn label(&self) -> String {
+        ggml_name(self.q.dtype()).into()
+    }
+
+    fn shape(&self) -> (usize, usize) {
+        let d = self.q.shape().dims();
+        (d[0], d[1])
+    }
+
+    fn device(&self) -> Device {
+        self.q.device()
+    }
+
+    fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let y = self.matmul.forward(x)?;
+        Ok(match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    fn dequantize(&self) -> Result<Tensor> {
+        Ok(self.q.dequantize(&self.q.device())?)
+    }
+
+    fn to_device(&self, device: &Device) -> Result<Arc<dyn WeightFormat>> {
+        if device.same_device(&self.q.device()) {
+            return Ok(Arc::new(self.clone()));
+        }
+        let data = self.q.data()?;
+        let (o, i) = self.shape();
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            self.q.dtype(),
+            &data,
+            vec![o, i],
+            device,
+        )?;
+        Ok(Arc::new(Ggml::new(q)?))
+    }
+
+    fn meta(&self) -> serde_json::Value {
+        serde_json::json!({ "type": ggml_name(self.q.dtype()) })
+    }
+
+    fn tensors(&self, prefix: &str) -> Result<Vec<NamedTensor>> {
+        Ok(vec![named(
+            prefix,
+            "weight_ggml",
+            RawTensor::u8s(self.q.data()?.into_owned()),
+        )])
+    }
+
+    fn stored_bytes(&self) -> usize {
+        self.q.storage_size_in_bytes()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

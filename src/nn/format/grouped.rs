@@ -1,0 +1,213 @@
+//! Uniform integer codes (1–8 bits) with one scale and zero point per tensor, per output
+//! row or per group of input columns: the weight-only int-N format. A few activation rows
+//! are multiplied straight from the codes row by row; more rows decode the whole matrix
+//! (in parallel) for the f32 matmul.
+
+use super::dense::forward_rows_or_matmul;
+use super::{cpu_only, meta_str, named, StoredParts, WeightFormat};
+use crate::load::{NamedTensor, RawTensor};
+use crate::nn::rows::{self, RowSource};
+use crate::quant::{Granularity, Mode, QParams, QTensor, Scheme};
+use anyhow::{bail, Context, Result};
+use candle_core::{CpuStorage, Device, Tensor};
+use std::any::Any;
+use std::sync::Arc;
+
+pub const ID: &str = "intn";
+
+#[derive(Debug, Clone)]
+pub struct Grouped {
+    pub q: QTensor,
+}
+
+impl Grouped {
+    /// Round-to-nearest quantization of an f32 `[out, in]` weight.
+    pub fn quantize(w: &Tensor, scheme: &Scheme) -> Result<Self> {
+        scheme.validate_for_shape(w.dims())?;
+        Ok(Grouped {
+            q: crate::quant::quantize(&w.to_device(&Device::Cpu)?, scheme)?,
+        })
+    }
+
+    /// Columns per (scale, zero point) within a row: 0 for one pair for the whole matrix.
+    fn group(&self) -> Option<usize> {
+        let (_, i) = self.shape();
+        match self.q.scheme.granularity {
+            Granularity::PerTensor => Some(0),
+            Granularity::PerChannel { axis: 0 } => Some(i),
+            Granularity::PerGroup { size } => Some(size),
+            Granularity::PerChannel { .. } => None,
+        }
+    }
+
+    fn with_rows<R>(&self, f: impl FnOnce(&RowSource) -> R) -> Option<R> {
+        let (o, i) = self.shape();
+        let group = self.group()?;
+        rows::with_cpu_slice(&self.q.codes, o * i, CpuStorage::as_slice::<u8>, |codes| {
+            f(&RowSource::Grouped {
+                codes,
+                signed: self.q.scheme.signed,
+                scale: &self.q.params.scale,
+                zero: &self.q.params.zero_point,
+                group,
+            })
+        })
+    }
+
+    pub fn load(
+        shape: (usize, usize),
+        meta: &serde_json::Value,
+        parts: &mut StoredParts,
+        device: &Device,
+    ) -> Result<Arc<dyn WeightFormat>> {
+        if !device.is_cpu() {
+            return cpu_only("weight-only int-N", device);
+        }
+        let scheme: Scheme = meta_str(meta, "scheme", parts.layer)?
+            .parse()
+            .with_context(|| format!("layer {}: stored scheme", parts.layer))?;
+        let dims = [shape.0, shape.1];
+        scheme
+            .validate_for_shape(&dims)
+            .with_context(|| format!("layer {}: stored scheme", parts.layer))?;
+        let groups = groups(&scheme, shape);
+        let n = shape.0 * shape.1;
+        let what = parts.what("weight_packed");
+        let packed = parts.get("weight_packed")?.to_bytes(
+            &what,
+            safetensors::Dtype::U8,
+            crate::quant::pack::packed_len(n, scheme.bits),
+        )?;
+        let scale = parts.f32("weight_scale", groups)?;
+        crate::load::ensure_finite_values(&scale, &parts.what("weight_scale"))?;
+        let zero_point = if scheme.mode == Mode::Affine {
+            let what = parts.what("weight_zero_point");
+            parts
+                .get("weight_zero_point")?
+                .to_bytes(&what, safetensors::Dtype::U8, groups)?
+                .into_iter()
+                .map(|b| {
+                    if scheme.signed {
+                        b as i8 as i32
+                    } else {
+                        b as i32
+                    }
+                })
+                .collect()
+        } else {
+            let (lo, hi) = scheme.qrange();
+            vec![crate::quant::params::symmetric_zero_point(lo, hi, scheme.signed); groups]
+        };
+        let params = QParams { scale, zero_point };
+        let q = QTensor::from_packed(scheme, &dims, &packed, params, &Device::Cpu)?;
+        Ok(Arc::new(Grouped { q }))
+    }
+}
+
+/// (scale, zero point) pairs a scheme needs for an `[out, in]` matrix.
+fn groups(s: &Scheme, (o, i): (usize, usize)) -> usize {
+    match s.granularity {
+        Granularity::PerTensor => 1,
+        Granularity::PerChannel { axis: 0 } => o,
+        Granularity::PerChannel { .. } => i,
+        Granularity::PerGroup { size } => o * i.div_ceil(size),
+    }
+}
+
+impl WeightFormat for Grouped {
+    fn id(&self) -> &'static str {
+        ID
+    }
+
+    fn label(&self) -> String {
+        let s = &self.q.scheme;
+        format!("{}{}", if s.signed { "int" } else { "uint" }, s.bits)
+    }
+
+    fn describe(&self) -> String {
+        self.q.scheme.to_string()
+    }
+
+    fn shape(&self) -> (usize, usize) {
+        let d = self.q.dims();
+        (d[0], d[1])
+    }
+
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        forward_rows_or_matmul(
+            x,
+            bias,
+            self.shape(),
+            |f| self.with_rows(|src| f(src)),
+            || self.dequantize(),
+        )
+    }
+
+    fn dequantize(&self) -> Result<Tensor> {
+        let (o, i) = self.shape();
+        match self.with_rows(|src| src.decode_all(o, i)) {
+            Some(v) => Ok(Tensor::from_vec(v, (o, i), &Device::Cpu)?),
+            None => self.q.dequantize(),
+        }
+    }
+
+    fn forward_is_dequantized_matmul(&self) -> bool {
+        true
+    }
+
+    fn to_device(&self, device: &Device) -> Result<Arc<dyn WeightFormat>> {
+        if !device.is_cpu() {
+            return cpu_only("weight-only int-N", device);
+        }
+        Ok(Arc::new(self.clone()))
+    }
+
+    fn meta(&self) -> serde_json::Value {
+        serde_json::json!({ "scheme": self.q.scheme.to_string() })
+    }
+
+    fn tensors(&self, prefix: &str) -> Result<Vec<NamedTensor>> {
+        let q = &self.q;
+        let mut out = vec![
+            named(prefix, "weight_packed", RawTensor::u8s(q.packed_codes()?)),
+            named(prefix, "weight_scale", RawTensor::f32s(&q.params.scale)),
+        ];
+        if q.scheme.mode == Mode::Affine {
+            // Zero points lie in the code range, so one byte holds each.
+            if let Some(z) = q
+                .params
+                .zero_point
+                .iter()
+                .find(|z| !(-128..=255).contains(*z))
+            {
+                bail!("zero point {z} of {prefix} does not fit the one byte stored for it");
+            }
+            let zp = q.params.zero_point.iter().map(|&z| z as u8).collect();
+            out.push(named(prefix, "weight_zero_point", RawTensor::u8s(zp)));
+        }
+        Ok(out)
+    }
+
+    fn stored_bytes(&self) -> usize {
+        self.q.nbytes()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Rejects a scheme that cannot describe a weight matrix's codes.
+pub fn check_scheme(s: &Scheme, dims: &[usize], layer: &str) -> Result<()> {
+    if let Granularity::PerChannel { axis } = s.granularity {
+        if axis > 1 {
+            bail!("layer {layer} cannot use {s}: a weight matrix has axes 0 and 1");
+        }
+    }
+    s.validate_for_shape(dims)
+        .with_context(|| format!("layer {layer} cannot use {s}"))
+}

@@ -1,0 +1,234 @@
+//! int8 weights (symmetric, per output channel) with int8 activations: the input is
+//! quantized to u8 per call (dynamic) or with a calibrated range (static), multiplied in
+//! integers with i32 accumulation, and rescaled in the epilogue.
+
+use super::{cpu_only, named, StoredParts, WeightFormat};
+use crate::load::{NamedTensor, RawTensor};
+use crate::nn::kernels;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use std::any::Any;
+use std::sync::Arc;
+
+pub const ID: &str = "int8";
+
+/// How the input activations are quantized.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ActQuant {
+    /// From each batch's own min/max, at run time.
+    Dynamic,
+    /// Fixed (scale, zero point) from calibration.
+    Static { scale: f32, zero_point: i32 },
+}
+
+#[derive(Debug, Clone)]
+pub struct Int8 {
+    pub out_features: usize,
+    pub in_features: usize,
+    /// `[out, in]` row-major codes.
+    pub codes: Vec<i8>,
+    pub scale: Vec<f32>,
+    /// Σ codes per output row, for the activation zero-point correction.
+    pub row_sum: Vec<i32>,
+    pub act: ActQuant,
+}
+
+/// The scheme int8 layers use for weights: symmetric, per output channel (PyTorch's
+/// `per_channel_symmetric` qint8).
+pub fn weight_scheme() -> crate::quant::Scheme {
+    crate::quant::Scheme::new(8, true)
+        .expect("8-bit signed is valid")
+        .symmetric()
+        .per_channel(0)
+}
+
+impl Int8 {
+    /// Quantizes an f32 `[out, in]` weight.
+    pub fn quantize(w: &Tensor, act: ActQuant) -> Result<Self> {
+        let (out_features, in_features) = w.dims2()?;
+        let q = crate::quant::quantize(&w.to_device(&Device::Cpu)?, &weight_scheme())?;
+        let codes: Vec<i8> = q.codes_i32()?.into_iter().map(|c| c as i8).collect();
+        Ok(Self::from_parts(
+            out_features,
+            in_features,
+            codes,
+            q.params.scale,
+            act,
+        ))
+    }
+
+    fn from_parts(o: usize, i: usize, codes: Vec<i8>, scale: Vec<f32>, act: ActQuant) -> Self {
+        let row_sum = kernels::row_sums_i8(&codes, o, i);
+        Int8 {
+            out_features: o,
+            in_features: i,
+            codes,
+            scale,
+            row_sum,
+            act,
+        }
+    }
+
+    pub fn load(
+        shape: (usize, usize),
+        _meta: &serde_json::Value,
+        parts: &mut StoredParts,
+        device: &Device,
+    ) -> Result<Arc<dyn WeightFormat>> {
+        if !device.is_cpu() {
+            return cpu_only("int8", device);
+        }
+        let (o, i) = shape;
+        let what = parts.what("weight");
+        let codes = parts
+            .get("weight")?
+            .to_bytes(&what, safetensors::Dtype::I8, o * i)?;
+        let scale = parts.f32("weight_scale", o)?;
+        crate::load::ensure_finite_values(&scale, &parts.what("weight_scale"))?;
+        let act = if parts.has("input_scale") {
+            let s = parts.f32("input_scale", 1)?[0];
+            let what = parts.what("input_zero_point");
+            let z = parts
+                .get("input_zero_point")?
+                .to_bytes(&what, safetensors::Dtype::I32, 1)?;
+            let zero_point = i32::from_le_bytes([z[0], z[1], z[2], z[3]]);
+            if !(s.is_finite() && s > 0.0 && (0..=255).contains(&zero_point)) {
+                bail!(
+                    "layer {}: stored input quantization (scale {s}, zero point {zero_point}) is invalid",
+                    parts.layer
+                );
+            }
+            ActQuant::Static {
+                scale: s,
+                zero_point,
+            }
+        } else {
+            ActQuant::Dynamic
+        };
+        let codes = codes.into_iter().map(|c| c as i8).collect();
+        Ok(Arc::new(Self::from_parts(o, i, codes, scale, act)))
+    }
+}
+
+impl WeightFormat for Int8 {
+    fn id(&self) -> &'static str {
+        ID
+    }
+
+    fn label(&self) -> String {
+        "qint8".into()
+    }
+
+    fn describe(&self) -> String {
+        match self.act {
+            ActQuant::Dynamic => "int8 w:ch a:dynamic".into(),
+            ActQuant::Static { .. } => "int8 w:ch a:static".into(),
+        }
+    }
+
+    fn shape(&self) -> (usize, usize) {
+        (self.out_features, self.in_features)
+    }
+
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let m = x.dim(0)?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let (scale, zp) = match self.act {
+            ActQuant::Static { scale, zero_point } => (scale, zero_point),
+            ActQuant::Dynamic => {
+                if xs.iter().any(|v| !v.is_finite()) {
+                    bail!("input activations contain NaN or infinite values");
+                }
+                let (lo, hi) = kernels::min_max(&xs);
+                kernels::activation_qparams_u8(lo, hi)
+            }
+        };
+        let a = kernels::quantize_u8(&xs, scale, zp);
+        let acc = kernels::gemm_u8_i8(&a, m, self.in_features, &self.codes, self.out_features);
+        let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+        let y = kernels::requantize_f32(
+            &acc,
+            self.out_features,
+            scale,
+            zp,
+            &self.scale,
+            &self.row_sum,
+            bias.as_deref(),
+        );
+        Ok(Tensor::from_vec(y, (m, self.out_features), x.device())?)
+    }
+
+    fn dequantize(&self) -> Result<Tensor> {
+        let deq: Vec<f32> = self
+            .codes
+            .chunks(self.in_features)
+            .zip(&self.scale)
+            .flat_map(|(row, &s)| row.iter().map(move |&c| c as f32 * s))
+            .collect();
+        Ok(Tensor::from_vec(
+            deq,
+            (self.out_features, self.in_features),
+            &Device::Cpu,
+        )?)
+    }
+
+    fn to_device(&self, device: &Device) -> Result<Arc<dyn WeightFormat>> {
+        if !device.is_cpu() {
+            return cpu_only("int8", device);
+        }
+        Ok(Arc::new(self.clone()))
+    }
+
+    fn tensors(&self, prefix: &str) -> Result<Vec<NamedTensor>> {
+        let (o, i) = self.shape();
+        let mut out = vec![
+            named(
+                prefix,
+                "weight",
+                RawTensor::new(
+                    safetensors::Dtype::I8,
+                    vec![o, i],
+                    self.codes.iter().map(|&c| c as u8).collect(),
+                ),
+            ),
+            named(prefix, "weight_scale", RawTensor::f32s(&self.scale)),
+        ];
+        if let ActQuant::Static { scale, zero_point } = self.act {
+            out.push(named(prefix, "input_scale", RawTensor::f32s(&[scale])));
+            out.push(named(
+                prefix,
+                "input_zero_point",
+                RawTensor::new(
+                    safetensors::Dtype::I32,
+                    vec![1],
+                    zero_point.to_le_bytes().to_vec(),
+                ),
+            ));
+        }
+        Ok(out)
+    }
+
+    fn stored_bytes(&self) -> usize {
+        let statics = match self.act {
+            ActQuant::Dynamic => 0,
+            ActQuant::Static { .. } => 8,
+        };
+        self.codes.len() + self.scale.len() * 4 + statics
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Checks that an f32 slice from calibration is usable, naming the layer.
+pub fn static_qparams(layer: &str, range: Option<(f32, f32)>) -> Result<(f32, i32)> {
+    let (lo, hi) = range.with_context(|| {
+        format!("layer {layer}: static int8 needs calibration data first (no observer ran)")
+    })?;
+    Ok(kernels::activation_qparams_u8(lo, hi))
+}
