@@ -11,7 +11,8 @@ use candle_core::{DType, Device, Tensor, D};
 use serde_json::Value;
 use std::path::Path;
 
-/// Rope frequency scaling from config.json's `rope_scaling`.
+/// Rope frequency scaling from config.json's `rope_parameters` (transformers 5) or
+/// `rope_scaling` (earlier).
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     /// Positions divided by `factor`.
@@ -82,20 +83,28 @@ impl LlamaConfig {
         };
         let heads = u("num_attention_heads")?;
         let hidden = u("hidden_size")?;
-        let rope_scaling = match v.get("rope_scaling") {
-            None | Some(Value::Null) => None,
+        // transformers 5 writes rope settings as one "rope_parameters" object (rope_theta
+        // included, rope_type "default" when unscaled); older configs have top-level
+        // "rope_theta" and an optional "rope_scaling".
+        let rope = match v.get("rope_parameters") {
+            Some(p @ Value::Object(_)) => Some(p),
+            _ => v.get("rope_scaling").filter(|s| !s.is_null()),
+        };
+        let rope_scaling = match rope {
+            None => None,
             Some(s) => {
                 let kind = s
                     .get("rope_type")
                     .or_else(|| s.get("type"))
                     .and_then(Value::as_str)
-                    .unwrap_or("");
+                    .unwrap_or("default");
                 let f = |k: &str| s.get(k).and_then(Value::as_f64);
-                let factor = f("factor").context("config.json: rope_scaling needs 'factor'")?;
+                let factor = || f("factor").context("config.json: rope scaling needs 'factor'");
                 match kind {
-                    "linear" => Some(RopeScaling::Linear { factor }),
+                    "default" => None,
+                    "linear" => Some(RopeScaling::Linear { factor: factor()? }),
                     "llama3" => Some(RopeScaling::Llama3 {
-                        factor,
+                        factor: factor()?,
                         low_freq_factor: f("low_freq_factor").unwrap_or(1.0),
                         high_freq_factor: f("high_freq_factor").unwrap_or(4.0),
                         original_max_position_embeddings: s
@@ -105,11 +114,16 @@ impl LlamaConfig {
                             as usize,
                     }),
                     other => bail!(
-                        "config.json: rope_scaling type '{other}' is not supported (linear, llama3)"
+                        "config.json: rope type '{other}' is not supported (default, linear, llama3)"
                     ),
                 }
             }
         };
+        let rope_theta = rope
+            .and_then(|p| p.get("rope_theta"))
+            .or_else(|| v.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .unwrap_or(10000.0);
         let cfg = LlamaConfig {
             vocab_size: u("vocab_size")?,
             hidden_size: hidden,
@@ -122,10 +136,7 @@ impl LlamaConfig {
                 .get("rms_norm_eps")
                 .and_then(Value::as_f64)
                 .unwrap_or(1e-6),
-            rope_theta: v
-                .get("rope_theta")
-                .and_then(Value::as_f64)
-                .unwrap_or(10000.0),
+            rope_theta,
             rope_scaling,
             max_position_embeddings: u("max_position_embeddings").unwrap_or(2048),
             tie_word_embeddings: v
