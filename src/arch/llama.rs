@@ -655,6 +655,24 @@ impl Llama {
             * DType::F32.size_in_bytes()
     }
 
+    /// The tensors that are not linear layers, under their Hugging Face names with
+    /// `.weight` (embedding table, norms): what a checkpoint stores beside the layers.
+    pub fn dense_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (i, b) in self.blocks.iter().enumerate() {
+            out.push((
+                format!("model.layers.{i}.input_layernorm.weight"),
+                b.attn_norm.clone(),
+            ));
+            out.push((
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                b.ffn_norm.clone(),
+            ));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        out
+    }
+
     /// Log-probabilities of the last dimension, in f32.
     pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::log_softmax(
