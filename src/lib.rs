@@ -3,6 +3,7 @@
 pub mod arch;
 pub mod cli;
 pub mod data;
+pub mod device;
 pub mod eval;
 pub mod lab;
 pub mod load;

@@ -221,6 +221,7 @@ fn sweep_appends_rows_and_resumes_without_rerunning() {
     let out = dir.path().join("s.jsonl");
     let data = quantlab::data::DataDir::resolve(None).unwrap();
     let spec = sweep::SweepSpec {
+        device: candle_core::Device::Cpu,
         model: model_path(),
         load_as: LoadAs::F32,
         configs: sweep::expand(&["rtn".into()], &[8, 2], &["64".into()], "sym").unwrap(),

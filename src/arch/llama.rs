@@ -73,6 +73,45 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// A Hugging Face config.json (the older `rope_theta` + `rope_scaling` layout, which
+    /// [`Self::from_hf_json`] and transformers both read).
+    pub fn to_hf_json(&self) -> Value {
+        let scaling = match &self.rope_scaling {
+            None => Value::Null,
+            Some(RopeScaling::Linear { factor }) => {
+                serde_json::json!({ "rope_type": "linear", "factor": factor })
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => serde_json::json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+        };
+        serde_json::json!({
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        })
+    }
+
     /// From a Hugging Face config.json.
     pub fn from_hf_json(v: &Value) -> Result<Self> {
         let u = |k: &str| -> Result<usize> {

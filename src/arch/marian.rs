@@ -416,6 +416,46 @@ impl Marian {
         n
     }
 
+    /// The tensors that are not linear layers, under checkpoint names: embedding tables
+    /// (`model.shared.weight` once when shared), layer norms and `final_logits_bias` (the
+    /// output projection's bias). With the linear layers they rebuild the model.
+    pub fn dense_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        if self.shared_embeddings {
+            out.push(("model.shared.weight".into(), self.encoder_embed.clone()));
+        } else {
+            out.push((
+                "model.encoder.embed_tokens.weight".into(),
+                self.encoder_embed.clone(),
+            ));
+            out.push((
+                "model.decoder.embed_tokens.weight".into(),
+                self.decoder_embed.clone(),
+            ));
+        }
+        let mut norm = |name: String, l: &LayerNorm| {
+            out.push((format!("{name}.weight"), l.weight().clone()));
+            if let Some(b) = l.bias() {
+                out.push((format!("{name}.bias"), b.clone()));
+            }
+        };
+        for (i, l) in self.encoder.iter().enumerate() {
+            let p = format!("model.encoder.layers.{i}");
+            norm(format!("{p}.self_attn_layer_norm"), &l.self_attn_norm);
+            norm(format!("{p}.final_layer_norm"), &l.final_norm);
+        }
+        for (i, l) in self.decoder.iter().enumerate() {
+            let p = format!("model.decoder.layers.{i}");
+            norm(format!("{p}.self_attn_layer_norm"), &l.self_attn_norm);
+            norm(format!("{p}.encoder_attn_layer_norm"), &l.cross_attn_norm);
+            norm(format!("{p}.final_layer_norm"), &l.final_norm);
+        }
+        if let Some(b) = &self.lm_head.bias {
+            out.push(("final_logits_bias".into(), b.unsqueeze(0)?));
+        }
+        Ok(out)
+    }
+
     /// Whether the output projection still shares the decoder embedding table's storage
     /// (then its weight costs no bytes of its own).
     pub fn lm_head_is_tied(&self) -> bool {

@@ -27,9 +27,66 @@ pub struct ModelArgs {
     /// loaded), e.g. `lm_head=f32;*.mlp.*=w:i4:sym:g64`.
     #[arg(long)]
     pub plan: Option<String>,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
     /// Hide progress bars.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// Calibration data for methods that need statistics of each layer's inputs (static int8,
+/// later GPTQ/AWQ/SmoothQuant): seeded random windows of a text.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CalibrationArgs {
+    /// Calibration text (read whole). Default: WikiText-2 *validation* from the data folder
+    /// (never the test split that perplexity scores).
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
+    /// Calibration windows drawn from the text.
+    #[arg(long, default_value_t = 128)]
+    pub calib_samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 512)]
+    pub calib_seqlen: usize,
+    /// Seed for the window positions.
+    #[arg(long, default_value_t = 0)]
+    pub calib_seed: u64,
+}
+
+impl CalibrationArgs {
+    /// The calibration spec, reading the text only when the plan needs it.
+    pub fn spec(&self, data: Option<&Path>) -> Result<lm::CalibrationSpec> {
+        let path = match &self.calibration {
+            Some(p) => p.clone(),
+            None => DataDir::resolve(data)?.require(
+                "wikitext-2/valid.txt",
+                "calibration defaults to WikiText-2 validation; pass --calibration FILE",
+            )?,
+        };
+        lm::CalibrationSpec::new(path, self.calib_samples, self.calib_seqlen, self.calib_seed)
+    }
+}
+
+impl ModelArgs {
+    /// Loads the model and applies the plan (calibrating when the plan needs it).
+    pub fn prepare(&self, data: Option<&Path>, device: &Device) -> Result<PreparedLlm> {
+        let plan: Option<crate::nn::Plan> = self
+            .plan
+            .as_deref()
+            .map(|p| p.parse().with_context(|| format!("in --plan '{p}'")))
+            .transpose()?;
+        let calibration = match &plan {
+            Some(p) if crate::nn::plan_needs_calibration(p) => Some(self.calibration.spec(data)?),
+            _ => None,
+        };
+        lm::prepare(
+            &self.model,
+            self.load_as,
+            self.plan.as_deref(),
+            calibration.as_ref(),
+            device,
+        )
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -129,18 +186,15 @@ pub fn reference_note(p: &PreparedLlm) -> String {
     )
 }
 
-pub fn perplexity_report(a: &PerplexityArgs, data: Option<&Path>) -> Result<Report> {
+pub fn perplexity_report(
+    a: &PerplexityArgs,
+    data: Option<&Path>,
+    device: &Device,
+) -> Result<Report> {
     let protocol = a.text.protocol()?;
     let path = a.text.text_path(data)?;
     let text = lm::read_text(&path)?;
-    let device = Device::Cpu;
-    let p = lm::prepare(
-        &a.model.model,
-        a.model.load_as,
-        a.model.plan.as_deref(),
-        None,
-        &device,
-    )?;
+    let p = a.model.prepare(data, device)?;
     let ids = p.llm.tokenizer.encode(&text)?;
     let bar = crate::progress::bar(0, "perplexity", !a.model.quiet);
     let mode = kl_mode(&a.save_logprobs, a.kl_top_k, &a.kl_base);
@@ -211,7 +265,7 @@ pub struct GenerateArgs {
 
 /// Greedy decoding with the KV cache, streaming text to stdout; reports prefill and
 /// decode speed on stderr.
-pub fn generate(a: &GenerateArgs) -> Result<()> {
+pub fn generate(a: &GenerateArgs, device: &Device) -> Result<()> {
     let prompt = match &a.prompt {
         Some(p) => p.clone(),
         None => {
@@ -220,14 +274,7 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
             s
         }
     };
-    let device = Device::Cpu;
-    let p = lm::prepare(
-        &a.model.model,
-        a.model.load_as,
-        a.model.plan.as_deref(),
-        None,
-        &device,
-    )?;
+    let p = a.model.prepare(None, device)?;
     let tok = &p.llm.tokenizer;
     let mut ids = tok.encode(&prompt)?;
     if tok.add_bos {
@@ -298,10 +345,11 @@ pub struct SweepArgs {
     pub quiet: bool,
 }
 
-pub fn sweep_report(a: &SweepArgs, data: Option<&Path>) -> Result<Report> {
+pub fn sweep_report(a: &SweepArgs, data: Option<&Path>, device: &Device) -> Result<Report> {
     use crate::lab::sweep;
     let spec = sweep::SweepSpec {
         model: a.model.clone(),
+        device: device.clone(),
         load_as: a.load_as,
         configs: sweep::expand(&a.methods, &a.bits, &a.groups, &a.mode)?,
         layers: a.layers,

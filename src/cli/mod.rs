@@ -1,5 +1,6 @@
 //! The command line: argument definitions and dispatch to library functions.
 
+pub mod checkpoint;
 pub mod llm;
 pub mod mt;
 
@@ -26,6 +27,9 @@ pub struct Cli {
     /// Folder holding datasets (MNIST, WikiText-2, lab inputs...). Default: ../shared/data.
     #[arg(long, global = true, env = crate::data::DATA_ENV)]
     pub data_dir: Option<PathBuf>,
+    /// Where models run: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, global = true, default_value = "cpu", env = "QUANTLAB_DEVICE")]
+    pub device: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -37,8 +41,15 @@ pub enum Command {
         #[command(subcommand)]
         which: LabCommand,
     },
-    /// Quantize one tensor with one or more schemes and report the error of each.
+    /// Quantize a whole model by a plan into a checkpoint folder (--model M --plan P --out
+    /// DIR), or one tensor with one or more schemes and report the error of each (--scheme).
     Quantize(QuantizeArgs),
+    /// List the layers of a quantized folder (format, bits/weight, bytes, the plan), or the
+    /// tensors of a GGUF or safetensors file.
+    Inspect {
+        /// A .gguf file, a .safetensors file or a model folder.
+        path: PathBuf,
+    },
     /// Perplexity of an LLM (optionally quantized by a plan) over a text file, with KL
     /// divergence to a stored base model.
     Perplexity(llm::PerplexityArgs),
@@ -159,8 +170,19 @@ pub struct MnistArgs {
 pub struct QuantizeArgs {
     /// Schemes to compare: uniform `i8:sym:ch0`, `u4:affine:g64`, ... or `nf4`, `fp4`,
     /// `nf4:dq` (double-quantized absmax), `nf4:b128` (block size).
-    #[arg(long = "scheme", required = true, num_args = 1..)]
+    #[arg(long = "scheme", num_args = 1.., required_unless_present = "model", conflicts_with = "model")]
     pub schemes: Vec<String>,
+    /// A model to quantize whole (any kind quantlab loads); needs --plan and --out.
+    #[arg(long, requires_all = ["plan", "out"])]
+    pub model: Option<String>,
+    /// The per-layer plan for --model, `pattern=method;...`.
+    #[arg(long, requires = "model")]
+    pub plan: Option<String>,
+    /// Folder to write the quantized checkpoint to (must not exist).
+    #[arg(long, requires = "model")]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub model_args: checkpoint::ModelQuantizeArgs,
     /// A safetensors file to read the tensor from (with --tensor).
     #[arg(long, requires = "tensor")]
     pub input: Option<PathBuf>,
@@ -176,10 +198,21 @@ pub struct QuantizeArgs {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    let device = crate::device::parse(&cli.device)?;
+    let cpu_only = |what: &str| -> Result<()> {
+        if !device.is_cpu() {
+            bail!("{what} runs on the cpu only: drop --device {}", cli.device);
+        }
+        Ok(())
+    };
     let report = match cli.command {
         Command::Lab { which } => match which {
-            LabCommand::Ex0 => crate::lab::ex0::report(&crate::lab::ex0::run()?),
+            LabCommand::Ex0 => {
+                cpu_only("lab ex0")?;
+                crate::lab::ex0::report(&crate::lab::ex0::run()?)
+            }
             LabCommand::Ex1 => {
+                cpu_only("lab ex1")?;
                 let data = DataDir::resolve(cli.data_dir.as_deref())?;
                 crate::lab::ex1::report(&crate::lab::ex1::run(&data)?)
             }
@@ -198,6 +231,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     calibration_batches: a.calibration_batches,
                     latency_runs: a.latency_runs,
                     test_limit: a.test_limit,
+                    device: device.clone(),
                 };
                 let lab = crate::lab::mnist::run(&data, &cfg)?;
                 let n = a.test_limit.unwrap_or(10_000).min(10_000);
@@ -217,22 +251,41 @@ pub fn run(cli: Cli) -> Result<()> {
                     lambada: a.lambada,
                     decode_tokens: a.decode_tokens,
                     progress: !a.quiet,
+                    device: device.clone(),
                 })?
             }
-            LabCommand::Marian(a) => marian_lab(a, cli.data_dir.as_deref())?,
+            LabCommand::Marian(a) => marian_lab(a, cli.data_dir.as_deref(), &device)?,
         },
-        Command::Quantize(args) => quantize_report(&args)?,
-        Command::Perplexity(a) => llm::perplexity_report(&a, cli.data_dir.as_deref())?,
-        Command::Generate(a) => return llm::generate(&a),
-        Command::Sweep(a) => llm::sweep_report(&a, cli.data_dir.as_deref())?,
-        Command::Translate(a) => return mt::translate_stdin(&a),
-        Command::Eval(a) => mt::eval_report(&a)?,
+        Command::Quantize(args) => match (&args.model, &args.plan, &args.out) {
+            (Some(m), Some(p), Some(o)) => checkpoint::quantize_model(
+                m,
+                p,
+                o,
+                &args.model_args,
+                cli.data_dir.as_deref(),
+                &device,
+            )?,
+            _ => {
+                cpu_only("quantize --scheme")?;
+                quantize_report(&args)?
+            }
+        },
+        Command::Inspect { path } => checkpoint::inspect(&path)?,
+        Command::Perplexity(a) => llm::perplexity_report(&a, cli.data_dir.as_deref(), &device)?,
+        Command::Generate(a) => return llm::generate(&a, &device),
+        Command::Sweep(a) => llm::sweep_report(&a, cli.data_dir.as_deref(), &device)?,
+        Command::Translate(a) => return mt::translate_stdin(&a, &device),
+        Command::Eval(a) => mt::eval_report(&a, &device)?,
     };
     print!("{}", report.render(cli.format));
     Ok(())
 }
 
-fn marian_lab(a: MarianArgs, data_dir: Option<&std::path::Path>) -> Result<Report> {
+fn marian_lab(
+    a: MarianArgs,
+    data_dir: Option<&std::path::Path>,
+    device: &Device,
+) -> Result<Report> {
     let file = |flag: Option<PathBuf>, rel: &str, how: &str| -> Result<PathBuf> {
         match flag {
             Some(p) => Ok(p),
@@ -267,6 +320,7 @@ fn marian_lab(a: MarianArgs, data_dir: Option<&std::path::Path>) -> Result<Repor
         batch_size: a.batch_size,
         latency_sentences: a.latency_sentences,
         progress: !a.quiet,
+        device: device.clone(),
     })
 }
 

@@ -41,7 +41,7 @@ impl MtModelArgs {
         }
     }
 
-    pub fn prepare(&self) -> Result<(PreparedMarian, GenerateConfig)> {
+    pub fn prepare(&self, device: &Device) -> Result<(PreparedMarian, GenerateConfig)> {
         if self.batch_size == 0 {
             bail!("--batch-size must be at least 1");
         }
@@ -53,7 +53,7 @@ impl MtModelArgs {
             &self.model_spec()?,
             self.plan.as_deref(),
             calibration.as_deref(),
-            &Device::Cpu,
+            device,
         )?;
         let cfg = self.decoding.apply(&p.generation)?;
         Ok((p, cfg))
@@ -61,8 +61,8 @@ impl MtModelArgs {
 }
 
 /// `quantlab translate`: one source sentence per stdin line, one translation per stdout line.
-pub fn translate_stdin(a: &MtModelArgs) -> Result<()> {
-    let (p, cfg) = a.prepare()?;
+pub fn translate_stdin(a: &MtModelArgs, device: &Device) -> Result<()> {
+    let (p, cfg) = a.prepare(device)?;
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout().lock();
     let mut batch = Vec::with_capacity(a.batch_size);
@@ -150,7 +150,7 @@ pub struct EvalArgs {
     pub hyps_out: Option<PathBuf>,
 }
 
-pub fn eval_report(a: &EvalArgs) -> Result<Report> {
+pub fn eval_report(a: &EvalArgs, device: &Device) -> Result<Report> {
     match a.task {
         EvalTask::Bleu => {}
     }
@@ -162,7 +162,7 @@ pub fn eval_report(a: &EvalArgs) -> Result<Report> {
         .as_ref()
         .context("--src is required unless --hyps is given")?;
     let (src, refs) = crate::data::read_aligned(src_path, &a.reference, a.limit)?;
-    let (p, cfg) = a.model.prepare()?;
+    let (p, cfg) = a.model.prepare(device)?;
     let run = mt::evaluate(&p, &src, &refs, &cfg, a.model.batch_size, !a.model.quiet)?;
     if let Some(out) = &a.hyps_out {
         let mut text = String::new();

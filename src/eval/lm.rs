@@ -39,12 +39,71 @@ impl PreparedLlm {
     }
 }
 
-/// Loads `spec` and applies `plan` (calibrating static int8 layers on `calibration` ids).
+/// Where calibration inputs come from: seeded random windows of a text (GPTQ's recipe:
+/// `samples` windows of `seqlen` tokens at uniformly drawn offsets).
+#[derive(Debug, Clone)]
+pub struct CalibrationSpec {
+    pub text: PathBuf,
+    pub samples: usize,
+    pub seqlen: usize,
+    pub seed: u64,
+}
+
+/// More calibration tokens than this is a mistake, not a plan.
+const MAX_CALIBRATION_TOKENS: usize = 1 << 24;
+
+impl CalibrationSpec {
+    pub fn new(text: PathBuf, samples: usize, seqlen: usize, seed: u64) -> Result<Self> {
+        if samples == 0 {
+            bail!("--calib-samples must be at least 1");
+        }
+        if seqlen < 2 {
+            bail!("--calib-seqlen must be at least 2 tokens");
+        }
+        if samples.saturating_mul(seqlen) > MAX_CALIBRATION_TOKENS {
+            bail!(
+                "--calib-samples {samples} x --calib-seqlen {seqlen} is more than {MAX_CALIBRATION_TOKENS} calibration tokens"
+            );
+        }
+        Ok(CalibrationSpec {
+            text,
+            samples,
+            seqlen,
+            seed,
+        })
+    }
+}
+
+/// `samples` windows of `seqlen` tokens from `ids`, at offsets drawn with `seed`.
+pub fn calibration_windows(
+    ids: &[u32],
+    samples: usize,
+    seqlen: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
+    use rand::{Rng, SeedableRng};
+    if ids.len() < seqlen {
+        bail!(
+            "the calibration text has {} tokens, fewer than --calib-seqlen {seqlen}",
+            ids.len()
+        );
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    Ok((0..samples)
+        .map(|_| {
+            let start = rng.gen_range(0..=ids.len() - seqlen);
+            ids[start..start + seqlen].to_vec()
+        })
+        .collect())
+}
+
+/// Loads `spec` and applies `plan`, feeding `calibration` windows through the model first
+/// when some rule needs statistics of its layers' inputs.
 pub fn prepare(
     spec: &str,
     load_as: LoadAs,
     plan: Option<&str>,
-    calibration: Option<&[u32]>,
+    calibration: Option<&CalibrationSpec>,
     device: &Device,
 ) -> Result<PreparedLlm> {
     let plan_text = plan.unwrap_or("keep").to_string();
@@ -52,22 +111,32 @@ pub fn prepare(
         .parse()
         .with_context(|| format!("in --plan '{plan_text}'"))?;
     let mut llm = load_llm(spec, load_as, device)?;
-    let layers = apply_plan(&mut llm.model, &plan, |m| {
-        let ids = calibration.context(
-            "static int8 needs calibration text: this command has none to give (use a weight-only or dynamic method)",
-        )?;
-        let ws = perplexity::windows(
-            ids,
-            Protocol::LlamaCpp {
-                ctx: 512,
-                bos: false,
-            },
-            None,
-            Some(4),
-        )?;
-        for w in ws {
-            perplexity::window_log_probs(m, &w)?;
+    let windows = match calibration {
+        Some(c) if crate::nn::plan_needs_calibration(&plan) => {
+            if c.seqlen > llm.model.cfg.max_position_embeddings {
+                bail!(
+                    "--calib-seqlen {} is longer than the model's context ({} positions)",
+                    c.seqlen,
+                    llm.model.cfg.max_position_embeddings
+                );
+            }
+            let ids = llm.tokenizer.encode(&read_text(&c.text)?)?;
+            calibration_windows(&ids, c.samples, c.seqlen, c.seed)
+                .with_context(|| format!("calibration text {}", c.text.display()))?
         }
+        _ => Vec::new(),
+    };
+    let layers = apply_plan(&mut llm.model, &plan, |m| {
+        if windows.is_empty() {
+            bail!("this plan needs calibration data: pass --calibration FILE (text), or use a weight-only or dynamic method");
+        }
+        let bar = crate::progress::bar(windows.len() as u64, "calibrate", true);
+        for w in &windows {
+            let ids = candle_core::Tensor::from_vec(w.clone(), (1, w.len()), &m.device)?;
+            m.forward(&ids, &mut m.new_cache(), true)?;
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
         Ok(())
     })?;
     if layers.is_empty() || llm.model.linears().is_empty() {

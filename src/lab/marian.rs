@@ -18,6 +18,7 @@ pub struct MarianLabConfig {
     /// Sentences timed one at a time for the latency column.
     pub latency_sentences: usize,
     pub progress: bool,
+    pub device: Device,
 }
 
 /// The table's rows: label and plan. Every `nn.Linear` of the model is quantized, the output
@@ -31,7 +32,7 @@ pub const ROWS: [(&str, &str); 5] = [
 ];
 
 fn prepare(cfg: &MarianLabConfig, plan: &str) -> Result<(PreparedMarian, GenerateConfig)> {
-    let p = mt::prepare(&cfg.model, Some(plan), None, &Device::Cpu)?;
+    let p = mt::prepare(&cfg.model, Some(plan), None, &cfg.device)?;
     let g = cfg.decoding.apply(&p.generation)?;
     Ok((p, g))
 }

@@ -24,6 +24,7 @@ pub struct MnistLabConfig {
     pub latency_runs: usize,
     /// Evaluate on the first N test images only (None: all 10,000).
     pub test_limit: Option<usize>,
+    pub device: Device,
 }
 
 impl Default for MnistLabConfig {
@@ -39,6 +40,7 @@ impl Default for MnistLabConfig {
             calibration_batches: 32,
             latency_runs: 200,
             test_limit: None,
+            device: Device::Cpu,
         }
     }
 }
@@ -64,7 +66,7 @@ pub struct MnistLab {
 pub fn checkpoint(data: &mnist::Mnist, cfg: &MnistLabConfig) -> Result<(Mlp, bool, Option<f32>)> {
     let dir = &cfg.checkpoint;
     if !cfg.retrain && dir.join("model.safetensors").exists() {
-        let m = Mlp::load(dir, &Device::Cpu).with_context(|| {
+        let m = Mlp::load(dir, &cfg.device).with_context(|| {
             format!(
                 "loading cached checkpoint {} (use --retrain to replace it)",
                 dir.display()
@@ -92,7 +94,7 @@ fn rows_plan(observer: ObserverKind) -> Result<Vec<(&'static str, Method)>> {
 }
 
 pub fn run(data_dir: &DataDir, cfg: &MnistLabConfig) -> Result<MnistLab> {
-    let data = mnist::load(data_dir, &Device::Cpu)?;
+    let data = mnist::load(data_dir, &cfg.device)?;
     let (base, trained_now, final_loss) = checkpoint(&data, cfg)?;
     let test = match cfg.test_limit {
         Some(n) if n < data.test.len() => mnist::MnistSplit {

@@ -20,6 +20,7 @@ pub struct SmollmLabConfig {
     pub lambada: Option<PathBuf>,
     pub decode_tokens: usize,
     pub progress: bool,
+    pub device: Device,
 }
 
 const PROTOCOL: Protocol = Protocol::LlamaCpp {
@@ -32,7 +33,7 @@ fn mb(bytes: usize) -> Cell {
 }
 
 fn prepare(cfg: &SmollmLabConfig, plan: &str, load_as: LoadAs) -> Result<PreparedLlm> {
-    lm::prepare(&cfg.model, load_as, Some(plan), None, &Device::Cpu)
+    lm::prepare(&cfg.model, load_as, Some(plan), None, &cfg.device)
 }
 
 /// Decode speed: greedy tokens after a fixed prompt, warm-up step excluded.

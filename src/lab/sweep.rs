@@ -220,6 +220,7 @@ pub fn append_row(path: &Path, row: &Row) -> Result<()> {
 
 pub struct SweepSpec {
     pub model: String,
+    pub device: Device,
     pub load_as: LoadAs,
     pub configs: Vec<Config>,
     pub layers: Layers,
@@ -235,7 +236,7 @@ pub struct SweepSpec {
 /// Runs the configurations not yet in `out`; returns every row of this sweep (old and new).
 pub fn run(spec: &SweepSpec) -> Result<Vec<Row>> {
     let text = lm::read_text(&spec.text)?;
-    let device = Device::Cpu;
+    let device = spec.device.clone();
     let existing = read_rows(&spec.out)?;
     let protocol = spec.protocol.to_string();
     let model_name = spec.model.clone();

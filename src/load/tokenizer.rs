@@ -46,6 +46,37 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Writes `tokenizer.json` and a `tokenizer_config.json` with the special tokens and
+    /// BOS policy, which [`Self::from_hf_dir`] reads back to the same tokenizer.
+    pub fn save_hf(&self, dir: &Path) -> Result<()> {
+        for (name, bytes) in self.hf_files()? {
+            crate::quant::io::write_atomically(&dir.join(name), &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// The contents of `tokenizer.json` and `tokenizer_config.json`.
+    pub fn hf_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let json = self
+            .inner
+            .to_string(false)
+            .map_err(|e| anyhow::anyhow!("serializing the tokenizer: {e}"))?;
+        let name = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i));
+        let cfg = serde_json::json!({
+            "bos_token": name(self.bos),
+            "eos_token": name(self.eos),
+            "add_bos_token": self.add_bos,
+            "quantlab_pre_tokenizer": self.pre,
+        });
+        Ok(vec![
+            ("tokenizer.json".into(), json.into_bytes()),
+            (
+                "tokenizer_config.json".into(),
+                serde_json::to_string_pretty(&cfg)?.into_bytes(),
+            ),
+        ])
+    }
+
     /// Loads `tokenizer.json` (and BOS/EOS from `tokenizer_config.json` when present).
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
@@ -73,7 +104,11 @@ impl TextTokenizer {
             bos,
             eos,
             add_bos,
-            pre: "tokenizer.json".into(),
+            pre: cfg
+                .get("quantlab_pre_tokenizer")
+                .and_then(|v| v.as_str())
+                .unwrap_or("tokenizer.json")
+                .into(),
         })
     }
 

@@ -3,6 +3,8 @@
 //! dispatches on its kind and builds it from `arch/` with its tokenizer. Sits above `arch/`
 //! and `load/`; knows nothing of evaluation.
 
+pub mod save;
+
 use crate::arch::llama::{Llama, LoadAs};
 use crate::arch::marian::Marian;
 use crate::arch::mlp::Mlp;
