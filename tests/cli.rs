@@ -98,10 +98,131 @@ fn llm_commands_explain_bad_models_and_plans() {
     assert!(!ok);
     assert!(err.contains("bad.gguf") && err.contains("GGUF"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    // the bad width, where it came from, and the range to pick from
     let (ok, _, err) = quantlab(&["sweep", "--methods", "rtn", "--bits", "9"]);
     assert!(!ok);
-    assert!(err.contains("9"), "{err}");
+    assert!(
+        err.contains("sweep configuration w:i9:sym:ch0")
+            && err.contains("bit width 9 is out of range: use 1 to 8 bits"),
+        "{err}"
+    );
     let (ok, _, err) = quantlab(&["perplexity", "--strided", "1024"]);
     assert!(!ok);
     assert!(err.contains("MAX_LEN:STRIDE"), "{err}");
+
+    // Plans are parsed before any model is read; each error names the plan, the rule at
+    // fault and what would be accepted instead.
+    let tiny = tiny_llama();
+    let plan_error = |plan: &str| {
+        let (ok, out, err) = quantlab(&[
+            "generate", "--model", &tiny, "--prompt", "hi", "--plan", plan,
+        ]);
+        assert!(!ok, "plan '{plan}' was accepted: {out}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.contains(&format!("in --plan '{plan}'")), "{err}");
+        err
+    };
+    // a rule with an unknown method
+    let err = plan_error("lm_head=f32;*=int9");
+    assert!(
+        err.contains("in plan rule '*=int9'")
+            && err.contains("unknown quantization method 'int9'")
+            && err.contains("w:<scheme> (e.g. w:i4:sym:g64)"),
+        "{err}"
+    );
+    // an empty plan, also when it is only separators
+    for plan in ["", " ; ;"] {
+        let err = plan_error(plan);
+        assert!(
+            err.contains("empty plan: give rules like '*.mlp.*=w:i8:sym:ch0;*=f32'"),
+            "{err}"
+        );
+    }
+    // a pattern with no method: alone it reads as a method, and fails as one
+    let err = plan_error("*.mlp.*");
+    assert!(
+        err.contains("in plan rule '*.mlp.*'")
+            && err.contains("unknown quantization method '*.mlp.*'"),
+        "{err}"
+    );
+    let err = plan_error("*.mlp.*=");
+    assert!(
+        err.contains("in plan rule '*.mlp.*='") && err.contains("unknown quantization method ''"),
+        "{err}"
+    );
+    // a method with no pattern
+    let err = plan_error("=f32");
+    assert!(
+        err.contains("empty layer pattern in plan rule '=f32'"),
+        "{err}"
+    );
+}
+
+/// The tiny random Llama in tests/fixtures (loads in milliseconds).
+fn tiny_llama() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama-tiny").to_string()
+}
+
+#[test]
+fn plans_quantize_exactly_the_layers_they_name() {
+    // tests/fixtures/llama-tiny: hidden 64, intermediate 128, 2 layers, 4 query heads and
+    // 2 KV heads of 16, vocabulary 384, untied lm_head; 123 200 f32 parameters (492 800 B).
+    // Per layer: q, o 64x64 and k, v 32x64 (12 288 weights, 192 rows); gate, up 128x64
+    // and down 64x128 (24 576 weights, 320 rows). lm_head: 384x64 (24 576 weights).
+    // w:i8:sym:ch0 stores 1 byte per weight plus an f32 scale per row, so bits per
+    // weight over the quantized layers = 8 + 32 · rows / weights.
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog. the quick brown fox.",
+    )
+    .unwrap();
+    let tiny = tiny_llama();
+    let run = |plan: &str| -> serde_json::Value {
+        let (ok, out, err) = quantlab(&[
+            "perplexity",
+            "--model",
+            &tiny,
+            "--text",
+            text.to_str().unwrap(),
+            "--ctx",
+            "8",
+            "--plan",
+            plan,
+            "--quiet",
+            "--format",
+            "json",
+        ]);
+        assert!(ok, "plan '{plan}': {err}");
+        let row: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        assert_eq!(row["plan"], plan);
+        row
+    };
+    let check = |plan: &str, bpw: f64, mb: f64| {
+        let row = run(plan);
+        let (got_bpw, got_mb) = (
+            row["bits_per_weight"].as_f64().unwrap(),
+            row["weights_mb"].as_f64().unwrap(),
+        );
+        assert!(
+            (got_bpw - bpw).abs() < 1e-9 && (got_mb - mb).abs() < 1e-9,
+            "plan '{plan}': {got_bpw} bits/weight, {got_mb} MB; want {bpw}, {mb}"
+        );
+    };
+    // a pattern-only rule: the two MLPs (49 152 weights, 640 rows) and nothing else
+    check(
+        "*.mlp.*=w:i8:sym:ch0",
+        8.0 + 32.0 * 640.0 / 49152.0,
+        (492_800.0 - 4.0 * 49152.0 + 49152.0 + 4.0 * 640.0) / 1e6,
+    );
+    // first match wins: the MLPs stay f32, attention and lm_head (49 152 weights, 768 rows)
+    // take the catch-all
+    check(
+        "*.mlp.*=f32;*=w:i8:sym:ch0",
+        8.0 + 32.0 * 768.0 / 49152.0,
+        (492_800.0 - 4.0 * 49152.0 + 49152.0 + 4.0 * 768.0) / 1e6,
+    );
+    // no plan: every layer stays f32
+    check("keep", 32.0, 0.4928);
 }

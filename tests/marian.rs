@@ -623,10 +623,29 @@ fn static_int8_calibrates_on_source_sentences() {
         quantlab::eval::seq2seq::translate(&p.mt.model, &p.mt.tokenizer, &src, &cfg, 20, false)
             .unwrap();
     let hf = strings(&reference()["translations"]["greedy"]["text"]);
-    let same = ours.iter().zip(&hf).filter(|(o, h)| o.text == **h).count();
+    let changed: Vec<usize> = (0..src.len()).filter(|&i| ours[i].text != hf[i]).collect();
+    eprintln!(
+        "static int8 on fc layers: {}/20 greedy translations unchanged; changed: {changed:?}",
+        20 - changed.len()
+    );
     // int8 activations on the feed-forward layers move a few words, not most sentences.
-    eprintln!("static int8 on fc layers: {same}/20 greedy translations unchanged");
-    assert!(same >= 10, "only {same}/20 greedy translations unchanged");
+    // Measured: 18/20 unchanged; sentence 3 ("Personen" -> "Menschen") and sentence 11
+    // (the tail of a degenerate output) differ. The result is deterministic: the same 18
+    // (same texts) at RAYON_NUM_THREADS 1, 2, 4 and 7 and at translate batch sizes 1, 3,
+    // 7, 16 and 20 (padding changes the f32 matmul shapes). The smallest top-1/top-2
+    // log-prob gap along the 20 greedy paths is 0.0055 (sentence 17), far above f32
+    // rounding differences, so the exact set is pinned: a change here is a real change
+    // in the int8 path (kernels, activation rounding, calibration) and should be looked at.
+    assert_eq!(
+        changed,
+        [3, 11],
+        "greedy translations changed by static int8 (expected exactly sentences 3 and 11):\n{}",
+        changed
+            .iter()
+            .map(|&i| format!("[{i}] ours {:?}\n     hf   {:?}", ours[i].text, hf[i]))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 #[test]

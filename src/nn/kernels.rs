@@ -276,37 +276,127 @@ mod tests {
         assert_eq!(gemm_u8_i8(&a, 1, 64, &w, 1), vec![255 * -128 * 64]);
     }
 
-    #[test]
-    fn avx2_kernel_equals_the_portable_one_exactly() {
-        // Odd row counts, weight rows not a multiple of 4 or of the task block, k not a
-        // multiple of 16, and the extreme codes.
-        for (m, k, n) in [(17, 70, 130), (32, 256, 257), (19, 5, 3)] {
-            let a: Vec<u8> = (0..m * k)
-                .map(|i| {
-                    if i % 11 == 0 {
-                        255
-                    } else {
-                        (i * 131 % 256) as u8
-                    }
-                })
-                .collect();
-            let w: Vec<i8> = (0..n * k)
-                .map(|i| {
-                    if i % 7 == 0 {
-                        -128
-                    } else {
-                        ((i * 197 % 256) as i32 - 128) as i8
-                    }
-                })
-                .collect();
-            let got = gemm_u8_i8(&a, m, k, &w, n);
-            assert_eq!(got, gemm_u8_i8_portable(&a, m, k, &w, n), "{m}x{k}x{n}");
+    /// The reference: a plain i32 triple loop, sharing no code with the kernels.
+    fn scalar_reference(a: &[u8], m: usize, k: usize, w: &[i8], n: usize) -> Vec<i32> {
+        let mut c = vec![0i32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0i32;
+                for p in 0..k {
+                    s += a[i * k + p] as i32 * w[j * k + p] as i32;
+                }
+                c[i * n + j] = s;
+            }
         }
+        c
+    }
+
+    type Gemm = fn(&[u8], usize, usize, &[i8], usize) -> Vec<i32>;
+
+    /// Every kernel this machine can run, detected at run time: the portable one always,
+    /// the dispatcher (what QLinear calls), and each SIMD kernel the CPU supports.
+    fn available_paths() -> Vec<(&'static str, Gemm)> {
+        #[allow(unused_mut)]
+        let mut paths: Vec<(&'static str, Gemm)> =
+            vec![("portable", gemm_u8_i8_portable), ("dispatch", gemm_u8_i8)];
         #[cfg(target_arch = "x86_64")]
-        assert!(
-            avx2::available(),
-            "this test is meant to exercise the AVX2 kernel"
+        if avx2::available() {
+            paths.push(("avx2", avx2::gemm));
+        }
+        paths
+    }
+
+    /// splitmix64: a seeded stream, so failures reproduce.
+    fn stream(seed: u64) -> impl FnMut() -> u64 {
+        let mut s = seed;
+        move || {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+    }
+
+    #[test]
+    fn scalar_reference_by_hand() {
+        // [[1, 2, 3], [255, 0, 1]] · [[1, -1, 2], [-128, 0, 127]]ᵀ
+        let a = [1u8, 2, 3, 255, 0, 1];
+        let w = [1i8, -1, 2, -128, 0, 127];
+        assert_eq!(
+            scalar_reference(&a, 2, 3, &w, 2),
+            vec![1 - 2 + 6, -128 + 381, 255 + 2, 255 * -128 + 127]
         );
+    }
+
+    #[test]
+    fn every_kernel_equals_a_scalar_reference_on_ragged_shapes() {
+        let paths = available_paths();
+        let names: Vec<&str> = paths.iter().map(|p| p.0).collect();
+        // No SIMD kernel on this machine still leaves the portable one (and the dispatcher)
+        // against the reference; the log says which kernels ran.
+        eprintln!("int8 gemm paths checked against the scalar reference: {names:?}");
+        assert_eq!(names[0], "portable");
+        // m, k, n off every vector width and block (AVX2: 16 columns per step, 2 × 4
+        // register blocks, 64 weight rows per task; portable: 32-column chunks), the
+        // dispatcher's AVX2 threshold (16 rows, hit exactly once), and two larger shapes that cross the
+        // portable kernel's threading threshold (m·n·k ≥ 2^20) and the AVX2 task block.
+        let mut shapes = Vec::new();
+        for m in [1, 3, 17] {
+            for k in [1, 7, 33, 257] {
+                for n in [1, 5, 19] {
+                    shapes.push((m, k, n));
+                }
+            }
+        }
+        shapes.extend([
+            (17, 70, 130),
+            (32, 256, 257),
+            (19, 5, 3),
+            (16, 33, 5),
+            (17, 257, 257),
+        ]);
+        let mut next = stream(0x5EED);
+        let mut checks = 0;
+        for &(m, k, n) in &shapes {
+            // Random codes with the extremes forced in often, then all-extreme codes
+            // (255 · -128 in every product: the largest sums the kernels must hold).
+            let random_a: Vec<u8> = (0..m * k)
+                .map(|_| match next() % 8 {
+                    0 => 255,
+                    1 => 0,
+                    _ => next() as u8,
+                })
+                .collect();
+            let random_w: Vec<i8> = (0..n * k)
+                .map(|_| match next() % 8 {
+                    0 => -128,
+                    1 => 127,
+                    _ => next() as i8,
+                })
+                .collect();
+            let extreme_a = vec![255u8; m * k];
+            let extreme_w = vec![-128i8; n * k];
+            for (data, a, w) in [
+                ("random", &random_a, &random_w),
+                ("extreme", &extreme_a, &extreme_w),
+            ] {
+                let want = scalar_reference(a, m, k, w, n);
+                if data == "extreme" {
+                    assert_eq!(want, vec![255 * -128 * k as i32; m * n]);
+                }
+                for (name, gemm) in &paths {
+                    assert_eq!(
+                        gemm(a, m, k, w, n),
+                        want,
+                        "{name} kernel, {data} codes, shape {m}x{k}x{n}"
+                    );
+                    checks += 1;
+                }
+            }
+        }
+        // Every path met the reference on every shape and data set: nothing was skipped.
+        assert_eq!(checks, 2 * shapes.len() * paths.len());
     }
 
     #[test]

@@ -316,14 +316,39 @@ mod tests {
     }
 
     #[test]
-    fn percentile_cuts_outliers() {
-        let mut o = Observer::new(ObserverKind::Percentile { percentile: 99.0 }, scheme_u8());
-        let mut v: Vec<f32> = (0..10_000).map(|i| i as f32 / 10_000.0).collect();
-        v.push(1000.0);
-        o.observe_slice(&v).unwrap();
-        let (lo, hi) = o.range().unwrap();
-        // 1% of the mass each side: 0.01 and 0.99 within a bin width (1000/2048)
-        assert!(lo.abs() < 0.5 && (hi - 0.99).abs() < 0.5, "{lo} {hi}");
+    fn percentile_equals_the_hand_computed_histogram_quantile() {
+        // 0, 1, ..., 9999 plus one outlier at 20480: the histogram spans [0, 20480] in 2048
+        // bins of width 10 exactly, bins 0..999 hold 10 values each (density 1 per unit),
+        // bin 2047 holds the outlier, and the total is N = 10001. Interpolating inside a
+        // bin, the q-quantile is then q·N itself while q·N < 10000:
+        //   99.9: lo = 0.001 · 10001 = 10.001, hi = 0.999 · 10001 = 9990.999
+        //   99.0: lo = 0.01 · 10001 = 100.01, hi = 0.99 · 10001 = 9900.99
+        // A median would give 5000.5 and min/max (0, 20480); even numpy's sample percentiles
+        // at 99.9 (10.0, 9990.0) are outside the tolerances below.
+        let mut v: Vec<f32> = (0..10_000).map(|i| i as f32).collect();
+        v.push(20480.0);
+        for (p, lo_want, hi_want) in [(99.9, 10.001, 9990.999), (99.0, 100.01, 9900.99)] {
+            let kind = ObserverKind::Percentile { percentile: p };
+            let mut one = Observer::new(kind, scheme_u8());
+            one.observe_slice(&v).unwrap();
+            // The same data in three batches: the first already spans the full range, so
+            // no rebinning happens and every batch must land in the same counts.
+            let mut three = Observer::new(kind, scheme_u8());
+            let (outlier, bulk) = v.split_last().unwrap();
+            let mut first = bulk[..3000].to_vec();
+            first.push(*outlier);
+            three.observe_slice(&first).unwrap();
+            three.observe_slice(&bulk[3000..7000]).unwrap();
+            three.observe_slice(&bulk[7000..]).unwrap();
+            for (label, o) in [("one batch", &one), ("three batches", &three)] {
+                let (lo, hi) = o.range().unwrap();
+                // f32 spacing near 10 000 is 2^-10 ≈ 0.001; near 10 it is ~1e-6
+                assert!(
+                    (lo - lo_want).abs() < 1e-4 && (hi - hi_want).abs() < 1e-3,
+                    "percentile {p}, {label}: ({lo}, {hi}), want ({lo_want}, {hi_want})"
+                );
+            }
+        }
     }
 
     /// Squared error of fake-quantizing `v` with the scheme over [lo, hi], in f64.
