@@ -52,7 +52,8 @@ fn llama_ftype(t: GgmlDType) -> Option<u32> {
 }
 
 /// Where a tensor goes in the file: the embedding table, the blocks in order, then the
-/// final norm and the output layer (the order llama.cpp's converters write).
+/// final norm and the output layer (llama.cpp finds tensors by name; the order is for
+/// people reading a dump).
 fn order_key(name: &str) -> (u8, usize) {
     if name.starts_with("token_embd.") {
         return (0, 0);
@@ -81,9 +82,10 @@ fn f32_tensor(t: &candle_core::Tensor) -> Result<QTensor> {
 pub fn write_gguf(model: &Llama, source: &Gguf, path: &Path) -> Result<u64> {
     if model.rope_layout != RopeLayout::Interleaved {
         bail!(
-            "cannot write GGUF: this model's q/k weights use Hugging Face's half-split rope layout, \
-             while GGUF files (and llama.cpp) store them permuted for interleaved pairs; only a model \
-             loaded from a GGUF file (or a quantlab checkpoint made from one) can be written as GGUF"
+            "cannot write GGUF: this model's q/k weights are in Hugging Face's half-split rope layout, \
+             while llama.cpp reads GGUF q/k rows permuted for interleaved pairs (and this writer does not \
+             permute them), so llama.cpp would rotate the wrong features; only a model loaded from a GGUF \
+             file (or a quantlab checkpoint made from one) can be written as GGUF"
         );
     }
     let arch = source.string("general.architecture")?;
