@@ -36,15 +36,6 @@ fn cuda(ordinal: usize) -> Result<Device> {
     )
 }
 
-/// A short name for reports (`cpu`, `cuda:0`).
-pub fn name(d: &Device) -> String {
-    match d {
-        Device::Cpu => "cpu".into(),
-        Device::Cuda(_) => "cuda".into(),
-        Device::Metal(_) => "metal".into(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -226,10 +226,7 @@ fn mlp_checkpoint_with_static_int8_reloads_bit_identical() {
     let mut mem = m.clone();
     let x = data.train.images.narrow(0, 0, 256).unwrap();
     quantlab::nn::apply_plan(&mut mem, &plan.parse().unwrap(), |mm| {
-        for b in 0..4 {
-            mm.forward(&x.narrow(0, b * 64, 64)?)?;
-        }
-        Ok(())
+        quantlab::lab::mnist::calibrate(mm, &x)
     })
     .unwrap();
     let t = data.test.images.narrow(0, 0, 16).unwrap();

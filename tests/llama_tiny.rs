@@ -393,3 +393,43 @@ fn greedy_generation_equals_transformers_generate() {
         );
     }
 }
+
+#[test]
+fn norm_groups_name_each_norm_and_the_projections_it_feeds() {
+    use quantlab::nn::HasLinears;
+    let g = model().norm_groups();
+    // Two groups per block plus the final norm; every name is a real tensor or layer.
+    assert_eq!(g.len(), 2 * 2 + 1);
+    assert_eq!(g[0].norm, "model.layers.0.input_layernorm");
+    assert_eq!(
+        g[0].linears,
+        [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.k_proj",
+            "model.layers.0.self_attn.v_proj"
+        ]
+    );
+    assert_eq!(g[3].norm, "model.layers.1.post_attention_layernorm");
+    assert_eq!(
+        g[3].linears,
+        ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    );
+    assert_eq!(g[4].norm, "model.norm");
+    assert_eq!(g[4].linears, ["lm_head"]);
+    let dense: Vec<String> = model()
+        .dense_tensors()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let layers: Vec<String> = model().linears().iter().map(|l| l.name.clone()).collect();
+    for group in &g {
+        assert!(
+            dense.contains(&format!("{}.weight", group.norm)),
+            "{}",
+            group.norm
+        );
+        for l in &group.linears {
+            assert!(layers.contains(l), "{l}");
+        }
+    }
+}

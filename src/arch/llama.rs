@@ -333,7 +333,7 @@ pub struct Llama {
 struct GgufNames<'a>(&'a mut Gguf);
 
 /// The GGUF name of a Hugging Face tensor name ending in `.weight`.
-fn gguf_tensor_name(hf: &str) -> Result<String> {
+pub fn gguf_tensor_name(hf: &str) -> Result<String> {
     gguf_name(hf.strip_suffix(".weight").unwrap_or(hf))
 }
 
@@ -503,8 +503,7 @@ impl Llama {
             blocks.push(b);
         }
         let norm = src.dense("model.norm")?;
-        let stored_head = crate::nn::checkpoint::stored_layers(src.src)?
-            .is_some_and(|m| m.contains_key("lm_head"));
+        let stored_head = crate::nn::checkpoint::has_stored_layer(src.src, "lm_head")?;
         let lm_head = if stored_head {
             src.linear("lm_head")?
         } else if cfg.tie_word_embeddings {
@@ -722,6 +721,28 @@ impl Llama {
 }
 
 impl HasLinears for Llama {
+    /// Pre-norm blocks: `input_layernorm` feeds q/k/v, `post_attention_layernorm` feeds
+    /// gate/up (the final norm feeds `lm_head`).
+    fn norm_groups(&self) -> Vec<crate::nn::NormGroup> {
+        let mut out = Vec::new();
+        for b in &self.blocks {
+            let p = b.q.name.trim_end_matches("self_attn.q_proj");
+            out.push(crate::nn::NormGroup {
+                norm: format!("{p}input_layernorm"),
+                linears: vec![b.q.name.clone(), b.k.name.clone(), b.v.name.clone()],
+            });
+            out.push(crate::nn::NormGroup {
+                norm: format!("{p}post_attention_layernorm"),
+                linears: vec![b.gate.name.clone(), b.up.name.clone()],
+            });
+        }
+        out.push(crate::nn::NormGroup {
+            norm: "model.norm".into(),
+            linears: vec![self.lm_head.name.clone()],
+        });
+        out
+    }
+
     fn linears(&self) -> Vec<&QLinear> {
         let mut v: Vec<&QLinear> = self
             .blocks

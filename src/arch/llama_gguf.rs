@@ -8,20 +8,19 @@
 //! tensor data); llama.cpp reads versions 2 and 3, which differ only in byte order
 //! detection.
 
-use super::llama::{gguf_name, Llama, RopeLayout};
+use super::llama::{gguf_name, gguf_tensor_name, Llama, RopeLayout};
 use crate::load::gguf::Gguf;
 use crate::nn::format::{dense::Dense, ggml::ggml_name, ggml::Ggml};
 use crate::nn::HasLinears;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
 /// Metadata key holding the plan that produced the file, one `layer=method` rule per layer
-/// (a plan `quantlab` parses back).
-pub const PLAN_KEY: &str = "quantlab.plan";
+/// (a plan `quantlab` parses back): the same key as in quantlab's own checkpoints.
+pub use crate::nn::checkpoint::PLAN_KEY;
 
 /// Metadata keys of the source not copied: the file type is recomputed, and the alignment
 /// is the writer's (32 bytes, GGUF's default, so the key is left out).
@@ -119,7 +118,7 @@ pub fn write_gguf(model: &Llama, source: &Gguf, path: &Path) -> Result<u64> {
 
     let mut tensors: Vec<(String, Arc<QTensor>)> = Vec::new();
     for (hf, t) in model.dense_tensors() {
-        let name = gguf_name(hf.strip_suffix(".weight").unwrap_or(&hf))?;
+        let name = gguf_tensor_name(&hf)?;
         tensors.push((name, Arc::new(f32_tensor(&t)?)));
     }
     // Parameters per GGML type over the linear layers, for the file type.
@@ -194,55 +193,10 @@ pub fn write_gguf(model: &Llama, source: &Gguf, path: &Path) -> Result<u64> {
         .iter()
         .map(|(n, t)| (n.as_str(), t.as_ref()))
         .collect();
-    write_via_temp(path, |w| {
+    crate::quant::io::write_atomically_with(path, |w| {
         gguf_file::write(w, &meta_refs, &tensor_refs)
             .with_context(|| format!("writing GGUF {}", path.display()))
     })
-}
-
-/// Writes through a buffered temporary file next to `path`, then renames it into place;
-/// the temporary file is removed when writing fails. Returns the file's size.
-fn write_via_temp(
-    path: &Path,
-    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
-) -> Result<u64> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating folder {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
-    let result = (|| -> Result<u64> {
-        let file =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-        write(&mut w)?;
-        w.flush()
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        let file = w
-            .into_inner()
-            .map_err(|e| anyhow::anyhow!("writing {}: {}", tmp.display(), e.error()))?;
-        file.sync_all()
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        Ok(file.metadata()?.len())
-    })();
-    match result {
-        Ok(bytes) => match std::fs::rename(&tmp, path) {
-            Ok(()) => Ok(bytes),
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                Err(e).with_context(|| format!("moving {} into place", path.display()))
-            }
-        },
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
 }
 
 #[cfg(test)]

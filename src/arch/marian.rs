@@ -365,8 +365,7 @@ impl Marian {
         // checkpoint stores `lm_head.weight`), so a plan can quantize it alone.
         // A quantized checkpoint records the head as a layer of its own (with its bias)
         // unless it was still the tied f32 table.
-        let stored_head =
-            crate::nn::checkpoint::stored_layers(src)?.is_some_and(|m| m.contains_key("lm_head"));
+        let stored_head = crate::nn::checkpoint::has_stored_layer(src, "lm_head")?;
         let tied_lm_head = !src.has("lm_head.weight") && !stored_head;
         let shared_embeddings = from_shared(src, "model.encoder.embed_tokens.weight")
             && from_shared(src, "model.decoder.embed_tokens.weight");

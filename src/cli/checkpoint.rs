@@ -51,6 +51,7 @@ pub fn quantize_model(
     let parsed: crate::nn::Plan = plan
         .parse()
         .with_context(|| format!("in --plan '{plan}'"))?;
+    // write_dir refuses too; asking here saves quantizing a model only to be refused.
     if out.exists() {
         bail!(
             "{} already exists: remove it or choose another --out",
@@ -123,12 +124,7 @@ pub fn quantize_model(
             let layers = crate::nn::apply_plan(&mut m, &parsed, |m| {
                 let data = crate::data::mnist::load(&DataDir::resolve(data)?, device)?;
                 let n = (a.calibration.calib_samples * 64).min(data.train.len());
-                let x = data.train.images.narrow(0, 0, n)?;
-                for b in 0..n.div_ceil(64) {
-                    let rows = 64.min(n - b * 64);
-                    m.forward(&x.narrow(0, b * 64, rows)?)?;
-                }
-                Ok(())
+                crate::lab::mnist::calibrate(m, &data.train.images.narrow(0, 0, n)?)
             })?;
             let ck = Checkpoint {
                 linears: m.linears(),

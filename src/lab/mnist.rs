@@ -144,7 +144,7 @@ pub fn run(data_dir: &DataDir, cfg: &MnistLabConfig) -> Result<MnistLab> {
 }
 
 /// Pushes calibration images through the model in batches of 64.
-fn calibrate(model: &Mlp, images: &Tensor) -> Result<()> {
+pub fn calibrate(model: &Mlp, images: &Tensor) -> Result<()> {
     let n = images.dim(0)?;
     let mut start = 0;
     while start < n {

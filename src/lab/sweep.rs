@@ -110,7 +110,7 @@ pub fn expand(
                     .with_context(|| format!("in --methods '{other}'"))?;
                 out.push(Config {
                     family: other.to_string(),
-                    bits: nominal_bits(&parsed),
+                    bits: parsed.nominal_bits(),
                     method: other.to_string(),
                 });
             }
@@ -122,10 +122,6 @@ pub fn expand(
             .with_context(|| format!("sweep configuration {}", c.method))?;
     }
     Ok(out)
-}
-
-fn nominal_bits(m: &crate::nn::Method) -> u32 {
-    m.nominal_bits()
 }
 
 /// One measured row, as stored in the JSON-lines file.

@@ -106,17 +106,17 @@ pub trait TensorSource {
     fn metadata(&self) -> Option<&HashMap<String, String>> {
         None
     }
+    /// A metadata value that holds a JSON object, parsed once when the file was opened;
+    /// `None` when absent or not valid JSON.
+    fn metadata_json(&self, _key: &str) -> Option<&serde_json::Value> {
+        None
+    }
 }
 
 /// Converts to f32 and refuses NaN or infinite values, naming the tensor and the file.
 pub fn checked_f32(name: &str, origin: &str, t: Tensor) -> Result<Tensor> {
     let t = t.to_dtype(DType::F32)?;
-    if t.elem_count() == 0 {
-        return Ok(t);
-    }
-    // x · 0 is 0 for finite values and NaN for NaN and ±inf (a max would skip NaN).
-    let finite = (&t * 0.0)?.sum_all()?.to_scalar::<f32>()?.is_finite();
-    if !finite {
+    if !crate::quant::uniform::all_finite(&t)? {
         bail!(
             "tensor '{name}' in {origin} holds NaN or infinite values: the checkpoint is corrupt"
         );
@@ -138,6 +138,7 @@ pub struct SafetensorsSource {
     st: candle_core::safetensors::MmapedSafetensors,
     names: HashSet<String>,
     metadata: Option<HashMap<String, String>>,
+    json: HashMap<String, serde_json::Value>,
 }
 
 impl SafetensorsSource {
@@ -152,11 +153,18 @@ impl SafetensorsSource {
             [one] => read_safetensors_metadata(one)?,
             _ => None,
         };
+        let json = metadata
+            .iter()
+            .flatten()
+            .filter(|(_, v)| v.starts_with('{'))
+            .filter_map(|(k, v)| Some((k.clone(), serde_json::from_str(v).ok()?)))
+            .collect();
         Ok(Self {
             files: files.to_vec(),
             st,
             names,
             metadata,
+            json,
         })
     }
 }
@@ -232,6 +240,10 @@ impl TensorSource for SafetensorsSource {
 
     fn metadata(&self) -> Option<&HashMap<String, String>> {
         self.metadata.as_ref()
+    }
+
+    fn metadata_json(&self, key: &str) -> Option<&serde_json::Value> {
+        self.json.get(key)
     }
 }
 

@@ -11,8 +11,7 @@ use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// Metadata key holding the plan that made a checkpoint.
-pub const PLAN_KEY: &str = "quantlab.plan";
+pub use crate::nn::checkpoint::PLAN_KEY;
 /// Metadata key holding the source model.
 pub const SOURCE_KEY: &str = "quantlab.source";
 

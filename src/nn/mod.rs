@@ -25,7 +25,7 @@ pub trait HasLinears {
     fn linears_mut(&mut self) -> Vec<&mut QLinear>;
     /// Groups of layers that read the output of one normalization (e.g. `input_layernorm`
     /// → q, k, v): the unit activation-aware methods (AWQ, SmoothQuant) scale together.
-    /// Empty for models without such structure.
+    /// Empty for models that do not declare them (the post-norm Marian, the MLP).
     fn norm_groups(&self) -> Vec<NormGroup> {
         Vec::new()
     }

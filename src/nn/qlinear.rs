@@ -113,7 +113,9 @@ impl QLinear {
             let loader = super::registry::format_loader(&stored.format)
                 .with_context(|| format!("layer {name} in {}", src.origin()))?;
             let mut parts = super::format::StoredParts::new(name, src);
+            // Loaders may read onto the device directly; CPU-only formats say so here.
             let weight = loader(stored.shape, &stored.meta, &mut parts, device)
+                .and_then(|w| w.to_device(device))
                 .with_context(|| format!("reading layer {name}"))?;
             if weight.shape() != stored.shape {
                 bail!(
@@ -131,11 +133,8 @@ impl QLinear {
         let weight_name = format!("{name}.weight");
         if keep_ggml {
             if let Some(q) = src.ggml(&weight_name, device)? {
-                let mut l = Self::from_ggml(name, q)?;
-                if let Some(b) = bias {
-                    l = Self::from_format(name, l.weight, Some(b), l.method)?;
-                }
-                return Ok(l);
+                let l = Self::from_ggml(name, q)?;
+                return Self::from_format(name, l.weight, bias, l.method);
             }
         }
         Self::new(name, src.tensor(&weight_name, device)?, bias)

@@ -2,7 +2,6 @@
 //! bit-packed codes and parameters, with the scheme in the metadata. Files are written
 //! to a temporary name and renamed, so a crash never leaves a half-written file.
 
-use super::pack;
 use super::params::QParams;
 use super::scheme::Scheme;
 use super::uniform::QTensor;
@@ -17,6 +16,17 @@ const UNIFORM_FORMAT: &str = "uniform-v1";
 
 /// Writes bytes to `path` through a temporary file in the same folder, then renames.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    write_atomically_with(path, |w| Ok(w.write_all(bytes)?)).map(|_| ())
+}
+
+/// Streams into a buffered temporary file next to `path`, syncs it and renames it into
+/// place; the temporary file is removed when writing fails. Returns the file's size.
+pub fn write_atomically_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
+) -> Result<u64> {
+    use std::io::Write;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -27,9 +37,27 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
         std::process::id()
     ));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("moving {} into place", path.display()))?;
-    Ok(())
+    let result = (|| -> Result<u64> {
+        let file =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        write(&mut w).with_context(|| format!("writing {}", tmp.display()))?;
+        w.flush()
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        let file = w
+            .into_inner()
+            .map_err(|e| anyhow::anyhow!("writing {}: {}", tmp.display(), e.error()))?;
+        file.sync_all()
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        let bytes = file.metadata()?.len();
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("moving {} into place", path.display()))?;
+        Ok(bytes)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 fn le_bytes_f32(v: &[f32]) -> Vec<u8> {
@@ -96,9 +124,7 @@ pub fn load_qtensor(path: &Path, device: &Device) -> Result<QTensor> {
     let shape: Vec<usize> =
         serde_json::from_str(meta.get("shape").context("missing 'shape' metadata")?)
             .context("invalid 'shape' metadata")?;
-    let count: usize = shape.iter().product();
     let codes = st.tensor("codes").context("missing 'codes' tensor")?;
-    let raw = pack::unpack(codes.data(), scheme.bits, count)?;
     let scale: Vec<f32> = st
         .tensor("scale")
         .context("missing 'scale' tensor")?
@@ -113,20 +139,14 @@ pub fn load_qtensor(path: &Path, device: &Device) -> Result<QTensor> {
         .chunks_exact(4)
         .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
-    let bytes: Vec<u8> = if scheme.signed {
-        pack::from_offset_binary(&raw, scheme.bits)
-            .into_iter()
-            .map(|c| c as i8 as u8)
-            .collect()
-    } else {
-        raw
-    };
-    let codes = Tensor::from_vec(bytes, shape.as_slice(), device)?;
-    Ok(QTensor {
+    QTensor::from_packed(
         scheme,
-        codes,
-        params: QParams { scale, zero_point },
-    })
+        &shape,
+        codes.data(),
+        QParams { scale, zero_point },
+        device,
+    )
+    .with_context(|| format!("reading quantized tensor {}", path.display()))
 }
 
 #[cfg(test)]

@@ -98,12 +98,16 @@ impl RowView {
     }
 }
 
+/// Whether every value is finite, on the tensor's own device: `x · 0` is 0 for finite
+/// values and NaN for NaN and ±inf, and the sum keeps a NaN (a max would skip it).
+pub fn all_finite(x: &Tensor) -> Result<bool> {
+    let x = x.to_dtype(DType::F32)?;
+    Ok((&x * 0.0)?.sum_all()?.to_scalar::<f32>()?.is_finite())
+}
+
 /// Fails with a clear message if the tensor holds NaN or infinite values.
 pub fn ensure_finite(x: &Tensor, what: &str) -> Result<()> {
-    let x = x.to_dtype(DType::F32)?;
-    // x * 0 is 0 for finite values and NaN for NaN and +-inf.
-    let probe = (&x * 0.0)?.sum_all()?.to_scalar::<f32>()?;
-    if !probe.is_finite() {
+    if !all_finite(x)? {
         bail!("{what} contains NaN or infinite values: quantization needs finite numbers (clean the weights or inputs first)");
     }
     Ok(())

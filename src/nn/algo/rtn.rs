@@ -1,7 +1,7 @@
 //! `w:<scheme>`: weight-only round-to-nearest with a uniform scheme (`w:i4:sym:g64`).
 
 use super::{Algorithm, LayerInput};
-use crate::nn::format::grouped::{check_scheme, Grouped};
+use crate::nn::format::grouped::Grouped;
 use crate::nn::format::WeightFormat;
 use crate::quant::Scheme;
 use anyhow::Result;
@@ -36,8 +36,10 @@ impl Algorithm for Rtn {
     }
 
     fn apply(&self, layer: &LayerInput) -> Result<Arc<dyn WeightFormat>> {
-        let w = layer.weight_f32()?;
-        check_scheme(&self.0, w.dims(), layer.name)?;
-        Ok(Arc::new(Grouped::quantize(&w, &self.0)?))
+        Ok(Arc::new(Grouped::quantize(
+            &layer.weight_f32()?,
+            &self.0,
+            layer.name,
+        )?))
     }
 }

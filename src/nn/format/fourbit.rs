@@ -3,7 +3,7 @@
 //! as a whole matrix otherwise.
 
 use super::dense::forward_rows_or_matmul;
-use super::{cpu_only, meta_str, named, StoredParts, WeightFormat};
+use super::{keep_on_cpu, meta_str, named, StoredParts, WeightFormat};
 use crate::load::{NamedTensor, RawTensor};
 use crate::nn::rows::RowSource;
 use crate::quant::codebook::{Absmax, Blockwise8, DOUBLE_QUANT_BLOCKSIZE};
@@ -67,11 +67,8 @@ impl FourBitWeight {
         shape: (usize, usize),
         meta: &serde_json::Value,
         parts: &mut StoredParts,
-        device: &Device,
+        _device: &Device,
     ) -> Result<Arc<dyn WeightFormat>> {
-        if !device.is_cpu() {
-            return cpu_only("nf4/fp4", device);
-        }
         let layer = parts.layer.to_string();
         let kind = match meta_str(meta, "kind", &layer)? {
             "nf4" => FourBitType::Nf4,
@@ -179,10 +176,7 @@ impl WeightFormat for FourBitWeight {
     }
 
     fn to_device(&self, device: &Device) -> Result<Arc<dyn WeightFormat>> {
-        if !device.is_cpu() {
-            return cpu_only("nf4/fp4", device);
-        }
-        Ok(Arc::new(self.clone()))
+        keep_on_cpu(self, "nf4/fp4", device)
     }
 
     fn meta(&self) -> serde_json::Value {

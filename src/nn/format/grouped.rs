@@ -4,7 +4,7 @@
 //! (in parallel) for the f32 matmul.
 
 use super::dense::forward_rows_or_matmul;
-use super::{cpu_only, meta_str, named, StoredParts, WeightFormat};
+use super::{keep_on_cpu, meta_str, named, StoredParts, WeightFormat};
 use crate::load::{NamedTensor, RawTensor};
 use crate::nn::rows::{self, RowSource};
 use crate::quant::{Granularity, Mode, QParams, QTensor, Scheme};
@@ -21,9 +21,11 @@ pub struct Grouped {
 }
 
 impl Grouped {
-    /// Round-to-nearest quantization of an f32 `[out, in]` weight.
-    pub fn quantize(w: &Tensor, scheme: &Scheme) -> Result<Self> {
-        scheme.validate_for_shape(w.dims())?;
+    /// Round-to-nearest quantization of layer `layer`'s f32 `[out, in]` weight.
+    pub fn quantize(w: &Tensor, scheme: &Scheme, layer: &str) -> Result<Self> {
+        scheme
+            .validate_for_shape(w.dims())
+            .with_context(|| format!("layer {layer} cannot use {scheme}"))?;
         Ok(Grouped {
             q: crate::quant::quantize(&w.to_device(&Device::Cpu)?, scheme)?,
         })
@@ -58,11 +60,8 @@ impl Grouped {
         shape: (usize, usize),
         meta: &serde_json::Value,
         parts: &mut StoredParts,
-        device: &Device,
+        _device: &Device,
     ) -> Result<Arc<dyn WeightFormat>> {
-        if !device.is_cpu() {
-            return cpu_only("weight-only int-N", device);
-        }
         let scheme: Scheme = meta_str(meta, "scheme", parts.layer)?
             .parse()
             .with_context(|| format!("layer {}: stored scheme", parts.layer))?;
@@ -160,10 +159,7 @@ impl WeightFormat for Grouped {
     }
 
     fn to_device(&self, device: &Device) -> Result<Arc<dyn WeightFormat>> {
-        if !device.is_cpu() {
-            return cpu_only("weight-only int-N", device);
-        }
-        Ok(Arc::new(self.clone()))
+        keep_on_cpu(self, "weight-only int-N", device)
     }
 
     fn meta(&self) -> serde_json::Value {
@@ -199,15 +195,4 @@ impl WeightFormat for Grouped {
     fn as_any(&self) -> &dyn Any {
         self
     }
-}
-
-/// Rejects a scheme that cannot describe a weight matrix's codes.
-pub fn check_scheme(s: &Scheme, dims: &[usize], layer: &str) -> Result<()> {
-    if let Granularity::PerChannel { axis } = s.granularity {
-        if axis > 1 {
-            bail!("layer {layer} cannot use {s}: a weight matrix has axes 0 and 1");
-        }
-    }
-    s.validate_for_shape(dims)
-        .with_context(|| format!("layer {layer} cannot use {s}"))
 }

@@ -2,7 +2,7 @@
 //! quantized to u8 per call (dynamic) or with a calibrated range (static), multiplied in
 //! integers with i32 accumulation, and rescaled in the epilogue.
 
-use super::{cpu_only, named, StoredParts, WeightFormat};
+use super::{keep_on_cpu, named, StoredParts, WeightFormat};
 use crate::load::{NamedTensor, RawTensor};
 use crate::nn::kernels;
 use anyhow::{bail, Context, Result};
@@ -73,11 +73,8 @@ impl Int8 {
         shape: (usize, usize),
         _meta: &serde_json::Value,
         parts: &mut StoredParts,
-        device: &Device,
+        _device: &Device,
     ) -> Result<Arc<dyn WeightFormat>> {
-        if !device.is_cpu() {
-            return cpu_only("int8", device);
-        }
         let (o, i) = shape;
         let what = parts.what("weight");
         let codes = parts
@@ -177,10 +174,7 @@ impl WeightFormat for Int8 {
     }
 
     fn to_device(&self, device: &Device) -> Result<Arc<dyn WeightFormat>> {
-        if !device.is_cpu() {
-            return cpu_only("int8", device);
-        }
-        Ok(Arc::new(self.clone()))
+        keep_on_cpu(self, "int8", device)
     }
 
     fn tensors(&self, prefix: &str) -> Result<Vec<NamedTensor>> {
@@ -225,7 +219,8 @@ impl WeightFormat for Int8 {
     }
 }
 
-/// Checks that an f32 slice from calibration is usable, naming the layer.
+/// Activation (scale, zero point) from a calibrated input range; an error naming the layer
+/// when no range was gathered.
 pub fn static_qparams(layer: &str, range: Option<(f32, f32)>) -> Result<(f32, i32)> {
     let (lo, hi) = range.with_context(|| {
         format!("layer {layer}: static int8 needs calibration data first (no observer ran)")

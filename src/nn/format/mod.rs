@@ -99,6 +99,18 @@ pub fn cpu_only(label: &str, device: &Device) -> Result<Arc<dyn WeightFormat>> {
     )
 }
 
+/// A CPU-only format staying where it is: itself on the CPU, [`cpu_only`]'s error elsewhere.
+pub fn keep_on_cpu<F: WeightFormat + Clone + 'static>(
+    f: &F,
+    label: &str,
+    device: &Device,
+) -> Result<Arc<dyn WeightFormat>> {
+    if !device.is_cpu() {
+        return cpu_only(label, device);
+    }
+    Ok(Arc::new(f.clone()))
+}
+
 /// A JSON field of a format's metadata, or an error naming the layer.
 pub fn meta_str<'m>(meta: &'m serde_json::Value, key: &str, layer: &str) -> Result<&'m str> {
     meta.get(key).and_then(|v| v.as_str()).ok_or_else(|| {
