@@ -226,3 +226,84 @@ fn plans_quantize_exactly_the_layers_they_name() {
     // no plan: every layer stays f32
     check("keep", 32.0, 0.4928);
 }
+
+/// The SmolLM2 GGUF fetched by scripts/fetch-smollm2.sh (CI fetches it first).
+fn smollm2() -> String {
+    std::env::var("QUANTLAB_LLM")
+        .unwrap_or_else(|_| format!("{}/models/smollm2-135m", env!("CARGO_MANIFEST_DIR")))
+}
+
+fn perplexity_of(rows: &str) -> f64 {
+    let row: serde_json::Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
+    row["perplexity"].as_f64().unwrap()
+}
+
+/// `quantize --out` as a GGUF file and as a folder: both load back through `--model` and
+/// score exactly the perplexity of quantizing in memory; `inspect` reads both.
+#[test]
+fn quantized_files_score_as_the_in_memory_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = smollm2();
+    let text = dir.path().join("t.txt");
+    let data = quantlab::data::DataDir::resolve(None).expect("../shared/data or QUANTLAB_DATA");
+    let wiki = std::fs::read_to_string(data.root.join("wikitext-2/test.txt")).unwrap();
+    std::fs::write(&text, &wiki[..20_000]).unwrap();
+    let text = text.to_str().unwrap();
+    let ppl = |extra: &[&str]| {
+        let mut args = vec!["perplexity", "--text", text, "--max-chunks", "1", "--quiet"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--format", "json"]);
+        let (ok, out, err) = quantlab(&args);
+        assert!(ok, "{args:?}: {err}");
+        perplexity_of(&out)
+    };
+    let plan = "*.mlp.*=q4_0;*=q8_0";
+    let gguf = dir.path().join("q.gguf");
+    let folder = dir.path().join("q");
+    for out in [&gguf, &folder] {
+        let (ok, _, err) = quantlab(&[
+            "quantize",
+            "--model",
+            &model,
+            "--plan",
+            plan,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        let (ok, listing, err) = quantlab(&["inspect", out.to_str().unwrap(), "--format", "json"]);
+        assert!(ok, "{err}");
+        assert!(
+            listing.contains("q4_0") && listing.contains("q8_0"),
+            "{listing}"
+        );
+    }
+    let in_memory = ppl(&["--model", &model, "--plan", plan]);
+    assert_eq!(
+        ppl(&["--model", gguf.to_str().unwrap(), "--load-as", "ggml"]),
+        in_memory
+    );
+    assert_eq!(ppl(&["--model", folder.to_str().unwrap()]), in_memory);
+    // A GGUF needs GGML block types (or f32) throughout, and a GGUF source.
+    let (ok, _, err) = quantlab(&[
+        "quantize",
+        "--model",
+        &model,
+        "--plan",
+        "*=nf4",
+        "--out",
+        dir.path().join("bad.gguf").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("only GGML block types"), "{err}");
+    assert!(!dir.path().join("bad.gguf").exists());
+    let (ok, _, err) = quantlab(&[
+        "quantize",
+        "--model",
+        folder.to_str().unwrap(),
+        "--plan",
+        "*=q8_0",
+        "--out",
+        dir.path().join("from-folder.gguf").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("read from a GGUF file"), "{err}");
+}

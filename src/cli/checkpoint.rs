@@ -59,7 +59,15 @@ pub fn quantize_model(
         );
     }
     let needs = crate::nn::plan_needs_calibration(&parsed);
-    let (layers, bytes) = match model::kind_of(spec)? {
+    let to_gguf = out.extension().is_some_and(|e| e == "gguf");
+    let kind = model::kind_of(spec)?;
+    if to_gguf && (kind != Kind::Llm || model::gguf_path(spec)?.is_none()) {
+        bail!(
+            "--out {}: only a Llama-family model read from a GGUF file can be written as GGUF; give a folder name to write a quantlab checkpoint",
+            out.display()
+        );
+    }
+    let (layers, bytes) = match kind {
         Kind::Llm => {
             let calib = if needs {
                 Some(a.calibration.spec(data)?)
@@ -68,6 +76,11 @@ pub fn quantize_model(
             };
             let p = lm::prepare(spec, a.load_as, Some(plan), calib.as_ref(), device)?;
             let m = &p.llm.model;
+            if to_gguf {
+                let source = crate::load::gguf::Gguf::open(&p.llm.source)?;
+                let bytes = crate::arch::llama_gguf::write_gguf(m, &source, out)?;
+                return gguf_report(out, plan, &p.layers, bytes);
+            }
             let (copy, write) = if p.llm.source.is_dir() {
                 (side_files(&p.llm.source, &LLM_FILES), Vec::new())
             } else {
@@ -143,6 +156,16 @@ pub fn quantize_model(
     let mut r = layers_report(&format!("Quantized checkpoint {}", out.display()), &layers);
     r.tables[0].note(format!(
         "plan '{plan}'; model.safetensors {bytes} bytes; load it with --model {}",
+        out.display()
+    ));
+    Ok(r)
+}
+
+fn gguf_report(out: &Path, plan: &str, layers: &[LayerSummary], bytes: u64) -> Result<Report> {
+    let mut r = layers_report(&format!("GGUF file {}", out.display()), layers);
+    r.tables[0].note(format!(
+        "plan '{plan}'; {bytes} bytes; llama.cpp's tools load it (llama-perplexity -m {}), and so does quantlab (--model {} --load-as ggml)",
+        out.display(),
         out.display()
     ));
     Ok(r)
