@@ -307,3 +307,43 @@ fn quantized_files_score_as_the_in_memory_model() {
     ]);
     assert!(!ok && err.contains("read from a GGUF file"), "{err}");
 }
+
+/// One spelling per idea: `--quiet` anywhere, `--format` refused where no table is printed,
+/// a missing value is `null` in JSON.
+#[test]
+fn flags_mean_the_same_everywhere() {
+    let tiny = format!("{}/tests/fixtures/llama-tiny", env!("CARGO_MANIFEST_DIR"));
+    let (ok, _, err) = quantlab(&[
+        "generate",
+        "--model",
+        &tiny,
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+        "--format",
+        "json",
+    ]);
+    assert!(!ok && err.contains("drop --format"), "{err}");
+    let (ok, _, err) = quantlab(&["translate", "--format", "csv"]);
+    assert!(!ok && err.contains("drop --format"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "a short text to score, twice over. ".repeat(40)).unwrap();
+    let (ok, out, err) = quantlab(&[
+        "--quiet",
+        "perplexity",
+        "--model",
+        &tiny,
+        "--text",
+        text.to_str().unwrap(),
+        "--ctx",
+        "64",
+        "--format",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let row: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert!(row["mean_kl"].is_null(), "{row}");
+    assert!(row["perplexity"].as_f64().unwrap() > 1.0, "{row}");
+}

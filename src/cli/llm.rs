@@ -29,9 +29,6 @@ pub struct ModelArgs {
     pub plan: Option<String>,
     #[command(flatten)]
     pub calibration: CalibrationArgs,
-    /// Hide progress bars.
-    #[arg(long)]
-    pub quiet: bool,
 }
 
 /// Calibration data for methods that need statistics of each layer's inputs (static int8,
@@ -190,13 +187,14 @@ pub fn perplexity_report(
     a: &PerplexityArgs,
     data: Option<&Path>,
     device: &Device,
+    progress: bool,
 ) -> Result<Report> {
     let protocol = a.text.protocol()?;
     let path = a.text.text_path(data)?;
     let text = lm::read_text(&path)?;
     let p = a.model.prepare(data, device)?;
     let ids = p.llm.tokenizer.encode(&text)?;
-    let bar = crate::progress::bar(0, "perplexity", !a.model.quiet);
+    let bar = crate::progress::bar(0, "perplexity", progress);
     let mode = kl_mode(&a.save_logprobs, a.kl_top_k, &a.kl_base);
     let s = lm::score(&p, &ids, protocol, a.text.max_chunks, &mode, &bar)?;
     let mut t = Table::new(
@@ -220,7 +218,7 @@ pub fn perplexity_report(
             Cell::f(k.mean_kl(), 5),
             Cell::f(100.0 * k.top1_agreement(), 2),
         ),
-        None => (Cell::Text("-".into()), Cell::Text("-".into())),
+        None => (Cell::Missing, Cell::Missing),
     };
     t.push(vec![
         p.plan.clone().into(),
@@ -340,12 +338,14 @@ pub struct SweepArgs {
     /// Also measure KL divergence and top-1 agreement against the f32 baseline.
     #[arg(long)]
     pub kl: bool,
-    /// Hide progress output.
-    #[arg(long)]
-    pub quiet: bool,
 }
 
-pub fn sweep_report(a: &SweepArgs, data: Option<&Path>, device: &Device) -> Result<Report> {
+pub fn sweep_report(
+    a: &SweepArgs,
+    data: Option<&Path>,
+    device: &Device,
+    progress: bool,
+) -> Result<Report> {
     use crate::lab::sweep;
     let spec = sweep::SweepSpec {
         model: a.model.clone(),
@@ -358,7 +358,7 @@ pub fn sweep_report(a: &SweepArgs, data: Option<&Path>, device: &Device) -> Resu
         max_chunks: a.text.max_chunks,
         out: a.out.clone(),
         kl: a.kl,
-        progress: !a.quiet,
+        progress,
     };
     let rows = sweep::run(&spec)?;
     let mut t = Table::new(
@@ -378,7 +378,7 @@ pub fn sweep_report(a: &SweepArgs, data: Option<&Path>, device: &Device) -> Resu
     );
     let opt = |v: Option<f64>, scale: f64, d: usize| match v {
         Some(x) => Cell::f(x * scale, d),
-        None => Cell::Text("-".into()),
+        None => Cell::Missing,
     };
     for r in &rows {
         t.push(vec![

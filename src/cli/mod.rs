@@ -30,6 +30,9 @@ pub struct Cli {
     /// Where models run: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
     #[arg(long, global = true, default_value = "cpu", env = "QUANTLAB_DEVICE")]
     pub device: String,
+    /// Hide progress bars.
+    #[arg(long, global = true)]
+    pub quiet: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -104,9 +107,6 @@ pub struct MarianArgs {
     /// Sentences timed one at a time for the latency column.
     #[arg(long, default_value_t = 100)]
     pub latency_sentences: usize,
-    /// Hide progress output.
-    #[arg(long)]
-    pub quiet: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -129,16 +129,18 @@ pub struct SmollmArgs {
     /// Tokens generated to measure decode speed.
     #[arg(long, default_value_t = 16)]
     pub decode_tokens: usize,
-    /// Hide progress output.
-    #[arg(long)]
-    pub quiet: bool,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct MnistArgs {
-    /// Checkpoint folder (model.safetensors + config.json); trained and written if missing.
-    #[arg(long, default_value = "models/mnist-mlp")]
-    pub checkpoint: PathBuf,
+    /// The MLP folder (model.safetensors + config.json), as every command names a model;
+    /// trained and written there if missing. `--checkpoint` is the older spelling.
+    #[arg(
+        long = "model",
+        alias = "checkpoint",
+        default_value = "models/mnist-mlp"
+    )]
+    pub model: PathBuf,
     /// Train again even if the checkpoint exists.
     #[arg(long)]
     pub retrain: bool,
@@ -161,9 +163,6 @@ pub struct MnistArgs {
     /// Evaluate on the first N test images only.
     #[arg(long)]
     pub test_limit: Option<usize>,
-    /// Hide progress bars.
-    #[arg(long)]
-    pub quiet: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -199,6 +198,7 @@ pub struct QuantizeArgs {
 
 pub fn run(cli: Cli) -> Result<()> {
     let device = crate::device::parse(&cli.device)?;
+    let progress = !cli.quiet;
     let cpu_only = |what: &str| -> Result<()> {
         if !device.is_cpu() {
             bail!("{what} runs on the cpu only: drop --device {}", cli.device);
@@ -219,12 +219,12 @@ pub fn run(cli: Cli) -> Result<()> {
             LabCommand::Mnist(a) => {
                 let data = DataDir::resolve(cli.data_dir.as_deref())?;
                 let cfg = crate::lab::mnist::MnistLabConfig {
-                    checkpoint: a.checkpoint,
+                    checkpoint: a.model,
                     retrain: a.retrain,
                     train: crate::arch::train::TrainConfig {
                         epochs: a.epochs,
                         seed: a.seed,
-                        progress: !a.quiet,
+                        progress,
                         ..Default::default()
                     },
                     observer: a.observer.parse()?,
@@ -250,11 +250,11 @@ pub fn run(cli: Cli) -> Result<()> {
                     last_word_examples: a.last_word_examples,
                     lambada: a.lambada,
                     decode_tokens: a.decode_tokens,
-                    progress: !a.quiet,
+                    progress,
                     device: device.clone(),
                 })?
             }
-            LabCommand::Marian(a) => marian_lab(a, cli.data_dir.as_deref(), &device)?,
+            LabCommand::Marian(a) => marian_lab(a, cli.data_dir.as_deref(), &device, progress)?,
         },
         Command::Quantize(args) => match (&args.model, &args.plan, &args.out) {
             (Some(m), Some(p), Some(o)) => checkpoint::quantize_model(
@@ -271,13 +271,29 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Inspect { path } => checkpoint::inspect(&path)?,
-        Command::Perplexity(a) => llm::perplexity_report(&a, cli.data_dir.as_deref(), &device)?,
-        Command::Generate(a) => return llm::generate(&a, &device),
-        Command::Sweep(a) => llm::sweep_report(&a, cli.data_dir.as_deref(), &device)?,
-        Command::Translate(a) => return mt::translate_stdin(&a, &device),
-        Command::Eval(a) => mt::eval_report(&a, &device)?,
+        Command::Perplexity(a) => {
+            llm::perplexity_report(&a, cli.data_dir.as_deref(), &device, progress)?
+        }
+        Command::Generate(a) => {
+            text_only("generate", cli.format)?;
+            return llm::generate(&a, &device);
+        }
+        Command::Sweep(a) => llm::sweep_report(&a, cli.data_dir.as_deref(), &device, progress)?,
+        Command::Translate(a) => {
+            text_only("translate", cli.format)?;
+            return mt::translate_stdin(&a, &device);
+        }
+        Command::Eval(a) => mt::eval_report(&a, &device, progress)?,
     };
     print!("{}", report.render(cli.format));
+    Ok(())
+}
+
+/// Commands that write text rather than tables refuse `--format`.
+fn text_only(command: &str, format: Format) -> Result<()> {
+    if format != Format::Table {
+        bail!("{command} writes plain text, not tables: drop --format");
+    }
     Ok(())
 }
 
@@ -285,6 +301,7 @@ fn marian_lab(
     a: MarianArgs,
     data_dir: Option<&std::path::Path>,
     device: &Device,
+    progress: bool,
 ) -> Result<Report> {
     let file = |flag: Option<PathBuf>, rel: &str, how: &str| -> Result<PathBuf> {
         match flag {
@@ -319,7 +336,7 @@ fn marian_lab(
         decoding,
         batch_size: a.batch_size,
         latency_sentences: a.latency_sentences,
-        progress: !a.quiet,
+        progress,
         device: device.clone(),
     })
 }

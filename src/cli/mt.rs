@@ -28,9 +28,6 @@ pub struct MtModelArgs {
     /// Sentences translated together (padded).
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// Hide progress bars.
-    #[arg(long)]
-    pub quiet: bool,
 }
 
 impl MtModelArgs {
@@ -150,7 +147,7 @@ pub struct EvalArgs {
     pub hyps_out: Option<PathBuf>,
 }
 
-pub fn eval_report(a: &EvalArgs, device: &Device) -> Result<Report> {
+pub fn eval_report(a: &EvalArgs, device: &Device, progress: bool) -> Result<Report> {
     match a.task {
         EvalTask::Bleu => {}
     }
@@ -163,7 +160,7 @@ pub fn eval_report(a: &EvalArgs, device: &Device) -> Result<Report> {
         .context("--src is required unless --hyps is given")?;
     let (src, refs) = crate::data::read_aligned(src_path, &a.reference, a.limit)?;
     let (p, cfg) = a.model.prepare(device)?;
-    let run = mt::evaluate(&p, &src, &refs, &cfg, a.model.batch_size, !a.model.quiet)?;
+    let run = mt::evaluate(&p, &src, &refs, &cfg, a.model.batch_size, progress)?;
     if let Some(out) = &a.hyps_out {
         let mut text = String::new();
         for t in &run.translations {

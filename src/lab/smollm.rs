@@ -93,7 +93,7 @@ pub fn run(cfg: &SmollmLabConfig) -> Result<Report> {
             Cell::f(s.ppl.perplexity(), 3),
             match &s.kl {
                 Some(k) => Cell::f(k.mean_kl(), 4),
-                None => Cell::Text("-".into()),
+                None => Cell::Missing,
             },
         ]);
     }
