@@ -13,7 +13,7 @@ fn fixture(p: &str) -> PathBuf {
 
 fn args(calibration: Option<PathBuf>) -> ModelQuantizeArgs {
     ModelQuantizeArgs {
-        load_as: LoadAs::F32,
+        load_as: quantlab::cli::llm::LoadAsArg::F32,
         calibration: CalibrationArgs {
             calibration,
             calib_samples: 4,
@@ -225,10 +225,7 @@ fn mlp_checkpoint_with_static_int8_reloads_bit_identical() {
     .unwrap();
     let mut mem = m.clone();
     let x = data.train.images.narrow(0, 0, 256).unwrap();
-    quantlab::nn::apply_plan(&mut mem, &plan.parse().unwrap(), |mm| {
-        quantlab::lab::mnist::calibrate(mm, &x)
-    })
-    .unwrap();
+    quantlab::nn::apply_plan(&mut mem, &plan.parse().unwrap(), |mm| mm.calibrate(&x)).unwrap();
     let t = data.test.images.narrow(0, 0, 16).unwrap();
     assert_eq!(
         back.forward(&t).unwrap().to_vec2::<f32>().unwrap(),

@@ -277,7 +277,7 @@ impl LlamaConfig {
 pub const ROPE_LAYOUT_KEY: &str = "quantlab_rope_layout";
 
 /// How weights are materialised when a model is loaded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadAs {
     /// Keep GGUF weights in their GGML types (as llama.cpp runs them).
     Ggml,

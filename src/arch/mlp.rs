@@ -91,6 +91,19 @@ impl Mlp {
         Ok(h)
     }
 
+    /// Pushes calibration images through the model in batches of 64 (the outputs are
+    /// dropped; layers gathering statistics see every batch).
+    pub fn calibrate(&self, images: &Tensor) -> Result<()> {
+        let n = images.dim(0)?;
+        let mut start = 0;
+        while start < n {
+            let len = 64.min(n - start);
+            self.forward(&images.narrow(0, start, len)?)?;
+            start += len;
+        }
+        Ok(())
+    }
+
     pub fn num_params(&self) -> usize {
         self.layers.iter().map(QLinear::num_params).sum()
     }

@@ -1,10 +1,9 @@
 //! `quantize --model M --plan P --out DIR` (a quantized checkpoint of any model kind) and
 //! `inspect PATH` (layers, formats and sizes of a GGUF, safetensors or quantized folder).
 
-use super::llm::CalibrationArgs;
-use crate::arch::llama::{LoadAs, ROPE_LAYOUT_KEY};
-use crate::data::DataDir;
-use crate::eval::{lm, mt};
+use super::llm::{CalibrationArgs, LoadAsArg};
+use crate::arch::llama::ROPE_LAYOUT_KEY;
+use crate::eval::prepare::{prepare, Prepared};
 use crate::model::save::{side_files, write_dir, Checkpoint};
 use crate::model::{self, Kind};
 use crate::nn::{HasLinears, LayerSummary, QLinear};
@@ -16,8 +15,8 @@ use std::path::{Path, PathBuf};
 #[derive(clap::Args, Debug)]
 pub struct ModelQuantizeArgs {
     /// GGUF weights: dequantized to f32 first (the reference) or kept in their GGML types.
-    #[arg(long, value_enum, default_value_t = LoadAs::F32)]
-    pub load_as: LoadAs,
+    #[arg(long, value_enum, default_value_t = LoadAsArg::F32)]
+    pub load_as: LoadAsArg,
     #[command(flatten)]
     pub calibration: CalibrationArgs,
 }
@@ -39,7 +38,8 @@ const MARIAN_FILES: [&str; 7] = [
     "special_tokens_map.json",
 ];
 
-/// Quantizes a whole model by a plan and writes it as a checkpoint directory.
+/// Quantizes a whole model by a plan and writes it as a checkpoint directory (or, for
+/// `FILE.gguf`, a GGUF file).
 pub fn quantize_model(
     spec: &str,
     plan: &str,
@@ -48,9 +48,6 @@ pub fn quantize_model(
     data: Option<&Path>,
     device: &Device,
 ) -> Result<Report> {
-    let parsed: crate::nn::Plan = plan
-        .parse()
-        .with_context(|| format!("in --plan '{plan}'"))?;
     // write_dir refuses too; asking here saves quantizing a model only to be refused.
     if out.exists() {
         bail!(
@@ -58,23 +55,17 @@ pub fn quantize_model(
             out.display()
         );
     }
-    let needs = crate::nn::plan_needs_calibration(&parsed);
     let to_gguf = out.extension().is_some_and(|e| e == "gguf");
-    let kind = model::kind_of(spec)?;
-    if to_gguf && (kind != Kind::Llm || model::gguf_path(spec)?.is_none()) {
+    if to_gguf && (model::kind_of(spec)? != Kind::Llm || model::gguf_path(spec)?.is_none()) {
         bail!(
             "--out {}: only a Llama-family model read from a GGUF file can be written as GGUF; give a folder name to write a quantlab checkpoint",
             out.display()
         );
     }
-    let (layers, bytes) = match kind {
-        Kind::Llm => {
-            let calib = if needs {
-                Some(a.calibration.spec(data)?)
-            } else {
-                None
-            };
-            let p = lm::prepare(spec, a.load_as, Some(plan), calib.as_ref(), device)?;
+    let calibration = a.calibration.source(data);
+    let prepared = prepare(spec, plan, a.load_as.into(), &calibration, device)?;
+    let (ck, layers) = match &prepared {
+        Prepared::Llm(p) => {
             let m = &p.llm.model;
             if to_gguf {
                 let source = crate::load::gguf::Gguf::open(&p.llm.source)?;
@@ -103,21 +94,13 @@ pub fn quantize_model(
                 plan: plan.into(),
                 source: p.llm.source.display().to_string(),
             };
-            (p.layers.clone(), write_dir(out, &ck)?)
+            (ck, &p.layers)
         }
-        Kind::Marian => {
-            let calib = if needs {
-                let f = a.calibration.calibration.as_ref().context(
-                    "this plan needs calibration data: pass --calibration FILE (source-language sentences)",
-                )?;
-                Some(crate::data::read_lines(f)?)
-            } else {
-                None
-            };
-            let p = mt::prepare(spec, Some(plan), calib.as_deref(), device)?;
+        Prepared::Marian(p) => {
             let m = &p.mt.model;
             let tied = m.lm_head_is_tied();
             let ck = Checkpoint {
+                // A still-tied f32 head is the decoder embedding table, already stored.
                 linears: m
                     .linears()
                     .into_iter()
@@ -129,31 +112,25 @@ pub fn quantize_model(
                 plan: plan.into(),
                 source: p.mt.source.display().to_string(),
             };
-            (p.layers.clone(), write_dir(out, &ck)?)
+            (ck, &p.layers)
         }
-        Kind::Mlp => {
-            let dir = crate::load::resolve_model_dir(spec)?;
-            let mut m = crate::arch::mlp::Mlp::load(&dir, device)?;
-            let layers = crate::nn::apply_plan(&mut m, &parsed, |m| {
-                let data = crate::data::mnist::load(&DataDir::resolve(data)?, device)?;
-                let n = (a.calibration.calib_samples * 64).min(data.train.len());
-                crate::lab::mnist::calibrate(m, &data.train.images.narrow(0, 0, n)?)
-            })?;
+        Prepared::Mlp(p) => {
             let ck = Checkpoint {
-                linears: m.linears(),
+                linears: p.model.linears(),
                 dense: Vec::new(),
                 copy: Vec::new(),
                 write: vec![(
                     "config.json".into(),
-                    serde_json::to_string_pretty(&m.config)?.into_bytes(),
+                    serde_json::to_string_pretty(&p.model.config)?.into_bytes(),
                 )],
                 plan: plan.into(),
-                source: dir.display().to_string(),
+                source: p.source.display().to_string(),
             };
-            (layers, write_dir(out, &ck)?)
+            (ck, &p.layers)
         }
     };
-    let mut r = layers_report(&format!("Quantized checkpoint {}", out.display()), &layers);
+    let bytes = write_dir(out, &ck)?;
+    let mut r = layers_report(&format!("Quantized checkpoint {}", out.display()), layers);
     r.tables[0].note(format!(
         "plan '{plan}'; model.safetensors {bytes} bytes; load it with --model {}",
         out.display()

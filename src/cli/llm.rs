@@ -10,6 +10,24 @@ use candle_core::Device;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// `--load-as`: how GGUF weights are materialised (the flag's spelling of [`LoadAs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadAsArg {
+    /// Keep GGUF weights in their GGML types (as llama.cpp runs them).
+    Ggml,
+    /// Dequantize everything to f32: the reference for quantization studies.
+    F32,
+}
+
+impl From<LoadAsArg> for LoadAs {
+    fn from(a: LoadAsArg) -> Self {
+        match a {
+            LoadAsArg::Ggml => LoadAs::Ggml,
+            LoadAsArg::F32 => LoadAs::F32,
+        }
+    }
+}
+
 /// Where the SmolLM2 GGUF lands when fetched by `scripts/fetch-smollm2.sh`.
 pub const DEFAULT_LLM: &str = "models/smollm2-135m";
 
@@ -21,8 +39,8 @@ pub struct ModelArgs {
     pub model: String,
     /// GGUF weights: dequantized to f32 (the reference for quantization studies) or kept
     /// in their GGML types.
-    #[arg(long, value_enum, default_value_t = LoadAs::F32)]
-    pub load_as: LoadAs,
+    #[arg(long, value_enum, default_value_t = LoadAsArg::F32)]
+    pub load_as: LoadAsArg,
     /// Per-layer plan, `pattern=method;...` (first match wins; unmatched layers stay as
     /// loaded), e.g. `lm_head=f32;*.mlp.*=w:i4:sym:g64`.
     #[arg(long)]
@@ -32,14 +50,15 @@ pub struct ModelArgs {
 }
 
 /// Calibration data for methods that need statistics of each layer's inputs (static int8,
-/// later GPTQ/AWQ/SmoothQuant): seeded random windows of a text.
+/// later GPTQ/AWQ/SmoothQuant), read only when a plan rule needs it.
 #[derive(clap::Args, Debug, Clone)]
 pub struct CalibrationArgs {
-    /// Calibration text (read whole). Default: WikiText-2 *validation* from the data folder
-    /// (never the test split that perplexity scores).
+    /// Calibration data: a text for LLMs (seeded random windows; default WikiText-2
+    /// *validation*, never the test split that perplexity scores), source sentences one per
+    /// line for Marian; the MLP calibrates on MNIST training images.
     #[arg(long)]
     pub calibration: Option<PathBuf>,
-    /// Calibration windows drawn from the text.
+    /// LLM windows, Marian sentences (the first N), or MLP batches of 64 images.
     #[arg(long, default_value_t = 128)]
     pub calib_samples: usize,
     /// Tokens per calibration window.
@@ -51,16 +70,15 @@ pub struct CalibrationArgs {
 }
 
 impl CalibrationArgs {
-    /// The calibration spec, reading the text only when the plan needs it.
-    pub fn spec(&self, data: Option<&Path>) -> Result<lm::CalibrationSpec> {
-        let path = match &self.calibration {
-            Some(p) => p.clone(),
-            None => DataDir::resolve(data)?.require(
-                "wikitext-2/valid.txt",
-                "calibration defaults to WikiText-2 validation; pass --calibration FILE",
-            )?,
-        };
-        lm::CalibrationSpec::new(path, self.calib_samples, self.calib_seqlen, self.calib_seed)
+    /// The flags as the library's calibration source.
+    pub fn source(&self, data: Option<&Path>) -> crate::eval::prepare::Calibration {
+        crate::eval::prepare::Calibration {
+            file: self.calibration.clone(),
+            samples: self.calib_samples,
+            seqlen: self.calib_seqlen,
+            seed: self.calib_seed,
+            data_dir: data.map(Path::to_path_buf),
+        }
     }
 }
 
@@ -73,12 +91,14 @@ impl ModelArgs {
             .map(|p| p.parse().with_context(|| format!("in --plan '{p}'")))
             .transpose()?;
         let calibration = match &plan {
-            Some(p) if crate::nn::plan_needs_calibration(p) => Some(self.calibration.spec(data)?),
+            Some(p) if crate::nn::plan_needs_calibration(p) => {
+                Some(self.calibration.source(data).text_spec()?)
+            }
             _ => None,
         };
         lm::prepare(
             &self.model,
-            self.load_as,
+            self.load_as.into(),
             self.plan.as_deref(),
             calibration.as_ref(),
             device,
@@ -303,8 +323,8 @@ pub struct SweepArgs {
     #[arg(long, default_value = DEFAULT_LLM, env = "QUANTLAB_LLM")]
     pub model: String,
     /// How GGUF weights are loaded before each configuration is applied.
-    #[arg(long, value_enum, default_value_t = LoadAs::F32)]
-    pub load_as: LoadAs,
+    #[arg(long, value_enum, default_value_t = LoadAsArg::F32)]
+    pub load_as: LoadAsArg,
     /// Methods: `rtn` (round to nearest, over --bits and --groups), `nf4`, `fp4`,
     /// `nf4:dq`, or any single method (`q4_k`, `q8_0`, `f16`, `w:u3:affine:g128`...).
     #[arg(long, value_delimiter = ',', default_value = "rtn,nf4,fp4")]
@@ -350,7 +370,7 @@ pub fn sweep_report(
     let spec = sweep::SweepSpec {
         model: a.model.clone(),
         device: device.clone(),
-        load_as: a.load_as,
+        load_as: a.load_as.into(),
         configs: sweep::expand(&a.methods, &a.bits, &a.groups, &a.mode)?,
         layers: a.layers,
         text: a.text.text_path(data)?,

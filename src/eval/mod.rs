@@ -7,4 +7,5 @@ pub mod latency;
 pub mod lm;
 pub mod mt;
 pub mod perplexity;
+pub mod prepare;
 pub mod seq2seq;

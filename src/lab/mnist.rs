@@ -9,7 +9,7 @@ use crate::nn::{apply_plan, Method, Plan};
 use crate::quant::ObserverKind;
 use crate::report::{Cell, Report, Table};
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
@@ -115,7 +115,7 @@ pub fn run(data_dir: &DataDir, cfg: &MnistLabConfig) -> Result<MnistLab> {
         bar.set_message(method.to_string());
         let mut model = base.clone();
         apply_plan(&mut model, &Plan::uniform(method.clone()), |m| {
-            calibrate(m, &calib)
+            m.calibrate(&calib)
         })?;
         let dir = tmp.path().join(method.to_string().replace(':', "_"));
         let size_bytes = model.save(&dir)?;
@@ -141,18 +141,6 @@ pub fn run(data_dir: &DataDir, cfg: &MnistLabConfig) -> Result<MnistLab> {
         trained_now,
         final_train_loss: final_loss,
     })
-}
-
-/// Pushes calibration images through the model in batches of 64.
-pub fn calibrate(model: &Mlp, images: &Tensor) -> Result<()> {
-    let n = images.dim(0)?;
-    let mut start = 0;
-    while start < n {
-        let len = 64.min(n - start);
-        model.forward(&images.narrow(0, start, len)?)?;
-        start += len;
-    }
-    Ok(())
 }
 
 pub fn report(lab: &MnistLab, cfg: &MnistLabConfig, test_n: usize) -> Report {
