@@ -28,6 +28,31 @@ impl From<LoadAsArg> for LoadAs {
     }
 }
 
+/// `--layers`: the flag's spelling of [`Layers`](crate::lab::sweep::Layers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LayersArg {
+    /// Every linear layer of the transformer blocks (lm_head and embeddings stay f32).
+    All,
+    /// Only the feed-forward layers (`*.mlp.*`).
+    Ffn,
+    /// Only the attention projections (`*.self_attn.*`).
+    Attn,
+    /// Every linear layer including lm_head.
+    Everything,
+}
+
+impl From<LayersArg> for crate::lab::sweep::Layers {
+    fn from(l: LayersArg) -> Self {
+        use crate::lab::sweep::Layers;
+        match l {
+            LayersArg::All => Layers::All,
+            LayersArg::Ffn => Layers::Ffn,
+            LayersArg::Attn => Layers::Attn,
+            LayersArg::Everything => Layers::Everything,
+        }
+    }
+}
+
 /// Where the SmolLM2 GGUF lands when fetched by `scripts/fetch-smollm2.sh`.
 pub const DEFAULT_LLM: &str = "models/smollm2-135m";
 
@@ -345,8 +370,8 @@ pub struct SweepArgs {
     #[arg(long, default_value = "sym")]
     pub mode: String,
     /// Which layers are quantized.
-    #[arg(long, value_enum, default_value_t = crate::lab::sweep::Layers::All)]
-    pub layers: crate::lab::sweep::Layers,
+    #[arg(long, value_enum, default_value_t = LayersArg::All)]
+    pub layers: LayersArg,
     #[command(flatten)]
     pub text: TextArgs,
     /// JSON-lines file the rows are appended to (and resumed from).
@@ -372,7 +397,7 @@ pub fn sweep_report(
         device: device.clone(),
         load_as: a.load_as.into(),
         configs: sweep::expand(&a.methods, &a.bits, &a.groups, &a.mode)?,
-        layers: a.layers,
+        layers: a.layers.into(),
         text: a.text.text_path(data)?,
         protocol: a.text.protocol()?,
         max_chunks: a.text.max_chunks,

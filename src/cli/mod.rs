@@ -22,8 +22,8 @@ as markdown, CSV or JSON lines."
 )]
 pub struct Cli {
     /// Output format for everything that reports numbers.
-    #[arg(long, value_enum, global = true, default_value_t = Format::Table)]
-    pub format: Format,
+    #[arg(long, value_enum, global = true, default_value_t = FormatArg::Table)]
+    pub format: FormatArg,
     /// Folder holding datasets (MNIST, WikiText-2, lab inputs...). Default: ../shared/data.
     #[arg(long, global = true, env = crate::data::DATA_ENV)]
     pub data_dir: Option<PathBuf>,
@@ -35,6 +35,27 @@ pub struct Cli {
     pub quiet: bool,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--format`: the flag's spelling of [`Format`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    /// Markdown tables for people.
+    Table,
+    /// Comma-separated values, one header line per table.
+    Csv,
+    /// JSON lines: one object per row, with "table" naming its table.
+    Json,
+}
+
+impl From<FormatArg> for Format {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Table => Format::Table,
+            FormatArg::Csv => Format::Csv,
+            FormatArg::Json => Format::Json,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -100,7 +121,7 @@ pub struct MarianArgs {
     /// Decoding overrides (the model's generation config otherwise; --max-new-tokens
     /// defaults to 128 here, as in the model card's BLEU).
     #[command(flatten)]
-    pub decoding: crate::eval::seq2seq::Overrides,
+    pub decoding: mt::DecodingArgs,
     /// Sentences translated together for BLEU and samples/s.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
@@ -275,17 +296,17 @@ pub fn run(cli: Cli) -> Result<()> {
             llm::perplexity_report(&a, cli.data_dir.as_deref(), &device, progress)?
         }
         Command::Generate(a) => {
-            text_only("generate", cli.format)?;
+            text_only("generate", cli.format.into())?;
             return llm::generate(&a, &device);
         }
         Command::Sweep(a) => llm::sweep_report(&a, cli.data_dir.as_deref(), &device, progress)?,
         Command::Translate(a) => {
-            text_only("translate", cli.format)?;
+            text_only("translate", cli.format.into())?;
             return mt::translate_stdin(&a, &device);
         }
         Command::Eval(a) => mt::eval_report(&a, &device, progress)?,
     };
-    print!("{}", report.render(cli.format));
+    print!("{}", report.render(cli.format.into()));
     Ok(())
 }
 
@@ -325,7 +346,7 @@ fn marian_lab(
         Some(m) => m,
         None => crate::model::default_marian_dir()?.display().to_string(),
     };
-    let mut decoding = a.decoding;
+    let mut decoding = a.decoding.overrides();
     // The model card's protocol: generate(max_new_tokens=128); the config's max_length lets a
     // few degenerate beams run on to 255 tokens, which moves BLEU by half a point.
     decoding.max_new_tokens.get_or_insert(128);

@@ -9,6 +9,34 @@ use candle_core::Device;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
+/// Decoding flags: changes to the model's `generation_config.json`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DecodingArgs {
+    /// Beams (1 = greedy). Default: the model's generation config.
+    #[arg(long)]
+    pub num_beams: Option<usize>,
+    /// Most tokens generated per sentence (EOS included). Default: the model's max_length.
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Beam scores are divided by length^length_penalty.
+    #[arg(long)]
+    pub length_penalty: Option<f64>,
+    /// Beam search stopping rule: false (transformers' default heuristic), true, never.
+    #[arg(long)]
+    pub early_stopping: Option<crate::eval::seq2seq::EarlyStopping>,
+}
+
+impl DecodingArgs {
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            num_beams: self.num_beams,
+            max_new_tokens: self.max_new_tokens,
+            length_penalty: self.length_penalty,
+            early_stopping: self.early_stopping,
+        }
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct MtModelArgs {
     /// A Hugging Face MarianMT folder (config.json, safetensors or pytorch_model.bin,
@@ -24,7 +52,7 @@ pub struct MtModelArgs {
     #[arg(long)]
     pub calibration: Option<PathBuf>,
     #[command(flatten)]
-    pub decoding: Overrides,
+    pub decoding: DecodingArgs,
     /// Sentences translated together (padded).
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
@@ -52,7 +80,7 @@ impl MtModelArgs {
             calibration.as_deref(),
             device,
         )?;
-        let cfg = self.decoding.apply(&p.generation)?;
+        let cfg = self.decoding.overrides().apply(&p.generation)?;
         Ok((p, cfg))
     }
 }

@@ -127,20 +127,16 @@ impl GenerateConfig {
     }
 }
 
-/// Changes to a model's generation defaults; also the `translate`/`eval`/`lab` flags.
-#[derive(clap::Args, Debug, Clone, Default)]
+/// Changes to a model's generation defaults (the `translate`/`eval`/`lab` decoding flags).
+#[derive(Debug, Clone, Default)]
 pub struct Overrides {
-    /// Beams (1 = greedy). Default: the model's generation config.
-    #[arg(long)]
+    /// Beams (1 = greedy).
     pub num_beams: Option<usize>,
-    /// Most tokens generated per sentence (EOS included). Default: the model's max_length.
-    #[arg(long)]
+    /// Most tokens generated per sentence (EOS included).
     pub max_new_tokens: Option<usize>,
     /// Beam scores are divided by length^length_penalty.
-    #[arg(long)]
     pub length_penalty: Option<f64>,
-    /// Beam search stopping rule: false (transformers' default heuristic), true, never.
-    #[arg(long)]
+    /// Beam search stopping rule.
     pub early_stopping: Option<EarlyStopping>,
 }
 

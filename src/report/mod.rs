@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use std::fmt::Write as _;
 
 /// Output format chosen with `--format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Format {
     /// Markdown tables for people.
     #[default]
