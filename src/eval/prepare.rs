@@ -58,16 +58,6 @@ pub enum Prepared {
     Mlp(PreparedMlp),
 }
 
-impl Prepared {
-    pub fn layers(&self) -> &[LayerSummary] {
-        match self {
-            Prepared::Llm(p) => &p.layers,
-            Prepared::Marian(p) => &p.layers,
-            Prepared::Mlp(p) => &p.layers,
-        }
-    }
-}
-
 /// Loads `spec` on `device` and applies `plan`.
 pub fn prepare(
     spec: &str,
