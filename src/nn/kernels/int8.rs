@@ -59,7 +59,7 @@ pub fn gemm_u8_i8(a: &[u8], m: usize, k: usize, w: &[i8], n: usize) -> Vec<i32> 
     assert_eq!(a.len(), m * k, "activation buffer size");
     assert_eq!(w.len(), n * k, "weight buffer size");
     #[cfg(target_arch = "x86_64")]
-    if m >= AVX2_MIN_ROWS && avx2::available() {
+    if m >= AVX2_MIN_ROWS && super::Isa::selected() >= super::Isa::Avx2 {
         return avx2::gemm(a, m, k, w, n);
     }
     gemm_u8_i8_portable(a, m, k, w, n)
@@ -128,12 +128,6 @@ mod avx2 {
     /// Weight rows handled by one task.
     const BLOCK: usize = 64;
 
-    pub fn available() -> bool {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
-    }
-
     /// Rows widened to i16, each padded with zeros to `kp` columns.
     fn widen<T: Copy>(
         src: &[T],
@@ -164,7 +158,7 @@ mod avx2 {
                 let nb = (first + BLOCK).min(n) - first;
                 let w16 = widen(&w[first * k..(first + nb) * k], nb, k, kp, |v| v as i16);
                 let mut part = vec![0i32; m * nb];
-                // SAFETY: `available()` confirmed AVX2 before `gemm` was called.
+                // SAFETY: `Isa::detected()` confirmed AVX2 before `gemm` was called.
                 unsafe { block(&a16, m, &w16, nb, kp, &mut part) };
                 part
             })
@@ -300,7 +294,7 @@ mod tests {
         let mut paths: Vec<(&'static str, Gemm)> =
             vec![("portable", gemm_u8_i8_portable), ("dispatch", gemm_u8_i8)];
         #[cfg(target_arch = "x86_64")]
-        if avx2::available() {
+        if super::super::Isa::detected() >= super::super::Isa::Avx2 {
             paths.push(("avx2", avx2::gemm));
         }
         paths
