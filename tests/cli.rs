@@ -347,3 +347,75 @@ fn flags_mean_the_same_everywhere() {
     assert!(row["mean_kl"].is_null(), "{row}");
     assert!(row["perplexity"].as_f64().unwrap() > 1.0, "{row}");
 }
+
+#[test]
+fn bench_measures_every_plan_beside_f32_and_refuses_what_it_cannot_measure() {
+    let tiny = tiny_llama();
+    let (ok, out, err) = quantlab(&[
+        "--format",
+        "json",
+        "--quiet",
+        "bench",
+        "--model",
+        &tiny,
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-r",
+        "2",
+        "--plan",
+        "*=q8_0",
+        "--plan",
+        "*=w:i4:sym:g32",
+    ]);
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // baseline + 2 plans, pp16 and tg4 each, in that order
+    let got: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["plan"].as_str().unwrap().to_string(),
+                r["test"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = ["f32 (baseline)", "*=q8_0", "*=w:i4:sym:g32"]
+        .iter()
+        .flat_map(|p| ["pp16", "tg4"].map(|t| (p.to_string(), t.to_string())))
+        .collect();
+    assert_eq!(got, want);
+    for r in &rows {
+        let ts = r["t_s"].as_f64().unwrap();
+        assert!(ts.is_finite() && ts > 0.0, "{r}");
+        assert!(r["std"].as_f64().unwrap() >= 0.0);
+        assert!(r["threads"].as_i64().unwrap() >= 1);
+        assert!(r["backend"].as_str().unwrap().starts_with("cpu "));
+        // the ratio is this row's t/s over the baseline row of the same test
+        let base = rows
+            .iter()
+            .find(|b| b["plan"] == "f32 (baseline)" && b["test"] == r["test"])
+            .unwrap();
+        let want = ts / base["t_s"].as_f64().unwrap();
+        assert!((r["ratio_vs_f32"].as_f64().unwrap() - want).abs() < 1e-9 * want);
+    }
+    assert_eq!(rows[2]["weights"], "q8_0 (8.50 bpw)");
+    assert!(rows[4]["size_mib"].as_f64().unwrap() < rows[0]["size_mib"].as_f64().unwrap());
+
+    for (args, needle) in [
+        (vec!["-p", "0", "-n", "0"], "nothing to measure"),
+        (vec!["-p", "300"], "exceed the model's context of 256"),
+        (vec!["-r", "0"], "--reps must be at least 1"),
+        (vec!["--plan", "*=w:i9"], "in --plan '*=w:i9'"),
+    ] {
+        let mut all = vec!["bench", "--model", &tiny];
+        all.extend(args);
+        let (ok, _, err) = quantlab(&all);
+        assert!(!ok && err.contains(needle), "{all:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

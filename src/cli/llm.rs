@@ -333,11 +333,13 @@ pub fn generate(a: &GenerateArgs, device: &Device) -> Result<()> {
     write!(stdout, "{}", tok.decode(&out.tokens)?)?;
     writeln!(stdout)?;
     eprintln!(
-        "prefill {} tokens at {:.1} tokens/s; decoded {} tokens at {:.1} tokens/s",
+        "prefill {} tokens at {:.1} tokens/s; decoded {} tokens at {:.1} tokens/s ({} threads, kernels {})",
         ids.len(),
         ids.len() as f64 / out.prefill_s.max(1e-9),
         out.tokens.len(),
-        out.tokens.len() as f64 / out.decode_s.max(1e-9)
+        out.tokens.len() as f64 / out.decode_s.max(1e-9),
+        rayon::current_num_threads(),
+        crate::nn::kernels::isa::describe()
     );
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The command line: argument definitions and dispatch to library functions.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod llm;
 pub mod mt;
@@ -82,6 +83,9 @@ pub enum Command {
     Sweep(llm::SweepArgs),
     /// Greedy text generation with the KV cache (prompt from --prompt or stdin).
     Generate(llm::GenerateArgs),
+    /// Throughput as llama-bench measures it (pp512, tg128; mean ± std) for several plans
+    /// in one run, each with its ratio to the f32 model measured in the same run.
+    Bench(bench::BenchArgs),
     /// Translate with a MarianMT model: one sentence per stdin line, one per stdout line.
     Translate(mt::MtModelArgs),
     /// Evaluate a model on a task: `--task bleu` translates --src and scores it against --ref.
@@ -299,6 +303,7 @@ pub fn run(cli: Cli) -> Result<()> {
             text_only("generate", cli.format.into())?;
             return llm::generate(&a, &device);
         }
+        Command::Bench(a) => bench::report(&a, cli.data_dir.as_deref(), &device, progress)?,
         Command::Sweep(a) => llm::sweep_report(&a, cli.data_dir.as_deref(), &device, progress)?,
         Command::Translate(a) => {
             text_only("translate", cli.format.into())?;

@@ -9,3 +9,4 @@ pub mod mt;
 pub mod perplexity;
 pub mod prepare;
 pub mod seq2seq;
+pub mod speed;

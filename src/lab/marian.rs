@@ -84,6 +84,10 @@ pub fn run(cfg: &MarianLabConfig) -> Result<Report> {
         timed.len(),
         cfg.batch_size
     ));
+    t.note(format!(
+        "CPU kernels: {}.",
+        crate::nn::kernels::isa::describe()
+    ));
     t.note("size: weights as held in memory: linear layers as stored (scales included) plus the f32 embedding table and norms; quantizing lm_head unties it from the embedding table, so it then adds its own bytes.");
     t.note("dynamic int8 = int8 per-channel weights, activations quantized per batch at run time, i32 accumulation; dynamic fp16 = fp16 weights, f32 compute; int4 = symmetric round-to-nearest, groups of 64; NF4 = bitsandbytes' 4-bit normal float, blocks of 64 with f32 absmax.");
     t.note("The lab's published figures (opus-mt en-sk, CPU): BLEU 37.07 -> 35.85 with dynamic int8 (-3.3%), size 301.9 MB -> 200.6 MB.");

@@ -188,6 +188,10 @@ pub fn report(lab: &MnistLab, cfg: &MnistLabConfig, test_n: usize) -> Report {
     t.note("Q: - none, D dynamic, S static (calibrated), W weight-only. qint8 rows compute in integers: u8 activations × i8 per-channel weights, i32 accumulation (portable Rust kernel, no VNNI intrinsics).");
     t.note(format!("Static int8: input ranges of every layer calibrated with the {} observer on {} training batches of 64; the logits are not re-quantized.", cfg.observer, cfg.calibration_batches));
     t.note("fp16 / int4 / nf4 rows store compressed weights and dequantize them to f32 for each forward; their latency includes that cost.");
+    t.note(format!(
+        "CPU kernels: {}.",
+        crate::nn::kernels::isa::describe()
+    ));
     t.note(format!("Latency: {} timed runs after warm-up, on this machine's CPU, single process. Size: model.safetensors as written (payload + header).", cfg.latency_runs));
     t.note("Lab reference (PyTorch 1.13, i9 laptop): fp32 97.34% 5.88 MB B1 0.323 ms B64 1.30 ms; D fp16 97.34% 5.89 MB 0.512/1.72; D qint8 97.34% 1.48 MB 0.503/1.11; S qint8 96.67% 1.52 MB 0.593/0.955.");
     Report {

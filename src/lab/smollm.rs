@@ -102,6 +102,10 @@ pub fn run(cfg: &SmollmLabConfig) -> Result<Report> {
         "perplexity: WikiText-2 test, {PROTOCOL}, first {} chunks; latency = mean wall time of one 512-token forward pass over those chunks; 8-bit = dynamic int8 (int8 per-channel weights, u8 activations per batch, i32 accumulation).",
         cfg.max_chunks
     ));
+    a.note(format!(
+        "CPU kernels: {}.",
+        crate::nn::kernels::isa::describe()
+    ));
     a.note("weights MB: linear layers as stored plus the f32 embedding table (28.3 MB) and norms; the tied lm_head is a separate layer here.");
 
     let mut b = Table::new(
