@@ -28,9 +28,10 @@ pub struct Int8 {
     /// `[out, in]` row-major codes.
     pub codes: Vec<i8>,
     pub scale: Vec<f32>,
-    /// Σ codes per output row, for the activation zero-point correction.
-    pub row_sum: Vec<i32>,
     pub act: ActQuant,
+    /// The codes packed once for the kernels, with their per-row sums (Σ codes per output
+    /// row, for the activation zero-point correction). Shared between clones.
+    packed: Arc<kernels::PackedI8>,
 }
 
 /// The scheme int8 layers use for weights: symmetric, per output channel (PyTorch's
@@ -58,15 +59,43 @@ impl Int8 {
     }
 
     fn from_parts(o: usize, i: usize, codes: Vec<i8>, scale: Vec<f32>, act: ActQuant) -> Self {
-        let row_sum = kernels::row_sums_i8(&codes, o, i);
+        let packed = Arc::new(kernels::PackedI8::new(&codes, o, i));
         Int8 {
             out_features: o,
             in_features: i,
             codes,
             scale,
-            row_sum,
             act,
+            packed,
         }
+    }
+
+    /// Σ codes per output row.
+    pub fn row_sum(&self) -> &[i32] {
+        &self.packed.row_sum
+    }
+
+    /// `x` (`m` rows of `in_features`, f32) quantized to u8 rows for the kernels, per this
+    /// layer's activation scheme (one (scale, zero point) for the whole call).
+    fn quantize_input(&self, xs: &[f32], m: usize) -> Result<kernels::ActRows> {
+        let (scale, zp) = match self.act {
+            ActQuant::Static { scale, zero_point } => (scale, zero_point),
+            ActQuant::Dynamic => {
+                if !kernels::act::all_finite(xs) {
+                    bail!("input activations contain NaN or infinite values");
+                }
+                let (lo, hi) = kernels::min_max(xs);
+                kernels::activation_qparams_u8(lo, hi)
+            }
+        };
+        Ok(kernels::ActRows::per_tensor(
+            xs,
+            m,
+            self.in_features,
+            self.packed.kp,
+            scale,
+            zp,
+        ))
     }
 
     pub fn load(
@@ -133,29 +162,27 @@ impl WeightFormat for Int8 {
 
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let m = x.dim(0)?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let (scale, zp) = match self.act {
-            ActQuant::Static { scale, zero_point } => (scale, zero_point),
-            ActQuant::Dynamic => {
-                if xs.iter().any(|v| !v.is_finite()) {
-                    bail!("input activations contain NaN or infinite values");
-                }
-                let (lo, hi) = kernels::min_max(&xs);
-                kernels::activation_qparams_u8(lo, hi)
-            }
+        let k = self.in_features;
+        if x.elem_count() != m * k {
+            bail!(
+                "int8 layer expects [rows, {k}] input, got shape {:?}",
+                x.dims()
+            );
+        }
+        // Quantize straight from the tensor's storage when it is a contiguous f32 CPU
+        // tensor (the usual case); copy it out otherwise.
+        let pick = candle_core::CpuStorage::as_slice::<f32>;
+        let a = match crate::nn::rows::with_cpu_slice(x, m * k, pick, |xs| {
+            self.quantize_input(xs, m)
+        }) {
+            Some(a) => a?,
+            None => self.quantize_input(&x.flatten_all()?.to_vec1::<f32>()?, m)?,
         };
-        let a = kernels::quantize_u8(&xs, scale, zp);
-        let acc = kernels::gemm_u8_i8(&a, m, self.in_features, &self.codes, self.out_features);
         let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
-        let y = kernels::requantize_f32(
-            &acc,
-            self.out_features,
-            scale,
-            zp,
-            &self.scale,
-            &self.row_sum,
-            bias.as_deref(),
-        );
+        if bias.as_ref().is_some_and(|b| b.len() != self.out_features) {
+            bail!("int8 layer: bias has the wrong length");
+        }
+        let y = kernels::gemm_u8_i8_f32(&a, &self.packed, &self.scale, bias.as_deref());
         Ok(Tensor::from_vec(y, (m, self.out_features), x.device())?)
     }
 
