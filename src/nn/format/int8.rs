@@ -81,10 +81,9 @@ impl Int8 {
         let (scale, zp) = match self.act {
             ActQuant::Static { scale, zero_point } => (scale, zero_point),
             ActQuant::Dynamic => {
-                if !kernels::act::all_finite(xs) {
+                let Ok((lo, hi)) = kernels::act::finite_range(xs) else {
                     bail!("input activations contain NaN or infinite values");
-                }
-                let (lo, hi) = kernels::min_max(xs);
+                };
                 kernels::activation_qparams_u8(lo, hi)
             }
         };

@@ -14,9 +14,48 @@ pub fn activation_qparams_u8(min: f32, max: f32) -> (f32, i32) {
     (scale, zp.clamp(0, 255))
 }
 
+use crate::nn::kernels::Isa;
+
 /// min and max of a slice (±∞ for an empty one). NaNs are skipped; callers that need
 /// finite data check with [`all_finite`] first.
 pub fn min_max(x: &[f32]) -> (f32, f32) {
+    match min_max_finite(x) {
+        Some((l, h, true)) => (l, h),
+        // NaN lanes would hide values from the vector min/max: the scalar rule skips them.
+        _ => min_max_portable(x),
+    }
+}
+
+/// min, max and whether every value is finite, in one pass with the selected path.
+/// `None` from the fast path means "recompute": only the portable definition is used then.
+fn min_max_finite(x: &[f32]) -> Option<(f32, f32, bool)> {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::selected() >= Isa::Avx2 {
+        // SAFETY: AVX2 is detected (Isa::selected never exceeds Isa::detected).
+        return Some(unsafe { x86::min_max_finite(x) });
+    }
+    let _ = x;
+    None
+}
+
+/// The range of finite data: `Ok((min, max))`, or `Err(())` when a value is NaN or ±∞.
+pub fn finite_range(x: &[f32]) -> Result<(f32, f32), ()> {
+    let (lo, hi, finite) = match min_max_finite(x) {
+        Some(t) => t,
+        None => {
+            let (l, h) = min_max_portable(x);
+            (l, h, all_finite(x))
+        }
+    };
+    if finite {
+        Ok((lo, hi))
+    } else {
+        Err(())
+    }
+}
+
+/// min and max, portable (the compiler cannot vectorise `f32::min`'s NaN rule; fine here).
+pub(super) fn min_max_portable(x: &[f32]) -> (f32, f32) {
     let mut lo = [f32::INFINITY; LANES];
     let mut hi = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -65,6 +104,16 @@ pub fn quantize_u8(x: &[f32], scale: f32, zp: i32) -> Vec<u8> {
 }
 
 fn quantize_into(x: &[f32], scale: f32, zp: i32, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::selected() >= Isa::Avx2 {
+        // SAFETY: AVX2 is detected (Isa::selected never exceeds Isa::detected).
+        return unsafe { x86::quantize_into(x, scale, zp, out) };
+    }
+    quantize_into_portable(x, scale, zp, out)
+}
+
+/// The scalar definition, lane by lane.
+pub(super) fn quantize_into_portable(x: &[f32], scale: f32, zp: i32, out: &mut [u8]) {
     let inv = 1.0f32 / scale;
     let zp = zp as f32;
     let n = x.len().min(out.len());
@@ -135,5 +184,86 @@ impl ActRows {
             scale: scale.to_vec(),
             zero_point: zero_point.to_vec(),
         }
+    }
+}
+
+/// AVX2 versions of the two passes over the activations (the compiler does not vectorise
+/// `f32::min` or the saturating float-to-int cast on its own).
+#[cfg(target_arch = "x86_64")]
+pub(super) mod x86 {
+    use super::{quantize_into_portable, LANES};
+    use std::arch::x86_64::*;
+
+    /// min, max and all-finite in one pass. For finite data min/max equal the portable
+    /// fold (up to the sign of a zero, which no quantization parameter depends on).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn min_max_finite(x: &[f32]) -> (f32, f32, bool) {
+        let split = x.len() - x.len() % LANES;
+        let mut lo = _mm256_set1_ps(f32::INFINITY);
+        let mut hi = _mm256_set1_ps(f32::NEG_INFINITY);
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let inf = _mm256_set1_ps(f32::INFINITY);
+        let mut finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+        let mut i = 0;
+        while i < split {
+            // SAFETY: i + 8 <= split <= x.len().
+            let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
+            lo = _mm256_min_ps(lo, v);
+            hi = _mm256_max_ps(hi, v);
+            // |v| < ∞ is false for ±∞ and NaN.
+            finite = _mm256_and_ps(
+                finite,
+                _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_and_ps(v, abs_mask), inf),
+            );
+            i += LANES;
+        }
+        let mut l = [0f32; LANES];
+        let mut h = [0f32; LANES];
+        // SAFETY: the arrays hold 8 f32.
+        unsafe {
+            _mm256_storeu_ps(l.as_mut_ptr(), lo);
+            _mm256_storeu_ps(h.as_mut_ptr(), hi);
+        }
+        let mut all = _mm256_movemask_ps(finite) == 0xff;
+        let (mut lo, mut hi) = (l.iter().fold(f32::INFINITY, |a, &b| a.min(b)), h.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)));
+        for &v in &x[split..] {
+            lo = lo.min(v);
+            hi = hi.max(v);
+            all &= v.is_finite();
+        }
+        (lo, hi, all)
+    }
+
+    /// [`quantize_into_portable`], 8 values at a time: the same multiply, round to nearest
+    /// even, add and clamp (`max(·, 0)` first maps NaN to 0 as the scalar cast does).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantize_into(x: &[f32], scale: f32, zp: i32, out: &mut [u8]) {
+        let n = x.len().min(out.len());
+        let split = n - n % LANES;
+        let inv = _mm256_set1_ps(1.0f32 / scale);
+        let zpv = _mm256_set1_ps(zp as f32);
+        let (zero, top) = (_mm256_setzero_ps(), _mm256_set1_ps(255.0));
+        let mut i = 0;
+        while i < split {
+            // SAFETY: i + 8 <= split <= x.len(), out.len().
+            let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_mul_ps(v, inv),
+            );
+            let c = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, zpv), zero), top);
+            let q = _mm256_cvttps_epi32(c);
+            let w = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+            let b = _mm_packus_epi16(w, w);
+            // SAFETY: 8 bytes at out[i..i + 8].
+            unsafe { _mm_storel_epi64(out.as_mut_ptr().add(i) as *mut __m128i, b) };
+            i += LANES;
+        }
+        quantize_into_portable(&x[split..n], scale, zp, &mut out[split..n]);
     }
 }

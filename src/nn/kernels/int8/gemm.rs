@@ -96,7 +96,9 @@ pub fn gemm_u8_i8_f32_with(
     };
     let panels = w.panels();
     let threads = rayon::current_num_threads();
-    if threads < 2 || m * n * w.kp < PAR_MIN_WORK {
+    static PMW: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let pmw = *PMW.get_or_init(|| std::env::var("QL_PMW").ok().and_then(|v| v.parse().ok()).unwrap_or(PAR_MIN_WORK));
+    if threads < 2 || m * n * w.kp < pmw {
         job.run(0..m, 0..panels, &mut out, n, 0);
     } else if m >= 2 * MR * threads {
         // Whole output rows per task, in multiples of MR, a few tasks per thread.

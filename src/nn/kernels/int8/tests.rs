@@ -288,3 +288,52 @@ fn per_row_activation_rows_pad_and_keep_their_params() {
     assert_eq!(t.codes, vec![1, 2, 3, 0, 0, 1, 5, 0]);
     assert_eq!(t.zero_point, vec![1, 1]);
 }
+
+#[test]
+fn every_activation_path_equals_the_scalar_definition() {
+    let mut next = stream(11);
+    let specials = [0.5f32, -0.5, 1.5, 2.5, -2.5, 0.0, -0.0, f32::NAN, f32::INFINITY,
+        f32::NEG_INFINITY, 1e30, -1e30, 127.5, 128.5, 254.5];
+    for len in [0usize, 1, 7, 8, 9, 17, 64, 1001] {
+        let x: Vec<f32> = (0..len)
+            .map(|_| match next() % 10 {
+                0 => specials[(next() % specials.len() as u64) as usize],
+                _ => (next() % 200_000) as f32 / 997.0 - 100.0,
+            })
+            .collect();
+        let finite: Vec<f32> = x.iter().copied().filter(|v| v.is_finite()).collect();
+        for (scale, zp) in [(1.0f32, 0), (0.5, 128), (0.0371, 255), (3.0, 17)] {
+            let mut want = vec![0u8; len];
+            for (w, &v) in want.iter_mut().zip(&x) {
+                *w = ((v * (1.0 / scale)).round_ties_even() + zp as f32).clamp(0.0, 255.0) as u8;
+            }
+            let mut got = vec![0u8; len];
+            act::quantize_into_portable(&x, scale, zp, &mut got);
+            assert_eq!(got, want, "portable, len {len}");
+            #[cfg(target_arch = "x86_64")]
+            if Isa::detected() >= Isa::Avx2 {
+                let mut got = vec![0u8; len];
+                // SAFETY: AVX2 detected.
+                unsafe { act::x86::quantize_into(&x, scale, zp, &mut got) };
+                assert_eq!(got, want, "avx2, len {len}, scale {scale}, zp {zp}");
+            }
+        }
+        let fold = |v: &[f32]| {
+            v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)))
+        };
+        assert_eq!(act::min_max_portable(&x), fold(&x));
+        assert_eq!(min_max(&x), fold(&x));
+        assert_eq!(act::finite_range(&x).is_ok(), x.iter().all(|v| v.is_finite()));
+        #[cfg(target_arch = "x86_64")]
+        if Isa::detected() >= Isa::Avx2 {
+            // SAFETY: AVX2 detected.
+            let (l, h, all) = unsafe { act::x86::min_max_finite(&finite) };
+            assert!(all);
+            let (fl, fh) = fold(&finite);
+            // equal up to the sign of a zero
+            assert!(l == fl && h == fh, "{l} {h} vs {fl} {fh}");
+            let (_, _, all) = unsafe { act::x86::min_max_finite(&x) };
+            assert_eq!(all, x.iter().all(|v| v.is_finite()));
+        }
+    }
+}
