@@ -35,7 +35,8 @@ fn bench(c: &mut Criterion) {
             .measurement_time(Duration::from_millis(300));
         let f32_layer = QLinear::new("fc", w.clone(), Some(b.clone())).unwrap();
         let mut int8 = QLinear::new("fc", w.clone(), Some(b.clone())).unwrap();
-        int8.convert(&"dynamic-int8".parse().unwrap(), None).unwrap();
+        int8.convert(&"dynamic-int8".parse().unwrap(), None)
+            .unwrap();
         let codes: Vec<i8> = (0..n * k).map(|i| ((i * 7919) % 255) as i8).collect();
         let packed = PackedI8::new(&codes, n, k);
         let sw = vec![0.01f32; n];

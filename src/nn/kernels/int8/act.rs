@@ -228,7 +228,10 @@ pub(super) mod x86 {
             _mm256_storeu_ps(h.as_mut_ptr(), hi);
         }
         let mut all = _mm256_movemask_ps(finite) == 0xff;
-        let (mut lo, mut hi) = (l.iter().fold(f32::INFINITY, |a, &b| a.min(b)), h.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)));
+        let (mut lo, mut hi) = (
+            l.iter().fold(f32::INFINITY, |a, &b| a.min(b)),
+            h.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
+        );
         for &v in &x[split..] {
             lo = lo.min(v);
             hi = hi.max(v);

@@ -96,9 +96,7 @@ pub fn gemm_u8_i8_f32_with(
     };
     let panels = w.panels();
     let threads = rayon::current_num_threads();
-    static PMW: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let pmw = *PMW.get_or_init(|| std::env::var("QL_PMW").ok().and_then(|v| v.parse().ok()).unwrap_or(PAR_MIN_WORK));
-    if threads < 2 || m * n * w.kp < pmw {
+    if threads < 2 || m * n * w.kp < PAR_MIN_WORK {
         job.run(0..m, 0..panels, &mut out, n, 0);
     } else if m >= 2 * MR * threads {
         // Whole output rows per task, in multiples of MR, a few tasks per thread.
@@ -179,24 +177,54 @@ impl Job<'_> {
     fn epilogue(&self, i: usize, p0: usize, np: usize, sums: &[i32], o: &mut [f32], col0: usize) {
         let (sa, za) = (self.a.scale[i], self.a.zero_point[i]);
         let n = self.w.n;
-        let j0 = p0 * PANEL;
-        let j1 = ((p0 + np) * PANEL).min(n);
-        let cnt = j1 - j0;
-        let (sums, sw, rs) = (&sums[..cnt], &self.w_scale[j0..j1], &self.w.row_sum[j0..j1]);
-        let dst = &mut o[j0 - col0..j1 - col0];
-        match self.bias {
-            Some(b) => {
-                let b = &b[j0..j1];
-                for c in 0..cnt {
-                    let centred = sums[c].wrapping_sub(za.wrapping_mul(rs[c]));
-                    dst[c] = sa * sw[c] * centred as f32 + b[c];
-                }
+        for p in 0..np {
+            let j = (p0 + p) * PANEL;
+            let cnt = PANEL.min(n - j);
+            let s = &sums[p * PANEL..p * PANEL + cnt];
+            let (sw, rs) = (&self.w_scale[j..j + cnt], &self.w.row_sum[j..j + cnt]);
+            let b = self.bias.map(|b| &b[j..j + cnt]);
+            let d = &mut o[j - col0..j - col0 + cnt];
+            if cnt == PANEL {
+                // Fixed-size views: the compiler vectorises the 16 lanes without alias checks.
+                let (s, sw, rs, d) = (fixed(s), fixed(sw), fixed(rs), fixed_mut(d));
+                rescale(s, sa, za, sw, rs, b.map(fixed), d);
+            } else {
+                rescale(s, sa, za, sw, rs, b, d);
             }
-            None => {
-                for c in 0..cnt {
-                    let centred = sums[c].wrapping_sub(za.wrapping_mul(rs[c]));
-                    dst[c] = sa * sw[c] * centred as f32;
-                }
+        }
+    }
+}
+
+fn fixed<T>(v: &[T]) -> &[T; PANEL] {
+    v.try_into().expect("a full panel")
+}
+
+fn fixed_mut<T>(v: &mut [T]) -> &mut [T; PANEL] {
+    v.try_into().expect("a full panel")
+}
+
+/// `d[c] = sa · sw[c] · (s[c] − za · rs[c]) as f32 (+ b[c])`, i32 arithmetic wrapping like
+/// the SIMD sums.
+#[inline(always)]
+fn rescale<S, F, D>(s: &S, sa: f32, za: i32, sw: &F, rs: &S, b: Option<&F>, d: &mut D)
+where
+    S: AsRef<[i32]> + ?Sized,
+    F: AsRef<[f32]> + ?Sized,
+    D: AsMut<[f32]> + ?Sized,
+{
+    let (s, sw, rs, d) = (s.as_ref(), sw.as_ref(), rs.as_ref(), d.as_mut());
+    match b {
+        Some(b) => {
+            let b = b.as_ref();
+            for c in 0..d.len() {
+                let centred = s[c].wrapping_sub(za.wrapping_mul(rs[c]));
+                d[c] = sa * sw[c] * centred as f32 + b[c];
+            }
+        }
+        None => {
+            for c in 0..d.len() {
+                let centred = s[c].wrapping_sub(za.wrapping_mul(rs[c]));
+                d[c] = sa * sw[c] * centred as f32;
             }
         }
     }

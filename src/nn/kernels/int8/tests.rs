@@ -292,8 +292,23 @@ fn per_row_activation_rows_pad_and_keep_their_params() {
 #[test]
 fn every_activation_path_equals_the_scalar_definition() {
     let mut next = stream(11);
-    let specials = [0.5f32, -0.5, 1.5, 2.5, -2.5, 0.0, -0.0, f32::NAN, f32::INFINITY,
-        f32::NEG_INFINITY, 1e30, -1e30, 127.5, 128.5, 254.5];
+    let specials = [
+        0.5f32,
+        -0.5,
+        1.5,
+        2.5,
+        -2.5,
+        0.0,
+        -0.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e30,
+        -1e30,
+        127.5,
+        128.5,
+        254.5,
+    ];
     for len in [0usize, 1, 7, 8, 9, 17, 64, 1001] {
         let x: Vec<f32> = (0..len)
             .map(|_| match next() % 10 {
@@ -319,11 +334,17 @@ fn every_activation_path_equals_the_scalar_definition() {
             }
         }
         let fold = |v: &[f32]| {
-            v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)))
+            v.iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
+                    (l.min(v), h.max(v))
+                })
         };
         assert_eq!(act::min_max_portable(&x), fold(&x));
         assert_eq!(min_max(&x), fold(&x));
-        assert_eq!(act::finite_range(&x).is_ok(), x.iter().all(|v| v.is_finite()));
+        assert_eq!(
+            act::finite_range(&x).is_ok(),
+            x.iter().all(|v| v.is_finite())
+        );
         #[cfg(target_arch = "x86_64")]
         if Isa::detected() >= Isa::Avx2 {
             // SAFETY: AVX2 detected.
