@@ -81,7 +81,7 @@ impl Int8 {
         let (scale, zp) = match self.act {
             ActQuant::Static { scale, zero_point } => (scale, zero_point),
             ActQuant::Dynamic => {
-                let Ok((lo, hi)) = kernels::act::finite_range(xs) else {
+                let Some((lo, hi)) = kernels::act::finite_range(xs) else {
                     bail!("input activations contain NaN or infinite values");
                 };
                 kernels::activation_qparams_u8(lo, hi)

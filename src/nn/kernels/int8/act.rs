@@ -38,8 +38,8 @@ fn min_max_finite(x: &[f32]) -> Option<(f32, f32, bool)> {
     None
 }
 
-/// The range of finite data: `Ok((min, max))`, or `Err(())` when a value is NaN or ±∞.
-pub fn finite_range(x: &[f32]) -> Result<(f32, f32), ()> {
+/// The range of finite data: `Some((min, max))`, or `None` when a value is NaN or ±∞.
+pub fn finite_range(x: &[f32]) -> Option<(f32, f32)> {
     let (lo, hi, finite) = match min_max_finite(x) {
         Some(t) => t,
         None => {
@@ -47,11 +47,7 @@ pub fn finite_range(x: &[f32]) -> Result<(f32, f32), ()> {
             (l, h, all_finite(x))
         }
     };
-    if finite {
-        Ok((lo, hi))
-    } else {
-        Err(())
-    }
+    finite.then_some((lo, hi))
 }
 
 /// min and max, portable (the compiler cannot vectorise `f32::min`'s NaN rule; fine here).

@@ -46,6 +46,8 @@ pub(super) unsafe fn block(t: &Tile, nr: usize, np: usize, acc: &mut Acc) {
 ///
 /// # Safety
 /// AVX2, and those rows and panels inside a tile that passed `Tile::check`.
+// Register arrays indexed by row, panel and piece read clearer than zipped iterators.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2")]
 unsafe fn micro<const R: usize, const P: usize>(t: &Tile, r0: usize, p0: usize, acc: &mut Acc) {
     // SAFETY: r0 + R <= nr and p0 + P <= np, whose bounds Tile::check asserted.

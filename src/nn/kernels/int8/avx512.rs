@@ -26,6 +26,7 @@ pub(super) unsafe fn block(t: &Tile, nr: usize, np: usize, acc: &mut Acc) {
 
 /// # Safety
 /// As [`block`], with `nr = R`, `np = P`.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn micro<const R: usize, const P: usize>(t: &Tile, acc: &mut Acc) {
     let (a, w) = (t.a.as_ptr(), t.w.as_ptr());
