@@ -19,10 +19,15 @@ pub(super) const NP: usize = 4;
 /// i32 sums of one tile: `acc[r][p · 16 + c]`.
 pub(super) type Acc = [[i32; NP * PANEL]; MR];
 
-/// Products (m · n · kp multiply-adds) below this run on the calling thread: measured on
-/// the MNIST and SmolLM2 shapes (benches/int8_kernels.rs), a rayon split costs more than it
-/// saves below roughly this size.
+/// Products (m · n · kp multiply-adds) below this run on the calling thread: on the MNIST
+/// and SmolLM2 shapes (benches/int8_kernels.rs) a rayon split costs more than it saves
+/// below roughly this size.
 const PAR_MIN_WORK: usize = 1 << 19;
+/// The same for a few rows (split by panels: GEMV while decoding). Higher, because between
+/// small GEMVs candle's own worker threads still hold the cores: SmolLM2 decoding measured
+/// 36–38 tokens/s splitting from 2^19, 43–62 from 2^22 and 43–47 never splitting (loaded
+/// 2-core machine, same run), so only the largest (the LM head) are split.
+const PAR_MIN_WORK_FEW_ROWS: usize = 1 << 22;
 
 /// What a micro-kernel reads: `nr` activation rows of `stride` bytes and `np` packed panels
 /// of `panel_stride` bytes, summed over `groups` groups of four k positions.
@@ -96,9 +101,11 @@ pub fn gemm_u8_i8_f32_with(
     };
     let panels = w.panels();
     let threads = rayon::current_num_threads();
-    if threads < 2 || m * n * w.kp < PAR_MIN_WORK {
+    let work = m * n * w.kp;
+    let by_rows = m >= 2 * MR * threads;
+    if threads < 2 || work < PAR_MIN_WORK || (!by_rows && work < PAR_MIN_WORK_FEW_ROWS) {
         job.run(0..m, 0..panels, &mut out, n, 0);
-    } else if m >= 2 * MR * threads {
+    } else if by_rows {
         // Whole output rows per task, in multiples of MR, a few tasks per thread.
         let rows = m.div_ceil(2 * threads).next_multiple_of(MR);
         out.par_chunks_mut(rows * n).enumerate().for_each(|(t, o)| {

@@ -140,8 +140,8 @@ fn every_kernel_equals_a_scalar_reference_on_ragged_shapes() {
     assert_eq!(paths[0], Isa::Portable);
     // m, k, n off every vector width and block: m = 1 (GEMV), tiles of 4 rows (AVX2: pairs),
     // k not a multiple of 4, 16 or 64, n not a multiple of 16 or of the 64-channel tile;
-    // then shapes over the threading threshold (m·n·kp >= 2^19), split by panels (m < 16)
-    // and by rows (m >= 16, with a ragged last task).
+    // then shapes over the threading thresholds, split by panels (m < 16, m·n·kp >= 2^22)
+    // and by rows (m >= 16, m·n·kp >= 2^19, with a ragged last task).
     let mut shapes = Vec::new();
     for m in [1, 2, 3, 5, 9] {
         for k in [1, 3, 7, 33, 65, 257] {
@@ -152,7 +152,9 @@ fn every_kernel_equals_a_scalar_reference_on_ragged_shapes() {
     }
     shapes.extend([
         (1, 1537, 577),
+        (1, 577, 7300),
         (9, 300, 301),
+        (9, 700, 701),
         (33, 100, 200),
         (64, 784, 256),
         (17, 1000, 65),
