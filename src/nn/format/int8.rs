@@ -28,9 +28,10 @@ pub struct Int8 {
     /// `[out, in]` row-major codes.
     pub codes: Vec<i8>,
     pub scale: Vec<f32>,
-    /// Σ codes per output row, for the activation zero-point correction.
-    pub row_sum: Vec<i32>,
     pub act: ActQuant,
+    /// The codes packed once for the kernels, with their per-row sums (Σ codes per output
+    /// row, for the activation zero-point correction). Shared between clones.
+    packed: Arc<kernels::PackedI8>,
 }
 
 /// The scheme int8 layers use for weights: symmetric, per output channel (PyTorch's
@@ -58,15 +59,42 @@ impl Int8 {
     }
 
     fn from_parts(o: usize, i: usize, codes: Vec<i8>, scale: Vec<f32>, act: ActQuant) -> Self {
-        let row_sum = kernels::row_sums_i8(&codes, o, i);
+        let packed = Arc::new(kernels::PackedI8::new(&codes, o, i));
         Int8 {
             out_features: o,
             in_features: i,
             codes,
             scale,
-            row_sum,
             act,
+            packed,
         }
+    }
+
+    /// Σ codes per output row.
+    pub fn row_sum(&self) -> &[i32] {
+        &self.packed.row_sum
+    }
+
+    /// `x` (`m` rows of `in_features`, f32) quantized to u8 rows for the kernels, per this
+    /// layer's activation scheme (one (scale, zero point) for the whole call).
+    fn quantize_input(&self, xs: &[f32], m: usize) -> Result<kernels::ActRows> {
+        let (scale, zp) = match self.act {
+            ActQuant::Static { scale, zero_point } => (scale, zero_point),
+            ActQuant::Dynamic => {
+                let Some((lo, hi)) = kernels::act::finite_range(xs) else {
+                    bail!("input activations contain NaN or infinite values");
+                };
+                kernels::activation_qparams_u8(lo, hi)
+            }
+        };
+        Ok(kernels::ActRows::per_tensor(
+            xs,
+            m,
+            self.in_features,
+            self.packed.kp,
+            scale,
+            zp,
+        ))
     }
 
     pub fn load(
@@ -133,29 +161,27 @@ impl WeightFormat for Int8 {
 
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let m = x.dim(0)?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let (scale, zp) = match self.act {
-            ActQuant::Static { scale, zero_point } => (scale, zero_point),
-            ActQuant::Dynamic => {
-                if xs.iter().any(|v| !v.is_finite()) {
-                    bail!("input activations contain NaN or infinite values");
-                }
-                let (lo, hi) = kernels::min_max(&xs);
-                kernels::activation_qparams_u8(lo, hi)
-            }
+        let k = self.in_features;
+        if x.elem_count() != m * k {
+            bail!(
+                "int8 layer expects [rows, {k}] input, got shape {:?}",
+                x.dims()
+            );
+        }
+        // Quantize straight from the tensor's storage when it is a contiguous f32 CPU
+        // tensor (the usual case); copy it out otherwise.
+        let pick = candle_core::CpuStorage::as_slice::<f32>;
+        let a = match crate::nn::rows::with_cpu_slice(x, m * k, pick, |xs| {
+            self.quantize_input(xs, m)
+        }) {
+            Some(a) => a?,
+            None => self.quantize_input(&x.flatten_all()?.to_vec1::<f32>()?, m)?,
         };
-        let a = kernels::quantize_u8(&xs, scale, zp);
-        let acc = kernels::gemm_u8_i8(&a, m, self.in_features, &self.codes, self.out_features);
         let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
-        let y = kernels::requantize_f32(
-            &acc,
-            self.out_features,
-            scale,
-            zp,
-            &self.scale,
-            &self.row_sum,
-            bias.as_deref(),
-        );
+        if bias.as_ref().is_some_and(|b| b.len() != self.out_features) {
+            bail!("int8 layer: bias has the wrong length");
+        }
+        let y = kernels::gemm_u8_i8_f32(&a, &self.packed, &self.scale, bias.as_deref());
         Ok(Tensor::from_vec(y, (m, self.out_features), x.device())?)
     }
 
@@ -226,4 +252,100 @@ pub fn static_qparams(layer: &str, range: Option<(f32, f32)>) -> Result<(f32, i3
         format!("layer {layer}: static int8 needs calibration data first (no observer ran)")
     })?;
     Ok(kernels::activation_qparams_u8(lo, hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::random;
+
+    /// The forward's arithmetic in f64 from its definition: activations quantized with the
+    /// scalar rule, centred by the zero point, times the weight codes and both scales, plus
+    /// bias. Only the final f32 rounding of the kernel differs.
+    fn reference(l: &Int8, x: &[f32], m: usize, b: &[f32]) -> (Vec<f64>, Vec<f64>) {
+        let (k, n) = (l.in_features, l.out_features);
+        let (sa, za) = match l.act {
+            ActQuant::Static { scale, zero_point } => (scale, zero_point),
+            ActQuant::Dynamic => {
+                let lo = x.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+                let hi = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                kernels::activation_qparams_u8(lo, hi)
+            }
+        };
+        let q: Vec<f64> = x
+            .iter()
+            .map(|&v| ((v * (1.0 / sa)).round_ties_even() + za as f32).clamp(0.0, 255.0) as f64)
+            .collect();
+        let (mut y, mut mag) = (vec![0f64; m * n], vec![0f64; m * n]);
+        for i in 0..m {
+            for j in 0..n {
+                let dot: f64 = (0..k)
+                    .map(|p| (q[i * k + p] - za as f64) * l.codes[j * k + p] as f64)
+                    .sum();
+                let s = sa as f64 * l.scale[j] as f64;
+                y[i * n + j] = s * dot + b[j] as f64;
+                mag[i * n + j] = (s * dot).abs() + (b[j] as f64).abs();
+            }
+        }
+        (y, mag)
+    }
+
+    #[test]
+    fn forward_equals_the_quantized_arithmetic_in_f64() {
+        // m = 1 (GEMV), a ragged tile count, and a batch over the threading threshold.
+        for (m, k, n) in [(1, 37, 19), (5, 300, 70), (70, 301, 130), (2, 1100, 2000)] {
+            let w = random::randn(&[n, k], 3).unwrap();
+            let x = random::randn(&[m, k], 4).unwrap();
+            let b = random::randn(&[n], 5).unwrap();
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let bs = b.to_vec1::<f32>().unwrap();
+            for act in [
+                ActQuant::Dynamic,
+                ActQuant::Static {
+                    scale: 0.02,
+                    zero_point: 117,
+                },
+            ] {
+                let l = Int8::quantize(&w, act).unwrap();
+                let y = l.forward(&x, Some(&b)).unwrap();
+                let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let (r, mag) = reference(&l, &xs, m, &bs);
+                for ((got, want), mag) in y.iter().zip(&r).zip(&mag) {
+                    // f32 rounding of sa·sw, of the i32 sum (exact below 2^24) and of the
+                    // product and bias sum: a few ulps of the magnitudes involved.
+                    let tol = 4.0 * f32::EPSILON as f64 * mag + 1e-30;
+                    assert!(
+                        (*got as f64 - want).abs() <= tol,
+                        "{act:?} {m}x{k}x{n}: {got} vs {want}"
+                    );
+                }
+                // A non-contiguous input (copied out, not read in place) gives the same bits.
+                let xt = x.t().unwrap().contiguous().unwrap().t().unwrap();
+                assert!(!xt.is_contiguous() || m == 1);
+                let yt = l.forward(&xt, Some(&b)).unwrap();
+                assert_eq!(
+                    yt.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    y,
+                    "{act:?} {m}x{k}x{n} non-contiguous"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_not_panics() {
+        let w = random::randn(&[4, 8], 3).unwrap();
+        let l = Int8::quantize(&w, ActQuant::Dynamic).unwrap();
+        let mut xs = vec![0.5f32; 16];
+        xs[3] = f32::NAN;
+        let x = Tensor::from_vec(xs, (2, 8), &Device::Cpu).unwrap();
+        let e = l.forward(&x, None).unwrap_err().to_string();
+        assert!(e.contains("NaN"), "{e}");
+        let x = Tensor::zeros((2, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(l.forward(&x, None).is_err());
+        let x = Tensor::zeros((2, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(l.forward(&x, Some(&b)).is_err());
+        assert_eq!(l.forward(&x, None).unwrap().dims(), &[2, 4]);
+    }
 }

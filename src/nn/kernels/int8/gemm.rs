@@ -1,0 +1,253 @@
+//! The int8 GEMM driver: `y[i, j] = sa[i] · sw[j] · (Σ_k a[i, k] · W[j, k] − za[i] · Σ_k W[j, k]) + b[j]`.
+//!
+//! Work is cut into tiles of up to [`MR`] activation rows × [`NP`] weight panels (64 output
+//! channels); a micro-kernel computes a tile's i32 sums over the whole depth and the
+//! epilogue turns them into f32 outputs while they are still in cache. Tiles run panel
+//! group by panel group, so one group of packed weights (64 · kp bytes) stays in L2 while
+//! every row block streams past it. Large products are split over threads: by rows when
+//! there are enough of them (each thread writes whole output rows), else by panels (GEMV).
+
+use super::act::ActRows;
+use super::pack::{PackedI8, KGROUP, PANEL};
+use crate::nn::kernels::Isa;
+use rayon::prelude::*;
+
+/// Most activation rows per tile.
+pub(super) const MR: usize = 4;
+/// Most 16-channel panels per tile.
+pub(super) const NP: usize = 4;
+/// i32 sums of one tile: `acc[r][p · 16 + c]`.
+pub(super) type Acc = [[i32; NP * PANEL]; MR];
+
+/// Products (m · n · kp multiply-adds) below this run on the calling thread: on the MNIST
+/// and SmolLM2 shapes (benches/int8_kernels.rs) a rayon split costs more than it saves
+/// below roughly this size.
+const PAR_MIN_WORK: usize = 1 << 19;
+/// The same for a few rows (split by panels: GEMV while decoding). Higher, because between
+/// small GEMVs candle's own worker threads still hold the cores: SmolLM2 decoding measured
+/// 36–38 tokens/s splitting from 2^19, 43–62 from 2^22 and 43–47 never splitting (loaded
+/// 2-core machine, same run), so only the largest (the LM head) are split.
+const PAR_MIN_WORK_FEW_ROWS: usize = 1 << 22;
+
+/// What a micro-kernel reads: `nr` activation rows of `stride` bytes and `np` packed panels
+/// of `panel_stride` bytes, summed over `groups` groups of four k positions.
+pub(super) struct Tile<'a> {
+    pub a: &'a [u8],
+    pub stride: usize,
+    pub w: &'a [i8],
+    pub panel_stride: usize,
+    pub groups: usize,
+}
+
+impl Tile<'_> {
+    /// The bounds every micro-kernel relies on for `nr` rows and `np` panels (asserted
+    /// before any raw-pointer loop).
+    pub fn check(&self, nr: usize, np: usize) {
+        assert!(
+            (1..=MR).contains(&nr) && (1..=NP).contains(&np),
+            "tile shape"
+        );
+        assert!(self.stride >= self.groups * KGROUP && self.panel_stride >= self.groups * 64);
+        assert!(self.a.len() >= (nr - 1) * self.stride + self.groups * KGROUP);
+        assert!(self.w.len() >= (np - 1) * self.panel_stride + self.groups * 64);
+    }
+}
+
+/// The product with the path [`Isa::selected`] names.
+pub fn gemm_u8_i8_f32(
+    a: &ActRows,
+    w: &PackedI8,
+    w_scale: &[f32],
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    gemm_u8_i8_f32_with(Isa::selected(), a, w, w_scale, bias)
+}
+
+/// The product with a given path: `[a.m, w.n]` f32, row-major. Panics if `isa` is not one
+/// this CPU runs or the operands do not fit each other (callers build them from one shape).
+pub fn gemm_u8_i8_f32_with(
+    isa: Isa,
+    a: &ActRows,
+    w: &PackedI8,
+    w_scale: &[f32],
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    assert!(
+        isa <= Isa::detected(),
+        "kernel path {} not available",
+        isa.name()
+    );
+    assert!(
+        a.k == w.k && a.stride == w.kp,
+        "activation rows do not fit the weight"
+    );
+    assert!(a.codes.len() == a.m * a.stride && a.scale.len() == a.m && a.zero_point.len() == a.m);
+    assert_eq!(w_scale.len(), w.n, "one weight scale per output channel");
+    assert!(
+        bias.is_none_or(|b| b.len() == w.n),
+        "one bias per output channel"
+    );
+    let (m, n) = (a.m, w.n);
+    let mut out = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return out;
+    }
+    let job = Job {
+        isa,
+        a,
+        w,
+        w_scale,
+        bias,
+    };
+    let panels = w.panels();
+    let threads = rayon::current_num_threads();
+    let work = m * n * w.kp;
+    let by_rows = m >= 2 * MR * threads;
+    if threads < 2 || work < PAR_MIN_WORK || (!by_rows && work < PAR_MIN_WORK_FEW_ROWS) {
+        job.run(0..m, 0..panels, &mut out, n, 0);
+    } else if by_rows {
+        // Whole output rows per task, in multiples of MR, a few tasks per thread.
+        let rows = m.div_ceil(2 * threads).next_multiple_of(MR);
+        out.par_chunks_mut(rows * n).enumerate().for_each(|(t, o)| {
+            let r0 = t * rows;
+            job.run(r0..(r0 + rows).min(m), 0..panels, o, n, 0)
+        });
+    } else {
+        // Few rows: split the panels; each task fills its own columns, copied in after.
+        let per = panels.div_ceil(2 * threads).max(1);
+        let firsts: Vec<usize> = (0..panels).step_by(per).collect();
+        let parts: Vec<Vec<f32>> = firsts
+            .par_iter()
+            .map(|&p0| {
+                let p1 = (p0 + per).min(panels);
+                let width = (p1 * PANEL).min(n) - p0 * PANEL;
+                let mut part = vec![0f32; m * width];
+                job.run(0..m, p0..p1, &mut part, width, p0 * PANEL);
+                part
+            })
+            .collect();
+        for (&p0, part) in firsts.iter().zip(&parts) {
+            let width = part.len() / m;
+            for (dst, src) in out.chunks_exact_mut(n).zip(part.chunks_exact(width)) {
+                dst[p0 * PANEL..p0 * PANEL + width].copy_from_slice(src);
+            }
+        }
+    }
+    out
+}
+
+struct Job<'a> {
+    isa: Isa,
+    a: &'a ActRows,
+    w: &'a PackedI8,
+    w_scale: &'a [f32],
+    bias: Option<&'a [f32]>,
+}
+
+impl Job<'_> {
+    /// Rows `rows` × panels `panels` into `out`, whose row 0 is activation row `rows.start`,
+    /// with `ldo` floats per row, and whose column 0 is output channel `col0`.
+    fn run(
+        &self,
+        rows: std::ops::Range<usize>,
+        panels: std::ops::Range<usize>,
+        out: &mut [f32],
+        ldo: usize,
+        col0: usize,
+    ) {
+        let (stride, ps) = (self.a.stride, self.w.panel_stride());
+        let mut acc: Acc = [[0; NP * PANEL]; MR];
+        for p0 in panels.clone().step_by(NP) {
+            let np = NP.min(panels.end - p0);
+            for r0 in rows.clone().step_by(MR) {
+                let nr = MR.min(rows.end - r0);
+                let tile = Tile {
+                    a: &self.a.codes[r0 * stride..(r0 + nr) * stride],
+                    stride,
+                    w: &self.w.data()[p0 * ps..(p0 + np) * ps],
+                    panel_stride: ps,
+                    groups: self.w.kp / KGROUP,
+                };
+                block(self.isa, &tile, nr, np, &mut acc);
+                for (r, sums) in acc.iter().enumerate().take(nr) {
+                    let i = r0 + r;
+                    let o = &mut out[(i - rows.start) * ldo..(i - rows.start + 1) * ldo];
+                    self.epilogue(i, p0, np, sums, o, col0);
+                }
+            }
+        }
+    }
+
+    /// Row `i`'s sums for panels `p0..p0 + np` rescaled into `o` (the row's output, whose
+    /// column 0 is channel `col0`): `(sa · sw[j]) · (acc − za · Σw[j]) as f32 (+ b[j])`,
+    /// the same float operations in the same order as the scalar definition.
+    fn epilogue(&self, i: usize, p0: usize, np: usize, sums: &[i32], o: &mut [f32], col0: usize) {
+        let (sa, za) = (self.a.scale[i], self.a.zero_point[i]);
+        let n = self.w.n;
+        for p in 0..np {
+            let j = (p0 + p) * PANEL;
+            let cnt = PANEL.min(n - j);
+            let s = &sums[p * PANEL..p * PANEL + cnt];
+            let (sw, rs) = (&self.w_scale[j..j + cnt], &self.w.row_sum[j..j + cnt]);
+            let b = self.bias.map(|b| &b[j..j + cnt]);
+            let d = &mut o[j - col0..j - col0 + cnt];
+            if cnt == PANEL {
+                // Fixed-size views: the compiler vectorises the 16 lanes without alias checks.
+                let (s, sw, rs, d) = (fixed(s), fixed(sw), fixed(rs), fixed_mut(d));
+                rescale(s, sa, za, sw, rs, b.map(fixed), d);
+            } else {
+                rescale(s, sa, za, sw, rs, b, d);
+            }
+        }
+    }
+}
+
+fn fixed<T>(v: &[T]) -> &[T; PANEL] {
+    v.try_into().expect("a full panel")
+}
+
+fn fixed_mut<T>(v: &mut [T]) -> &mut [T; PANEL] {
+    v.try_into().expect("a full panel")
+}
+
+/// `d[c] = sa · sw[c] · (s[c] − za · rs[c]) as f32 (+ b[c])`, i32 arithmetic wrapping like
+/// the SIMD sums.
+#[inline(always)]
+fn rescale<S, F, D>(s: &S, sa: f32, za: i32, sw: &F, rs: &S, b: Option<&F>, d: &mut D)
+where
+    S: AsRef<[i32]> + ?Sized,
+    F: AsRef<[f32]> + ?Sized,
+    D: AsMut<[f32]> + ?Sized,
+{
+    let (s, sw, rs, d) = (s.as_ref(), sw.as_ref(), rs.as_ref(), d.as_mut());
+    match b {
+        Some(b) => {
+            let b = b.as_ref();
+            for c in 0..d.len() {
+                let centred = s[c].wrapping_sub(za.wrapping_mul(rs[c]));
+                d[c] = sa * sw[c] * centred as f32 + b[c];
+            }
+        }
+        None => {
+            for c in 0..d.len() {
+                let centred = s[c].wrapping_sub(za.wrapping_mul(rs[c]));
+                d[c] = sa * sw[c] * centred as f32;
+            }
+        }
+    }
+}
+
+/// One tile's sums with the given path.
+pub(super) fn block(isa: Isa, t: &Tile, nr: usize, np: usize, acc: &mut Acc) {
+    t.check(nr, np);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `gemm_u8_i8_f32_with` asserted isa <= Isa::detected(), so the CPU has
+        // AVX-512 F/BW/VL + VNNI; the tile's bounds were checked just above.
+        Isa::Avx512 => unsafe { super::avx512::block(t, nr, np, acc) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, the CPU has AVX2; bounds checked.
+        Isa::Avx2 => unsafe { super::avx2::block(t, nr, np, acc) },
+        _ => super::portable::block(t, nr, np, acc),
+    }
+}
