@@ -1,0 +1,1087 @@
+//! Weight-only low-bit matrix products that never build an f32 weight matrix.
+//!
+//! [`LowBit`] is a kernel layout built once from a stored format (int-N codes with a scale
+//! and zero point per group, or NF4/FP4 code-book indices with an absmax per block). Each
+//! row is cut into chunks of [`CHUNK`] = 32 columns (the row padded with zero codes to a
+//! whole chunk); a scale group is a whole number of chunks.
+//!
+//! * Codes of 1–4 bits are stored as nibbles, 16 bytes per chunk: byte `j` holds column
+//!   `j` in its low nibble and column `j + 16` in its high nibble, so one 16-byte load
+//!   widened to 32-bit lanes gives columns 0–15 after `& 15` and columns 16–31 after `>> 4`.
+//!   2- and 3-bit codes are widened to nibbles in memory (they run through the same
+//!   4-bit kernel; the stored checkpoint keeps its packed bits).
+//! * Codes of 5–8 bits are stored as one byte per column, 32 bytes per chunk.
+//! * Codes are kept unsigned: `n = q − qmin`, and the group's zero point becomes
+//!   `z' = z − qmin`, so a weight is `(n − z')·s` (integers subtracted exactly), or
+//!   `table[n]·s` for a code book.
+//!
+//! Decoding (one activation row, [`LowBit::gemv`]): codes are widened and turned into f32
+//! in registers, multiplied with the activations by FMA per group, and the group's sum is
+//! scaled once: `Σ x·(n − z')·s = s·Σ x·(n − z')`. Four output rows go together so that
+//! eight independent FMA chains hide the FMA latency and every activation load serves four
+//! rows. Prefill (several rows, [`LowBit::gemm`]) decodes a tile of 32 output rows × 256
+//! columns into a cache-resident f32 panel holding exactly the dequantized weights, then an
+//! f32 register-blocked micro-kernel (6 activation rows × 32 outputs) runs over every
+//! activation row; tiles are spread over threads. Only float summation order differs from
+//! `x · Ŵᵀ` with `Ŵ` the exact dequantized weights.
+
+use super::Isa;
+use rayon::prelude::*;
+
+/// Columns per chunk (the unit of the code layout and of scale groups).
+pub const CHUNK: usize = 32;
+/// Output rows per prefill tile (the width of the decoded f32 panel).
+const NR: usize = 32;
+/// Columns per prefill panel (32 × 256 f32 = 32 KiB, in L1/L2).
+const KC: usize = 256;
+/// Activation rows per micro-kernel call.
+const MR: usize = 6;
+
+/// How codes are stored and turned into values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codes {
+    /// Two codes per byte (see the module docs); value `(n − z')·s`.
+    Nibble,
+    /// One code per byte; value `(n − z')·s`.
+    Byte,
+    /// Two code-book indices per byte; value `table[n]·s`.
+    Table,
+}
+
+/// A `[rows, cols]` weight matrix in the kernel layout.
+#[derive(Clone)]
+pub struct LowBit {
+    rows: usize,
+    cols: usize,
+    /// Chunks per row (`cols` rounded up to [`CHUNK`]).
+    nch: usize,
+    /// Chunks per scale group.
+    cpg: usize,
+    /// Groups per row.
+    gpr: usize,
+    kind: Codes,
+    codes: Vec<u8>,
+    /// `[rows, gpr]`.
+    scale: Vec<f32>,
+    /// `[rows, gpr]` unsigned zero points `z'` (integers as f32); empty for code books.
+    zero: Vec<f32>,
+    table: [f32; 16],
+}
+
+impl std::fmt::Debug for LowBit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "LowBit {{ {}x{} {:?}, {} chunks per group }}",
+            self.rows, self.cols, self.kind, self.cpg
+        )
+    }
+}
+
+impl LowBit {
+    /// From integer codes (u8 bit patterns, two's complement when `signed`) of a `bits`-bit
+    /// scheme, with one (scale, zero point) per `group` columns of a row (`group == 0`: one
+    /// pair for the whole matrix; `group >= cols`: one per row). `None` when the layout
+    /// does not fit this kernel (group not a multiple of 32, codes out of range, bad sizes).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_int(
+        rows: usize,
+        cols: usize,
+        codes: &[u8],
+        signed: bool,
+        bits: u8,
+        scale: &[f32],
+        zero: &[i32],
+        group: usize,
+    ) -> Option<LowBit> {
+        if !(1..=8).contains(&bits) || codes.len() != rows * cols || cols == 0 {
+            return None;
+        }
+        let nch = cols.div_ceil(CHUNK);
+        // (chunks per group, groups per row, parameter index of (row, group)).
+        let (cpg, gpr) = if group == 0 || group >= cols {
+            (nch, 1)
+        } else if group % CHUNK == 0 {
+            (group / CHUNK, cols.div_ceil(group))
+        } else {
+            return None;
+        };
+        let param = |o: usize, g: usize| if group == 0 { 0 } else { o * gpr + g };
+        let needed = param(rows.max(1) - 1, gpr - 1) + 1;
+        if rows == 0 || scale.len() < needed || zero.len() < needed {
+            return None;
+        }
+        let qmin: i32 = if signed { -(1 << (bits - 1)) } else { 0 };
+        let nmax: i32 = (1 << bits) - 1;
+        let kind = if bits <= 4 {
+            Codes::Nibble
+        } else {
+            Codes::Byte
+        };
+        let mut packed = vec![0u8; rows * nch * chunk_bytes(kind)];
+        for o in 0..rows {
+            for p in 0..cols {
+                let c = codes[o * cols + p];
+                let n = if signed { c as i8 as i32 } else { c as i32 } - qmin;
+                if !(0..=nmax).contains(&n) {
+                    return None;
+                }
+                put(&mut packed, kind, nch, o, p, n as u8);
+            }
+        }
+        let mut s = Vec::with_capacity(rows * gpr);
+        let mut z = Vec::with_capacity(rows * gpr);
+        for o in 0..rows {
+            for g in 0..gpr {
+                let i = param(o, g);
+                s.push(*scale.get(i)?);
+                z.push((*zero.get(i)? - qmin) as f32);
+            }
+        }
+        Some(LowBit {
+            rows,
+            cols,
+            nch,
+            cpg,
+            gpr,
+            kind,
+            codes: packed,
+            scale: s,
+            zero: z,
+            table: [0.0; 16],
+        })
+    }
+
+    /// From 4-bit code-book indices packed two per byte (high nibble first) over the
+    /// flattened matrix, with one absmax per `blocksize` consecutive elements. `None` when
+    /// a chunk of a row would straddle two blocks (`cols` or `blocksize` not a multiple of
+    /// 32) or sizes disagree.
+    pub fn from_table(
+        rows: usize,
+        cols: usize,
+        packed: &[u8],
+        table: &[f32; 16],
+        absmax: &[f32],
+        blocksize: usize,
+    ) -> Option<LowBit> {
+        let len = rows * cols;
+        if cols == 0
+            || cols % CHUNK != 0
+            || blocksize == 0
+            || blocksize % CHUNK != 0
+            || packed.len() < len.div_ceil(2)
+            || absmax.len() < len.div_ceil(blocksize)
+        {
+            return None;
+        }
+        let nch = cols / CHUNK;
+        // Whole blocks per row: one group per block; otherwise a scale per chunk.
+        let cpg = if cols % blocksize == 0 {
+            blocksize / CHUNK
+        } else {
+            1
+        };
+        let gpr = nch.div_ceil(cpg);
+        let mut codes = vec![0u8; rows * nch * chunk_bytes(Codes::Table)];
+        let mut scale = Vec::with_capacity(rows * gpr);
+        for o in 0..rows {
+            for p in 0..cols {
+                let e = o * cols + p;
+                let n = (packed[e / 2] >> (4 * (1 - (e & 1)))) & 0x0f;
+                put(&mut codes, Codes::Table, nch, o, p, n);
+            }
+            for g in 0..gpr {
+                scale.push(absmax[(o * cols + g * cpg * CHUNK) / blocksize]);
+            }
+        }
+        Some(LowBit {
+            rows,
+            cols,
+            nch,
+            cpg,
+            gpr,
+            kind: Codes::Table,
+            codes,
+            scale,
+            zero: Vec::new(),
+            table: *table,
+        })
+    }
+
+    /// `(rows, cols)`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    pub fn kind(&self) -> Codes {
+        self.kind
+    }
+
+    /// Bytes held by the kernel layout (codes and per-group parameters).
+    pub fn layout_bytes(&self) -> usize {
+        self.codes.len() + 4 * (self.scale.len() + self.zero.len())
+    }
+
+    /// The unsigned code of (row `o`, column `p`).
+    fn code(&self, o: usize, p: usize) -> u8 {
+        let (c, j) = (p / CHUNK, p % CHUNK);
+        let base = (o * self.nch + c) * chunk_bytes(self.kind);
+        match self.kind {
+            Codes::Byte => self.codes[base + j],
+            _ => (self.codes[base + j % 16] >> (4 * (j / 16))) & 0x0f,
+        }
+    }
+
+    /// Weight (row `o`, column `p`) exactly as dequantized.
+    pub fn weight(&self, o: usize, p: usize) -> f32 {
+        let g = o * self.gpr + p / (self.cpg * CHUNK);
+        let n = self.code(o, p);
+        match self.kind {
+            Codes::Table => self.table[n as usize] * self.scale[g],
+            _ => (n as f32 - self.zero[g]) * self.scale[g],
+        }
+    }
+
+    /// The whole matrix as f32 (for `dequantize`; the products never call it).
+    pub fn decode_all(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each(|(o, row)| {
+                for (p, d) in row.iter_mut().enumerate() {
+                    *d = self.weight(o, p);
+                }
+            });
+        out
+    }
+
+    /// `x [m, cols] · Wᵀ` → `[m, rows]` on the path [`Isa::selected`] picks.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_with(Isa::selected(), x, m)
+    }
+
+    /// `x [m, cols] · Wᵀ` on path `isa` (one that this CPU has: see [`Isa::available`]).
+    pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.cols, "activation size");
+        let isa = isa.min(Isa::detected());
+        if m <= 2 {
+            let mut y = vec![0f32; m * self.rows];
+            for r in 0..m {
+                self.gemv(
+                    isa,
+                    &x[r * self.cols..(r + 1) * self.cols],
+                    &mut y[r * self.rows..(r + 1) * self.rows],
+                );
+            }
+            y
+        } else {
+            self.gemm(isa, x, m)
+        }
+    }
+
+    /// One activation row: `y[o] = Σ_p x[p]·W[o, p]`, rows split over threads when large.
+    pub fn gemv(&self, isa: Isa, x: &[f32], y: &mut [f32]) {
+        assert!(x.len() == self.cols && y.len() == self.rows);
+        // Activations padded with zeros to whole chunks (padded codes are finite, so the
+        // padding adds exact zeros).
+        let mut xp = vec![0f32; self.nch * CHUNK];
+        xp[..self.cols].copy_from_slice(x);
+        // Blocks of rows (a multiple of 4) per task; one task for small matrices.
+        let work = self.rows * self.cols;
+        let tasks = if work < 1 << 16 {
+            1
+        } else {
+            rayon::current_num_threads().max(1) * 4
+        };
+        let block = self.rows.div_ceil(tasks).div_ceil(4).max(1) * 4;
+        y.par_chunks_mut(block).enumerate().for_each(|(b, ys)| {
+            self.gemv_rows(isa, &xp, b * block, ys);
+        });
+    }
+
+    /// Rows `o0 .. o0 + ys.len()` of one activation row (`xp` padded to whole chunks).
+    fn gemv_rows(&self, isa: Isa, xp: &[f32], o0: usize, ys: &mut [f32]) {
+        assert!(xp.len() == self.nch * CHUNK && o0 + ys.len() <= self.rows);
+        let mut o = 0;
+        while o < ys.len() {
+            let r = (ys.len() - o).min(4);
+            let out = &mut ys[o..o + r];
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => {
+                    // SAFETY: Avx512 is only reached when the CPU has it (`matmul_with` caps
+                    // `isa` at the detected path); bounds asserted above and in the callee.
+                    unsafe { x86::gemv_avx512(self, xp, o0 + o, out) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => {
+                    // SAFETY: the binary requires AVX2+FMA (x86-64-v3) and the path is capped
+                    // at the detected one; bounds asserted above and in the callee.
+                    unsafe { x86::gemv_avx2(self, xp, o0 + o, out) }
+                }
+                _ => gemv_portable(self, xp, o0 + o, out),
+            }
+            o += r;
+        }
+    }
+
+    /// Many activation rows: f32 panels of 32 decoded output rows × 256 columns, an f32
+    /// micro-kernel over all activation rows; output tiles in parallel.
+    pub fn gemm(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.cols);
+        let tiles = self.rows.div_ceil(NR);
+        let parts: Vec<Vec<f32>> = (0..tiles)
+            .into_par_iter()
+            .map(|t| {
+                let mut panel = vec![0f32; KC * NR];
+                let mut out = vec![0f32; m * NR];
+                let mut p0 = 0;
+                while p0 < self.cols {
+                    let kc = (self.cols - p0).min(KC);
+                    self.decode_panel(t * NR, p0, kc, &mut panel);
+                    let mut r0 = 0;
+                    while r0 < m {
+                        let mr = (m - r0).min(MR);
+                        micro(
+                            isa,
+                            mr,
+                            &x[r0 * self.cols + p0..],
+                            self.cols,
+                            kc,
+                            &panel,
+                            &mut out[r0 * NR..(r0 + mr) * NR],
+                            p0 == 0,
+                        );
+                        r0 += mr;
+                    }
+                    p0 += kc;
+                }
+                out
+            })
+            .collect();
+        let mut y = vec![0f32; m * self.rows];
+        for (t, part) in parts.iter().enumerate() {
+            let (first, width) = (t * NR, (self.rows - t * NR).min(NR));
+            for r in 0..m {
+                y[r * self.rows + first..r * self.rows + first + width]
+                    .copy_from_slice(&part[r * NR..r * NR + width]);
+            }
+        }
+        y
+    }
+
+    /// `panel[p][j] = W[o0 + j, p0 + p]` for `p < kc` (`p0` a multiple of [`CHUNK`]); rows
+    /// past the matrix are zero.
+    fn decode_panel(&self, o0: usize, p0: usize, kc: usize, panel: &mut [f32]) {
+        assert!(p0 % CHUNK == 0 && panel.len() >= kc * NR);
+        let mut vals = [0f32; CHUNK];
+        for j in 0..NR {
+            let o = o0 + j;
+            if o >= self.rows {
+                for p in 0..kc {
+                    panel[p * NR + j] = 0.0;
+                }
+                continue;
+            }
+            let mut p = 0;
+            while p < kc {
+                let c = (p0 + p) / CHUNK;
+                self.decode_chunk(o, c, &mut vals);
+                let n = (kc - p).min(CHUNK);
+                for (i, v) in vals[..n].iter().enumerate() {
+                    panel[(p + i) * NR + j] = *v;
+                }
+                p += n;
+            }
+        }
+    }
+
+    /// Chunk `c` of row `o` as f32 weights.
+    fn decode_chunk(&self, o: usize, c: usize, out: &mut [f32; CHUNK]) {
+        let g = o * self.gpr + c / self.cpg;
+        let s = self.scale[g];
+        let base = (o * self.nch + c) * chunk_bytes(self.kind);
+        match self.kind {
+            Codes::Byte => {
+                let z = self.zero[g];
+                for (d, &b) in out.iter_mut().zip(&self.codes[base..base + CHUNK]) {
+                    *d = (b as f32 - z) * s;
+                }
+            }
+            Codes::Nibble => {
+                let z = self.zero[g];
+                for (j, &b) in self.codes[base..base + 16].iter().enumerate() {
+                    out[j] = ((b & 15) as f32 - z) * s;
+                    out[j + 16] = ((b >> 4) as f32 - z) * s;
+                }
+            }
+            Codes::Table => {
+                for (j, &b) in self.codes[base..base + 16].iter().enumerate() {
+                    out[j] = self.table[(b & 15) as usize] * s;
+                    out[j + 16] = self.table[(b >> 4) as usize] * s;
+                }
+            }
+        }
+    }
+}
+
+fn chunk_bytes(kind: Codes) -> usize {
+    match kind {
+        Codes::Byte => CHUNK,
+        _ => CHUNK / 2,
+    }
+}
+
+/// Stores unsigned code `n` of (row `o`, column `p`) in the kernel layout.
+fn put(buf: &mut [u8], kind: Codes, nch: usize, o: usize, p: usize, n: u8) {
+    let (c, j) = (p / CHUNK, p % CHUNK);
+    let base = (o * nch + c) * chunk_bytes(kind);
+    match kind {
+        Codes::Byte => buf[base + j] = n,
+        _ => buf[base + j % 16] |= (n & 15) << (4 * (j / 16)),
+    }
+}
+
+/// Portable GEMV over up to four rows starting at `o0`.
+fn gemv_portable(lb: &LowBit, xp: &[f32], o0: usize, ys: &mut [f32]) {
+    let mut w = [0f32; CHUNK];
+    for (r, y) in ys.iter_mut().enumerate() {
+        let o = o0 + r;
+        let mut total = 0f32;
+        for g in 0..lb.gpr {
+            let (c0, c1) = (g * lb.cpg, ((g + 1) * lb.cpg).min(lb.nch));
+            let mut acc = [0f32; 8];
+            for c in c0..c1 {
+                // Unscaled values (n − z' or table[n]); the group's scale is applied once.
+                let base = (o * lb.nch + c) * chunk_bytes(lb.kind);
+                match lb.kind {
+                    Codes::Byte => {
+                        let z = lb.zero[o * lb.gpr + g];
+                        for (d, &b) in w.iter_mut().zip(&lb.codes[base..base + CHUNK]) {
+                            *d = b as f32 - z;
+                        }
+                    }
+                    Codes::Nibble => {
+                        let z = lb.zero[o * lb.gpr + g];
+                        for (j, &b) in lb.codes[base..base + 16].iter().enumerate() {
+                            w[j] = (b & 15) as f32 - z;
+                            w[j + 16] = (b >> 4) as f32 - z;
+                        }
+                    }
+                    Codes::Table => {
+                        for (j, &b) in lb.codes[base..base + 16].iter().enumerate() {
+                            w[j] = lb.table[(b & 15) as usize];
+                            w[j + 16] = lb.table[(b >> 4) as usize];
+                        }
+                    }
+                }
+                let xs = &xp[c * CHUNK..(c + 1) * CHUNK];
+                for (wv, xv) in w.chunks_exact(8).zip(xs.chunks_exact(8)) {
+                    for k in 0..8 {
+                        acc[k] += wv[k] * xv[k];
+                    }
+                }
+            }
+            total += acc.iter().sum::<f32>() * lb.scale[o * lb.gpr + g];
+        }
+        *y = total;
+    }
+}
+
+/// `out[r][0..32] (+)= Σ_p a[r·lda + p] · panel[p][0..32]` for `r < mr`, `p < kc`.
+#[allow(clippy::too_many_arguments)]
+fn micro(
+    isa: Isa,
+    mr: usize,
+    a: &[f32],
+    lda: usize,
+    kc: usize,
+    panel: &[f32],
+    out: &mut [f32],
+    first: bool,
+) {
+    assert!(mr >= 1 && mr <= MR && out.len() >= mr * NR && panel.len() >= kc * NR);
+    assert!(a.len() >= (mr - 1) * lda + kc);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            // SAFETY: the CPU has AVX-512 (path capped at the detected one); the asserts above
+            // bound every read of `a`, `panel` and write of `out`.
+            unsafe {
+                x86::micro_avx512(
+                    mr,
+                    a.as_ptr(),
+                    lda,
+                    kc,
+                    panel.as_ptr(),
+                    out.as_mut_ptr(),
+                    first,
+                )
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            // SAFETY: AVX2+FMA are required by the build; bounds asserted above.
+            unsafe {
+                x86::micro_avx2(
+                    mr,
+                    a.as_ptr(),
+                    lda,
+                    kc,
+                    panel.as_ptr(),
+                    out.as_mut_ptr(),
+                    first,
+                )
+            }
+        }
+        _ => {
+            for r in 0..mr {
+                let o = &mut out[r * NR..(r + 1) * NR];
+                if first {
+                    o.fill(0.0);
+                }
+                for p in 0..kc {
+                    let av = a[r * lda + p];
+                    for (d, &b) in o.iter_mut().zip(&panel[p * NR..(p + 1) * NR]) {
+                        *d += av * b;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{chunk_bytes, Codes, LowBit, CHUNK, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// AVX-512 GEMV for rows `o0 .. o0 + ys.len()` (at most 4).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F/BW/VL; `xp` holds `nch · 32` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn gemv_avx512(lb: &LowBit, xp: &[f32], o0: usize, ys: &mut [f32]) {
+        assert!(xp.len() >= lb.nch * CHUNK && o0 + ys.len() <= lb.rows);
+        assert!(lb.codes.len() >= lb.rows * lb.nch * chunk_bytes(lb.kind));
+        match (ys.len(), lb.kind) {
+            (4, Codes::Nibble) => g512::<4, 0>(lb, xp, o0, ys),
+            (4, Codes::Byte) => g512::<4, 1>(lb, xp, o0, ys),
+            (4, Codes::Table) => g512::<4, 2>(lb, xp, o0, ys),
+            (_, Codes::Nibble) => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g512::<1, 0>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
+            (_, Codes::Byte) => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g512::<1, 1>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
+            (_, Codes::Table) => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g512::<1, 2>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
+        }
+    }
+
+    /// `R` rows at once; `K`: 0 nibble ints, 1 byte ints, 2 nibble code book.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn g512<const R: usize, const K: u8>(
+        lb: &LowBit,
+        xp: &[f32],
+        o0: usize,
+        ys: &mut [f32],
+    ) {
+        let cb = chunk_bytes(lb.kind);
+        let row_bytes = lb.nch * cb;
+        // SAFETY (whole body): rows o0..o0+R lie inside `codes` and groups inside
+        // `scale`/`zero` (asserted by the caller); chunk c < nch reads `cb` bytes of its
+        // row and 32 floats of `xp` (len ≥ nch·32).
+        let codes = lb.codes.as_ptr().add(o0 * row_bytes);
+        let x = xp.as_ptr();
+        let mask = _mm512_set1_epi32(0x0f);
+        let tab = _mm512_loadu_ps(lb.table.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); R];
+        for g in 0..lb.gpr {
+            let (c0, c1) = (g * lb.cpg, ((g + 1) * lb.cpg).min(lb.nch));
+            let mut dl = [_mm512_setzero_ps(); R];
+            let mut dh = [_mm512_setzero_ps(); R];
+            let mut z = [_mm512_setzero_ps(); R];
+            if K != 2 {
+                for (r, zr) in z.iter_mut().enumerate() {
+                    *zr = _mm512_set1_ps(*lb.zero.get_unchecked((o0 + r) * lb.gpr + g));
+                }
+            }
+            for c in c0..c1 {
+                let xl = _mm512_loadu_ps(x.add(c * CHUNK));
+                let xh = _mm512_loadu_ps(x.add(c * CHUNK + 16));
+                for r in 0..R {
+                    let p = codes.add(r * row_bytes + c * cb);
+                    let (wl, wh) = if K == 1 {
+                        let a = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+                        let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
+                        (
+                            _mm512_sub_ps(_mm512_cvtepi32_ps(a), z[r]),
+                            _mm512_sub_ps(_mm512_cvtepi32_ps(b), z[r]),
+                        )
+                    } else {
+                        let e = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+                        let lo = _mm512_and_si512(e, mask);
+                        let hi = _mm512_srli_epi32::<4>(e);
+                        if K == 2 {
+                            (
+                                _mm512_permutexvar_ps(lo, tab),
+                                _mm512_permutexvar_ps(hi, tab),
+                            )
+                        } else {
+                            (
+                                _mm512_sub_ps(_mm512_cvtepi32_ps(lo), z[r]),
+                                _mm512_sub_ps(_mm512_cvtepi32_ps(hi), z[r]),
+                            )
+                        }
+                    };
+                    dl[r] = _mm512_fmadd_ps(wl, xl, dl[r]);
+                    dh[r] = _mm512_fmadd_ps(wh, xh, dh[r]);
+                }
+            }
+            for r in 0..R {
+                let s = _mm512_set1_ps(*lb.scale.get_unchecked((o0 + r) * lb.gpr + g));
+                acc[r] = _mm512_fmadd_ps(_mm512_add_ps(dl[r], dh[r]), s, acc[r]);
+            }
+        }
+        for r in 0..R {
+            ys[r] = _mm512_reduce_add_ps(acc[r]);
+        }
+    }
+
+    /// AVX2 GEMV for rows `o0 .. o0 + ys.len()` (at most 4).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `xp` holds `nch · 32` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gemv_avx2(lb: &LowBit, xp: &[f32], o0: usize, ys: &mut [f32]) {
+        assert!(xp.len() >= lb.nch * CHUNK && o0 + ys.len() <= lb.rows);
+        assert!(lb.codes.len() >= lb.rows * lb.nch * chunk_bytes(lb.kind));
+        match (ys.len(), lb.kind) {
+            (4, Codes::Nibble) => g256::<4, 0>(lb, xp, o0, ys),
+            (4, Codes::Byte) => g256::<4, 1>(lb, xp, o0, ys),
+            (4, Codes::Table) => g256::<4, 2>(lb, xp, o0, ys),
+            (_, Codes::Nibble) => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g256::<1, 0>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
+            (_, Codes::Byte) => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g256::<1, 1>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
+            (_, Codes::Table) => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g256::<1, 2>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
+        }
+    }
+
+    /// 16-entry table lookup on 8 lanes: two in-lane-crossing permutes and a blend on bit 3.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn lookup16(idx: __m256i, t0: __m256, t1: __m256) -> __m256 {
+        let a = _mm256_permutevar8x32_ps(t0, idx);
+        let b = _mm256_permutevar8x32_ps(t1, idx);
+        _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn g256<const R: usize, const K: u8>(
+        lb: &LowBit,
+        xp: &[f32],
+        o0: usize,
+        ys: &mut [f32],
+    ) {
+        let cb = chunk_bytes(lb.kind);
+        let row_bytes = lb.nch * cb;
+        // SAFETY (whole body): as in `g512`.
+        let codes = lb.codes.as_ptr().add(o0 * row_bytes);
+        let x = xp.as_ptr();
+        let mask = _mm256_set1_epi32(0x0f);
+        let t0 = _mm256_loadu_ps(lb.table.as_ptr());
+        let t1 = _mm256_loadu_ps(lb.table.as_ptr().add(8));
+        let mut acc = [_mm256_setzero_ps(); R];
+        for g in 0..lb.gpr {
+            let (c0, c1) = (g * lb.cpg, ((g + 1) * lb.cpg).min(lb.nch));
+            let mut d0 = [_mm256_setzero_ps(); R];
+            let mut d1 = [_mm256_setzero_ps(); R];
+            let mut z = [_mm256_setzero_ps(); R];
+            if K != 2 {
+                for (r, zr) in z.iter_mut().enumerate() {
+                    *zr = _mm256_set1_ps(*lb.zero.get_unchecked((o0 + r) * lb.gpr + g));
+                }
+            }
+            for c in c0..c1 {
+                let xb = x.add(c * CHUNK);
+                let xv = [
+                    _mm256_loadu_ps(xb),
+                    _mm256_loadu_ps(xb.add(8)),
+                    _mm256_loadu_ps(xb.add(16)),
+                    _mm256_loadu_ps(xb.add(24)),
+                ];
+                for r in 0..R {
+                    let p = codes.add(r * row_bytes + c * cb);
+                    let w: [__m256; 4] = if K == 1 {
+                        let f = |i: usize| {
+                            _mm256_sub_ps(
+                                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                    p.add(8 * i) as *const __m128i,
+                                ))),
+                                z[r],
+                            )
+                        };
+                        [f(0), f(1), f(2), f(3)]
+                    } else {
+                        let b = _mm_loadu_si128(p as *const __m128i);
+                        let e0 = _mm256_cvtepu8_epi32(b);
+                        let e1 = _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(b));
+                        let idx = [
+                            _mm256_and_si256(e0, mask),
+                            _mm256_and_si256(e1, mask),
+                            _mm256_srli_epi32::<4>(e0),
+                            _mm256_srli_epi32::<4>(e1),
+                        ];
+                        if K == 2 {
+                            [
+                                lookup16(idx[0], t0, t1),
+                                lookup16(idx[1], t0, t1),
+                                lookup16(idx[2], t0, t1),
+                                lookup16(idx[3], t0, t1),
+                            ]
+                        } else {
+                            let f = |v: __m256i| _mm256_sub_ps(_mm256_cvtepi32_ps(v), z[r]);
+                            [f(idx[0]), f(idx[1]), f(idx[2]), f(idx[3])]
+                        }
+                    };
+                    d0[r] = _mm256_fmadd_ps(w[0], xv[0], d0[r]);
+                    d1[r] = _mm256_fmadd_ps(w[1], xv[1], d1[r]);
+                    d0[r] = _mm256_fmadd_ps(w[2], xv[2], d0[r]);
+                    d1[r] = _mm256_fmadd_ps(w[3], xv[3], d1[r]);
+                }
+            }
+            for r in 0..R {
+                let s = _mm256_set1_ps(*lb.scale.get_unchecked((o0 + r) * lb.gpr + g));
+                acc[r] = _mm256_fmadd_ps(_mm256_add_ps(d0[r], d1[r]), s, acc[r]);
+            }
+        }
+        for r in 0..R {
+            ys[r] = hsum256(acc[r]);
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// AVX-512 micro-kernel: `mr ≤ 6` activation rows × 32 outputs, 12 accumulators.
+    ///
+    /// # Safety
+    /// AVX-512 F; `a` readable at `r·lda + p` (r < mr, p < kc), `panel` at `kc·32`
+    /// floats, `out` writable at `mr·32` floats.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn micro_avx512(
+        mr: usize,
+        a: *const f32,
+        lda: usize,
+        kc: usize,
+        panel: *const f32,
+        out: *mut f32,
+        first: bool,
+    ) {
+        macro_rules! run {
+            ($m:literal) => {{
+                let mut acc = [[_mm512_setzero_ps(); 2]; $m];
+                if !first {
+                    for r in 0..$m {
+                        acc[r][0] = _mm512_loadu_ps(out.add(r * NR));
+                        acc[r][1] = _mm512_loadu_ps(out.add(r * NR + 16));
+                    }
+                }
+                for p in 0..kc {
+                    let b0 = _mm512_loadu_ps(panel.add(p * NR));
+                    let b1 = _mm512_loadu_ps(panel.add(p * NR + 16));
+                    for r in 0..$m {
+                        let av = _mm512_set1_ps(*a.add(r * lda + p));
+                        acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+                        acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+                    }
+                }
+                for r in 0..$m {
+                    _mm512_storeu_ps(out.add(r * NR), acc[r][0]);
+                    _mm512_storeu_ps(out.add(r * NR + 16), acc[r][1]);
+                }
+            }};
+        }
+        debug_assert!(mr <= MR);
+        match mr {
+            6 => run!(6),
+            5 => run!(5),
+            4 => run!(4),
+            3 => run!(3),
+            2 => run!(2),
+            _ => run!(1),
+        }
+    }
+
+    /// AVX2 micro-kernel: `mr ≤ 6` activation rows × 16 outputs (called for both halves of
+    /// the 32-wide panel), 12 accumulators.
+    ///
+    /// # Safety
+    /// As [`micro_avx512`], with AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn micro_avx2(
+        mr: usize,
+        a: *const f32,
+        lda: usize,
+        kc: usize,
+        panel: *const f32,
+        out: *mut f32,
+        first: bool,
+    ) {
+        macro_rules! run {
+            ($m:literal, $h:expr) => {{
+                let h: usize = $h;
+                let mut acc = [[_mm256_setzero_ps(); 2]; $m];
+                if !first {
+                    for r in 0..$m {
+                        acc[r][0] = _mm256_loadu_ps(out.add(r * NR + h));
+                        acc[r][1] = _mm256_loadu_ps(out.add(r * NR + h + 8));
+                    }
+                }
+                for p in 0..kc {
+                    let b0 = _mm256_loadu_ps(panel.add(p * NR + h));
+                    let b1 = _mm256_loadu_ps(panel.add(p * NR + h + 8));
+                    for r in 0..$m {
+                        let av = _mm256_set1_ps(*a.add(r * lda + p));
+                        acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+                    }
+                }
+                for r in 0..$m {
+                    _mm256_storeu_ps(out.add(r * NR + h), acc[r][0]);
+                    _mm256_storeu_ps(out.add(r * NR + h + 8), acc[r][1]);
+                }
+            }};
+        }
+        debug_assert!(mr <= MR);
+        for h in [0usize, 16] {
+            match mr {
+                6 => run!(6, h),
+                5 => run!(5, h),
+                4 => run!(4, h),
+                3 => run!(3, h),
+                2 => run!(2, h),
+                _ => run!(1, h),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Reference decode sharing nothing with the kernel: `(q − z)·s` straight from the
+    /// stored codes and parameters.
+    fn ref_int(
+        rows: usize,
+        cols: usize,
+        codes: &[u8],
+        signed: bool,
+        scale: &[f32],
+        zero: &[i32],
+        group: usize,
+    ) -> Vec<f64> {
+        let mut w = vec![0f64; rows * cols];
+        for o in 0..rows {
+            for p in 0..cols {
+                let i = if group == 0 {
+                    0
+                } else if group >= cols {
+                    o
+                } else {
+                    o * cols.div_ceil(group) + p / group
+                };
+                let c = codes[o * cols + p];
+                let q = if signed { c as i8 as i64 } else { c as i64 };
+                w[o * cols + p] = ((q - zero[i] as i64) as f32 * scale[i]) as f64;
+            }
+        }
+        w
+    }
+
+    fn ref_table(
+        len: usize,
+        packed: &[u8],
+        table: &[f32; 16],
+        absmax: &[f32],
+        bs: usize,
+    ) -> Vec<f64> {
+        (0..len)
+            .map(|e| {
+                let byte = packed[e / 2];
+                let code = if e % 2 == 0 { byte >> 4 } else { byte & 15 };
+                (table[code as usize] * absmax[e / bs]) as f64
+            })
+            .collect()
+    }
+
+    /// Checks every path against `x · Wᵀ` in f64; the tolerance is a few f32 roundings
+    /// of the sum of absolute products (error bound of an f32 dot product: ~k·ε·Σ|x·w|,
+    /// here with generous slack for the per-group scaling).
+    fn check(lb: &LowBit, w: &[f64], m: usize, rng: &mut impl Rng) {
+        let (rows, cols) = lb.shape();
+        let x: Vec<f32> = (0..m * cols).map(|_| rng.gen_range(-2.0..2.0)).collect();
+        for isa in Isa::available() {
+            let y = lb.matmul_with(isa, &x, m);
+            for r in 0..m {
+                for o in 0..rows {
+                    let (mut e, mut mag) = (0f64, 0f64);
+                    for p in 0..cols {
+                        let t = x[r * cols + p] as f64 * w[o * cols + p];
+                        e += t;
+                        mag += t.abs();
+                    }
+                    // Worst-case bound of an f32 sum of `cols` products, `cols·ε·Σ|x·w|`,
+                    // plus one rounding for the group scale applied after the sum.
+                    let tol = (cols as f64 + 2.0) * f32::EPSILON as f64 * mag + 1e-30;
+                    let got = y[r * rows + o] as f64;
+                    assert!(
+                        (got - e).abs() <= tol,
+                        "{isa:?} m={m} row {r} out {o}: {got} vs {e} (tol {tol})"
+                    );
+                }
+            }
+        }
+        // The layout decodes to exactly the reference weights.
+        let d = lb.decode_all();
+        for (a, b) in d.iter().zip(w) {
+            assert_eq!(*a as f64, *b);
+        }
+    }
+
+    #[test]
+    fn int_codes_every_path_matches_f64() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for &bits in &[8u8, 4, 3, 2] {
+            for &signed in &[true, false] {
+                for &affine in &[false, true] {
+                    for &(rows, cols, group) in &[
+                        (37usize, 100usize, 32usize),
+                        (9, 200, 64),
+                        (13, 300, 128),
+                        (11, 77, 77),
+                        (5, 45, 0),
+                    ] {
+                        let qmin: i32 = if signed { -(1 << (bits - 1)) } else { 0 };
+                        let qmax = qmin + (1 << bits) - 1;
+                        let codes: Vec<u8> = (0..rows * cols)
+                            .map(|_| rng.gen_range(qmin..=qmax) as u8)
+                            .collect();
+                        let np = if group == 0 {
+                            1
+                        } else if group >= cols {
+                            rows
+                        } else {
+                            rows * cols.div_ceil(group)
+                        };
+                        let scale: Vec<f32> = (0..np).map(|_| rng.gen_range(0.001..0.1)).collect();
+                        let zero: Vec<i32> = (0..np)
+                            .map(|_| {
+                                if affine {
+                                    rng.gen_range(qmin..=qmax)
+                                } else if signed {
+                                    0
+                                } else {
+                                    (qmin + qmax + 1) / 2
+                                }
+                            })
+                            .collect();
+                        let lb = LowBit::from_int(
+                            rows, cols, &codes, signed, bits, &scale, &zero, group,
+                        )
+                        .expect("layout");
+                        assert_eq!(
+                            lb.kind(),
+                            if bits <= 4 {
+                                Codes::Nibble
+                            } else {
+                                Codes::Byte
+                            }
+                        );
+                        let w = ref_int(rows, cols, &codes, signed, &scale, &zero, group);
+                        for m in [1, 3, 17] {
+                            check(&lb, &w, m, &mut rng);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn many_rows_and_threads() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (rows, cols) = (300, 320);
+        let codes: Vec<u8> = (0..rows * cols)
+            .map(|_| rng.gen_range(-8i32..8) as i8 as u8)
+            .collect();
+        let scale: Vec<f32> = (0..rows * 5).map(|_| rng.gen_range(0.01..0.1)).collect();
+        let zero = vec![0; rows * 5];
+        let lb = LowBit::from_int(rows, cols, &codes, true, 4, &scale, &zero, 64).unwrap();
+        let w = ref_int(rows, cols, &codes, true, &scale, &zero, 64);
+        for m in [1, 100] {
+            check(&lb, &w, m, &mut rng);
+        }
+    }
+
+    #[test]
+    fn code_book_every_path_matches_f64() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let table: [f32; 16] = std::array::from_fn(|i| (i as f32 - 7.5) / 7.5 + 0.01 * i as f32);
+        for &(rows, cols, bs) in &[
+            (7usize, 64usize, 64usize),
+            (9, 96, 64),
+            (5, 128, 128),
+            (3, 160, 128),
+            (70, 256, 64),
+        ] {
+            let len = rows * cols;
+            let packed: Vec<u8> = (0..len.div_ceil(2)).map(|_| rng.gen()).collect();
+            let absmax: Vec<f32> = (0..len.div_ceil(bs))
+                .map(|_| rng.gen_range(0.1..3.0))
+                .collect();
+            let lb = LowBit::from_table(rows, cols, &packed, &table, &absmax, bs).expect("layout");
+            let w = ref_table(len, &packed, &table, &absmax, bs);
+            for m in [1, 3, 17, 100] {
+                check(&lb, &w, m, &mut rng);
+            }
+        }
+        // Rows not a whole number of chunks: no kernel layout (the caller keeps its own path).
+        assert!(LowBit::from_table(3, 100, &[0; 150], &table, &[1.0; 5], 64).is_none());
+    }
+
+    #[test]
+    fn layouts_that_do_not_fit_are_refused() {
+        assert!(LowBit::from_int(2, 100, &[0; 200], true, 4, &[1.0; 8], &[0; 8], 16).is_none());
+        assert!(LowBit::from_int(2, 10, &[0; 20], true, 9, &[1.0; 2], &[0; 2], 10).is_none());
+        // A 4-bit signed code outside its range.
+        assert!(LowBit::from_int(1, 32, &[100; 32], true, 4, &[1.0], &[0], 32).is_none());
+    }
+}
