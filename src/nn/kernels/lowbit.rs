@@ -442,49 +442,56 @@ fn put(buf: &mut [u8], kind: Codes, nch: usize, o: usize, p: usize, n: u8) {
     }
 }
 
-/// Portable GEMV over up to four rows starting at `o0`.
+/// Portable GEMV over up to four rows starting at `o0` (same arithmetic as the SIMD
+/// paths: per-group tables of weights for nibbles, a scaled group sum for bytes).
 fn gemv_portable(lb: &LowBit, xp: &[f32], o0: usize, ys: &mut [f32]) {
-    let mut w = [0f32; CHUNK];
     for (r, y) in ys.iter_mut().enumerate() {
         let o = o0 + r;
-        let mut total = 0f32;
+        let mut acc = [0f32; 8];
         for g in 0..lb.gpr {
             let (c0, c1) = (g * lb.cpg, ((g + 1) * lb.cpg).min(lb.nch));
-            let mut acc = [0f32; 8];
-            for c in c0..c1 {
-                // Unscaled values (n − z' or table[n]); the group's scale is applied once.
-                let base = (o * lb.nch + c) * chunk_bytes(lb.kind);
-                match lb.kind {
-                    Codes::Byte => {
-                        let z = lb.zero[o * lb.gpr + g];
-                        for (d, &b) in w.iter_mut().zip(&lb.codes[base..base + CHUNK]) {
-                            *d = b as f32 - z;
+            let i = o * lb.gpr + g;
+            let s = lb.scale[i];
+            match lb.kind {
+                Codes::Byte => {
+                    let z = lb.zero[i];
+                    let mut d = [0f32; 8];
+                    for c in c0..c1 {
+                        let base = (o * lb.nch + c) * CHUNK;
+                        let (w, xs) = (
+                            &lb.codes[base..base + CHUNK],
+                            &xp[c * CHUNK..(c + 1) * CHUNK],
+                        );
+                        for (wv, xv) in w.chunks_exact(8).zip(xs.chunks_exact(8)) {
+                            for k in 0..8 {
+                                d[k] += (wv[k] as f32 - z) * xv[k];
+                            }
                         }
                     }
-                    Codes::Nibble => {
-                        let z = lb.zero[o * lb.gpr + g];
-                        for (j, &b) in lb.codes[base..base + 16].iter().enumerate() {
-                            w[j] = (b & 15) as f32 - z;
-                            w[j + 16] = (b >> 4) as f32 - z;
-                        }
-                    }
-                    Codes::Table => {
-                        for (j, &b) in lb.codes[base..base + 16].iter().enumerate() {
-                            w[j] = lb.table[(b & 15) as usize];
-                            w[j + 16] = lb.table[(b >> 4) as usize];
-                        }
+                    for k in 0..8 {
+                        acc[k] += d[k] * s;
                     }
                 }
-                let xs = &xp[c * CHUNK..(c + 1) * CHUNK];
-                for (wv, xv) in w.chunks_exact(8).zip(xs.chunks_exact(8)) {
-                    for k in 0..8 {
-                        acc[k] += wv[k] * xv[k];
+                kind => {
+                    let tab: [f32; 16] = if kind == Codes::Table {
+                        std::array::from_fn(|n| lb.table[n] * s)
+                    } else {
+                        let z = lb.zero[i];
+                        std::array::from_fn(|n| (n as f32 - z) * s)
+                    };
+                    for c in c0..c1 {
+                        let base = (o * lb.nch + c) * 16;
+                        let bytes = &lb.codes[base..base + 16];
+                        let xs = &xp[c * CHUNK..(c + 1) * CHUNK];
+                        for (j, &b) in bytes.iter().enumerate() {
+                            acc[j % 8] += tab[(b & 15) as usize] * xs[j];
+                            acc[j % 8] += tab[(b >> 4) as usize] * xs[j + 16];
+                        }
                     }
                 }
             }
-            total += acc.iter().sum::<f32>() * lb.scale[o * lb.gpr + g];
         }
-        *y = total;
+        *y = acc.iter().sum();
     }
 }
 
@@ -587,6 +594,12 @@ mod x86 {
     }
 
     /// `R` rows at once; `K`: 0 nibble ints, 1 byte ints, 2 nibble code book.
+    ///
+    /// Nibbles: per (row, group) the 16 possible weights — `(n − z')·s` or `table[n]·s`,
+    /// the very products the dequantization computes — are built in one register, and each
+    /// code is turned into its weight by one `vpermps` (which reads only the index's low 4
+    /// bits, so the low nibble needs no mask): the sum is `Σ x·Ŵ` itself. Bytes: widened,
+    /// converted, `z'` subtracted, and the group's sum scaled once.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn g512<const R: usize, const K: u8>(
         lb: &LowBit,
@@ -601,58 +614,68 @@ mod x86 {
         // row and 32 floats of `xp` (len ≥ nch·32).
         let codes = lb.codes.as_ptr().add(o0 * row_bytes);
         let x = xp.as_ptr();
-        let mask = _mm512_set1_epi32(0x0f);
-        let tab = _mm512_loadu_ps(lb.table.as_ptr());
+        let base = if K == 2 {
+            _mm512_loadu_ps(lb.table.as_ptr())
+        } else {
+            _mm512_setr_ps(
+                0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0,
+                15.0,
+            )
+        };
         let mut acc = [_mm512_setzero_ps(); R];
+        let mut acc2 = [_mm512_setzero_ps(); R];
         for g in 0..lb.gpr {
             let (c0, c1) = (g * lb.cpg, ((g + 1) * lb.cpg).min(lb.nch));
-            let mut dl = [_mm512_setzero_ps(); R];
-            let mut dh = [_mm512_setzero_ps(); R];
+            let mut tab = [_mm512_setzero_ps(); R];
             let mut z = [_mm512_setzero_ps(); R];
-            if K != 2 {
-                for (r, zr) in z.iter_mut().enumerate() {
-                    *zr = _mm512_set1_ps(*lb.zero.get_unchecked((o0 + r) * lb.gpr + g));
+            for r in 0..R {
+                let i = (o0 + r) * lb.gpr + g;
+                let s = _mm512_set1_ps(*lb.scale.get_unchecked(i));
+                if K != 2 {
+                    z[r] = _mm512_set1_ps(*lb.zero.get_unchecked(i));
                 }
+                tab[r] = match K {
+                    0 => _mm512_mul_ps(_mm512_sub_ps(base, z[r]), s),
+                    2 => _mm512_mul_ps(base, s),
+                    _ => s,
+                };
             }
-            for c in c0..c1 {
-                let xl = _mm512_loadu_ps(x.add(c * CHUNK));
-                let xh = _mm512_loadu_ps(x.add(c * CHUNK + 16));
-                for r in 0..R {
-                    let p = codes.add(r * row_bytes + c * cb);
-                    let (wl, wh) = if K == 1 {
+            if K == 1 {
+                let mut dl = [_mm512_setzero_ps(); R];
+                let mut dh = [_mm512_setzero_ps(); R];
+                for c in c0..c1 {
+                    let xl = _mm512_loadu_ps(x.add(c * CHUNK));
+                    let xh = _mm512_loadu_ps(x.add(c * CHUNK + 16));
+                    for r in 0..R {
+                        let p = codes.add(r * row_bytes + c * cb);
                         let a = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
                         let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
-                        (
-                            _mm512_sub_ps(_mm512_cvtepi32_ps(a), z[r]),
-                            _mm512_sub_ps(_mm512_cvtepi32_ps(b), z[r]),
-                        )
-                    } else {
-                        let e = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
-                        let lo = _mm512_and_si512(e, mask);
-                        let hi = _mm512_srli_epi32::<4>(e);
-                        if K == 2 {
-                            (
-                                _mm512_permutexvar_ps(lo, tab),
-                                _mm512_permutexvar_ps(hi, tab),
-                            )
-                        } else {
-                            (
-                                _mm512_sub_ps(_mm512_cvtepi32_ps(lo), z[r]),
-                                _mm512_sub_ps(_mm512_cvtepi32_ps(hi), z[r]),
-                            )
-                        }
-                    };
-                    dl[r] = _mm512_fmadd_ps(wl, xl, dl[r]);
-                    dh[r] = _mm512_fmadd_ps(wh, xh, dh[r]);
+                        let wl = _mm512_sub_ps(_mm512_cvtepi32_ps(a), z[r]);
+                        let wh = _mm512_sub_ps(_mm512_cvtepi32_ps(b), z[r]);
+                        dl[r] = _mm512_fmadd_ps(wl, xl, dl[r]);
+                        dh[r] = _mm512_fmadd_ps(wh, xh, dh[r]);
+                    }
                 }
-            }
-            for r in 0..R {
-                let s = _mm512_set1_ps(*lb.scale.get_unchecked((o0 + r) * lb.gpr + g));
-                acc[r] = _mm512_fmadd_ps(_mm512_add_ps(dl[r], dh[r]), s, acc[r]);
+                for r in 0..R {
+                    acc[r] = _mm512_fmadd_ps(_mm512_add_ps(dl[r], dh[r]), tab[r], acc[r]);
+                }
+            } else {
+                for c in c0..c1 {
+                    let xl = _mm512_loadu_ps(x.add(c * CHUNK));
+                    let xh = _mm512_loadu_ps(x.add(c * CHUNK + 16));
+                    for r in 0..R {
+                        let p = codes.add(r * row_bytes + c * cb);
+                        let e = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+                        let wl = _mm512_permutexvar_ps(e, tab[r]);
+                        let wh = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e), tab[r]);
+                        acc[r] = _mm512_fmadd_ps(wl, xl, acc[r]);
+                        acc2[r] = _mm512_fmadd_ps(wh, xh, acc2[r]);
+                    }
+                }
             }
         }
         for r in 0..R {
-            ys[r] = _mm512_reduce_add_ps(acc[r]);
+            ys[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r]));
         }
     }
 
@@ -686,7 +709,8 @@ mod x86 {
         }
     }
 
-    /// 16-entry table lookup on 8 lanes: two in-lane-crossing permutes and a blend on bit 3.
+    /// 16-entry table lookup on 8 lanes (index in the low 4 bits; higher bits ignored):
+    /// two lane-crossing permutes (which read bits 0–2) and a blend on bit 3.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn lookup16(idx: __m256i, t0: __m256, t1: __m256) -> __m256 {
@@ -695,6 +719,7 @@ mod x86 {
         _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx)))
     }
 
+    /// As [`g512`] on 8 lanes; nibble tables are two registers (entries 0–7 and 8–15).
     #[target_feature(enable = "avx2,fma")]
     unsafe fn g256<const R: usize, const K: u8>(
         lb: &LowBit,
@@ -707,75 +732,90 @@ mod x86 {
         // SAFETY (whole body): as in `g512`.
         let codes = lb.codes.as_ptr().add(o0 * row_bytes);
         let x = xp.as_ptr();
-        let mask = _mm256_set1_epi32(0x0f);
-        let t0 = _mm256_loadu_ps(lb.table.as_ptr());
-        let t1 = _mm256_loadu_ps(lb.table.as_ptr().add(8));
-        let mut acc = [_mm256_setzero_ps(); R];
+        let (b0, b1) = if K == 2 {
+            (
+                _mm256_loadu_ps(lb.table.as_ptr()),
+                _mm256_loadu_ps(lb.table.as_ptr().add(8)),
+            )
+        } else {
+            (
+                _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0),
+                _mm256_setr_ps(8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0),
+            )
+        };
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for g in 0..lb.gpr {
             let (c0, c1) = (g * lb.cpg, ((g + 1) * lb.cpg).min(lb.nch));
-            let mut d0 = [_mm256_setzero_ps(); R];
-            let mut d1 = [_mm256_setzero_ps(); R];
+            let mut t0 = [_mm256_setzero_ps(); R];
+            let mut t1 = [_mm256_setzero_ps(); R];
             let mut z = [_mm256_setzero_ps(); R];
-            if K != 2 {
-                for (r, zr) in z.iter_mut().enumerate() {
-                    *zr = _mm256_set1_ps(*lb.zero.get_unchecked((o0 + r) * lb.gpr + g));
+            for r in 0..R {
+                let i = (o0 + r) * lb.gpr + g;
+                let s = _mm256_set1_ps(*lb.scale.get_unchecked(i));
+                if K != 2 {
+                    z[r] = _mm256_set1_ps(*lb.zero.get_unchecked(i));
+                }
+                match K {
+                    0 => {
+                        t0[r] = _mm256_mul_ps(_mm256_sub_ps(b0, z[r]), s);
+                        t1[r] = _mm256_mul_ps(_mm256_sub_ps(b1, z[r]), s);
+                    }
+                    2 => {
+                        t0[r] = _mm256_mul_ps(b0, s);
+                        t1[r] = _mm256_mul_ps(b1, s);
+                    }
+                    _ => t0[r] = s,
                 }
             }
-            for c in c0..c1 {
-                let xb = x.add(c * CHUNK);
-                let xv = [
-                    _mm256_loadu_ps(xb),
-                    _mm256_loadu_ps(xb.add(8)),
-                    _mm256_loadu_ps(xb.add(16)),
-                    _mm256_loadu_ps(xb.add(24)),
-                ];
+            if K == 1 {
+                let mut d = [[_mm256_setzero_ps(); 2]; R];
+                for c in c0..c1 {
+                    let xb = x.add(c * CHUNK);
+                    for r in 0..R {
+                        let p = codes.add(r * row_bytes + c * cb);
+                        for i in 0..4 {
+                            let e = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                p.add(8 * i) as *const __m128i
+                            ));
+                            let w = _mm256_sub_ps(_mm256_cvtepi32_ps(e), z[r]);
+                            d[r][i & 1] =
+                                _mm256_fmadd_ps(w, _mm256_loadu_ps(xb.add(8 * i)), d[r][i & 1]);
+                        }
+                    }
+                }
                 for r in 0..R {
-                    let p = codes.add(r * row_bytes + c * cb);
-                    let w: [__m256; 4] = if K == 1 {
-                        let f = |i: usize| {
-                            _mm256_sub_ps(
-                                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                                    p.add(8 * i) as *const __m128i,
-                                ))),
-                                z[r],
-                            )
-                        };
-                        [f(0), f(1), f(2), f(3)]
-                    } else {
+                    acc[r][0] = _mm256_fmadd_ps(_mm256_add_ps(d[r][0], d[r][1]), t0[r], acc[r][0]);
+                }
+            } else {
+                for c in c0..c1 {
+                    let xb = x.add(c * CHUNK);
+                    let xv = [
+                        _mm256_loadu_ps(xb),
+                        _mm256_loadu_ps(xb.add(8)),
+                        _mm256_loadu_ps(xb.add(16)),
+                        _mm256_loadu_ps(xb.add(24)),
+                    ];
+                    for r in 0..R {
+                        let p = codes.add(r * row_bytes + c * cb);
                         let b = _mm_loadu_si128(p as *const __m128i);
                         let e0 = _mm256_cvtepu8_epi32(b);
                         let e1 = _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(b));
-                        let idx = [
-                            _mm256_and_si256(e0, mask),
-                            _mm256_and_si256(e1, mask),
-                            _mm256_srli_epi32::<4>(e0),
-                            _mm256_srli_epi32::<4>(e1),
+                        let w = [
+                            lookup16(e0, t0[r], t1[r]),
+                            lookup16(e1, t0[r], t1[r]),
+                            lookup16(_mm256_srli_epi32::<4>(e0), t0[r], t1[r]),
+                            lookup16(_mm256_srli_epi32::<4>(e1), t0[r], t1[r]),
                         ];
-                        if K == 2 {
-                            [
-                                lookup16(idx[0], t0, t1),
-                                lookup16(idx[1], t0, t1),
-                                lookup16(idx[2], t0, t1),
-                                lookup16(idx[3], t0, t1),
-                            ]
-                        } else {
-                            let f = |v: __m256i| _mm256_sub_ps(_mm256_cvtepi32_ps(v), z[r]);
-                            [f(idx[0]), f(idx[1]), f(idx[2]), f(idx[3])]
-                        }
-                    };
-                    d0[r] = _mm256_fmadd_ps(w[0], xv[0], d0[r]);
-                    d1[r] = _mm256_fmadd_ps(w[1], xv[1], d1[r]);
-                    d0[r] = _mm256_fmadd_ps(w[2], xv[2], d0[r]);
-                    d1[r] = _mm256_fmadd_ps(w[3], xv[3], d1[r]);
+                        acc[r][0] = _mm256_fmadd_ps(w[0], xv[0], acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(w[1], xv[1], acc[r][1]);
+                        acc[r][0] = _mm256_fmadd_ps(w[2], xv[2], acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(w[3], xv[3], acc[r][1]);
+                    }
                 }
-            }
-            for r in 0..R {
-                let s = _mm256_set1_ps(*lb.scale.get_unchecked((o0 + r) * lb.gpr + g));
-                acc[r] = _mm256_fmadd_ps(_mm256_add_ps(d0[r], d1[r]), s, acc[r]);
             }
         }
         for r in 0..R {
-            ys[r] = hsum256(acc[r]);
+            ys[r] = hsum256(_mm256_add_ps(acc[r][0], acc[r][1]));
         }
     }
 
