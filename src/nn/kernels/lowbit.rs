@@ -46,6 +46,10 @@ pub enum Codes {
     Byte,
     /// Two code-book indices per byte; value `table[n]·s`.
     Table,
+    /// As `Table`, for rows whose chunks may straddle two absmax blocks (NF4/FP4 with rows
+    /// not a whole number of blocks, e.g. 784 columns): one group per chunk with a second
+    /// scale for the lanes from `split` on.
+    SplitTable,
 }
 
 /// A `[rows, cols]` weight matrix in the kernel layout.
@@ -66,6 +70,9 @@ pub struct LowBit {
     /// `[rows, gpr]` unsigned zero points `z'` (integers as f32); empty for code books.
     zero: Vec<f32>,
     table: [f32; 16],
+    /// `SplitTable` only, per chunk: the scale of lanes `split..32` and `split`.
+    scale2: Vec<f32>,
+    split: Vec<u8>,
 }
 
 impl std::fmt::Debug for LowBit {
@@ -149,13 +156,16 @@ impl LowBit {
             scale: s,
             zero: z,
             table: [0.0; 16],
+            scale2: Vec::new(),
+            split: Vec::new(),
         })
     }
 
     /// From 4-bit code-book indices packed two per byte (high nibble first) over the
-    /// flattened matrix, with one absmax per `blocksize` consecutive elements. `None` when
-    /// a chunk of a row would straddle two blocks (`cols` or `blocksize` not a multiple of
-    /// 32) or sizes disagree.
+    /// flattened matrix, with one absmax per `blocksize` consecutive elements. Rows that are
+    /// whole chunks in whole-chunk blocks get one group per block (or per chunk); other
+    /// shapes the `SplitTable` layout. `None` for blocks under 32 elements or sizes that
+    /// disagree.
     pub fn from_table(
         rows: usize,
         cols: usize,
@@ -166,13 +176,16 @@ impl LowBit {
     ) -> Option<LowBit> {
         let len = rows * cols;
         if cols == 0
-            || cols % CHUNK != 0
-            || blocksize == 0
-            || blocksize % CHUNK != 0
+            || blocksize < CHUNK
             || packed.len() < len.div_ceil(2)
             || absmax.len() < len.div_ceil(blocksize)
         {
             return None;
+        }
+        if cols % CHUNK != 0 || blocksize % CHUNK != 0 {
+            return Some(Self::split_table(
+                rows, cols, packed, table, absmax, blocksize,
+            ));
         }
         let nch = cols / CHUNK;
         // Whole blocks per row: one group per block; otherwise a scale per chunk.
@@ -205,7 +218,67 @@ impl LowBit {
             scale,
             zero: Vec::new(),
             table: *table,
+            scale2: Vec::new(),
+            split: Vec::new(),
         })
+    }
+
+    /// The `SplitTable` layout (`blocksize >= 32`, so a chunk meets at most two blocks).
+    fn split_table(
+        rows: usize,
+        cols: usize,
+        packed: &[u8],
+        table: &[f32; 16],
+        absmax: &[f32],
+        blocksize: usize,
+    ) -> LowBit {
+        let nch = cols.div_ceil(CHUNK);
+        let mut codes = vec![0u8; rows * nch * chunk_bytes(Codes::SplitTable)];
+        let (mut scale, mut scale2, mut split) = (Vec::new(), Vec::new(), Vec::new());
+        for o in 0..rows {
+            for p in 0..cols {
+                let e = o * cols + p;
+                let n = (packed[e / 2] >> (4 * (1 - (e & 1)))) & 0x0f;
+                put(&mut codes, Codes::SplitTable, nch, o, p, n);
+            }
+            for c in 0..nch {
+                let e0 = o * cols + c * CHUNK;
+                let b = e0 / blocksize;
+                let at = ((b + 1) * blocksize - e0).min(CHUNK);
+                scale.push(absmax[b]);
+                // Lanes past the row hold zero codes times zero activations: any finite
+                // scale serves them.
+                scale2.push(if at < CHUNK && b + 1 < absmax.len() {
+                    absmax[b + 1]
+                } else {
+                    absmax[b]
+                });
+                split.push(at as u8);
+            }
+        }
+        LowBit {
+            rows,
+            cols,
+            nch,
+            cpg: 1,
+            gpr: nch,
+            kind: Codes::SplitTable,
+            codes,
+            scale,
+            zero: Vec::new(),
+            table: *table,
+            scale2,
+            split,
+        }
+    }
+
+    /// The scale of lane `j` of group (= chunk) `g` in the `SplitTable` layout.
+    fn split_scale(&self, g: usize, j: usize) -> f32 {
+        if j < self.split[g] as usize {
+            self.scale[g]
+        } else {
+            self.scale2[g]
+        }
     }
 
     /// `(rows, cols)`.
@@ -238,6 +311,7 @@ impl LowBit {
         let n = self.code(o, p);
         match self.kind {
             Codes::Table => self.table[n as usize] * self.scale[g],
+            Codes::SplitTable => self.table[n as usize] * self.split_scale(g, p % CHUNK),
             _ => (n as f32 - self.zero[g]) * self.scale[g],
         }
     }
@@ -421,6 +495,12 @@ impl LowBit {
                     out[j + 16] = self.table[(b >> 4) as usize] * s;
                 }
             }
+            Codes::SplitTable => {
+                for (j, &b) in self.codes[base..base + 16].iter().enumerate() {
+                    out[j] = self.table[(b & 15) as usize] * self.split_scale(g, j);
+                    out[j + 16] = self.table[(b >> 4) as usize] * self.split_scale(g, j + 16);
+                }
+            }
         }
     }
 }
@@ -470,6 +550,16 @@ fn gemv_portable(lb: &LowBit, xp: &[f32], o0: usize, ys: &mut [f32]) {
                     }
                     for k in 0..8 {
                         acc[k] += d[k] * s;
+                    }
+                }
+                Codes::SplitTable => {
+                    let base = (o * lb.nch + g) * 16;
+                    let bytes = &lb.codes[base..base + 16];
+                    let xs = &xp[g * CHUNK..(g + 1) * CHUNK];
+                    for (j, &b) in bytes.iter().enumerate() {
+                        acc[j % 8] += lb.table[(b & 15) as usize] * lb.split_scale(i, j) * xs[j];
+                        acc[j % 8] +=
+                            lb.table[(b >> 4) as usize] * lb.split_scale(i, j + 16) * xs[j + 16];
                     }
                 }
                 kind => {
@@ -575,6 +665,12 @@ mod x86 {
             (4, Codes::Nibble) => g512::<4, 0>(lb, xp, o0, ys),
             (4, Codes::Byte) => g512::<4, 1>(lb, xp, o0, ys),
             (4, Codes::Table) => g512::<4, 2>(lb, xp, o0, ys),
+            (4, Codes::SplitTable) => g512::<4, 3>(lb, xp, o0, ys),
+            (_, Codes::SplitTable) => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g512::<1, 3>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
             (_, Codes::Nibble) => {
                 for (r, y) in ys.iter_mut().enumerate() {
                     g512::<1, 0>(lb, xp, o0 + r, std::slice::from_mut(y))
@@ -614,7 +710,7 @@ mod x86 {
         // row and 32 floats of `xp` (len ≥ nch·32).
         let codes = lb.codes.as_ptr().add(o0 * row_bytes);
         let x = xp.as_ptr();
-        let base = if K == 2 {
+        let base = if K >= 2 {
             _mm512_loadu_ps(lb.table.as_ptr())
         } else {
             _mm512_setr_ps(
@@ -631,12 +727,21 @@ mod x86 {
             for r in 0..R {
                 let i = (o0 + r) * lb.gpr + g;
                 let s = _mm512_set1_ps(*lb.scale.get_unchecked(i));
-                if K != 2 {
+                if K < 2 {
                     z[r] = _mm512_set1_ps(*lb.zero.get_unchecked(i));
                 }
                 tab[r] = match K {
                     0 => _mm512_mul_ps(_mm512_sub_ps(base, z[r]), s),
                     2 => _mm512_mul_ps(base, s),
+                    3 => {
+                        // Per-lane scales: `s` below the split, the second scale from it.
+                        let full: u32 = (!0u32)
+                            .checked_shl(*lb.split.get_unchecked(i) as u32)
+                            .unwrap_or(0);
+                        let s2 = _mm512_set1_ps(*lb.scale2.get_unchecked(i));
+                        z[r] = _mm512_mask_blend_ps(full as u16, s, s2);
+                        _mm512_mask_blend_ps((full >> 16) as u16, s, s2)
+                    }
                     _ => s,
                 };
             }
@@ -666,8 +771,21 @@ mod x86 {
                     for r in 0..R {
                         let p = codes.add(r * row_bytes + c * cb);
                         let e = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
-                        let wl = _mm512_permutexvar_ps(e, tab[r]);
-                        let wh = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e), tab[r]);
+                        let (wl, wh) = if K == 3 {
+                            // Scales of lanes 0–15 in `z`, of lanes 16–31 in `tab`.
+                            (
+                                _mm512_mul_ps(_mm512_permutexvar_ps(e, base), z[r]),
+                                _mm512_mul_ps(
+                                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e), base),
+                                    tab[r],
+                                ),
+                            )
+                        } else {
+                            (
+                                _mm512_permutexvar_ps(e, tab[r]),
+                                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e), tab[r]),
+                            )
+                        };
                         acc[r] = _mm512_fmadd_ps(wl, xl, acc[r]);
                         acc2[r] = _mm512_fmadd_ps(wh, xh, acc2[r]);
                     }
@@ -691,6 +809,12 @@ mod x86 {
             (4, Codes::Nibble) => g256::<4, 0>(lb, xp, o0, ys),
             (4, Codes::Byte) => g256::<4, 1>(lb, xp, o0, ys),
             (4, Codes::Table) => g256::<4, 2>(lb, xp, o0, ys),
+            (4, Codes::SplitTable) => g256::<4, 3>(lb, xp, o0, ys),
+            (_, Codes::SplitTable) => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g256::<1, 3>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
             (_, Codes::Nibble) => {
                 for (r, y) in ys.iter_mut().enumerate() {
                     g256::<1, 0>(lb, xp, o0 + r, std::slice::from_mut(y))
@@ -732,7 +856,7 @@ mod x86 {
         // SAFETY (whole body): as in `g512`.
         let codes = lb.codes.as_ptr().add(o0 * row_bytes);
         let x = xp.as_ptr();
-        let (b0, b1) = if K == 2 {
+        let (b0, b1) = if K >= 2 {
             (
                 _mm256_loadu_ps(lb.table.as_ptr()),
                 _mm256_loadu_ps(lb.table.as_ptr().add(8)),
@@ -752,7 +876,7 @@ mod x86 {
             for r in 0..R {
                 let i = (o0 + r) * lb.gpr + g;
                 let s = _mm256_set1_ps(*lb.scale.get_unchecked(i));
-                if K != 2 {
+                if K < 2 {
                     z[r] = _mm256_set1_ps(*lb.zero.get_unchecked(i));
                 }
                 match K {
@@ -763,6 +887,14 @@ mod x86 {
                     2 => {
                         t0[r] = _mm256_mul_ps(b0, s);
                         t1[r] = _mm256_mul_ps(b1, s);
+                    }
+                    3 => {
+                        // The split and both scales; lanes are scaled in the chunk loop.
+                        t0[r] = s;
+                        t1[r] = _mm256_set1_ps(*lb.scale2.get_unchecked(i));
+                        z[r] = _mm256_castsi256_ps(_mm256_set1_epi32(
+                            *lb.split.get_unchecked(i) as i32
+                        ));
                     }
                     _ => t0[r] = s,
                 }
@@ -800,12 +932,33 @@ mod x86 {
                         let b = _mm_loadu_si128(p as *const __m128i);
                         let e0 = _mm256_cvtepu8_epi32(b);
                         let e1 = _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(b));
-                        let w = [
-                            lookup16(e0, t0[r], t1[r]),
-                            lookup16(e1, t0[r], t1[r]),
-                            lookup16(_mm256_srli_epi32::<4>(e0), t0[r], t1[r]),
-                            lookup16(_mm256_srli_epi32::<4>(e1), t0[r], t1[r]),
-                        ];
+                        let w = if K == 3 {
+                            let split = _mm256_castps_si256(z[r]);
+                            let f = |v: __m256i, lane0: i32| {
+                                let lanes = _mm256_add_epi32(
+                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                    _mm256_set1_epi32(lane0),
+                                );
+                                // Lanes at or past the split take the second scale.
+                                let second = _mm256_cmpgt_epi32(split, lanes);
+                                let sc =
+                                    _mm256_blendv_ps(t1[r], t0[r], _mm256_castsi256_ps(second));
+                                _mm256_mul_ps(lookup16(v, b0, b1), sc)
+                            };
+                            [
+                                f(e0, 0),
+                                f(e1, 8),
+                                f(_mm256_srli_epi32::<4>(e0), 16),
+                                f(_mm256_srli_epi32::<4>(e1), 24),
+                            ]
+                        } else {
+                            [
+                                lookup16(e0, t0[r], t1[r]),
+                                lookup16(e1, t0[r], t1[r]),
+                                lookup16(_mm256_srli_epi32::<4>(e0), t0[r], t1[r]),
+                                lookup16(_mm256_srli_epi32::<4>(e1), t0[r], t1[r]),
+                            ]
+                        };
                         acc[r][0] = _mm256_fmadd_ps(w[0], xv[0], acc[r][0]);
                         acc[r][1] = _mm256_fmadd_ps(w[1], xv[1], acc[r][1]);
                         acc[r][0] = _mm256_fmadd_ps(w[2], xv[2], acc[r][0]);
@@ -1113,8 +1266,8 @@ mod tests {
                 check(&lb, &w, m, &mut rng);
             }
         }
-        // Rows not a whole number of chunks: no kernel layout (the caller keeps its own path).
-        assert!(LowBit::from_table(3, 100, &[0; 150], &table, &[1.0; 5], 64).is_none());
+        // Blocks under a chunk: no kernel layout (the caller keeps its own path).
+        assert!(LowBit::from_table(3, 100, &[0; 150], &table, &[1.0; 19], 16).is_none());
     }
 
     #[test]
@@ -1123,5 +1276,50 @@ mod tests {
         assert!(LowBit::from_int(2, 10, &[0; 20], true, 9, &[1.0; 2], &[0; 2], 10).is_none());
         // A 4-bit signed code outside its range.
         assert!(LowBit::from_int(1, 32, &[100; 32], true, 4, &[1.0], &[0], 32).is_none());
+    }
+}
+
+/// Timing helper for `perf stat` (ignored): `QL_ITERS`, `QL_ISA`, `QL_KIND` (int/nf4),
+/// `QL_M`, `QL_SHAPE=OxI` select the loop.
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn loop_for_perf() {
+        let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+        let iters: usize = env("QL_ITERS", "1000").parse().unwrap();
+        let isa = Isa::parse(&env("QL_ISA", "avx512")).unwrap();
+        let m: usize = env("QL_M", "1").parse().unwrap();
+        let shape = env("QL_SHAPE", "1536x576");
+        let (o, i) = shape.split_once('x').unwrap();
+        let (o, i): (usize, usize) = (o.parse().unwrap(), i.parse().unwrap());
+        let codes: Vec<u8> = (0..o * i).map(|k| ((k * 7919) % 16) as u8).collect();
+        let lb = if env("QL_KIND", "int") == "int" {
+            let groups = o * i.div_ceil(64);
+            LowBit::from_int(
+                o,
+                i,
+                &codes,
+                false,
+                4,
+                &vec![0.01; groups],
+                &vec![8; groups],
+                64,
+            )
+        } else {
+            let packed: Vec<u8> = (0..(o * i).div_ceil(2)).map(|k| (k * 31) as u8).collect();
+            let table: [f32; 16] = std::array::from_fn(|k| k as f32 / 8.0 - 1.0);
+            LowBit::from_table(o, i, &packed, &table, &vec![1.0; (o * i).div_ceil(64)], 64)
+        }
+        .unwrap();
+        let x: Vec<f32> = (0..m * i).map(|k| (k % 17) as f32 / 17.0).collect();
+        let t = std::time::Instant::now();
+        let mut s = 0f32;
+        for _ in 0..iters {
+            s += lb.matmul_with(isa, &x, m)[0];
+        }
+        eprintln!("{:?} per call (sum {s})", t.elapsed() / iters as u32);
     }
 }
