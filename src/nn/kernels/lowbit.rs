@@ -108,7 +108,7 @@ impl LowBit {
         // (chunks per group, groups per row, parameter index of (row, group)).
         let (cpg, gpr) = if group == 0 || group >= cols {
             (nch, 1)
-        } else if group % CHUNK == 0 {
+        } else if group.is_multiple_of(CHUNK) {
             (group / CHUNK, cols.div_ceil(group))
         } else {
             return None;
@@ -182,14 +182,14 @@ impl LowBit {
         {
             return None;
         }
-        if cols % CHUNK != 0 || blocksize % CHUNK != 0 {
+        if !cols.is_multiple_of(CHUNK) || !blocksize.is_multiple_of(CHUNK) {
             return Some(Self::split_table(
                 rows, cols, packed, table, absmax, blocksize,
             ));
         }
         let nch = cols / CHUNK;
         // Whole blocks per row: one group per block; otherwise a scale per chunk.
-        let cpg = if cols % blocksize == 0 {
+        let cpg = if cols.is_multiple_of(blocksize) {
             blocksize / CHUNK
         } else {
             1
@@ -447,7 +447,7 @@ impl LowBit {
     /// `panel[p][j] = W[o0 + j, p0 + p]` for `p < kc` (`p0` a multiple of [`CHUNK`]); rows
     /// past the matrix are zero.
     fn decode_panel(&self, o0: usize, p0: usize, kc: usize, panel: &mut [f32]) {
-        assert!(p0 % CHUNK == 0 && panel.len() >= kc * NR);
+        assert!(p0.is_multiple_of(CHUNK) && panel.len() >= kc * NR);
         let mut vals = [0f32; CHUNK];
         for j in 0..NR {
             let o = o0 + j;
@@ -597,7 +597,7 @@ fn micro(
     out: &mut [f32],
     first: bool,
 ) {
-    assert!(mr >= 1 && mr <= MR && out.len() >= mr * NR && panel.len() >= kc * NR);
+    assert!((1..=MR).contains(&mr) && out.len() >= mr * NR && panel.len() >= kc * NR);
     assert!(a.len() >= (mr - 1) * lda + kc);
     match isa {
         #[cfg(target_arch = "x86_64")]
