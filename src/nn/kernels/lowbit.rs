@@ -34,6 +34,8 @@ pub const CHUNK: usize = 32;
 const NR: usize = 32;
 /// Columns per prefill panel (32 × 256 f32 = 32 KiB, in L1/L2).
 const KC: usize = 256;
+/// Up to this many activation rows, one GEMV per row beats decoding panels.
+const GEMV_ROWS: usize = 12;
 /// Activation rows per micro-kernel call.
 const MR: usize = 6;
 
@@ -338,7 +340,9 @@ impl LowBit {
     pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "activation size");
         let isa = isa.min(Isa::detected());
-        if m <= 2 {
+        // Measured (576×576, one thread): m activation rows through the GEMV cost about m
+        // times one row; the GEMM's panel decoding costs about as much as 8–16 such rows.
+        if m <= GEMV_ROWS {
             let mut y = vec![0f32; m * self.rows];
             for r in 0..m {
                 self.gemv(
@@ -412,7 +416,7 @@ impl LowBit {
                 let mut p0 = 0;
                 while p0 < self.cols {
                     let kc = (self.cols - p0).min(KC);
-                    self.decode_panel(t * NR, p0, kc, &mut panel);
+                    self.decode_panel(isa, t * NR, p0, kc, &mut panel);
                     let mut r0 = 0;
                     while r0 < m {
                         let mr = (m - r0).min(MR);
@@ -446,8 +450,12 @@ impl LowBit {
 
     /// `panel[p][j] = W[o0 + j, p0 + p]` for `p < kc` (`p0` a multiple of [`CHUNK`]); rows
     /// past the matrix are zero.
-    fn decode_panel(&self, o0: usize, p0: usize, kc: usize, panel: &mut [f32]) {
+    fn decode_panel(&self, isa: Isa, o0: usize, p0: usize, kc: usize, panel: &mut [f32]) {
         assert!(p0.is_multiple_of(CHUNK) && panel.len() >= kc * NR);
+        #[cfg(target_arch = "x86_64")]
+        let simd = isa == Isa::Avx512 && matches!(self.kind, Codes::Nibble | Codes::Table);
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = false;
         let mut vals = [0f32; CHUNK];
         for j in 0..NR {
             let o = o0 + j;
@@ -460,7 +468,17 @@ impl LowBit {
             let mut p = 0;
             while p < kc {
                 let c = (p0 + p) / CHUNK;
-                self.decode_chunk(o, c, &mut vals);
+                if simd {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `simd` holds only on the AVX-512 path (capped at the detected
+                    // one by `matmul_with`); `o < rows` and `c < nch` keep the reads inside
+                    // the row's chunk (checked in the callee).
+                    unsafe {
+                        x86::decode_chunk_avx512(self, o, c, &mut vals)
+                    }
+                } else {
+                    self.decode_chunk(o, c, &mut vals);
+                }
                 let n = (kc - p).min(CHUNK);
                 for (i, v) in vals[..n].iter().enumerate() {
                     panel[(p + i) * NR + j] = *v;
@@ -795,6 +813,36 @@ mod x86 {
         for r in 0..R {
             ys[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r]));
         }
+    }
+
+    /// Chunk `c` of row `o` (nibble codes or a code book) as f32 weights: one permute per
+    /// 16 weights from the group's table of weights (same products as `decode_chunk`).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn decode_chunk_avx512(lb: &LowBit, o: usize, c: usize, out: &mut [f32; CHUNK]) {
+        assert!(o < lb.rows && c < lb.nch && matches!(lb.kind, Codes::Nibble | Codes::Table));
+        let g = o * lb.gpr + c / lb.cpg;
+        let s = _mm512_set1_ps(lb.scale[g]);
+        let tab = if lb.kind == Codes::Table {
+            _mm512_mul_ps(_mm512_loadu_ps(lb.table.as_ptr()), s)
+        } else {
+            let iota = _mm512_setr_ps(
+                0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0,
+                15.0,
+            );
+            _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(lb.zero[g])), s)
+        };
+        let base = (o * lb.nch + c) * 16;
+        let bytes = &lb.codes[base..base + 16];
+        // SAFETY: `bytes` holds 16 bytes and `out` 32 floats.
+        let e = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.as_ptr() as *const __m128i));
+        _mm512_storeu_ps(out.as_mut_ptr(), _mm512_permutexvar_ps(e, tab));
+        _mm512_storeu_ps(
+            out.as_mut_ptr().add(16),
+            _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e), tab),
+        );
     }
 
     /// AVX2 GEMV for rows `o0 .. o0 + ys.len()` (at most 4).
@@ -1317,8 +1365,24 @@ mod timing {
         let x: Vec<f32> = (0..m * i).map(|k| (k % 17) as f32 / 17.0).collect();
         let t = std::time::Instant::now();
         let mut s = 0f32;
+        let gemm = env("QL_PATH", "auto") == "gemm";
+        let rows = lb.rows;
         for _ in 0..iters {
-            s += lb.matmul_with(isa, &x, m)[0];
+            if gemm {
+                s += lb.gemm(isa, &x, m)[0];
+            } else if env("QL_PATH", "auto") == "gemv" {
+                let mut y = vec![0f32; m * rows];
+                for r in 0..m {
+                    lb.gemv(
+                        isa,
+                        &x[r * i..(r + 1) * i],
+                        &mut y[r * rows..(r + 1) * rows],
+                    );
+                }
+                s += y[0];
+            } else {
+                s += lb.matmul_with(isa, &x, m)[0];
+            }
         }
         eprintln!("{:?} per call (sum {s})", t.elapsed() / iters as u32);
     }
