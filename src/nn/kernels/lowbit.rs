@@ -1267,7 +1267,7 @@ mod tests {
                             }
                         );
                         let w = ref_int(rows, cols, &codes, signed, &scale, &zero, group);
-                        for m in [1, 3, 17] {
+                        for m in [1, 3, 17, 100] {
                             check(&lb, &w, m, &mut rng);
                         }
                     }
