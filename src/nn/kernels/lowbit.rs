@@ -453,7 +453,7 @@ impl LowBit {
     fn decode_panel(&self, isa: Isa, o0: usize, p0: usize, kc: usize, panel: &mut [f32]) {
         assert!(p0.is_multiple_of(CHUNK) && panel.len() >= kc * NR);
         #[cfg(target_arch = "x86_64")]
-        let simd = isa == Isa::Avx512 && matches!(self.kind, Codes::Nibble | Codes::Table);
+        let simd = isa == Isa::Avx512 && self.kind != Codes::Byte;
         #[cfg(not(target_arch = "x86_64"))]
         let simd = false;
         let mut vals = [0f32; CHUNK];
@@ -822,9 +822,30 @@ mod x86 {
     /// The CPU must have AVX-512 F.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn decode_chunk_avx512(lb: &LowBit, o: usize, c: usize, out: &mut [f32; CHUNK]) {
-        assert!(o < lb.rows && c < lb.nch && matches!(lb.kind, Codes::Nibble | Codes::Table));
+        assert!(o < lb.rows && c < lb.nch && lb.kind != Codes::Byte);
         let g = o * lb.gpr + c / lb.cpg;
         let s = _mm512_set1_ps(lb.scale[g]);
+        let base = (o * lb.nch + c) * 16;
+        let bytes = &lb.codes[base..base + 16];
+        // SAFETY: `bytes` holds 16 bytes and `out` 32 floats.
+        let e = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.as_ptr() as *const __m128i));
+        if lb.kind == Codes::SplitTable {
+            // Lanes from the split on take the second scale (as in `g512`).
+            let full: u32 = (!0u32).checked_shl(lb.split[g] as u32).unwrap_or(0);
+            let s2 = _mm512_set1_ps(lb.scale2[g]);
+            let t = _mm512_loadu_ps(lb.table.as_ptr());
+            let lo = _mm512_mul_ps(
+                _mm512_permutexvar_ps(e, t),
+                _mm512_mask_blend_ps(full as u16, s, s2),
+            );
+            let hi = _mm512_mul_ps(
+                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e), t),
+                _mm512_mask_blend_ps((full >> 16) as u16, s, s2),
+            );
+            _mm512_storeu_ps(out.as_mut_ptr(), lo);
+            _mm512_storeu_ps(out.as_mut_ptr().add(16), hi);
+            return;
+        }
         let tab = if lb.kind == Codes::Table {
             _mm512_mul_ps(_mm512_loadu_ps(lb.table.as_ptr()), s)
         } else {
@@ -834,10 +855,6 @@ mod x86 {
             );
             _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(lb.zero[g])), s)
         };
-        let base = (o * lb.nch + c) * 16;
-        let bytes = &lb.codes[base..base + 16];
-        // SAFETY: `bytes` holds 16 bytes and `out` 32 floats.
-        let e = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.as_ptr() as *const __m128i));
         _mm512_storeu_ps(out.as_mut_ptr(), _mm512_permutexvar_ps(e, tab));
         _mm512_storeu_ps(
             out.as_mut_ptr().add(16),
