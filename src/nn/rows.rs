@@ -7,6 +7,8 @@
 //! rows the whole matrix is decoded once (in parallel) and handed to the f32 matmul. The
 //! decoded values are exactly those of the layer's `dequantize`: only summation order differs.
 
+use anyhow::Result;
+use candle_core::Tensor;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -155,6 +157,58 @@ impl RowSource<'_> {
         }
         y
     }
+}
+
+/// Forward through candle's matmul, or row by row from a CPU slice for few rows.
+pub fn forward_rows_or_matmul(
+    x: &Tensor,
+    bias: Option<&Tensor>,
+    shape: (usize, usize),
+    rows_view: impl FnOnce(&dyn Fn(&RowSource) -> Vec<f32>) -> Option<Vec<f32>>,
+    dense: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
+    let m = x.dim(0)?;
+    let (o, i) = shape;
+    let direct = if m <= SMALL_BATCH && x.device().is_cpu() {
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        rows_view(&|src: &RowSource| src.matmul(&xs, m, o, i))
+    } else {
+        None
+    };
+    let y = match direct {
+        Some(y) => Tensor::from_vec(y, (m, o), x.device())?,
+        None => x.matmul(&dense()?.t()?)?,
+    };
+    Ok(match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+/// Forward through a low-bit kernel layout on the CPU (`None` for other devices, so the
+/// caller falls back to its generic path): activations borrowed in place when contiguous.
+pub fn forward_lowbit(
+    kernel: &crate::nn::kernels::lowbit::LowBit,
+    x: &candle_core::Tensor,
+    bias: Option<&candle_core::Tensor>,
+) -> anyhow::Result<Option<candle_core::Tensor>> {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        return Ok(None);
+    }
+    let (m, k) = x.dims2()?;
+    let (o, cols) = kernel.shape();
+    anyhow::ensure!(k == cols, "expected {cols} input features, got {k}");
+    let y = match with_cpu_slice(x, m * k, candle_core::CpuStorage::as_slice::<f32>, |xs| {
+        kernel.matmul(xs, m)
+    }) {
+        Some(y) => y,
+        None => kernel.matmul(&x.flatten_all()?.to_vec1::<f32>()?, m),
+    };
+    let y = candle_core::Tensor::from_vec(y, (m, o), x.device())?;
+    Ok(Some(match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    }))
 }
 
 /// Dot product in eight independent lanes (lets the compiler vectorize the loop).

@@ -36,31 +36,7 @@ impl Dense {
     }
 }
 
-/// Forward through candle's matmul, or row by row from a CPU slice for few rows.
-pub fn forward_rows_or_matmul(
-    x: &Tensor,
-    bias: Option<&Tensor>,
-    shape: (usize, usize),
-    rows_view: impl FnOnce(&dyn Fn(&RowSource) -> Vec<f32>) -> Option<Vec<f32>>,
-    dense: impl FnOnce() -> Result<Tensor>,
-) -> Result<Tensor> {
-    let m = x.dim(0)?;
-    let (o, i) = shape;
-    let direct = if m <= rows::SMALL_BATCH && x.device().is_cpu() {
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        rows_view(&|src: &RowSource| src.matmul(&xs, m, o, i))
-    } else {
-        None
-    };
-    let y = match direct {
-        Some(y) => Tensor::from_vec(y, (m, o), x.device())?,
-        None => x.matmul(&dense()?.t()?)?,
-    };
-    Ok(match bias {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    })
-}
+pub use crate::nn::rows::forward_rows_or_matmul;
 
 impl WeightFormat for Dense {
     fn id(&self) -> &'static str {

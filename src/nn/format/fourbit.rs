@@ -2,10 +2,10 @@
 //! per block, optionally double-quantized. Decoded row by row for a few activation rows,
 //! as a whole matrix otherwise.
 
-use super::dense::forward_rows_or_matmul;
 use super::{keep_on_cpu, meta_str, named, StoredParts, WeightFormat};
 use crate::load::{NamedTensor, RawTensor};
-use crate::nn::rows::RowSource;
+use crate::nn::kernels::lowbit::LowBit;
+use crate::nn::rows::{self, forward_rows_or_matmul, RowSource};
 use crate::quant::codebook::{Absmax, Blockwise8, DOUBLE_QUANT_BLOCKSIZE};
 use crate::quant::{FourBit, FourBitType};
 use anyhow::{bail, Result};
@@ -19,7 +19,11 @@ pub const ID: &str = "fourbit";
 pub struct FourBitWeight {
     pub out_features: usize,
     pub in_features: usize,
+    /// The codes (read-only after construction: the kernel layout is built from them).
     pub q: FourBit,
+    /// The codes repacked for the low-bit kernels (`None` where rows are not a whole
+    /// number of 32-column chunks or blocks not a multiple of 32).
+    kernel: Option<Arc<LowBit>>,
 }
 
 impl FourBitWeight {
@@ -31,11 +35,35 @@ impl FourBitWeight {
     ) -> Result<Self> {
         let (out_features, in_features) = w.dims2()?;
         let flat = w.flatten_all()?.to_vec1::<f32>()?;
-        Ok(FourBitWeight {
+        Ok(FourBitWeight::new(
             out_features,
             in_features,
-            q: FourBit::quantize(&flat, kind, blocksize, double_quant)?,
-        })
+            FourBit::quantize(&flat, kind, blocksize, double_quant)?,
+        ))
+    }
+
+    /// Wraps quantized codes, repacking them for the low-bit kernels where they fit.
+    pub fn new(out_features: usize, in_features: usize, q: FourBit) -> Self {
+        let mut w = FourBitWeight {
+            out_features,
+            in_features,
+            q,
+            kernel: None,
+        };
+        w.kernel = w
+            .with_rows(|src| match src {
+                RowSource::FourBit {
+                    packed,
+                    table,
+                    absmax,
+                    blocksize,
+                } => {
+                    LowBit::from_table(out_features, in_features, packed, table, absmax, *blocksize)
+                }
+                _ => None,
+            })
+            .map(Arc::new);
+        w
     }
 
     fn with_rows<R>(&self, f: impl FnOnce(&RowSource) -> R) -> R {
@@ -114,17 +142,17 @@ impl FourBitWeight {
                 offset,
             }
         };
-        Ok(Arc::new(FourBitWeight {
-            out_features: shape.0,
-            in_features: shape.1,
-            q: FourBit {
+        Ok(Arc::new(FourBitWeight::new(
+            shape.0,
+            shape.1,
+            FourBit {
                 kind,
                 len,
                 blocksize,
                 packed,
                 absmax,
             },
-        }))
+        )))
     }
 }
 
@@ -156,6 +184,11 @@ impl WeightFormat for FourBitWeight {
     }
 
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(k) = &self.kernel {
+            if let Some(y) = rows::forward_lowbit(k, x, bias)? {
+                return Ok(y);
+            }
+        }
         forward_rows_or_matmul(
             x,
             bias,
@@ -167,12 +200,16 @@ impl WeightFormat for FourBitWeight {
 
     fn dequantize(&self) -> Result<Tensor> {
         let (o, i) = self.shape();
+        if let Some(k) = &self.kernel {
+            return Ok(Tensor::from_vec(k.decode_all(), (o, i), &Device::Cpu)?);
+        }
         let v = self.with_rows(|src| src.decode_all(o, i));
         Ok(Tensor::from_vec(v, (o, i), &Device::Cpu)?)
     }
 
     fn forward_is_dequantized_matmul(&self) -> bool {
-        true
+        // See `Grouped`: the kernels need no cached f32 matrix.
+        self.kernel.is_none()
     }
 
     fn to_device(&self, device: &Device) -> Result<Arc<dyn WeightFormat>> {

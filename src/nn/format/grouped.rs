@@ -3,10 +3,10 @@
 //! are multiplied straight from the codes row by row; more rows decode the whole matrix
 //! (in parallel) for the f32 matmul.
 
-use super::dense::forward_rows_or_matmul;
 use super::{keep_on_cpu, meta_str, named, StoredParts, WeightFormat};
 use crate::load::{NamedTensor, RawTensor};
-use crate::nn::rows::{self, RowSource};
+use crate::nn::kernels::lowbit::LowBit;
+use crate::nn::rows::{self, forward_rows_or_matmul, RowSource};
 use crate::quant::{Granularity, Mode, QParams, QTensor, Scheme};
 use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, Device, Tensor};
@@ -17,7 +17,11 @@ pub const ID: &str = "intn";
 
 #[derive(Debug, Clone)]
 pub struct Grouped {
+    /// The codes (read-only after construction: the kernel layout is built from them).
     pub q: QTensor,
+    /// The codes repacked for the low-bit kernels (built with the format; `None` where the
+    /// layout does not fit them, e.g. groups that are not a multiple of 32 columns).
+    kernel: Option<Arc<LowBit>>,
 }
 
 impl Grouped {
@@ -26,9 +30,31 @@ impl Grouped {
         scheme
             .validate_for_shape(w.dims())
             .with_context(|| format!("layer {layer} cannot use {scheme}"))?;
-        Ok(Grouped {
-            q: crate::quant::quantize(&w.to_device(&Device::Cpu)?, scheme)?,
-        })
+        Ok(Grouped::new(crate::quant::quantize(
+            &w.to_device(&Device::Cpu)?,
+            scheme,
+        )?))
+    }
+
+    /// Wraps quantized codes, repacking them for the low-bit kernels where they fit.
+    pub fn new(q: QTensor) -> Self {
+        let mut g = Grouped { q, kernel: None };
+        let (o, i) = g.shape();
+        let bits = g.q.scheme.bits;
+        g.kernel = g
+            .with_rows(|src| match src {
+                RowSource::Grouped {
+                    codes,
+                    signed,
+                    scale,
+                    zero,
+                    group,
+                } => LowBit::from_int(o, i, codes, *signed, bits, scale, zero, *group),
+                _ => None,
+            })
+            .flatten()
+            .map(Arc::new);
+        g
     }
 
     /// Columns per (scale, zero point) within a row: 0 for one pair for the whole matrix.
@@ -99,7 +125,7 @@ impl Grouped {
         };
         let params = QParams { scale, zero_point };
         let q = QTensor::from_packed(scheme, &dims, &packed, params, &Device::Cpu)?;
-        Ok(Arc::new(Grouped { q }))
+        Ok(Arc::new(Grouped::new(q)))
     }
 }
 
@@ -137,6 +163,11 @@ impl WeightFormat for Grouped {
     }
 
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(k) = &self.kernel {
+            if let Some(y) = rows::forward_lowbit(k, x, bias)? {
+                return Ok(y);
+            }
+        }
         forward_rows_or_matmul(
             x,
             bias,
@@ -148,6 +179,9 @@ impl WeightFormat for Grouped {
 
     fn dequantize(&self) -> Result<Tensor> {
         let (o, i) = self.shape();
+        if let Some(k) = &self.kernel {
+            return Ok(Tensor::from_vec(k.decode_all(), (o, i), &Device::Cpu)?);
+        }
         match self.with_rows(|src| src.decode_all(o, i)) {
             Some(v) => Ok(Tensor::from_vec(v, (o, i), &Device::Cpu)?),
             None => self.q.dequantize(),
@@ -155,7 +189,9 @@ impl WeightFormat for Grouped {
     }
 
     fn forward_is_dequantized_matmul(&self) -> bool {
-        true
+        // The kernels beat a cached f32 matrix for decoding and prefill alike (see
+        // benches/lowbit_kernels.rs) and hold no f32 copy.
+        self.kernel.is_none()
     }
 
     fn to_device(&self, device: &Device) -> Result<Arc<dyn WeightFormat>> {

@@ -3,6 +3,7 @@
 
 pub mod int8;
 pub mod isa;
+pub mod lowbit;
 
 pub use int8::*;
 pub use isa::Isa;

@@ -1,0 +1,1345 @@
+//! Weight-only low-bit matrix products that never build an f32 weight matrix.
+//!
+//! [`LowBit`] is a kernel layout built once from a stored format (int-N codes with a scale
+//! and zero point per group, or NF4/FP4 code-book indices with an absmax per block). Each
+//! row is cut into chunks of [`CHUNK`] = 32 columns (the row padded with zero codes to a
+//! whole chunk); a scale group is a whole number of chunks.
+//!
+//! * Codes of 1–4 bits are stored as nibbles, 16 bytes per chunk: byte `j` holds column
+//!   `j` in its low nibble and column `j + 16` in its high nibble, so one 16-byte load
+//!   widened to 32-bit lanes gives columns 0–15 after `& 15` and columns 16–31 after `>> 4`.
+//!   2- and 3-bit codes are widened to nibbles in memory (they run through the same
+//!   4-bit kernel; the stored checkpoint keeps its packed bits).
+//! * Codes of 5–8 bits are stored as one byte per column, 32 bytes per chunk.
+//! * Codes are kept unsigned: `n = q − qmin`, and the group's zero point becomes
+//!   `z' = z − qmin`, so a weight is `(n − z')·s` (integers subtracted exactly), or
+//!   `table[n]·s` for a code book.
+//!
+//! Decoding (one activation row, [`LowBit::gemv`]): codes are widened and turned into f32
+//! in registers, multiplied with the activations by FMA per group, and the group's sum is
+//! scaled once: `Σ x·(n − z')·s = s·Σ x·(n − z')`. Four output rows go together so that
+//! eight independent FMA chains hide the FMA latency and every activation load serves four
+//! rows. Prefill (several rows, [`LowBit::gemm`]) decodes a tile of 32 output rows × 256
+//! columns into a cache-resident f32 panel holding exactly the dequantized weights, then an
+//! f32 register-blocked micro-kernel (6 activation rows × 32 outputs) runs over every
+//! activation row; tiles are spread over threads. Only float summation order differs from
+//! `x · Ŵᵀ` with `Ŵ` the exact dequantized weights.
+
+use super::Isa;
+use rayon::prelude::*;
+
+/// Columns per chunk (the unit of the code layout and of scale groups).
+pub const CHUNK: usize = 32;
+/// Output rows per prefill tile (the width of the decoded f32 panel).
+const NR: usize = 32;
+/// Columns per prefill panel (32 × 256 f32 = 32 KiB, in L1/L2).
+const KC: usize = 256;
+/// Up to this many activation rows, one GEMV per row beats decoding panels.
+const GEMV_ROWS: usize = 12;
+/// Activation rows per micro-kernel call.
+const MR: usize = 6;
+
+/// How codes are stored and turned into values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codes {
+    /// Two codes per byte (see the module docs); value `(n − z')·s`.
+    Nibble,
+    /// One code per byte; value `(n − z')·s`.
+    Byte,
+    /// Two code-book indices per byte; value `table[n]·s`.
+    Table,
+    /// As `Table`, for rows whose chunks may straddle two absmax blocks (NF4/FP4 with rows
+    /// not a whole number of blocks, e.g. 784 columns): one group per chunk with a second
+    /// scale for the lanes from `split` on.
+    SplitTable,
+}
+
+/// A `[rows, cols]` weight matrix in the kernel layout.
+#[derive(Clone)]
+pub struct LowBit {
+    rows: usize,
+    cols: usize,
+    /// Chunks per row (`cols` rounded up to [`CHUNK`]).
+    nch: usize,
+    /// Chunks per scale group.
+    cpg: usize,
+    /// Groups per row.
+    gpr: usize,
+    kind: Codes,
+    codes: Vec<u8>,
+    /// `[rows, gpr]`.
+    scale: Vec<f32>,
+    /// `[rows, gpr]` unsigned zero points `z'` (integers as f32); empty for code books.
+    zero: Vec<f32>,
+    table: [f32; 16],
+    /// `SplitTable` only, per chunk: the scale of lanes `split..32` and `split`.
+    scale2: Vec<f32>,
+    split: Vec<u8>,
+}
+
+impl std::fmt::Debug for LowBit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "LowBit {{ {}x{} {:?}, {} chunks per group }}",
+            self.rows, self.cols, self.kind, self.cpg
+        )
+    }
+}
+
+impl LowBit {
+    /// From integer codes (u8 bit patterns, two's complement when `signed`) of a `bits`-bit
+    /// scheme, with one (scale, zero point) per `group` columns of a row (`group == 0`: one
+    /// pair for the whole matrix; `group >= cols`: one per row). `None` when the layout
+    /// does not fit this kernel (group not a multiple of 32, codes out of range, bad sizes).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_int(
+        rows: usize,
+        cols: usize,
+        codes: &[u8],
+        signed: bool,
+        bits: u8,
+        scale: &[f32],
+        zero: &[i32],
+        group: usize,
+    ) -> Option<LowBit> {
+        if !(1..=8).contains(&bits) || codes.len() != rows * cols || cols == 0 {
+            return None;
+        }
+        let nch = cols.div_ceil(CHUNK);
+        // (chunks per group, groups per row, parameter index of (row, group)).
+        let (cpg, gpr) = if group == 0 || group >= cols {
+            (nch, 1)
+        } else if group.is_multiple_of(CHUNK) {
+            (group / CHUNK, cols.div_ceil(group))
+        } else {
+            return None;
+        };
+        let param = |o: usize, g: usize| if group == 0 { 0 } else { o * gpr + g };
+        let needed = param(rows.max(1) - 1, gpr - 1) + 1;
+        if rows == 0 || scale.len() < needed || zero.len() < needed {
+            return None;
+        }
+        let qmin: i32 = if signed { -(1 << (bits - 1)) } else { 0 };
+        let nmax: i32 = (1 << bits) - 1;
+        let kind = if bits <= 4 {
+            Codes::Nibble
+        } else {
+            Codes::Byte
+        };
+        let mut packed = vec![0u8; rows * nch * chunk_bytes(kind)];
+        for o in 0..rows {
+            for p in 0..cols {
+                let c = codes[o * cols + p];
+                let n = if signed { c as i8 as i32 } else { c as i32 } - qmin;
+                if !(0..=nmax).contains(&n) {
+                    return None;
+                }
+                put(&mut packed, kind, nch, o, p, n as u8);
+            }
+        }
+        let mut s = Vec::with_capacity(rows * gpr);
+        let mut z = Vec::with_capacity(rows * gpr);
+        for o in 0..rows {
+            for g in 0..gpr {
+                let i = param(o, g);
+                s.push(*scale.get(i)?);
+                z.push((*zero.get(i)? - qmin) as f32);
+            }
+        }
+        Some(LowBit {
+            rows,
+            cols,
+            nch,
+            cpg,
+            gpr,
+            kind,
+            codes: packed,
+            scale: s,
+            zero: z,
+            table: [0.0; 16],
+            scale2: Vec::new(),
+            split: Vec::new(),
+        })
+    }
+
+    /// From 4-bit code-book indices packed two per byte (high nibble first) over the
+    /// flattened matrix, with one absmax per `blocksize` consecutive elements. Rows that are
+    /// whole chunks in whole-chunk blocks get one group per block (or per chunk); other
+    /// shapes the `SplitTable` layout. `None` for blocks under 32 elements or sizes that
+    /// disagree.
+    pub fn from_table(
+        rows: usize,
+        cols: usize,
+        packed: &[u8],
+        table: &[f32; 16],
+        absmax: &[f32],
+        blocksize: usize,
+    ) -> Option<LowBit> {
+        let len = rows * cols;
+        if cols == 0
+            || blocksize < CHUNK
+            || packed.len() < len.div_ceil(2)
+            || absmax.len() < len.div_ceil(blocksize)
+        {
+            return None;
+        }
+        if !cols.is_multiple_of(CHUNK) || !blocksize.is_multiple_of(CHUNK) {
+            return Some(Self::split_table(
+                rows, cols, packed, table, absmax, blocksize,
+            ));
+        }
+        let nch = cols / CHUNK;
+        // Whole blocks per row: one group per block; otherwise a scale per chunk.
+        let cpg = if cols.is_multiple_of(blocksize) {
+            blocksize / CHUNK
+        } else {
+            1
+        };
+        let gpr = nch.div_ceil(cpg);
+        let mut codes = vec![0u8; rows * nch * chunk_bytes(Codes::Table)];
+        let mut scale = Vec::with_capacity(rows * gpr);
+        for o in 0..rows {
+            for p in 0..cols {
+                let e = o * cols + p;
+                let n = (packed[e / 2] >> (4 * (1 - (e & 1)))) & 0x0f;
+                put(&mut codes, Codes::Table, nch, o, p, n);
+            }
+            for g in 0..gpr {
+                scale.push(absmax[(o * cols + g * cpg * CHUNK) / blocksize]);
+            }
+        }
+        Some(LowBit {
+            rows,
+            cols,
+            nch,
+            cpg,
+            gpr,
+            kind: Codes::Table,
+            codes,
+            scale,
+            zero: Vec::new(),
+            table: *table,
+            scale2: Vec::new(),
+            split: Vec::new(),
+        })
+    }
+
+    /// The `SplitTable` layout (`blocksize >= 32`, so a chunk meets at most two blocks).
+    fn split_table(
+        rows: usize,
+        cols: usize,
+        packed: &[u8],
+        table: &[f32; 16],
+        absmax: &[f32],
+        blocksize: usize,
+    ) -> LowBit {
+        let nch = cols.div_ceil(CHUNK);
+        let mut codes = vec![0u8; rows * nch * chunk_bytes(Codes::SplitTable)];
+        let (mut scale, mut scale2, mut split) = (Vec::new(), Vec::new(), Vec::new());
+        for o in 0..rows {
+            for p in 0..cols {
+                let e = o * cols + p;
+                let n = (packed[e / 2] >> (4 * (1 - (e & 1)))) & 0x0f;
+                put(&mut codes, Codes::SplitTable, nch, o, p, n);
+            }
+            for c in 0..nch {
+                let e0 = o * cols + c * CHUNK;
+                let b = e0 / blocksize;
+                let at = ((b + 1) * blocksize - e0).min(CHUNK);
+                scale.push(absmax[b]);
+                // Lanes past the row hold zero codes times zero activations: any finite
+                // scale serves them.
+                scale2.push(if at < CHUNK && b + 1 < absmax.len() {
+                    absmax[b + 1]
+                } else {
+                    absmax[b]
+                });
+                split.push(at as u8);
+            }
+        }
+        LowBit {
+            rows,
+            cols,
+            nch,
+            cpg: 1,
+            gpr: nch,
+            kind: Codes::SplitTable,
+            codes,
+            scale,
+            zero: Vec::new(),
+            table: *table,
+            scale2,
+            split,
+        }
+    }
+
+    /// The scale of lane `j` of group (= chunk) `g` in the `SplitTable` layout.
+    fn split_scale(&self, g: usize, j: usize) -> f32 {
+        if j < self.split[g] as usize {
+            self.scale[g]
+        } else {
+            self.scale2[g]
+        }
+    }
+
+    /// `(rows, cols)`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    pub fn kind(&self) -> Codes {
+        self.kind
+    }
+
+    /// Bytes held by the kernel layout (codes and per-group parameters).
+    pub fn layout_bytes(&self) -> usize {
+        self.codes.len() + 4 * (self.scale.len() + self.zero.len())
+    }
+
+    /// The unsigned code of (row `o`, column `p`).
+    fn code(&self, o: usize, p: usize) -> u8 {
+        let (c, j) = (p / CHUNK, p % CHUNK);
+        let base = (o * self.nch + c) * chunk_bytes(self.kind);
+        match self.kind {
+            Codes::Byte => self.codes[base + j],
+            _ => (self.codes[base + j % 16] >> (4 * (j / 16))) & 0x0f,
+        }
+    }
+
+    /// Weight (row `o`, column `p`) exactly as dequantized.
+    pub fn weight(&self, o: usize, p: usize) -> f32 {
+        let g = o * self.gpr + p / (self.cpg * CHUNK);
+        let n = self.code(o, p);
+        match self.kind {
+            Codes::Table => self.table[n as usize] * self.scale[g],
+            Codes::SplitTable => self.table[n as usize] * self.split_scale(g, p % CHUNK),
+            _ => (n as f32 - self.zero[g]) * self.scale[g],
+        }
+    }
+
+    /// The whole matrix as f32 (for `dequantize`; the products never call it).
+    pub fn decode_all(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each(|(o, row)| {
+                for (p, d) in row.iter_mut().enumerate() {
+                    *d = self.weight(o, p);
+                }
+            });
+        out
+    }
+
+    /// `x [m, cols] · Wᵀ` → `[m, rows]` on the path [`Isa::selected`] picks.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_with(Isa::selected(), x, m)
+    }
+
+    /// `x [m, cols] · Wᵀ` on path `isa` (one that this CPU has: see [`Isa::available`]).
+    pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.cols, "activation size");
+        let isa = isa.min(Isa::detected());
+        // Measured (576×576, one thread): m activation rows through the GEMV cost about m
+        // times one row; the GEMM's panel decoding costs about as much as 8–16 such rows.
+        if m <= GEMV_ROWS {
+            let mut y = vec![0f32; m * self.rows];
+            for r in 0..m {
+                self.gemv(
+                    isa,
+                    &x[r * self.cols..(r + 1) * self.cols],
+                    &mut y[r * self.rows..(r + 1) * self.rows],
+                );
+            }
+            y
+        } else {
+            self.gemm(isa, x, m)
+        }
+    }
+
+    /// One activation row: `y[o] = Σ_p x[p]·W[o, p]`, rows split over threads when large.
+    pub fn gemv(&self, isa: Isa, x: &[f32], y: &mut [f32]) {
+        assert!(x.len() == self.cols && y.len() == self.rows);
+        // Activations padded with zeros to whole chunks (padded codes are finite, so the
+        // padding adds exact zeros).
+        let mut xp = vec![0f32; self.nch * CHUNK];
+        xp[..self.cols].copy_from_slice(x);
+        // Blocks of rows (a multiple of 4) per task; one task for small matrices.
+        let work = self.rows * self.cols;
+        let tasks = if work < 1 << 16 {
+            1
+        } else {
+            rayon::current_num_threads().max(1) * 4
+        };
+        let block = self.rows.div_ceil(tasks).div_ceil(4).max(1) * 4;
+        y.par_chunks_mut(block).enumerate().for_each(|(b, ys)| {
+            self.gemv_rows(isa, &xp, b * block, ys);
+        });
+    }
+
+    /// Rows `o0 .. o0 + ys.len()` of one activation row (`xp` padded to whole chunks).
+    fn gemv_rows(&self, isa: Isa, xp: &[f32], o0: usize, ys: &mut [f32]) {
+        assert!(xp.len() == self.nch * CHUNK && o0 + ys.len() <= self.rows);
+        let mut o = 0;
+        while o < ys.len() {
+            let r = (ys.len() - o).min(4);
+            let out = &mut ys[o..o + r];
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => {
+                    // SAFETY: Avx512 is only reached when the CPU has it (`matmul_with` caps
+                    // `isa` at the detected path); bounds asserted above and in the callee.
+                    unsafe { x86::gemv_avx512(self, xp, o0 + o, out) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => {
+                    // SAFETY: the binary requires AVX2+FMA (x86-64-v3) and the path is capped
+                    // at the detected one; bounds asserted above and in the callee.
+                    unsafe { x86::gemv_avx2(self, xp, o0 + o, out) }
+                }
+                _ => gemv_portable(self, xp, o0 + o, out),
+            }
+            o += r;
+        }
+    }
+
+    /// Many activation rows: f32 panels of 32 decoded output rows × 256 columns, an f32
+    /// micro-kernel over all activation rows; output tiles in parallel.
+    pub fn gemm(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.cols);
+        let tiles = self.rows.div_ceil(NR);
+        let parts: Vec<Vec<f32>> = (0..tiles)
+            .into_par_iter()
+            .map(|t| {
+                let mut panel = vec![0f32; KC * NR];
+                let mut out = vec![0f32; m * NR];
+                let mut p0 = 0;
+                while p0 < self.cols {
+                    let kc = (self.cols - p0).min(KC);
+                    self.decode_panel(isa, t * NR, p0, kc, &mut panel);
+                    let mut r0 = 0;
+                    while r0 < m {
+                        let mr = (m - r0).min(MR);
+                        micro(
+                            isa,
+                            mr,
+                            &x[r0 * self.cols + p0..],
+                            self.cols,
+                            kc,
+                            &panel,
+                            &mut out[r0 * NR..(r0 + mr) * NR],
+                            p0 == 0,
+                        );
+                        r0 += mr;
+                    }
+                    p0 += kc;
+                }
+                out
+            })
+            .collect();
+        let mut y = vec![0f32; m * self.rows];
+        for (t, part) in parts.iter().enumerate() {
+            let (first, width) = (t * NR, (self.rows - t * NR).min(NR));
+            for r in 0..m {
+                y[r * self.rows + first..r * self.rows + first + width]
+                    .copy_from_slice(&part[r * NR..r * NR + width]);
+            }
+        }
+        y
+    }
+
+    /// `panel[p][j] = W[o0 + j, p0 + p]` for `p < kc` (`p0` a multiple of [`CHUNK`]); rows
+    /// past the matrix are zero.
+    fn decode_panel(&self, isa: Isa, o0: usize, p0: usize, kc: usize, panel: &mut [f32]) {
+        assert!(p0.is_multiple_of(CHUNK) && panel.len() >= kc * NR);
+        #[cfg(target_arch = "x86_64")]
+        let simd = isa == Isa::Avx512 && self.kind != Codes::Byte;
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = false;
+        let mut vals = [0f32; CHUNK];
+        for j in 0..NR {
+            let o = o0 + j;
+            if o >= self.rows {
+                for p in 0..kc {
+                    panel[p * NR + j] = 0.0;
+                }
+                continue;
+            }
+            let mut p = 0;
+            while p < kc {
+                let c = (p0 + p) / CHUNK;
+                if simd {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `simd` holds only on the AVX-512 path (capped at the detected
+                    // one by `matmul_with`); `o < rows` and `c < nch` keep the reads inside
+                    // the row's chunk (checked in the callee).
+                    unsafe {
+                        x86::decode_chunk_avx512(self, o, c, &mut vals)
+                    }
+                } else {
+                    self.decode_chunk(o, c, &mut vals);
+                }
+                let n = (kc - p).min(CHUNK);
+                for (i, v) in vals[..n].iter().enumerate() {
+                    panel[(p + i) * NR + j] = *v;
+                }
+                p += n;
+            }
+        }
+    }
+
+    /// Chunk `c` of row `o` as f32 weights.
+    fn decode_chunk(&self, o: usize, c: usize, out: &mut [f32; CHUNK]) {
+        let g = o * self.gpr + c / self.cpg;
+        let s = self.scale[g];
+        let base = (o * self.nch + c) * chunk_bytes(self.kind);
+        match self.kind {
+            Codes::Byte => {
+                let z = self.zero[g];
+                for (d, &b) in out.iter_mut().zip(&self.codes[base..base + CHUNK]) {
+                    *d = (b as f32 - z) * s;
+                }
+            }
+            Codes::Nibble => {
+                let z = self.zero[g];
+                for (j, &b) in self.codes[base..base + 16].iter().enumerate() {
+                    out[j] = ((b & 15) as f32 - z) * s;
+                    out[j + 16] = ((b >> 4) as f32 - z) * s;
+                }
+            }
+            Codes::Table => {
+                for (j, &b) in self.codes[base..base + 16].iter().enumerate() {
+                    out[j] = self.table[(b & 15) as usize] * s;
+                    out[j + 16] = self.table[(b >> 4) as usize] * s;
+                }
+            }
+            Codes::SplitTable => {
+                for (j, &b) in self.codes[base..base + 16].iter().enumerate() {
+                    out[j] = self.table[(b & 15) as usize] * self.split_scale(g, j);
+                    out[j + 16] = self.table[(b >> 4) as usize] * self.split_scale(g, j + 16);
+                }
+            }
+        }
+    }
+}
+
+fn chunk_bytes(kind: Codes) -> usize {
+    match kind {
+        Codes::Byte => CHUNK,
+        _ => CHUNK / 2,
+    }
+}
+
+/// Stores unsigned code `n` of (row `o`, column `p`) in the kernel layout.
+fn put(buf: &mut [u8], kind: Codes, nch: usize, o: usize, p: usize, n: u8) {
+    let (c, j) = (p / CHUNK, p % CHUNK);
+    let base = (o * nch + c) * chunk_bytes(kind);
+    match kind {
+        Codes::Byte => buf[base + j] = n,
+        _ => buf[base + j % 16] |= (n & 15) << (4 * (j / 16)),
+    }
+}
+
+/// Portable GEMV over up to four rows starting at `o0` (same arithmetic as the SIMD
+/// paths: per-group tables of weights for nibbles, a scaled group sum for bytes).
+fn gemv_portable(lb: &LowBit, xp: &[f32], o0: usize, ys: &mut [f32]) {
+    for (r, y) in ys.iter_mut().enumerate() {
+        let o = o0 + r;
+        let mut acc = [0f32; 8];
+        for g in 0..lb.gpr {
+            let (c0, c1) = (g * lb.cpg, ((g + 1) * lb.cpg).min(lb.nch));
+            let i = o * lb.gpr + g;
+            let s = lb.scale[i];
+            match lb.kind {
+                Codes::Byte => {
+                    let z = lb.zero[i];
+                    let mut d = [0f32; 8];
+                    for c in c0..c1 {
+                        let base = (o * lb.nch + c) * CHUNK;
+                        let (w, xs) = (
+                            &lb.codes[base..base + CHUNK],
+                            &xp[c * CHUNK..(c + 1) * CHUNK],
+                        );
+                        for (wv, xv) in w.chunks_exact(8).zip(xs.chunks_exact(8)) {
+                            for k in 0..8 {
+                                d[k] += (wv[k] as f32 - z) * xv[k];
+                            }
+                        }
+                    }
+                    for k in 0..8 {
+                        acc[k] += d[k] * s;
+                    }
+                }
+                Codes::SplitTable => {
+                    let base = (o * lb.nch + g) * 16;
+                    let bytes = &lb.codes[base..base + 16];
+                    let xs = &xp[g * CHUNK..(g + 1) * CHUNK];
+                    for (j, &b) in bytes.iter().enumerate() {
+                        acc[j % 8] += lb.table[(b & 15) as usize] * lb.split_scale(i, j) * xs[j];
+                        acc[j % 8] +=
+                            lb.table[(b >> 4) as usize] * lb.split_scale(i, j + 16) * xs[j + 16];
+                    }
+                }
+                kind => {
+                    let tab: [f32; 16] = if kind == Codes::Table {
+                        std::array::from_fn(|n| lb.table[n] * s)
+                    } else {
+                        let z = lb.zero[i];
+                        std::array::from_fn(|n| (n as f32 - z) * s)
+                    };
+                    for c in c0..c1 {
+                        let base = (o * lb.nch + c) * 16;
+                        let bytes = &lb.codes[base..base + 16];
+                        let xs = &xp[c * CHUNK..(c + 1) * CHUNK];
+                        for (j, &b) in bytes.iter().enumerate() {
+                            acc[j % 8] += tab[(b & 15) as usize] * xs[j];
+                            acc[j % 8] += tab[(b >> 4) as usize] * xs[j + 16];
+                        }
+                    }
+                }
+            }
+        }
+        *y = acc.iter().sum();
+    }
+}
+
+/// `out[r][0..32] (+)= Σ_p a[r·lda + p] · panel[p][0..32]` for `r < mr`, `p < kc`.
+#[allow(clippy::too_many_arguments)]
+fn micro(
+    isa: Isa,
+    mr: usize,
+    a: &[f32],
+    lda: usize,
+    kc: usize,
+    panel: &[f32],
+    out: &mut [f32],
+    first: bool,
+) {
+    assert!((1..=MR).contains(&mr) && out.len() >= mr * NR && panel.len() >= kc * NR);
+    assert!(a.len() >= (mr - 1) * lda + kc);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            // SAFETY: the CPU has AVX-512 (path capped at the detected one); the asserts above
+            // bound every read of `a`, `panel` and write of `out`.
+            unsafe {
+                x86::micro_avx512(
+                    mr,
+                    a.as_ptr(),
+                    lda,
+                    kc,
+                    panel.as_ptr(),
+                    out.as_mut_ptr(),
+                    first,
+                )
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            // SAFETY: AVX2+FMA are required by the build; bounds asserted above.
+            unsafe {
+                x86::micro_avx2(
+                    mr,
+                    a.as_ptr(),
+                    lda,
+                    kc,
+                    panel.as_ptr(),
+                    out.as_mut_ptr(),
+                    first,
+                )
+            }
+        }
+        _ => {
+            for r in 0..mr {
+                let o = &mut out[r * NR..(r + 1) * NR];
+                if first {
+                    o.fill(0.0);
+                }
+                for p in 0..kc {
+                    let av = a[r * lda + p];
+                    for (d, &b) in o.iter_mut().zip(&panel[p * NR..(p + 1) * NR]) {
+                        *d += av * b;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{chunk_bytes, Codes, LowBit, CHUNK, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// AVX-512 GEMV for rows `o0 .. o0 + ys.len()` (at most 4).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F/BW/VL; `xp` holds `nch · 32` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn gemv_avx512(lb: &LowBit, xp: &[f32], o0: usize, ys: &mut [f32]) {
+        assert!(xp.len() >= lb.nch * CHUNK && o0 + ys.len() <= lb.rows);
+        assert!(lb.codes.len() >= lb.rows * lb.nch * chunk_bytes(lb.kind));
+        match (ys.len(), lb.kind) {
+            (4, Codes::Nibble) => g512::<4, 0>(lb, xp, o0, ys),
+            (4, Codes::Byte) => g512::<4, 1>(lb, xp, o0, ys),
+            (4, Codes::Table) => g512::<4, 2>(lb, xp, o0, ys),
+            (4, Codes::SplitTable) => g512::<4, 3>(lb, xp, o0, ys),
+            (_, Codes::SplitTable) => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g512::<1, 3>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
+            (_, Codes::Nibble) => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g512::<1, 0>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
+            (_, Codes::Byte) => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g512::<1, 1>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
+            (_, Codes::Table) => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g512::<1, 2>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
+        }
+    }
+
+    /// `R` rows at once; `K`: 0 nibble ints, 1 byte ints, 2 nibble code book.
+    ///
+    /// Nibbles: per (row, group) the 16 possible weights — `(n − z')·s` or `table[n]·s`,
+    /// the very products the dequantization computes — are built in one register, and each
+    /// code is turned into its weight by one `vpermps` (which reads only the index's low 4
+    /// bits, so the low nibble needs no mask): the sum is `Σ x·Ŵ` itself. Bytes: widened,
+    /// converted, `z'` subtracted, and the group's sum scaled once.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn g512<const R: usize, const K: u8>(
+        lb: &LowBit,
+        xp: &[f32],
+        o0: usize,
+        ys: &mut [f32],
+    ) {
+        let cb = chunk_bytes(lb.kind);
+        let row_bytes = lb.nch * cb;
+        // SAFETY (whole body): rows o0..o0+R lie inside `codes` and groups inside
+        // `scale`/`zero` (asserted by the caller); chunk c < nch reads `cb` bytes of its
+        // row and 32 floats of `xp` (len ≥ nch·32).
+        let codes = lb.codes.as_ptr().add(o0 * row_bytes);
+        let x = xp.as_ptr();
+        let base = if K >= 2 {
+            _mm512_loadu_ps(lb.table.as_ptr())
+        } else {
+            _mm512_setr_ps(
+                0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0,
+                15.0,
+            )
+        };
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut acc2 = [_mm512_setzero_ps(); R];
+        for g in 0..lb.gpr {
+            let (c0, c1) = (g * lb.cpg, ((g + 1) * lb.cpg).min(lb.nch));
+            let mut tab = [_mm512_setzero_ps(); R];
+            let mut z = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                let i = (o0 + r) * lb.gpr + g;
+                let s = _mm512_set1_ps(*lb.scale.get_unchecked(i));
+                if K < 2 {
+                    z[r] = _mm512_set1_ps(*lb.zero.get_unchecked(i));
+                }
+                tab[r] = match K {
+                    0 => _mm512_mul_ps(_mm512_sub_ps(base, z[r]), s),
+                    2 => _mm512_mul_ps(base, s),
+                    3 => {
+                        // Per-lane scales: `s` below the split, the second scale from it.
+                        let full: u32 = (!0u32)
+                            .checked_shl(*lb.split.get_unchecked(i) as u32)
+                            .unwrap_or(0);
+                        let s2 = _mm512_set1_ps(*lb.scale2.get_unchecked(i));
+                        z[r] = _mm512_mask_blend_ps(full as u16, s, s2);
+                        _mm512_mask_blend_ps((full >> 16) as u16, s, s2)
+                    }
+                    _ => s,
+                };
+            }
+            if K == 1 {
+                let mut dl = [_mm512_setzero_ps(); R];
+                let mut dh = [_mm512_setzero_ps(); R];
+                for c in c0..c1 {
+                    let xl = _mm512_loadu_ps(x.add(c * CHUNK));
+                    let xh = _mm512_loadu_ps(x.add(c * CHUNK + 16));
+                    for r in 0..R {
+                        let p = codes.add(r * row_bytes + c * cb);
+                        let a = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+                        let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
+                        let wl = _mm512_sub_ps(_mm512_cvtepi32_ps(a), z[r]);
+                        let wh = _mm512_sub_ps(_mm512_cvtepi32_ps(b), z[r]);
+                        dl[r] = _mm512_fmadd_ps(wl, xl, dl[r]);
+                        dh[r] = _mm512_fmadd_ps(wh, xh, dh[r]);
+                    }
+                }
+                for r in 0..R {
+                    acc[r] = _mm512_fmadd_ps(_mm512_add_ps(dl[r], dh[r]), tab[r], acc[r]);
+                }
+            } else {
+                for c in c0..c1 {
+                    let xl = _mm512_loadu_ps(x.add(c * CHUNK));
+                    let xh = _mm512_loadu_ps(x.add(c * CHUNK + 16));
+                    for r in 0..R {
+                        let p = codes.add(r * row_bytes + c * cb);
+                        let e = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+                        let (wl, wh) = if K == 3 {
+                            // Scales of lanes 0–15 in `z`, of lanes 16–31 in `tab`.
+                            (
+                                _mm512_mul_ps(_mm512_permutexvar_ps(e, base), z[r]),
+                                _mm512_mul_ps(
+                                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e), base),
+                                    tab[r],
+                                ),
+                            )
+                        } else {
+                            (
+                                _mm512_permutexvar_ps(e, tab[r]),
+                                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e), tab[r]),
+                            )
+                        };
+                        acc[r] = _mm512_fmadd_ps(wl, xl, acc[r]);
+                        acc2[r] = _mm512_fmadd_ps(wh, xh, acc2[r]);
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            ys[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r]));
+        }
+    }
+
+    /// Chunk `c` of row `o` (nibble codes or a code book) as f32 weights: one permute per
+    /// 16 weights from the group's table of weights (same products as `decode_chunk`).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn decode_chunk_avx512(lb: &LowBit, o: usize, c: usize, out: &mut [f32; CHUNK]) {
+        assert!(o < lb.rows && c < lb.nch && lb.kind != Codes::Byte);
+        let g = o * lb.gpr + c / lb.cpg;
+        let s = _mm512_set1_ps(lb.scale[g]);
+        let base = (o * lb.nch + c) * 16;
+        let bytes = &lb.codes[base..base + 16];
+        // SAFETY: `bytes` holds 16 bytes and `out` 32 floats.
+        let e = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.as_ptr() as *const __m128i));
+        if lb.kind == Codes::SplitTable {
+            // Lanes from the split on take the second scale (as in `g512`).
+            let full: u32 = (!0u32).checked_shl(lb.split[g] as u32).unwrap_or(0);
+            let s2 = _mm512_set1_ps(lb.scale2[g]);
+            let t = _mm512_loadu_ps(lb.table.as_ptr());
+            let lo = _mm512_mul_ps(
+                _mm512_permutexvar_ps(e, t),
+                _mm512_mask_blend_ps(full as u16, s, s2),
+            );
+            let hi = _mm512_mul_ps(
+                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e), t),
+                _mm512_mask_blend_ps((full >> 16) as u16, s, s2),
+            );
+            _mm512_storeu_ps(out.as_mut_ptr(), lo);
+            _mm512_storeu_ps(out.as_mut_ptr().add(16), hi);
+            return;
+        }
+        let tab = if lb.kind == Codes::Table {
+            _mm512_mul_ps(_mm512_loadu_ps(lb.table.as_ptr()), s)
+        } else {
+            let iota = _mm512_setr_ps(
+                0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0,
+                15.0,
+            );
+            _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(lb.zero[g])), s)
+        };
+        _mm512_storeu_ps(out.as_mut_ptr(), _mm512_permutexvar_ps(e, tab));
+        _mm512_storeu_ps(
+            out.as_mut_ptr().add(16),
+            _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e), tab),
+        );
+    }
+
+    /// AVX2 GEMV for rows `o0 .. o0 + ys.len()` (at most 4).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `xp` holds `nch · 32` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gemv_avx2(lb: &LowBit, xp: &[f32], o0: usize, ys: &mut [f32]) {
+        assert!(xp.len() >= lb.nch * CHUNK && o0 + ys.len() <= lb.rows);
+        assert!(lb.codes.len() >= lb.rows * lb.nch * chunk_bytes(lb.kind));
+        match (ys.len(), lb.kind) {
+            (4, Codes::Nibble) => g256::<4, 0>(lb, xp, o0, ys),
+            (4, Codes::Byte) => g256::<4, 1>(lb, xp, o0, ys),
+            (4, Codes::Table) => g256::<4, 2>(lb, xp, o0, ys),
+            (4, Codes::SplitTable) => g256::<4, 3>(lb, xp, o0, ys),
+            (_, Codes::SplitTable) => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g256::<1, 3>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
+            (_, Codes::Nibble) => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g256::<1, 0>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
+            (_, Codes::Byte) => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g256::<1, 1>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
+            (_, Codes::Table) => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g256::<1, 2>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
+        }
+    }
+
+    /// 16-entry table lookup on 8 lanes (index in the low 4 bits; higher bits ignored):
+    /// two lane-crossing permutes (which read bits 0–2) and a blend on bit 3.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn lookup16(idx: __m256i, t0: __m256, t1: __m256) -> __m256 {
+        let a = _mm256_permutevar8x32_ps(t0, idx);
+        let b = _mm256_permutevar8x32_ps(t1, idx);
+        _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx)))
+    }
+
+    /// As [`g512`] on 8 lanes; nibble tables are two registers (entries 0–7 and 8–15).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn g256<const R: usize, const K: u8>(
+        lb: &LowBit,
+        xp: &[f32],
+        o0: usize,
+        ys: &mut [f32],
+    ) {
+        let cb = chunk_bytes(lb.kind);
+        let row_bytes = lb.nch * cb;
+        // SAFETY (whole body): as in `g512`.
+        let codes = lb.codes.as_ptr().add(o0 * row_bytes);
+        let x = xp.as_ptr();
+        let (b0, b1) = if K >= 2 {
+            (
+                _mm256_loadu_ps(lb.table.as_ptr()),
+                _mm256_loadu_ps(lb.table.as_ptr().add(8)),
+            )
+        } else {
+            (
+                _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0),
+                _mm256_setr_ps(8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0),
+            )
+        };
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for g in 0..lb.gpr {
+            let (c0, c1) = (g * lb.cpg, ((g + 1) * lb.cpg).min(lb.nch));
+            let mut t0 = [_mm256_setzero_ps(); R];
+            let mut t1 = [_mm256_setzero_ps(); R];
+            let mut z = [_mm256_setzero_ps(); R];
+            for r in 0..R {
+                let i = (o0 + r) * lb.gpr + g;
+                let s = _mm256_set1_ps(*lb.scale.get_unchecked(i));
+                if K < 2 {
+                    z[r] = _mm256_set1_ps(*lb.zero.get_unchecked(i));
+                }
+                match K {
+                    0 => {
+                        t0[r] = _mm256_mul_ps(_mm256_sub_ps(b0, z[r]), s);
+                        t1[r] = _mm256_mul_ps(_mm256_sub_ps(b1, z[r]), s);
+                    }
+                    2 => {
+                        t0[r] = _mm256_mul_ps(b0, s);
+                        t1[r] = _mm256_mul_ps(b1, s);
+                    }
+                    3 => {
+                        // The split and both scales; lanes are scaled in the chunk loop.
+                        t0[r] = s;
+                        t1[r] = _mm256_set1_ps(*lb.scale2.get_unchecked(i));
+                        z[r] = _mm256_castsi256_ps(_mm256_set1_epi32(
+                            *lb.split.get_unchecked(i) as i32
+                        ));
+                    }
+                    _ => t0[r] = s,
+                }
+            }
+            if K == 1 {
+                let mut d = [[_mm256_setzero_ps(); 2]; R];
+                for c in c0..c1 {
+                    let xb = x.add(c * CHUNK);
+                    for r in 0..R {
+                        let p = codes.add(r * row_bytes + c * cb);
+                        for i in 0..4 {
+                            let e = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                p.add(8 * i) as *const __m128i
+                            ));
+                            let w = _mm256_sub_ps(_mm256_cvtepi32_ps(e), z[r]);
+                            d[r][i & 1] =
+                                _mm256_fmadd_ps(w, _mm256_loadu_ps(xb.add(8 * i)), d[r][i & 1]);
+                        }
+                    }
+                }
+                for r in 0..R {
+                    acc[r][0] = _mm256_fmadd_ps(_mm256_add_ps(d[r][0], d[r][1]), t0[r], acc[r][0]);
+                }
+            } else {
+                for c in c0..c1 {
+                    let xb = x.add(c * CHUNK);
+                    let xv = [
+                        _mm256_loadu_ps(xb),
+                        _mm256_loadu_ps(xb.add(8)),
+                        _mm256_loadu_ps(xb.add(16)),
+                        _mm256_loadu_ps(xb.add(24)),
+                    ];
+                    for r in 0..R {
+                        let p = codes.add(r * row_bytes + c * cb);
+                        let b = _mm_loadu_si128(p as *const __m128i);
+                        let e0 = _mm256_cvtepu8_epi32(b);
+                        let e1 = _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(b));
+                        let w = if K == 3 {
+                            let split = _mm256_castps_si256(z[r]);
+                            let f = |v: __m256i, lane0: i32| {
+                                let lanes = _mm256_add_epi32(
+                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                    _mm256_set1_epi32(lane0),
+                                );
+                                // Lanes at or past the split take the second scale.
+                                let second = _mm256_cmpgt_epi32(split, lanes);
+                                let sc =
+                                    _mm256_blendv_ps(t1[r], t0[r], _mm256_castsi256_ps(second));
+                                _mm256_mul_ps(lookup16(v, b0, b1), sc)
+                            };
+                            [
+                                f(e0, 0),
+                                f(e1, 8),
+                                f(_mm256_srli_epi32::<4>(e0), 16),
+                                f(_mm256_srli_epi32::<4>(e1), 24),
+                            ]
+                        } else {
+                            [
+                                lookup16(e0, t0[r], t1[r]),
+                                lookup16(e1, t0[r], t1[r]),
+                                lookup16(_mm256_srli_epi32::<4>(e0), t0[r], t1[r]),
+                                lookup16(_mm256_srli_epi32::<4>(e1), t0[r], t1[r]),
+                            ]
+                        };
+                        acc[r][0] = _mm256_fmadd_ps(w[0], xv[0], acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(w[1], xv[1], acc[r][1]);
+                        acc[r][0] = _mm256_fmadd_ps(w[2], xv[2], acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(w[3], xv[3], acc[r][1]);
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            ys[r] = hsum256(_mm256_add_ps(acc[r][0], acc[r][1]));
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// AVX-512 micro-kernel: `mr ≤ 6` activation rows × 32 outputs, 12 accumulators.
+    ///
+    /// # Safety
+    /// AVX-512 F; `a` readable at `r·lda + p` (r < mr, p < kc), `panel` at `kc·32`
+    /// floats, `out` writable at `mr·32` floats.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn micro_avx512(
+        mr: usize,
+        a: *const f32,
+        lda: usize,
+        kc: usize,
+        panel: *const f32,
+        out: *mut f32,
+        first: bool,
+    ) {
+        macro_rules! run {
+            ($m:literal) => {{
+                let mut acc = [[_mm512_setzero_ps(); 2]; $m];
+                if !first {
+                    for r in 0..$m {
+                        acc[r][0] = _mm512_loadu_ps(out.add(r * NR));
+                        acc[r][1] = _mm512_loadu_ps(out.add(r * NR + 16));
+                    }
+                }
+                for p in 0..kc {
+                    let b0 = _mm512_loadu_ps(panel.add(p * NR));
+                    let b1 = _mm512_loadu_ps(panel.add(p * NR + 16));
+                    for r in 0..$m {
+                        let av = _mm512_set1_ps(*a.add(r * lda + p));
+                        acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+                        acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+                    }
+                }
+                for r in 0..$m {
+                    _mm512_storeu_ps(out.add(r * NR), acc[r][0]);
+                    _mm512_storeu_ps(out.add(r * NR + 16), acc[r][1]);
+                }
+            }};
+        }
+        debug_assert!(mr <= MR);
+        match mr {
+            6 => run!(6),
+            5 => run!(5),
+            4 => run!(4),
+            3 => run!(3),
+            2 => run!(2),
+            _ => run!(1),
+        }
+    }
+
+    /// AVX2 micro-kernel: `mr ≤ 6` activation rows × 16 outputs (called for both halves of
+    /// the 32-wide panel), 12 accumulators.
+    ///
+    /// # Safety
+    /// As [`micro_avx512`], with AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn micro_avx2(
+        mr: usize,
+        a: *const f32,
+        lda: usize,
+        kc: usize,
+        panel: *const f32,
+        out: *mut f32,
+        first: bool,
+    ) {
+        macro_rules! run {
+            ($m:literal, $h:expr) => {{
+                let h: usize = $h;
+                let mut acc = [[_mm256_setzero_ps(); 2]; $m];
+                if !first {
+                    for r in 0..$m {
+                        acc[r][0] = _mm256_loadu_ps(out.add(r * NR + h));
+                        acc[r][1] = _mm256_loadu_ps(out.add(r * NR + h + 8));
+                    }
+                }
+                for p in 0..kc {
+                    let b0 = _mm256_loadu_ps(panel.add(p * NR + h));
+                    let b1 = _mm256_loadu_ps(panel.add(p * NR + h + 8));
+                    for r in 0..$m {
+                        let av = _mm256_set1_ps(*a.add(r * lda + p));
+                        acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+                    }
+                }
+                for r in 0..$m {
+                    _mm256_storeu_ps(out.add(r * NR + h), acc[r][0]);
+                    _mm256_storeu_ps(out.add(r * NR + h + 8), acc[r][1]);
+                }
+            }};
+        }
+        debug_assert!(mr <= MR);
+        for h in [0usize, 16] {
+            match mr {
+                6 => run!(6, h),
+                5 => run!(5, h),
+                4 => run!(4, h),
+                3 => run!(3, h),
+                2 => run!(2, h),
+                _ => run!(1, h),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Reference decode sharing nothing with the kernel: `(q − z)·s` straight from the
+    /// stored codes and parameters.
+    fn ref_int(
+        rows: usize,
+        cols: usize,
+        codes: &[u8],
+        signed: bool,
+        scale: &[f32],
+        zero: &[i32],
+        group: usize,
+    ) -> Vec<f64> {
+        let mut w = vec![0f64; rows * cols];
+        for o in 0..rows {
+            for p in 0..cols {
+                let i = if group == 0 {
+                    0
+                } else if group >= cols {
+                    o
+                } else {
+                    o * cols.div_ceil(group) + p / group
+                };
+                let c = codes[o * cols + p];
+                let q = if signed { c as i8 as i64 } else { c as i64 };
+                w[o * cols + p] = ((q - zero[i] as i64) as f32 * scale[i]) as f64;
+            }
+        }
+        w
+    }
+
+    fn ref_table(
+        len: usize,
+        packed: &[u8],
+        table: &[f32; 16],
+        absmax: &[f32],
+        bs: usize,
+    ) -> Vec<f64> {
+        (0..len)
+            .map(|e| {
+                let byte = packed[e / 2];
+                let code = if e % 2 == 0 { byte >> 4 } else { byte & 15 };
+                (table[code as usize] * absmax[e / bs]) as f64
+            })
+            .collect()
+    }
+
+    /// Checks every path against `x · Wᵀ` in f64; the tolerance is a few f32 roundings
+    /// of the sum of absolute products (error bound of an f32 dot product: ~k·ε·Σ|x·w|,
+    /// here with generous slack for the per-group scaling).
+    fn check(lb: &LowBit, w: &[f64], m: usize, rng: &mut impl Rng) {
+        let (rows, cols) = lb.shape();
+        let x: Vec<f32> = (0..m * cols).map(|_| rng.gen_range(-2.0..2.0)).collect();
+        for isa in Isa::available() {
+            let y = lb.matmul_with(isa, &x, m);
+            for r in 0..m {
+                for o in 0..rows {
+                    let (mut e, mut mag) = (0f64, 0f64);
+                    for p in 0..cols {
+                        let t = x[r * cols + p] as f64 * w[o * cols + p];
+                        e += t;
+                        mag += t.abs();
+                    }
+                    // Worst-case bound of an f32 sum of `cols` products, `cols·ε·Σ|x·w|`,
+                    // plus one rounding for the group scale applied after the sum.
+                    let tol = (cols as f64 + 2.0) * f32::EPSILON as f64 * mag + 1e-30;
+                    let got = y[r * rows + o] as f64;
+                    assert!(
+                        (got - e).abs() <= tol,
+                        "{isa:?} m={m} row {r} out {o}: {got} vs {e} (tol {tol})"
+                    );
+                }
+            }
+        }
+        // The layout decodes to exactly the reference weights.
+        let d = lb.decode_all();
+        for (a, b) in d.iter().zip(w) {
+            assert_eq!(*a as f64, *b);
+        }
+    }
+
+    #[test]
+    fn int_codes_every_path_matches_f64() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for &bits in &[8u8, 4, 3, 2] {
+            for &signed in &[true, false] {
+                for &affine in &[false, true] {
+                    for &(rows, cols, group) in &[
+                        (37usize, 100usize, 32usize),
+                        (9, 200, 64),
+                        (13, 300, 128),
+                        (11, 77, 77),
+                        (5, 45, 0),
+                    ] {
+                        let qmin: i32 = if signed { -(1 << (bits - 1)) } else { 0 };
+                        let qmax = qmin + (1 << bits) - 1;
+                        let codes: Vec<u8> = (0..rows * cols)
+                            .map(|_| rng.gen_range(qmin..=qmax) as u8)
+                            .collect();
+                        let np = if group == 0 {
+                            1
+                        } else if group >= cols {
+                            rows
+                        } else {
+                            rows * cols.div_ceil(group)
+                        };
+                        let scale: Vec<f32> = (0..np).map(|_| rng.gen_range(0.001..0.1)).collect();
+                        let zero: Vec<i32> = (0..np)
+                            .map(|_| {
+                                if affine {
+                                    rng.gen_range(qmin..=qmax)
+                                } else if signed {
+                                    0
+                                } else {
+                                    (qmin + qmax + 1) / 2
+                                }
+                            })
+                            .collect();
+                        let lb = LowBit::from_int(
+                            rows, cols, &codes, signed, bits, &scale, &zero, group,
+                        )
+                        .expect("layout");
+                        assert_eq!(
+                            lb.kind(),
+                            if bits <= 4 {
+                                Codes::Nibble
+                            } else {
+                                Codes::Byte
+                            }
+                        );
+                        let w = ref_int(rows, cols, &codes, signed, &scale, &zero, group);
+                        for m in [1, 3, 17, 100] {
+                            check(&lb, &w, m, &mut rng);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn many_rows_and_threads() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (rows, cols) = (300, 320);
+        let codes: Vec<u8> = (0..rows * cols)
+            .map(|_| rng.gen_range(-8i32..8) as i8 as u8)
+            .collect();
+        let scale: Vec<f32> = (0..rows * 5).map(|_| rng.gen_range(0.01..0.1)).collect();
+        let zero = vec![0; rows * 5];
+        let lb = LowBit::from_int(rows, cols, &codes, true, 4, &scale, &zero, 64).unwrap();
+        let w = ref_int(rows, cols, &codes, true, &scale, &zero, 64);
+        for m in [1, 100] {
+            check(&lb, &w, m, &mut rng);
+        }
+    }
+
+    #[test]
+    fn code_book_every_path_matches_f64() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let table: [f32; 16] = std::array::from_fn(|i| (i as f32 - 7.5) / 7.5 + 0.01 * i as f32);
+        for &(rows, cols, bs) in &[
+            (7usize, 64usize, 64usize),
+            (9, 96, 64),
+            (5, 128, 128),
+            (3, 160, 128),
+            (70, 256, 64),
+        ] {
+            let len = rows * cols;
+            let packed: Vec<u8> = (0..len.div_ceil(2)).map(|_| rng.gen()).collect();
+            let absmax: Vec<f32> = (0..len.div_ceil(bs))
+                .map(|_| rng.gen_range(0.1..3.0))
+                .collect();
+            let lb = LowBit::from_table(rows, cols, &packed, &table, &absmax, bs).expect("layout");
+            let w = ref_table(len, &packed, &table, &absmax, bs);
+            for m in [1, 3, 17, 100] {
+                check(&lb, &w, m, &mut rng);
+            }
+        }
+        // Blocks under a chunk: no kernel layout (the caller keeps its own path).
+        assert!(LowBit::from_table(3, 100, &[0; 150], &table, &[1.0; 19], 16).is_none());
+    }
+
+    #[test]
+    fn layouts_that_do_not_fit_are_refused() {
+        assert!(LowBit::from_int(2, 100, &[0; 200], true, 4, &[1.0; 8], &[0; 8], 16).is_none());
+        assert!(LowBit::from_int(2, 10, &[0; 20], true, 9, &[1.0; 2], &[0; 2], 10).is_none());
+        // A 4-bit signed code outside its range.
+        assert!(LowBit::from_int(1, 32, &[100; 32], true, 4, &[1.0], &[0], 32).is_none());
+    }
+}
