@@ -636,7 +636,17 @@ impl Llama {
     /// Logits `[batch, seq, vocab]` for `ids` `[batch, seq]` placed after the cache's
     /// tokens. With `last_only`, only the last position's logits (`[batch, 1, vocab]`).
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache, last_only: bool) -> Result<Tensor> {
+        let t = ids.dim(1)?;
+        self.forward_tail(ids, cache, if last_only { 1 } else { t })
+    }
+
+    /// Logits of the last `rows` positions only (`[batch, rows, vocab]`): the output layer
+    /// is the largest matmul, and perplexity scores only a window's tail.
+    pub fn forward_tail(&self, ids: &Tensor, cache: &mut KvCache, rows: usize) -> Result<Tensor> {
         let (bsz, t) = ids.dims2()?;
+        if rows == 0 || rows > t {
+            bail!("logits of the last {rows} of {t} positions asked for");
+        }
         let offset = cache.len();
         if offset + t > self.cfg.max_position_embeddings {
             bail!(
@@ -658,7 +668,7 @@ impl Llama {
         }
         if self.device.is_cpu() && bsz == 1 && self.embed.dtype() == DType::F32 {
             let x = self.embed.index_select(&flat, 0)?;
-            return self.forward_cpu(x, cache, last_only);
+            return self.forward_cpu(x, cache, rows);
         }
         let mut x = self
             .embed
@@ -673,8 +683,8 @@ impl Llama {
             let act = (candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?;
             x = (x + b.down.forward(&act)?)?;
         }
-        if last_only {
-            x = x.narrow(1, t - 1, 1)?;
+        if rows < t {
+            x = x.narrow(1, t - rows, rows)?;
         }
         let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, eps)?;
         self.lm_head.forward(&x)
@@ -685,7 +695,7 @@ impl Llama {
     /// repeated key/value heads, no concatenation), the elementwise steps fused on slices.
     /// The same arithmetic as the tensor path, up to summation order and `exp` (see
     /// `llm_f32`). `x` is the embedded sequence `[t, hidden]`.
-    fn forward_cpu(&self, x: Tensor, cache: &mut KvCache, last_only: bool) -> Result<Tensor> {
+    fn forward_cpu(&self, x: Tensor, cache: &mut KvCache, rows: usize) -> Result<Tensor> {
         let c = &self.cfg;
         let (t, hs) = x.dims2()?;
         let offset = cache.len();
@@ -743,7 +753,6 @@ impl Llama {
             add_in_place(&mut x, &d);
         }
         cache.len = offset + t;
-        let rows = if last_only { 1 } else { t };
         let x = &x[(t - rows) * hs..];
         let h = Tensor::from_vec(
             llm_f32::rms_norm(x, &host(&self.norm)?, eps),
