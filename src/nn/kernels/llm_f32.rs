@@ -34,7 +34,7 @@ pub fn exp(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let e = p * (r * r) + r + 1.0;
     let scaled = e * f32::from_bits(((n as i32 + 127) as u32) << 23);
     if x > HI {
@@ -131,7 +131,7 @@ pub fn rope(
     pairs: RopePairs,
 ) {
     let (half, width) = (hd / 2, heads * hd);
-    assert!(hd % 2 == 0 && width > 0 && x.len().is_multiple_of(width));
+    assert!(hd.is_multiple_of(2) && width > 0 && x.len().is_multiple_of(width));
     let rows = x.len() / width;
     assert!(cos.len() >= (pos0 + rows) * half && sin.len() >= (pos0 + rows) * half);
     for (r, row) in x.chunks_exact_mut(width).enumerate() {
