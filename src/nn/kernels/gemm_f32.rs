@@ -204,8 +204,13 @@ impl Region {
         // Enough items to keep every thread busy, few enough that each holds a panel group
         // worth streaming (decoding: the weight is read once, split by columns).
         let threads = rayon::current_num_threads().max(1);
-        let want = (threads * 4).div_ceil(row_blocks);
-        let group = panels.div_ceil(want.max(1)).max(1);
+        let want = if row_blocks == 1 {
+            // Few rows (decoding): bandwidth bound, so balance the weight bytes finely.
+            64
+        } else {
+            (threads * 4).div_ceil(row_blocks)
+        };
+        let group = panels.div_ceil(want).max(1);
         let groups = panels.div_ceil(group);
         let items = groups * row_blocks;
         // A few rows stay in L1 whatever k is: block k only when many rows share the panel.
