@@ -5,6 +5,7 @@
 
 use crate::load::gguf::Gguf;
 use crate::load::{SafetensorsSource, TensorSource};
+use crate::nn::kernels::llm_f32::{self, KvHeads, RopePairs};
 use crate::nn::{HasLinears, QLinear};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -297,19 +298,20 @@ struct Block {
     down: QLinear,
 }
 
-/// Cached keys and values per layer, `[batch, kv_heads, seq, head_dim]`.
+/// Cached keys and values per layer: on the CPU one growing `[seq, head_dim]` buffer per
+/// key/value head (appended to in place), elsewhere tensors `[batch, kv_heads, seq,
+/// head_dim]`.
 #[derive(Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    cpu: Vec<KvHeads>,
+    len: usize,
 }
 
 impl KvCache {
     /// Tokens already in the cache.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
@@ -326,6 +328,9 @@ pub struct Llama {
     lm_head: QLinear,
     cos: Tensor,
     sin: Tensor,
+    /// `cos` and `sin` as host tables `[positions, head_dim / 2]` for the CPU path.
+    cos_host: Vec<f32>,
+    sin_host: Vec<f32>,
     pub device: Device,
 }
 
@@ -526,9 +531,12 @@ impl Llama {
             .to_dtype(DType::F32)?
             .reshape((n, 1))?;
         let freqs = pos.broadcast_mul(&inv)?;
+        let (cos, sin) = (freqs.cos()?, freqs.sin()?);
         Ok(Llama {
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
+            cos_host: cos.flatten_all()?.to_vec1()?,
+            sin_host: sin.flatten_all()?.to_vec1()?,
+            cos,
+            sin,
             cfg,
             rope_layout,
             embed,
@@ -549,6 +557,8 @@ impl Llama {
     pub fn new_cache(&self) -> KvCache {
         KvCache {
             layers: vec![None; self.cfg.num_hidden_layers],
+            cpu: vec![KvHeads::default(); self.cfg.num_hidden_layers],
+            len: 0,
         }
     }
 
@@ -626,7 +636,17 @@ impl Llama {
     /// Logits `[batch, seq, vocab]` for `ids` `[batch, seq]` placed after the cache's
     /// tokens. With `last_only`, only the last position's logits (`[batch, 1, vocab]`).
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache, last_only: bool) -> Result<Tensor> {
+        let t = ids.dim(1)?;
+        self.forward_tail(ids, cache, if last_only { 1 } else { t })
+    }
+
+    /// Logits of the last `rows` positions only (`[batch, rows, vocab]`): the output layer
+    /// is the largest matmul, and perplexity scores only a window's tail.
+    pub fn forward_tail(&self, ids: &Tensor, cache: &mut KvCache, rows: usize) -> Result<Tensor> {
         let (bsz, t) = ids.dims2()?;
+        if rows == 0 || rows > t {
+            bail!("logits of the last {rows} of {t} positions asked for");
+        }
         let offset = cache.len();
         if offset + t > self.cfg.max_position_embeddings {
             bail!(
@@ -646,11 +666,16 @@ impl Llama {
                 self.cfg.vocab_size
             );
         }
+        if self.device.is_cpu() && bsz == 1 && self.embed.dtype() == DType::F32 {
+            let x = self.embed.index_select(&flat, 0)?;
+            return self.forward_cpu(x, cache, rows);
+        }
         let mut x = self
             .embed
             .index_select(&flat, 0)?
             .reshape((bsz, t, self.cfg.hidden_size))?;
         let eps = self.cfg.rms_norm_eps as f32;
+        cache.len = offset + t;
         for (b, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)?;
             x = (x + self.attention(b, &h, offset, c)?)?;
@@ -658,11 +683,83 @@ impl Llama {
             let act = (candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?;
             x = (x + b.down.forward(&act)?)?;
         }
-        if last_only {
-            x = x.narrow(1, t - 1, 1)?;
+        if rows < t {
+            x = x.narrow(1, t - rows, rows)?;
         }
         let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, eps)?;
         self.lm_head.forward(&x)
+    }
+
+    /// The forward pass on the CPU for one sequence: activations as host buffers between
+    /// the linear layers, attention over the cache's per-head buffers (no mask tensor, no
+    /// repeated key/value heads, no concatenation), the elementwise steps fused on slices.
+    /// The same arithmetic as the tensor path, up to summation order and `exp` (see
+    /// `llm_f32`). `x` is the embedded sequence `[t, hidden]`.
+    fn forward_cpu(&self, x: Tensor, cache: &mut KvCache, rows: usize) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (t, hs) = x.dims2()?;
+        let offset = cache.len();
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let eps = c.rms_norm_eps as f32;
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let pairs = match self.rope_layout {
+            RopeLayout::Interleaved => RopePairs::Adjacent,
+            RopeLayout::HalfSplit => RopePairs::Halves,
+        };
+        let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let dev = &self.device;
+        let mut x = host(&x)?;
+        for (b, kv) in self.blocks.iter().zip(cache.cpu.iter_mut()) {
+            let h = Tensor::from_vec(
+                llm_f32::rms_norm(&x, &host(&b.attn_norm)?, eps),
+                (t, hs),
+                dev,
+            )?;
+            let mut q = host(&b.q.forward(&h)?)?;
+            let mut k = host(&b.k.forward(&h)?)?;
+            let v = host(&b.v.forward(&h)?)?;
+            llm_f32::rope(
+                &mut q,
+                nh,
+                hd,
+                offset,
+                &self.cos_host,
+                &self.sin_host,
+                pairs,
+            );
+            llm_f32::rope(
+                &mut k,
+                nkv,
+                hd,
+                offset,
+                &self.cos_host,
+                &self.sin_host,
+                pairs,
+            );
+            kv.append(&k, &v, nkv, hd);
+            let y = llm_f32::causal_attention(&q, t, nh, hd, kv, offset, scale);
+            let y = host(&b.o.forward(&Tensor::from_vec(y, (t, nh * hd), dev)?)?)?;
+            add_in_place(&mut x, &y);
+            let h = Tensor::from_vec(
+                llm_f32::rms_norm(&x, &host(&b.ffn_norm)?, eps),
+                (t, hs),
+                dev,
+            )?;
+            let mut g = host(&b.gate.forward(&h)?)?;
+            let u = host(&b.up.forward(&h)?)?;
+            llm_f32::silu_mul(&mut g, &u);
+            let inner = c.intermediate_size;
+            let d = host(&b.down.forward(&Tensor::from_vec(g, (t, inner), dev)?)?)?;
+            add_in_place(&mut x, &d);
+        }
+        cache.len = offset + t;
+        let x = &x[(t - rows) * hs..];
+        let h = Tensor::from_vec(
+            llm_f32::rms_norm(x, &host(&self.norm)?, eps),
+            (rows, hs),
+            dev,
+        )?;
+        Ok(self.lm_head.forward(&h)?.reshape((1, rows, c.vocab_size))?)
     }
 
     /// Parameters of the linear layers plus embeddings and norms.
@@ -711,12 +808,31 @@ impl Llama {
         out
     }
 
-    /// Log-probabilities of the last dimension, in f32.
+    /// Log-probabilities of the last dimension, in f32 (fused on the CPU).
     pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::log_softmax(
-            &logits.to_dtype(DType::F32)?,
-            D::Minus1,
-        )?)
+        let logits = logits.to_dtype(DType::F32)?;
+        if logits.device().is_cpu() {
+            let cols = logits.dim(D::Minus1)?;
+            let logits = logits.contiguous()?;
+            let n = logits.elem_count();
+            let out = crate::nn::rows::with_cpu_slice(
+                &logits,
+                n,
+                candle_core::CpuStorage::as_slice::<f32>,
+                |v| llm_f32::log_softmax(v, cols),
+            );
+            if let Some(out) = out {
+                return Ok(Tensor::from_vec(out, logits.dims(), logits.device())?);
+            }
+        }
+        Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
+    }
+}
+
+/// `x += y` elementwise (the residual connections).
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
     }
 }
 

@@ -119,8 +119,9 @@ pub fn windows(
 pub fn window_log_probs(model: &Llama, w: &Window) -> Result<Tensor> {
     let ids = Tensor::from_vec(w.tokens.clone(), (1, w.tokens.len()), &model.device)?;
     let mut cache = model.new_cache();
-    let logits = model.forward(&ids, &mut cache, false)?;
-    let scored = logits.narrow(1, w.first_scored, w.scored())?.squeeze(0)?;
+    // Logits from the first scored position on (the output layer is the largest matmul).
+    let logits = model.forward_tail(&ids, &mut cache, w.tokens.len() - w.first_scored)?;
+    let scored = logits.narrow(1, 0, w.scored())?.squeeze(0)?;
     Llama::log_softmax(&scored)
 }
 

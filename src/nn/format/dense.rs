@@ -1,13 +1,15 @@
-//! Dense f32 weights: candle's matmul on any device, and row-by-row dot products on the
-//! CPU for a few activation rows (decoding), where the matmul's fixed cost dominates.
+//! Dense f32 weights: on the CPU, the packed f32 kernel (`kernels::gemm_f32`: the weight
+//! rearranged once, on first use, into the panel layout the kernel streams) for any number
+//! of activation rows; candle's matmul on other devices.
 
 use super::{named, StoredParts, WeightFormat};
 use crate::load::{raw_f32, NamedTensor};
+use crate::nn::kernels::gemm_f32::{self, PackedWeight};
 use crate::nn::rows::{self, RowSource};
 use anyhow::Result;
 use candle_core::{CpuStorage, DType, Device, Tensor};
 use std::any::Any;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 pub const ID: &str = "f32";
 
@@ -15,12 +17,45 @@ pub const ID: &str = "f32";
 pub struct Dense {
     /// `[out, in]` f32.
     pub weight: Tensor,
+    /// The weight in the CPU kernel's panel layout, made on the first CPU forward (a second
+    /// copy of the weight: memory traded for a matmul that packs nothing per call).
+    packed: Arc<OnceLock<PackedWeight>>,
 }
 
 impl Dense {
     pub fn new(weight: Tensor) -> Result<Self> {
         Ok(Dense {
             weight: weight.to_dtype(DType::F32)?,
+            packed: Arc::default(),
+        })
+    }
+
+    /// `x [m, in] · Wᵀ` with the packed CPU kernel; `None` when the weight or `x` is not
+    /// on the CPU (or the weight's storage is not a plain contiguous f32 buffer).
+    fn forward_packed(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !x.device().is_cpu() || !self.weight.device().is_cpu() {
+            return Ok(None);
+        }
+        let (o, i) = self.shape();
+        let packed = match self.packed.get() {
+            Some(p) => p,
+            None => {
+                let p =
+                    rows::with_cpu_slice(&self.weight, o * i, CpuStorage::as_slice::<f32>, |w| {
+                        PackedWeight::for_selected(w, o, i)
+                    });
+                let Some(p) = p else { return Ok(None) };
+                self.packed.get_or_init(|| p)
+            }
+        };
+        let m = x.dim(0)?;
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let y = rows::with_cpu_slice(&x, m * i, CpuStorage::as_slice::<f32>, |xs| {
+            gemm_f32::matmul(xs, m, packed)
+        });
+        Ok(match y {
+            Some(y) => Some(Tensor::from_vec(y, (m, o), x.device())?),
+            None => None,
         })
     }
 
@@ -57,6 +92,12 @@ impl WeightFormat for Dense {
     }
 
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(y) = self.forward_packed(x)? {
+            return Ok(match bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
+        }
         let (o, i) = self.shape();
         forward_rows_or_matmul(
             x,
@@ -75,14 +116,14 @@ impl WeightFormat for Dense {
         Ok(self.weight.clone())
     }
 
+    /// `forward` is the matmul with the weight itself: a dequantized copy would only
+    /// duplicate it and bypass the packed CPU kernel.
     fn forward_is_dequantized_matmul(&self) -> bool {
-        true
+        false
     }
 
     fn to_device(&self, device: &Device) -> Result<Arc<dyn WeightFormat>> {
-        Ok(Arc::new(Dense {
-            weight: self.weight.to_device(device)?,
-        }))
+        Dense::new(self.weight.to_device(device)?).map(|d| Arc::new(d) as _)
     }
 
     fn tensors(&self, prefix: &str) -> Result<Vec<NamedTensor>> {

@@ -1,0 +1,552 @@
+//! f32 matrix multiplication `y = x · Wᵀ` for dense layers, with the weight packed once.
+//!
+//! candle's matmul packs both operands on every call and reaches about half the FMA peak
+//! on these shapes; decoding (one activation row) goes through a generic GEMM as well.
+//! Here the weight `[n, k]` is rearranged once into panels of `nr` output columns, each
+//! panel `[k][nr]` contiguous (zero padded past `n`), so a register tile of `MR`
+//! activation rows × `nr` columns runs over `k` with one broadcast per row and `nr / lanes`
+//! vector loads per step — the same kernel for one row (decoding, bandwidth bound) and for
+//! 512 rows (prefill, compute bound). Work is split over (panel group, row block) pairs on
+//! rayon's pool; `k` is cut into blocks so a panel block and the activation rows it meets
+//! stay in L2.
+//!
+//! Every output is the same sum of products as the textbook dot product, accumulated in
+//! f32 in another order (per k-block partial sums, each summed in k order), so results
+//! differ from candle's only by float summation order.
+
+use super::Isa;
+use rayon::prelude::*;
+
+/// Rows of activations per register tile.
+pub const MR: usize = 6;
+
+/// Steps of `k` per block: a `KC × nr` panel block (64 KiB at nr = 64) stays in L2 while
+/// every row tile of a row block passes over it.
+const KC: usize = 256;
+
+/// Activation rows per work item (16 row tiles).
+const MB: usize = 16 * MR;
+
+/// Panel width (output columns per register tile) of each path.
+pub fn panel_width(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 64,
+        Isa::Avx2 | Isa::Portable => 16,
+    }
+}
+
+/// A `[n, k]` weight rearranged into `ceil(n / nr)` panels of `[k][nr]`, 64-byte aligned.
+pub struct PackedWeight {
+    n: usize,
+    k: usize,
+    nr: usize,
+    /// Storage; the panels start at `off` (for alignment).
+    buf: Vec<f32>,
+    off: usize,
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedWeight[{}, {}; nr {}]", self.n, self.k, self.nr)
+    }
+}
+
+impl PackedWeight {
+    /// Packs row-major `w` (`n` rows of `k`) into panels of `nr` columns.
+    pub fn new(w: &[f32], n: usize, k: usize, nr: usize) -> Self {
+        assert!(nr > 0 && nr.is_multiple_of(16), "panel width {nr}");
+        assert_eq!(w.len(), n * k, "weight buffer size");
+        let panels = n.div_ceil(nr);
+        let len = panels * k * nr;
+        let mut buf = vec![0f32; len + 16];
+        // Start the panels on a 64-byte boundary (the Vec itself is only 4-byte aligned).
+        let off = buf.as_ptr().align_offset(64).min(15);
+        buf[off..off + len]
+            .par_chunks_mut((k * nr).max(1))
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let cols = nr.min(n - p * nr);
+                for (c, row) in w[p * nr * k..(p * nr + cols) * k]
+                    .chunks_exact(k)
+                    .enumerate()
+                {
+                    for (kk, &v) in row.iter().enumerate() {
+                        panel[kk * nr + c] = v;
+                    }
+                }
+            });
+        PackedWeight { n, k, nr, buf, off }
+    }
+
+    /// Packs `W = vᵀ` for row-major `v` of `k` rows by `n` columns (attention's values:
+    /// `P · V` is `P · Wᵀ` with `W = Vᵀ`).
+    pub fn from_transposed(v: &[f32], k: usize, n: usize, nr: usize) -> Self {
+        assert!(nr > 0 && nr.is_multiple_of(16), "panel width {nr}");
+        assert_eq!(v.len(), n * k, "buffer size");
+        let panels = n.div_ceil(nr);
+        let len = panels * k * nr;
+        let mut buf = vec![0f32; len + 16];
+        let off = buf.as_ptr().align_offset(64).min(15);
+        for (p, panel) in buf[off..off + len].chunks_mut((k * nr).max(1)).enumerate() {
+            let cols = nr.min(n - p * nr);
+            for (kk, row) in v.chunks_exact(n.max(1)).enumerate().take(k) {
+                panel[kk * nr..kk * nr + cols].copy_from_slice(&row[p * nr..p * nr + cols]);
+            }
+        }
+        PackedWeight { n, k, nr, buf, off }
+    }
+
+    /// Packs for the kernel path this process uses.
+    pub fn for_selected(w: &[f32], n: usize, k: usize) -> Self {
+        Self::new(w, n, k, panel_width(Isa::selected()))
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn nr(&self) -> usize {
+        self.nr
+    }
+
+    fn data(&self) -> &[f32] {
+        &self.buf[self.off..self.off + self.n.div_ceil(self.nr) * self.k * self.nr]
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.buf.len() * 4
+    }
+}
+
+/// `y [m, n] = x [m, k] · Wᵀ` on the selected path, in parallel; `x` row-major.
+pub fn matmul(x: &[f32], m: usize, w: &PackedWeight) -> Vec<f32> {
+    matmul_with(Isa::selected(), x, m, w)
+}
+
+/// [`matmul`] on a given path (tests and benchmarks compare every path).
+///
+/// Panics when `w` was packed for another path's panel width or `isa` is not in
+/// [`Isa::available`].
+pub fn matmul_with(isa: Isa, x: &[f32], m: usize, w: &PackedWeight) -> Vec<f32> {
+    let mut y = vec![0f32; m * w.n];
+    matmul_into(isa, x, m, w.k, w, &mut y, w.n);
+    y
+}
+
+/// `y[i, 0..n] = x[i, 0..k] · Wᵀ` for `i < m`, with row strides `ldx` and `ldy` (so a
+/// column slice of a wider matrix can be read or written in place).
+pub fn matmul_into(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    ldx: usize,
+    w: &PackedWeight,
+    y: &mut [f32],
+    ldy: usize,
+) {
+    let region = Region {
+        m,
+        n: w.n,
+        k: w.k,
+        parallel: true,
+    };
+    region.run(isa, x, ldx, w, y, ldy);
+}
+
+/// A part of a product: the first `n` output columns and the first `k` inner steps of a
+/// packed weight (attention multiplies by a causal prefix of its keys and values).
+pub struct Region {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// Split the work over rayon's pool (off inside work that is already split).
+    pub parallel: bool,
+}
+
+impl Region {
+    /// `y[i, j] = Σ_{p < k} x[i * ldx + p] · W[j, p]` for `i < m`, `j < n`.
+    pub fn run(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        ldx: usize,
+        w: &PackedWeight,
+        y: &mut [f32],
+        ldy: usize,
+    ) {
+        let (m, n, k, nr) = (self.m, self.n, self.k, w.nr);
+        assert_eq!(
+            nr,
+            panel_width(isa),
+            "weight packed for another kernel path"
+        );
+        assert!(Isa::available().contains(&isa), "{isa:?} not available");
+        assert!(n <= w.n && k <= w.k, "region outside the weight");
+        if m == 0 || n == 0 {
+            return;
+        }
+        assert!(ldx >= k && ldy >= n, "row strides");
+        assert!(x.len() >= (m - 1) * ldx + k, "activation buffer size");
+        assert!(y.len() >= (m - 1) * ldy + n, "output buffer size");
+        if k == 0 {
+            for r in 0..m {
+                y[r * ldy..r * ldy + n].fill(0.0);
+            }
+            return;
+        }
+        let panels = n.div_ceil(nr);
+        let row_blocks = m.div_ceil(MB);
+        // Enough items to keep every thread busy, few enough that each holds a panel group
+        // worth streaming (decoding: the weight is read once, split by columns).
+        let threads = rayon::current_num_threads().max(1);
+        let want = if row_blocks == 1 {
+            // Few rows (decoding): bandwidth bound, so balance the weight bytes finely.
+            64
+        } else {
+            (threads * 4).div_ceil(row_blocks)
+        };
+        let group = panels.div_ceil(want).max(1);
+        let groups = panels.div_ceil(group);
+        let items = groups * row_blocks;
+        // A few rows stay in L1 whatever k is: block k only when many rows share the panel.
+        let kb = if m <= MR { k } else { KC };
+        let data = w.data();
+        let stride = w.k * nr;
+        let yp = SendPtr(y.as_mut_ptr());
+        let run = |item: usize| {
+            let (g, rb) = (item % groups, item / groups);
+            let (p0, p1) = (g * group, ((g + 1) * group).min(panels));
+            let (r0, r1) = (rb * MB, ((rb + 1) * MB).min(m));
+            for k0 in (0..k).step_by(kb) {
+                let kc = kb.min(k - k0);
+                for p in p0..p1 {
+                    let cols = nr.min(n - p * nr);
+                    let b = &data[p * stride + k0 * nr..p * stride + (k0 + kc) * nr];
+                    for t0 in (r0..r1).step_by(MR) {
+                        let mr = MR.min(r1 - t0);
+                        let a = &x[t0 * ldx + k0..];
+                        // SAFETY: rows t0..t0+mr and columns p*nr..p*nr+cols of y are written
+                        // by this item alone (items partition rows × panels); the bounds
+                        // asserted above keep (t0+mr-1)*ldy + p*nr + cols <= y.len().
+                        let c = unsafe { yp.get().add(t0 * ldy + p * nr) };
+                        let tile = Tile {
+                            a,
+                            lda: ldx,
+                            b,
+                            kc,
+                            c,
+                            ldc: ldy,
+                            mr,
+                            cols,
+                            accumulate: k0 > 0,
+                        };
+                        tile.run(isa);
+                    }
+                }
+            }
+        };
+        if !self.parallel || items == 1 || (m * n * k) < 1 << 16 {
+            (0..items).for_each(run);
+        } else {
+            (0..items).into_par_iter().for_each(run);
+        }
+    }
+}
+
+/// A raw output pointer shared by work items that write disjoint tiles.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the items writing through it touch disjoint elements (see `matmul_into`).
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// One register tile: `c[r, 0..cols] (+)= Σ_{p < kc} a[r * lda + p] · b[p * nr + 0..cols]`
+/// for `r < mr`.
+struct Tile<'a> {
+    a: &'a [f32],
+    lda: usize,
+    b: &'a [f32],
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    cols: usize,
+    accumulate: bool,
+}
+
+impl Tile<'_> {
+    fn run(&self, isa: Isa) {
+        assert!(self.mr >= 1 && self.mr <= MR);
+        assert!(self.a.len() >= (self.mr - 1) * self.lda + self.kc);
+        let nr = panel_width(isa);
+        assert!(self.b.len() >= self.kc * nr && self.cols <= nr);
+        match isa {
+            Isa::Portable => portable::tile(self),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `matmul_into` checked `isa` is available (AVX2 + FMA present).
+            Isa::Avx2 => unsafe { avx2::tile(self) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above, AVX-512 F/BW/VL present.
+            Isa::Avx512 => unsafe { avx512::tile(self) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => portable::tile(self),
+        }
+    }
+}
+
+mod portable {
+    use super::{Tile, MR};
+    const NR: usize = 16;
+
+    pub(super) fn tile(t: &Tile) {
+        let mut acc = [[0f32; NR]; MR];
+        for p in 0..t.kc {
+            let b: &[f32; NR] = t.b[p * NR..p * NR + NR].try_into().unwrap();
+            for (r, row) in acc.iter_mut().enumerate().take(t.mr) {
+                let a = t.a[r * t.lda + p];
+                for (o, &bv) in row.iter_mut().zip(b) {
+                    *o += a * bv;
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate().take(t.mr) {
+            for (j, &v) in row.iter().enumerate().take(t.cols) {
+                // SAFETY: the caller guarantees row r < mr and column j < cols lie in y.
+                unsafe {
+                    let c = t.c.add(r * t.ldc + j);
+                    *c = if t.accumulate { *c + v } else { v };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Tile, MR};
+    use std::arch::x86_64::*;
+    const NR: usize = 16;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile(t: &Tile) {
+        match t.mr {
+            1 => kernel::<1>(t),
+            2 => kernel::<2>(t),
+            3 => kernel::<3>(t),
+            4 => kernel::<4>(t),
+            5 => kernel::<5>(t),
+            _ => kernel::<MR>(t),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn kernel<const R: usize>(t: &Tile) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let (a, b) = (t.a.as_ptr(), t.b.as_ptr());
+        for p in 0..t.kc {
+            // SAFETY: p < kc and b holds kc * NR values; a holds (R-1)*lda + kc (asserted
+            // in Tile::run).
+            let b0 = _mm256_loadu_ps(b.add(p * NR));
+            let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let av = _mm256_broadcast_ss(&*a.add(r * t.lda + p));
+                acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let c = t.c.add(r * t.ldc);
+            if t.cols == NR {
+                for (v, &x) in acc.iter().enumerate() {
+                    // SAFETY: a full panel: 16 columns of row r are in y.
+                    let x = if t.accumulate {
+                        _mm256_add_ps(_mm256_loadu_ps(c.add(8 * v)), x)
+                    } else {
+                        x
+                    };
+                    _mm256_storeu_ps(c.add(8 * v), x);
+                }
+            } else {
+                let mut tmp = [0f32; NR];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[1]);
+                for (j, &v) in tmp.iter().enumerate().take(t.cols) {
+                    // SAFETY: j < cols, inside y.
+                    *c.add(j) = if t.accumulate { *c.add(j) + v } else { v };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Tile, MR};
+    use std::arch::x86_64::*;
+    const NR: usize = 64;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn tile(t: &Tile) {
+        match t.mr {
+            1 => kernel::<1>(t),
+            2 => kernel::<2>(t),
+            3 => kernel::<3>(t),
+            4 => kernel::<4>(t),
+            5 => kernel::<5>(t),
+            _ => kernel::<MR>(t),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn kernel<const R: usize>(t: &Tile) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        let (a, b) = (t.a.as_ptr(), t.b.as_ptr());
+        for p in 0..t.kc {
+            // SAFETY: p < kc and b holds kc * NR values; a holds (R-1)*lda + kc (asserted
+            // in Tile::run).
+            let bp = b.add(p * NR);
+            let bv = [
+                _mm512_loadu_ps(bp),
+                _mm512_loadu_ps(bp.add(16)),
+                _mm512_loadu_ps(bp.add(32)),
+                _mm512_loadu_ps(bp.add(48)),
+            ];
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*a.add(r * t.lda + p));
+                for v in 0..4 {
+                    acc[v] = _mm512_fmadd_ps(av, bv[v], acc[v]);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let c = t.c.add(r * t.ldc);
+            for (v, &x) in acc.iter().enumerate() {
+                let left = t.cols.saturating_sub(16 * v).min(16);
+                if left == 0 {
+                    break;
+                }
+                let mask: __mmask16 = if left == 16 {
+                    0xffff
+                } else {
+                    (1u16 << left) - 1
+                };
+                // SAFETY: only the `left` columns of this vector inside y are touched.
+                let p = c.add(16 * v);
+                let x = if t.accumulate {
+                    _mm512_add_ps(_mm512_maskz_loadu_ps(mask, p), x)
+                } else {
+                    x
+                };
+                _mm512_mask_storeu_ps(p, mask, x);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// f64 reference with its error bound: each output's f32 result may differ from the
+    /// exact sum by about k · 2⁻²⁴ · Σ|x·w| (a standard bound for any summation order).
+    fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> (Vec<f64>, Vec<f64>) {
+        let mut y = vec![0f64; m * n];
+        let mut bound = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let (mut s, mut a) = (0f64, 0f64);
+                for p in 0..k {
+                    let v = x[i * k + p] as f64 * w[j * k + p] as f64;
+                    s += v;
+                    a += v.abs();
+                }
+                y[i * n + j] = s;
+                bound[i * n + j] = (k as f64 + 2.0) * f32::EPSILON as f64 * a + 1e-30;
+            }
+        }
+        (y, bound)
+    }
+
+    #[test]
+    fn every_path_matches_f64_on_ragged_shapes() {
+        let shapes = [
+            (1, 1, 1),
+            (1, 37, 5),
+            (1, 576, 192),
+            (2, 300, 70),
+            (5, 17, 129),
+            (7, 513, 33),
+            (13, 1000, 65),
+            (97, 260, 100),
+            (200, 31, 17),
+        ];
+        for (si, &(m, k, n)) in shapes.iter().enumerate() {
+            let x = lcg(m * k, si as u64);
+            let w = lcg(n * k, 100 + si as u64);
+            let (r, bound) = reference(&x, m, k, &w, n);
+            for isa in Isa::available() {
+                let pw = PackedWeight::new(&w, n, k, panel_width(isa));
+                let y = matmul_with(isa, &x, m, &pw);
+                for (idx, ((&g, &e), &b)) in y.iter().zip(&r).zip(&bound).enumerate() {
+                    assert!(
+                        (g as f64 - e).abs() <= b,
+                        "{isa:?} m{m} k{k} n{n} at {idx}: {g} vs {e} (bound {b})"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strided_rows_read_and_write_in_place() {
+        let (m, k, n, ldx, ldy) = (9, 70, 20, 100, 50);
+        let x = lcg(m * ldx, 1);
+        let w = lcg(n * k, 2);
+        for isa in Isa::available() {
+            let pw = PackedWeight::new(&w, n, k, panel_width(isa));
+            let mut y = vec![7f32; m * ldy];
+            matmul_into(isa, &x, m, ldx, &pw, &mut y, ldy);
+            for i in 0..m {
+                for j in 0..ldy {
+                    let got = y[i * ldy + j];
+                    if j >= n {
+                        assert_eq!(got, 7.0, "{isa:?} wrote outside the columns");
+                        continue;
+                    }
+                    let e: f64 = (0..k)
+                        .map(|p| x[i * ldx + p] as f64 * w[j * k + p] as f64)
+                        .sum();
+                    assert!((got as f64 - e).abs() < 1e-4, "{isa:?} {i},{j}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,530 @@
+//! f32 building blocks of a decoder forward pass on the CPU, on plain slices: RMSNorm,
+//! SiLU·mul, rotary embeddings in place, causal attention over a per-head KV cache without
+//! a mask tensor or repeated key/value heads, and log-softmax.
+//!
+//! Each computes the same formula as the candle op it replaces (`candle_nn::ops::rms_norm`,
+//! `silu`, `rotary_emb::rope_i` / `rope`, `softmax_last_dim`, `log_softmax`), in the same
+//! order of operations per element, with two deliberate differences: sums are taken in
+//! another order, and `exp` is [`exp`] below (a polynomial within 2 ulp of the true value,
+//! which the compiler vectorises) instead of libm's `expf` (within 1 ulp), which cannot be
+//! vectorised and cost more than the attention products themselves. Masked attention
+//! scores are skipped rather than added as −∞ (their weight is exactly 0 either way).
+//!
+//! The loops are written so the compiler vectorises them at the build's baseline
+//! (x86-64-v3: AVX2 + FMA); the matrix products go through `gemm_f32`, which picks its
+//! path at run time.
+
+use super::gemm_f32::{panel_width, PackedWeight, Region};
+use super::Isa;
+use rayon::prelude::*;
+
+/// `e^x` in f32 within 2 ulp over the range where the result is a normal number; 0 below
+/// it (libm returns subnormals there: below 1.2e-38, nothing these ops can see), +inf above
+/// `ln(f32::MAX)`, NaN for NaN. Cody–Waite reduction `x = n·ln2 + r` with `ln2` split in two,
+/// then Cephes' degree-6 polynomial for `e^r` on `|r| ≤ ln2 / 2`.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const HI: f32 = 88.376_26; // ln(f32::MAX), rounded down
+    const LO: f32 = -87.336_55; // ln(f32::MIN_POSITIVE)
+    let xc = x.clamp(LO, HI);
+    // Round to nearest with the 1.5·2²³ trick (exact for |t| < 2²²; vectorises, unlike round()).
+    let t = xc * std::f32::consts::LOG2_E;
+    let n = (t + 12_582_912.0) - 12_582_912.0;
+    let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let e = p * (r * r) + r + 1.0;
+    let scaled = e * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x > HI {
+        f32::INFINITY
+    } else if x < LO {
+        0.0
+    } else if x.is_nan() {
+        x
+    } else {
+        scaled
+    }
+}
+
+/// Sum in eight lanes (vectorises; the order differs from a left-to-right sum).
+#[inline]
+fn sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+/// Sum of squares in eight lanes.
+#[inline]
+fn sum_sq(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x * x;
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().map(|x| x * x).sum::<f32>()
+}
+
+/// Row-wise RMSNorm of `x` (rows of `w.len()`): `x / sqrt(mean(x²) + eps) · w`, as candle.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    assert!(d > 0 && x.len().is_multiple_of(d), "rms_norm: rows of {d}");
+    let mut out = vec![0f32; x.len()];
+    let row = |(src, dst): (&[f32], &mut [f32])| {
+        let m = (sum_sq(src) / d as f32 + eps).sqrt();
+        for ((o, &s), &a) in dst.iter_mut().zip(src).zip(w) {
+            *o = s / m * a;
+        }
+    };
+    if x.len() >= 1 << 15 {
+        x.par_chunks(d).zip(out.par_chunks_mut(d)).for_each(row);
+    } else {
+        x.chunks(d).zip(out.chunks_mut(d)).for_each(row);
+    }
+    out
+}
+
+/// `g ← silu(g) · u` with `silu(v) = v / (1 + e^-v)`, as candle.
+pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    assert_eq!(g.len(), u.len(), "silu_mul: lengths");
+    let f = |(g, u): (&mut [f32], &[f32])| {
+        for (a, &b) in g.iter_mut().zip(u) {
+            *a = *a / (1.0 + exp(-*a)) * b;
+        }
+    };
+    if g.len() >= 1 << 15 {
+        g.par_chunks_mut(4096).zip(u.par_chunks(4096)).for_each(f);
+    } else {
+        f((g, u));
+    }
+}
+
+/// How rotary embeddings pair a head's features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopePairs {
+    /// `(2i, 2i+1)` (GGUF's permuted q/k; candle's `rope_i`).
+    Adjacent,
+    /// `(i, i + d/2)` (Hugging Face; candle's `rope`).
+    Halves,
+}
+
+/// Rotates `x` (`rows` of `heads · hd`, row `r` at position `pos0 + r`) in place; `cos` and
+/// `sin` are `[positions, hd/2]` tables.
+pub fn rope(
+    x: &mut [f32],
+    heads: usize,
+    hd: usize,
+    pos0: usize,
+    cos: &[f32],
+    sin: &[f32],
+    pairs: RopePairs,
+) {
+    let (half, width) = (hd / 2, heads * hd);
+    assert!(hd.is_multiple_of(2) && width > 0 && x.len().is_multiple_of(width));
+    let rows = x.len() / width;
+    assert!(cos.len() >= (pos0 + rows) * half && sin.len() >= (pos0 + rows) * half);
+    for (r, row) in x.chunks_exact_mut(width).enumerate() {
+        let c = &cos[(pos0 + r) * half..(pos0 + r + 1) * half];
+        let s = &sin[(pos0 + r) * half..(pos0 + r + 1) * half];
+        for h in row.chunks_exact_mut(hd) {
+            for i in 0..half {
+                let (a, b) = match pairs {
+                    RopePairs::Adjacent => (2 * i, 2 * i + 1),
+                    RopePairs::Halves => (i, i + half),
+                };
+                let (x0, x1) = (h[a], h[b]);
+                h[a] = x0 * c[i] - x1 * s[i];
+                h[b] = x0 * s[i] + x1 * c[i];
+            }
+        }
+    }
+}
+
+/// Keys and values of one layer, one `[len, hd]` row-major buffer per key/value head.
+#[derive(Debug, Clone, Default)]
+pub struct KvHeads {
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+impl KvHeads {
+    /// Appends rows of `k` and `v` (`rows` of `heads · hd`).
+    pub fn append(&mut self, k: &[f32], v: &[f32], heads: usize, hd: usize) {
+        if self.k.len() != heads {
+            self.k = vec![Vec::new(); heads];
+            self.v = vec![Vec::new(); heads];
+        }
+        for (src, dst) in [(k, &mut self.k), (v, &mut self.v)] {
+            for row in src.chunks_exact(heads * hd) {
+                for (h, d) in dst.iter_mut().enumerate() {
+                    d.extend_from_slice(&row[h * hd..(h + 1) * hd]);
+                }
+            }
+        }
+    }
+
+    /// Positions held.
+    pub fn len(&self, hd: usize) -> usize {
+        self.k.first().map_or(0, |k| k.len() / hd.max(1))
+    }
+}
+
+/// Causal multi-head attention with grouped key/value heads: `q` is `t` rows of
+/// `nh · hd` (query `i` at position `offset + i`), `kv` holds `offset + t` positions of
+/// `nkv` heads. Returns `t` rows of `nh · hd`: for each head,
+/// `softmax(q·Kᵀ · scale over keys ≤ own position) · V`, scores scaled then shifted by their
+/// row maximum as candle's `softmax_last_dim` does.
+pub fn causal_attention(
+    q: &[f32],
+    t: usize,
+    nh: usize,
+    hd: usize,
+    kv: &KvHeads,
+    offset: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let nkv = kv.k.len();
+    assert!(nkv > 0 && nh.is_multiple_of(nkv), "attention heads");
+    let total = offset + t;
+    assert!(
+        kv.len(hd) == total && q.len() == t * nh * hd,
+        "attention sizes"
+    );
+    let rep = nh / nkv;
+    let width = nh * hd;
+    let mut y = vec![0f32; t * width];
+    if t < 8 {
+        // Decoding: a few rows, dot products straight from the cache rows.
+        for (i, yrow) in y.chunks_exact_mut(width).enumerate() {
+            let keys = offset + i + 1;
+            let mut s = vec![0f32; keys];
+            for h in 0..nh {
+                let (kh, vh) = (&kv.k[h / rep], &kv.v[h / rep]);
+                let qh = &q[i * width + h * hd..i * width + (h + 1) * hd];
+                for (j, sj) in s.iter_mut().enumerate() {
+                    *sj = dot(qh, &kh[j * hd..(j + 1) * hd]) * scale;
+                }
+                softmax_in_place(&mut s);
+                let out = &mut yrow[h * hd..(h + 1) * hd];
+                for (j, &p) in s.iter().enumerate() {
+                    for (o, &v) in out.iter_mut().zip(&vh[j * hd..(j + 1) * hd]) {
+                        *o += p * v;
+                    }
+                }
+            }
+        }
+        return y;
+    }
+    let isa = Isa::selected();
+    let nr = panel_width(isa);
+    let packed: Vec<(PackedWeight, PackedWeight)> = (0..nkv)
+        .into_par_iter()
+        .map(|g| {
+            (
+                PackedWeight::new(&kv.k[g], total, hd, nr),
+                PackedWeight::from_transposed(&kv.v[g], total, hd, nr),
+            )
+        })
+        .collect();
+    // Work items: (head, block of query rows); later blocks see more keys.
+    const QB: usize = 48;
+    let blocks = t.div_ceil(QB);
+    let yp = SendPtr(y.as_mut_ptr());
+    (0..nh * blocks).into_par_iter().for_each(|item| {
+        let (h, b) = (item / blocks, item % blocks);
+        let (i0, i1) = (b * QB, ((b + 1) * QB).min(t));
+        let rows = i1 - i0;
+        let keys = offset + i1; // keys seen by the block's last row
+        let (pk, pv) = &packed[h / rep];
+        let mut s = vec![0f32; rows * keys];
+        Region {
+            m: rows,
+            n: keys,
+            k: hd,
+            parallel: false,
+        }
+        .run(isa, &q[i0 * width + h * hd..], width, pk, &mut s, keys);
+        for (r, row) in s.chunks_exact_mut(keys).enumerate() {
+            let own = offset + i0 + r + 1;
+            for v in &mut row[..own] {
+                *v *= scale;
+            }
+            softmax_in_place(&mut row[..own]);
+            row[own..].fill(0.0);
+        }
+        let mut out = vec![0f32; rows * hd];
+        Region {
+            m: rows,
+            n: hd,
+            k: keys,
+            parallel: false,
+        }
+        .run(isa, &s, keys, pv, &mut out, hd);
+        for (r, o) in out.chunks_exact(hd).enumerate() {
+            // SAFETY: this item alone writes row i0 + r, columns h*hd..(h+1)*hd of y
+            // (t rows of `width`, i0 + r < t, (h+1)*hd <= width).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    o.as_ptr(),
+                    yp.get().add((i0 + r) * width + h * hd),
+                    hd,
+                )
+            };
+        }
+    });
+    y
+}
+
+/// A raw output pointer shared by work items that write disjoint parts.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the attention items write disjoint (row block, head) tiles.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+}
+
+/// `v ← exp(v - max) / Σ exp(v - max)`, as candle's `softmax_last_dim`.
+pub fn softmax_in_place(v: &mut [f32]) {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for x in v.iter_mut() {
+        *x = exp(*x - max);
+    }
+    let s = sum(v);
+    for x in v.iter_mut() {
+        *x /= s;
+    }
+}
+
+/// Row-wise `log_softmax` of `x` (rows of `cols`): `(v - max) - ln Σ exp(v - max)`, as
+/// candle's `log_softmax`.
+pub fn log_softmax(x: &[f32], cols: usize) -> Vec<f32> {
+    assert!(
+        cols > 0 && x.len().is_multiple_of(cols),
+        "log_softmax: rows of {cols}"
+    );
+    let mut out = vec![0f32; x.len()];
+    x.par_chunks(cols)
+        .zip(out.par_chunks_mut(cols))
+        .for_each(|(src, dst)| {
+            let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = exp(s - max);
+            }
+            let ln = sum(dst).ln();
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = (s - max) - ln;
+            }
+        });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ulps(a: f32, b: f64) -> f64 {
+        let b32 = b as f32;
+        ((a as f64 - b)
+            / (b32.next_up() as f64 - b32 as f64)
+                .abs()
+                .max(f64::MIN_POSITIVE))
+        .abs()
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_f64() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.3 {
+            let u = ulps(exp(x), (x as f64).exp());
+            worst = worst.max(u);
+            x += 0.000_731;
+        }
+        assert!(worst <= 2.0, "worst {worst} ulp");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(89.0), f32::INFINITY);
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    fn lcg(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// f64 attention with an explicit mask, the way the model wrote it before.
+    fn reference(q: &[f32], t: usize, nh: usize, hd: usize, kv: &KvHeads, off: usize) -> Vec<f64> {
+        let rep = nh / kv.k.len();
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut y = vec![0f64; t * nh * hd];
+        for i in 0..t {
+            for h in 0..nh {
+                let (kh, vh) = (&kv.k[h / rep], &kv.v[h / rep]);
+                let keys = off + i + 1;
+                let s: Vec<f64> = (0..keys)
+                    .map(|j| {
+                        (0..hd)
+                            .map(|d| q[(i * nh + h) * hd + d] as f64 * kh[j * hd + d] as f64)
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for d in 0..hd {
+                    y[(i * nh + h) * hd + d] =
+                        (0..keys).map(|j| e[j] / z * vh[j * hd + d] as f64).sum();
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn causal_attention_matches_f64_with_and_without_a_cache() {
+        // (t, offset): decoding rows, a prefill of ragged length, a chunk after a cache.
+        for (t, off) in [(1, 0), (1, 37), (3, 5), (61, 0), (50, 13)] {
+            let (nh, nkv, hd) = (6, 2, 24);
+            let mut kv = KvHeads::default();
+            let total = off + t;
+            kv.append(
+                &lcg(total * nkv * hd, 1),
+                &lcg(total * nkv * hd, 2),
+                nkv,
+                hd,
+            );
+            let q = lcg(t * nh * hd, 3);
+            let y = causal_attention(&q, t, nh, hd, &kv, off, 1.0 / (hd as f32).sqrt());
+            let r = reference(&q, t, nh, hd, &kv, off);
+            // Outputs are convex combinations of values in [-1, 1]: absolute error of a few
+            // f32 roundings of the scores (|s| <= hd·scale) and weights.
+            for (g, e) in y.iter().zip(&r) {
+                assert!((*g as f64 - e).abs() < 2e-5, "t{t} off{off}: {g} vs {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn norms_activations_and_log_softmax_match_f64() {
+        let (rows, d) = (5, 37);
+        let x = lcg(rows * d, 4);
+        let w = lcg(d, 5);
+        let y = rms_norm(&x, &w, 1e-5);
+        for r in 0..rows {
+            let row = &x[r * d..(r + 1) * d];
+            let m =
+                (row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64 + 1e-5).sqrt();
+            for c in 0..d {
+                let e = row[c] as f64 / m * w[c] as f64;
+                assert!((y[r * d + c] as f64 - e).abs() < 1e-5 * e.abs().max(1.0));
+            }
+        }
+        let mut g: Vec<f32> = lcg(100, 6).iter().map(|v| v * 20.0).collect();
+        let u = lcg(100, 7);
+        let g0 = g.clone();
+        silu_mul(&mut g, &u);
+        for ((&a, &x), &b) in g.iter().zip(&g0).zip(&u) {
+            let e = x as f64 / (1.0 + (-x as f64).exp()) * b as f64;
+            assert!(
+                (a as f64 - e).abs() < 1e-5 * e.abs().max(1e-3),
+                "{a} vs {e}"
+            );
+        }
+        let z: Vec<f32> = lcg(3 * 50, 8).iter().map(|v| v * 30.0).collect();
+        let ls = log_softmax(&z, 50);
+        for r in 0..3 {
+            let row = &z[r * 50..(r + 1) * 50];
+            let mx = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+            let lz = row.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
+            for c in 0..50 {
+                let e = row[c] as f64 - mx - lz;
+                assert!((ls[r * 50 + c] as f64 - e).abs() < 1e-5 * e.abs().max(1.0));
+            }
+        }
+    }
+
+    #[test]
+    fn rope_rotates_pairs_like_candle() {
+        let (heads, hd, rows, pos0) = (2, 8, 3, 4);
+        let x0 = lcg(rows * heads * hd, 9);
+        let cos: Vec<f32> = (0..16 * hd / 2).map(|i| (i as f32 * 0.1).cos()).collect();
+        let sin: Vec<f32> = (0..16 * hd / 2).map(|i| (i as f32 * 0.1).sin()).collect();
+        for pairs in [RopePairs::Adjacent, RopePairs::Halves] {
+            let mut x = x0.clone();
+            rope(&mut x, heads, hd, pos0, &cos, &sin, pairs);
+            let xt = candle_core::Tensor::from_vec(
+                x0.clone(),
+                (1, rows, heads, hd),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+            let c = candle_core::Tensor::from_vec(
+                cos[pos0 * hd / 2..(pos0 + rows) * hd / 2].to_vec(),
+                (rows, hd / 2),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let s = candle_core::Tensor::from_vec(
+                sin[pos0 * hd / 2..(pos0 + rows) * hd / 2].to_vec(),
+                (rows, hd / 2),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let want = match pairs {
+                RopePairs::Adjacent => candle_nn::rotary_emb::rope_i(&xt, &c, &s),
+                RopePairs::Halves => candle_nn::rotary_emb::rope(&xt, &c, &s),
+            }
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+            assert_eq!(x, want, "{pairs:?}: same formula, bit for bit");
+        }
+    }
+}
