@@ -1193,6 +1193,59 @@ mod tests {
         }
     }
 
+    /// Min-of-N timings (robust on a shared machine): `cargo test --release --lib
+    /// ggml_blocks::tests::timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn timing() {
+        use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+        use candle_core::{Device, Module, Tensor};
+        let mut g = Lcg(1);
+        let min_time = |f: &mut dyn FnMut()| {
+            let mut best = f64::MAX;
+            for _ in 0..30 {
+                let t = std::time::Instant::now();
+                f();
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            best * 1e6
+        };
+        for (n, k, m) in [
+            (576, 576, 1),
+            (1536, 576, 1),
+            (576, 1536, 1),
+            (49152, 576, 1),
+            (576, 576, 512),
+            (1536, 576, 512),
+        ] {
+            for (kind, t) in [
+                (BlockKind::Q8_0, GgmlDType::Q8_0),
+                (BlockKind::Q4_0, GgmlDType::Q4_0),
+                (BlockKind::Q4_1, GgmlDType::Q4_1),
+            ] {
+                let wf: Vec<f32> = (0..n * k).map(|_| g.unif()).collect();
+                let xf: Vec<f32> = (0..m * k).map(|_| g.unif()).collect();
+                let q = QTensor::quantize(&Tensor::from_vec(wf, (n, k), &Device::Cpu).unwrap(), t)
+                    .unwrap();
+                let w = PackedBlocks::from_ggml(kind, &q.data().unwrap(), n, k).unwrap();
+                let qm = QMatMul::from_qtensor(q).unwrap();
+                let xt = Tensor::from_vec(xf.clone(), (m, k), &Device::Cpu).unwrap();
+                let isa = Isa::selected();
+                let tq = min_time(&mut || {
+                    std::hint::black_box(ActBlocks::quantize(isa, kind, &xf, m, k));
+                });
+                let a = ActBlocks::quantize(isa, kind, &xf, m, k);
+                let mut y = vec![0f32; m * n];
+                let tk = min_time(&mut || matmul_with(isa, &w, &a, &mut y));
+                let tc = min_time(&mut || {
+                    std::hint::black_box(qm.forward(&xt).unwrap());
+                });
+                let gmacs = (m * n * k) as f64 / tk / 1e3;
+                println!("{n}x{k} m{m} {kind:?}: quant {tq:.1}us kernel {tk:.1}us ({gmacs:.1} GMAC/s) candle {tc:.1}us  x{:.2}", tc / (tq + tk));
+            }
+        }
+    }
+
     #[test]
     fn bad_blocks_are_errors() {
         assert!(PackedBlocks::from_ggml(BlockKind::Q8_0, &[0; 34], 1, 48).is_err());
