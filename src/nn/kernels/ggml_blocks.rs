@@ -91,8 +91,9 @@ pub struct PackedBlocks {
     pub kind: BlockKind,
     pub n: usize,
     pub k: usize,
-    /// Row-major codes: `k` bytes per row (Q8_0) or `k/2` (Q4).
-    codes: Vec<u8>,
+    /// Row-major codes: `k` bytes per row (Q8_0) or `k/2` (Q4), each row starting on a
+    /// 64-byte boundary (rows padded to [`Self::stride`]): whole-line loads when streaming.
+    codes: Vec<Line>,
     /// Scale per block, `n × k/32`.
     d: Vec<f32>,
     /// Q4_1's minimum per block (empty otherwise).
@@ -104,6 +105,11 @@ impl std::fmt::Debug for PackedBlocks {
         write!(f, "PackedBlocks({:?}, {}×{})", self.kind, self.n, self.k)
     }
 }
+
+/// One cache line, so the code buffer is 64-byte aligned (and stays so when cloned).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
@@ -125,7 +131,11 @@ impl PackedBlocks {
             );
         }
         let row_bytes = if kind.nibbles() { k / 2 } else { k };
-        let mut codes = vec![0u8; n * row_bytes];
+        let stride = row_bytes.next_multiple_of(64);
+        let mut lines = vec![Line([0; 64]); n * stride / 64];
+        // SAFETY: Line is 64 plain bytes with no padding; the view covers the Vec exactly.
+        let codes: &mut [u8] =
+            unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, n * stride) };
         let mut d = vec![0f32; n * kb];
         let mut m = if kind == BlockKind::Q4_1 {
             vec![0f32; n * kb]
@@ -158,7 +168,7 @@ impl PackedBlocks {
                     }
                 }
             }
-            let out = &mut codes[c * row_bytes..][..row_bytes];
+            let out = &mut codes[c * stride..][..row_bytes];
             if kind.nibbles() {
                 for (e, g) in nibble_groups(k) {
                     for j in 0..g / 2 {
@@ -173,7 +183,7 @@ impl PackedBlocks {
             kind,
             n,
             k,
-            codes,
+            codes: lines,
             d,
             m,
         })
@@ -187,10 +197,23 @@ impl PackedBlocks {
         }
     }
 
+    /// Distance in bytes between rows of codes.
+    fn stride(&self) -> usize {
+        self.row_bytes().next_multiple_of(64)
+    }
+
+    /// All code bytes, `n × stride`.
+    fn code_bytes(&self) -> &[u8] {
+        // SAFETY: Line is 64 plain bytes with no padding; the view covers the Vec exactly.
+        unsafe {
+            std::slice::from_raw_parts(self.codes.as_ptr() as *const u8, self.codes.len() * 64)
+        }
+    }
+
     /// Row `c`'s unsigned codes in element order (what the portable path reads).
     fn unpack_row(&self, c: usize, out: &mut [u8]) {
         let rb = self.row_bytes();
-        let src = &self.codes[c * rb..][..rb];
+        let src = &self.code_bytes()[c * self.stride()..][..rb];
         if self.kind.nibbles() {
             for (e, g) in nibble_groups(self.k) {
                 for j in 0..g / 2 {
@@ -206,7 +229,7 @@ impl PackedBlocks {
 
     /// Bytes this packed copy holds.
     pub fn bytes(&self) -> usize {
-        self.codes.len() + 4 * (self.d.len() + self.m.len())
+        self.codes.len() * 64 + 4 * (self.d.len() + self.m.len())
     }
 }
 
@@ -522,6 +545,9 @@ mod x86 {
         }
     }
 
+    /// How many C-row tiles ahead GEMV prefetches its weight rows.
+    const PREFETCH_TILES: usize = 6;
+
     /// Broadcasts two consecutive f32 to the low and high 8 lanes.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -550,9 +576,10 @@ mod x86 {
         let k = w.k;
         let kb = k / QK;
         assert!(r0 + R <= a.m && c0 + C <= w.n && c0 + C <= ldo);
-        let rb = w.row_bytes();
+        let rb = w.stride();
+        let codes = w.code_bytes();
         let has_start = KIND != 2;
-        let wc: [*const u8; C] = std::array::from_fn(|c| w.codes[(c0 + c) * rb..].as_ptr());
+        let wc: [*const u8; C] = std::array::from_fn(|c| codes[(c0 + c) * rb..].as_ptr());
         let wd: [*const f32; C] = std::array::from_fn(|c| w.d[(c0 + c) * kb..].as_ptr());
         let xq: [*const i8; R] = std::array::from_fn(|r| a.q[(r0 + r) * k..].as_ptr());
         let xd: [*const f32; R] = std::array::from_fn(|r| a.d[(r0 + r) * kb..].as_ptr());
@@ -598,14 +625,32 @@ mod x86 {
                 128 => {
                     let mut lo = [_mm512_setzero_si512(); C];
                     let mut hi = [_mm512_setzero_si512(); C];
-                    for c in 0..C {
-                        if KIND == 0 {
-                            // SAFETY: e + 128 <= k = row bytes.
-                            unsafe {
-                                lo[c] = _mm512_loadu_si512(wc[c].add(e) as *const _);
-                                hi[c] = _mm512_loadu_si512(wc[c].add(e + 64) as *const _);
+                    if R == 1 {
+                        // GEMV streams the weight from memory once: ask for the rows two
+                        // tiles on (the hardware prefetcher alone left the loads stalling).
+                        // wrapping_add: a prefetch past the end is harmless, not a read.
+                        let ahead = PREFETCH_TILES * C * rb;
+                        let (at, len) = if KIND == 0 { (e, 128) } else { (e / 2, 64) };
+                        for c in 0..C {
+                            for off in (0..len).step_by(64) {
+                                let p = wc[c].wrapping_add(ahead + at + off);
+                                _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
                             }
-                        } else {
+                        }
+                    }
+                    if KIND == 0 {
+                        // Q8_0: one 64-byte step at a time (fewer live registers).
+                        for half in [e, e + 64] {
+                            // SAFETY: half + 64 <= e + 128 <= k = row bytes.
+                            let v: [__m512i; C] = std::array::from_fn(|c| unsafe {
+                                _mm512_loadu_si512(wc[c].add(half) as *const _)
+                            });
+                            step64!(half, v);
+                        }
+                        continue;
+                    }
+                    for c in 0..C {
+                        {
                             // SAFETY: e/2 + 64 <= k/2 = row bytes.
                             let v = unsafe { _mm512_loadu_si512(wc[c].add(e / 2) as *const _) };
                             lo[c] = _mm512_and_si512(v, mask);
@@ -775,8 +820,9 @@ mod x86 {
         let k = w.k;
         let kb = k / QK;
         assert!(r0 + R <= a.m && c0 + C <= w.n && c0 + C <= ldo);
-        let rb = w.row_bytes();
-        let wc: [*const u8; C] = std::array::from_fn(|c| w.codes[(c0 + c) * rb..].as_ptr());
+        let rb = w.stride();
+        let codes = w.code_bytes();
+        let wc: [*const u8; C] = std::array::from_fn(|c| codes[(c0 + c) * rb..].as_ptr());
         let wd: [*const f32; C] = std::array::from_fn(|c| w.d[(c0 + c) * kb..].as_ptr());
         let xq: [*const i8; R] = std::array::from_fn(|r| a.q[(r0 + r) * k..].as_ptr());
         let xd: [*const f32; R] = std::array::from_fn(|r| a.d[(r0 + r) * kb..].as_ptr());
@@ -1193,6 +1239,26 @@ mod tests {
         }
     }
 
+    fn timing_shapes() -> Vec<(usize, usize, usize)> {
+        match std::env::var("GGML_TIMING_SHAPES") {
+            Ok(v) => v
+                .split(',')
+                .map(|t| {
+                    let p: Vec<usize> = t.split('x').map(|x| x.parse().unwrap()).collect();
+                    (p[0], p[1], p[2])
+                })
+                .collect(),
+            Err(_) => vec![
+                (576, 576, 1),
+                (1536, 576, 1),
+                (576, 1536, 1),
+                (49152, 576, 1),
+                (576, 576, 512),
+                (1536, 576, 512),
+            ],
+        }
+    }
+
     /// Min-of-N timings (robust on a shared machine): `cargo test --release --lib
     /// ggml_blocks::tests::timing -- --ignored --nocapture`.
     #[test]
@@ -1210,17 +1276,10 @@ mod tests {
             }
             best * 1e6
         };
-        for (n, k, m) in [
-            (576, 576, 1),
-            (1536, 576, 1),
-            (576, 1536, 1),
-            (49152, 576, 1),
-            (576, 576, 512),
-            (1536, 576, 512),
-        ] {
+        for (n, k, m) in timing_shapes() {
             for (kind, t) in [
-                (BlockKind::Q8_0, GgmlDType::Q8_0),
                 (BlockKind::Q4_0, GgmlDType::Q4_0),
+                (BlockKind::Q8_0, GgmlDType::Q8_0),
                 (BlockKind::Q4_1, GgmlDType::Q4_1),
             ] {
                 let wf: Vec<f32> = (0..n * k).map(|_| g.unif()).collect();
