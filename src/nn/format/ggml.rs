@@ -1,12 +1,16 @@
 //! GGML block types (llama.cpp's Q8_0, Q4_0, Q4_K...): kept as candle's quantized tensor
-//! and multiplied by its kernels (activations quantized to Q8 blocks on the fly), on the
-//! CPU or on whatever device candle has kernels for.
+//! (what is stored and what other devices use). On the CPU, Q8_0, Q4_0 and Q4_1 are also
+//! repacked once into quantlab's own kernel layout and multiplied by
+//! `kernels::ggml_blocks` (AVX-512 VNNI / AVX2 / portable); every other type and device
+//! goes through candle's `QMatMul` (activations quantized to Q8 blocks on the fly).
+//! `QUANTLAB_GGML_KERNEL=candle` sends every type through candle's `QMatMul` (to compare).
 
 use super::{meta_str, named, StoredParts, WeightFormat};
 use crate::load::{NamedTensor, RawTensor};
+use crate::nn::kernels::ggml_blocks::{self, BlockKind, PackedBlocks};
 use anyhow::{bail, Result};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use std::any::Any;
 use std::sync::Arc;
 
@@ -59,15 +63,68 @@ pub struct Ggml {
     pub q: Arc<QTensor>,
     /// Built once: candle's matmul over the quantized tensor.
     matmul: QMatMul,
+    /// Built once for Q8_0/Q4_0/Q4_1 on the CPU: the blocks in `ggml_blocks`' layout.
+    packed: Option<Arc<PackedBlocks>>,
+}
+
+/// Environment switch: `QUANTLAB_GGML_KERNEL=candle` keeps candle's `QMatMul` for every type.
+pub const KERNEL_ENV: &str = "QUANTLAB_GGML_KERNEL";
+
+/// Whether quantlab's own block kernels are on (`QUANTLAB_GGML_KERNEL` unset or `quantlab`).
+pub fn own_kernels() -> bool {
+    !matches!(std::env::var(KERNEL_ENV).as_deref(), Ok(v) if v.eq_ignore_ascii_case("candle"))
+}
+
+fn block_kind(t: GgmlDType) -> Option<BlockKind> {
+    match t {
+        GgmlDType::Q8_0 => Some(BlockKind::Q8_0),
+        GgmlDType::Q4_0 => Some(BlockKind::Q4_0),
+        GgmlDType::Q4_1 => Some(BlockKind::Q4_1),
+        _ => None,
+    }
 }
 
 impl Ggml {
     pub fn new(q: QTensor) -> Result<Self> {
+        let packed = match block_kind(q.dtype()) {
+            Some(kind) if q.device().is_cpu() && own_kernels() => {
+                let (n, k) = q.shape().dims2()?;
+                Some(Arc::new(PackedBlocks::from_ggml(kind, &q.data()?, n, k)?))
+            }
+            _ => None,
+        };
         let q = Arc::new(q);
         Ok(Ggml {
             matmul: QMatMul::from_arc(q.clone())?,
             q,
+            packed,
         })
+    }
+
+    /// The kernel this layer runs: `quantlab` (own block kernels) or `candle`.
+    pub fn kernel(&self) -> &'static str {
+        if self.packed.is_some() {
+            "quantlab"
+        } else {
+            "candle"
+        }
+    }
+
+    /// `x · Wᵀ` through `ggml_blocks` (f32 input on the CPU with the packed weight).
+    fn forward_packed(&self, w: &PackedBlocks, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let Some((&k, lead)) = dims.split_last() else {
+            bail!("ggml forward: a scalar input");
+        };
+        if k != w.k {
+            bail!("ggml forward: input has {k} features, the weight {}", w.k);
+        }
+        let m: usize = lead.iter().product();
+        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let y = ggml_blocks::matmul(w, &xs, m);
+        let mut shape = lead.to_vec();
+        shape.push(w.n);
+        Ok(Tensor::from_vec(y, shape, &Device::Cpu)?)
     }
 
     /// Quantizes an f32 `[out, in]` weight; the input width must tile the type's block.
@@ -133,7 +190,12 @@ impl WeightFormat for Ggml {
     }
 
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let y = self.matmul.forward(x)?;
+        let y = match &self.packed {
+            Some(w) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                self.forward_packed(w, x)?
+            }
+            _ => self.matmul.forward(x)?,
+        };
         Ok(match bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
