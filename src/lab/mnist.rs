@@ -187,7 +187,7 @@ pub fn report(lab: &MnistLab, cfg: &MnistLabConfig, test_n: usize) -> Report {
     t.note(format!("Accuracy on {test_n} MNIST test images; model trained on the 5k training sample (Adam, lr {}, batch {}, {} epochs, seed {}).", cfg.train.lr, cfg.train.batch_size, cfg.train.epochs, cfg.train.seed));
     t.note("Q: - none, D dynamic, S static (calibrated), W weight-only. qint8 rows compute in integers: u8 activations × i8 per-channel weights, i32 accumulation (kernel path chosen at run time: AVX-512 VNNI, AVX2 or portable; QUANTLAB_KERNEL forces a lower one).");
     t.note(format!("Static int8: input ranges of every layer calibrated with the {} observer on {} training batches of 64; the logits are not re-quantized.", cfg.observer, cfg.calibration_batches));
-    t.note("fp16 / int4 / nf4 rows store compressed weights and dequantize them to f32 for each forward; their latency includes that cost.");
+    t.note("fp16 rows dequantize their weights to f32 for each forward (their latency includes that cost); int4 / nf4 rows decode their codes in registers inside the matrix product (no f32 weight matrix is made).");
     t.note(format!(
         "CPU kernels: {}.",
         crate::nn::kernels::isa::describe()
