@@ -57,16 +57,12 @@ impl Throughput {
     }
 }
 
-/// A seeded stream of token ids below `vocab` (splitmix64).
+/// A seeded stream of token ids below `vocab` (the project's seeded generator, as
+/// `quant::random` uses it).
 pub fn token_stream(vocab: usize, seed: u64) -> impl FnMut() -> u32 {
-    let mut s = seed;
-    move || {
-        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) % vocab as u64) as u32
-    }
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    move || rng.gen_range(0..vocab as u32)
 }
 
 /// Runs `test` once untimed (warm-up: caches, lazily built buffers) and `reps` times timed.

@@ -5,7 +5,7 @@
 use super::{named, StoredParts, WeightFormat};
 use crate::load::{raw_f32, NamedTensor};
 use crate::nn::kernels::gemm_f32::{self, PackedWeight};
-use crate::nn::rows::{self, RowSource};
+use crate::nn::rows::{self, forward_rows_or_matmul, RowSource};
 use anyhow::Result;
 use candle_core::{CpuStorage, DType, Device, Tensor};
 use std::any::Any;
@@ -70,8 +70,6 @@ impl Dense {
         Ok(Arc::new(Dense::new(Tensor::from_vec(v, shape, device)?)?))
     }
 }
-
-pub use crate::nn::rows::forward_rows_or_matmul;
 
 impl WeightFormat for Dense {
     fn id(&self) -> &'static str {

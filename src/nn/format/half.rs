@@ -1,10 +1,9 @@
 //! f16 / bf16 weights (PyTorch's dynamic fp16): stored in half precision, multiplied in
 //! f32 — decoded row by row for a few activation rows, as a whole matrix otherwise.
 
-use super::dense::forward_rows_or_matmul;
 use super::{meta_str, named, StoredParts, WeightFormat};
 use crate::load::{NamedTensor, RawTensor};
-use crate::nn::rows::{self, RowSource};
+use crate::nn::rows::{self, forward_rows_or_matmul, RowSource};
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, Device, Tensor};
 use std::any::Any;

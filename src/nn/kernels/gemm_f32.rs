@@ -14,7 +14,7 @@
 //! f32 in another order (per k-block partial sums, each summed in k order), so results
 //! differ from candle's only by float summation order.
 
-use super::Isa;
+use super::{Isa, SendPtr};
 use rayon::prelude::*;
 
 /// Rows of activations per register tile.
@@ -255,20 +255,6 @@ impl Region {
         } else {
             (0..items).into_par_iter().for_each(run);
         }
-    }
-}
-
-/// A raw output pointer shared by work items that write disjoint tiles.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: the items writing through it touch disjoint elements (see `matmul_into`).
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -25,7 +25,7 @@
 //! AVX-512 VNNI (`vpdpbusd`, two blocks per zmm). The integer block sums `I` are exact in
 //! every path; tiles of several activation rows × several weight rows share each load.
 
-use super::Isa;
+use super::{Isa, SendPtr};
 use anyhow::{bail, Result};
 use half::f16;
 use rayon::prelude::*;
@@ -340,7 +340,7 @@ pub fn matmul_with(isa: Isa, w: &PackedBlocks, a: &ActBlocks, out: &mut [f32]) {
         let p = out_ptr;
         // SAFETY: every task writes only columns c0..c1 of each of the m rows of `out`
         // (m·n long, checked above); column ranges of tasks are disjoint.
-        unsafe { run_columns(isa, w, a, c0, c1, p.0, n) }
+        unsafe { run_columns(isa, w, a, c0, c1, p.get(), n) }
     };
     if threads < 2 || work < PAR_MIN_WORK {
         run(0, n);
@@ -357,13 +357,6 @@ pub fn matmul_with(isa: Isa, w: &PackedBlocks, a: &ActBlocks, out: &mut [f32]) {
 
 /// Below this many multiply-adds one thread does the whole product.
 const PAR_MIN_WORK: usize = 1 << 17;
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only to hand disjoint column ranges of one output to rayon tasks.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
 
 /// # Safety
 /// `out` must point to `a.m × ldo` f32 with `c1 <= w.n <= ldo`; no other thread may touch

@@ -15,7 +15,7 @@
 //! path at run time.
 
 use super::gemm_f32::{panel_width, PackedWeight, Region};
-use super::Isa;
+use super::{Isa, SendPtr};
 use rayon::prelude::*;
 
 /// `e^x` in f32 within 2 ulp over the range where the result is a normal number; 0 below
@@ -284,20 +284,6 @@ pub fn causal_attention(
         }
     });
     y
-}
-
-/// A raw output pointer shared by work items that write disjoint parts.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: the attention items write disjoint (row block, head) tiles.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 #[inline]

@@ -10,3 +10,20 @@ pub mod lowbit;
 
 pub use int8::*;
 pub use isa::Isa;
+
+/// A raw output pointer handed to rayon tasks that each write a disjoint part of one
+/// buffer (tiles, column ranges, heads): the one shared way kernels split an output.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+// SAFETY: every user hands it only to tasks writing disjoint elements of a buffer that
+// outlives them (each call site states which).
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper, not the field).
+    pub fn get(self) -> *mut f32 {
+        self.0
+    }
+}
