@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use serde_json::Value;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Rope frequency scaling from config.json's `rope_parameters` (transformers 5) or
 /// `rope_scaling` (earlier).
@@ -547,6 +548,47 @@ impl Llama {
         })
     }
 
+    /// Runs activations in `dtype` (f32, bf16 or f16), as transformers runs a model loaded
+    /// in that dtype: the embedding table, norms and uncompressed (f32) linear layers are
+    /// held in it; compressed layers compute in it where their device lets them choose
+    /// (dequantized copies on a GPU); attention scores and softmax stay in f32.
+    pub fn set_dtype(&mut self, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            bail!("activations can be f32, bf16 or f16, not {dtype:?}");
+        }
+        if dtype == self.dtype() {
+            return Ok(());
+        }
+        self.embed = self.embed.to_dtype(dtype)?;
+        self.norm = self.norm.to_dtype(dtype)?;
+        for b in &mut self.blocks {
+            b.attn_norm = b.attn_norm.to_dtype(dtype)?;
+            b.ffn_norm = b.ffn_norm.to_dtype(dtype)?;
+        }
+        self.cos = self.cos.to_dtype(dtype)?;
+        self.sin = self.sin.to_dtype(dtype)?;
+        for l in self.linears_mut() {
+            let dense = l.weight.id() == crate::nn::format::dense::ID
+                || l.weight.id() == crate::nn::format::half::ID;
+            if dense {
+                let w = l.weight.dequantize()?;
+                l.weight = if dtype == DType::F32 {
+                    Arc::new(crate::nn::format::dense::Dense::new(w)?)
+                } else {
+                    Arc::new(crate::nn::format::half::Half::new(&w, dtype)?)
+                };
+            } else {
+                l.set_compute_dtype(dtype)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The activations' dtype.
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
     /// Keep dequantized copies of compressed weights (faster evaluation, more memory).
     pub fn set_cache_dequantized(&mut self, on: bool) {
         for l in self.linears_mut() {
@@ -609,7 +651,8 @@ impl Llama {
         };
         let (k, v) = (expand(k)?, expand(v)?);
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut att = (q.matmul(&k.t()?)? * scale)?;
+        // Scores and softmax in f32 whatever the activations' dtype (as transformers does).
+        let mut att = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
         if t > 1 {
             let mask: Vec<f32> = (0..t)
                 .flat_map(|i| {
@@ -625,7 +668,7 @@ impl Llama {
             let mask = Tensor::from_vec(mask, (t, total), &self.device)?;
             att = att.broadcast_add(&mask)?;
         }
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(v.dtype())?;
         let y = att
             .matmul(&v)?
             .transpose(1, 2)?
@@ -784,10 +827,10 @@ impl Llama {
         norms + embed + head + linears
     }
 
-    /// Bytes held by the embedding table and norms (always f32 here).
+    /// Bytes held by the embedding table and norms (in the activations' dtype).
     pub fn dense_bytes(&self) -> usize {
         (self.embed.elem_count() + (self.blocks.len() * 2 + 1) * self.cfg.hidden_size)
-            * DType::F32.size_in_bytes()
+            * self.dtype().size_in_bytes()
     }
 
     /// The tensors that are not linear layers, under their Hugging Face names with
