@@ -149,7 +149,8 @@ pub struct TextArgs {
     /// Score only the first N chunks (windows), for quick runs.
     #[arg(long)]
     pub max_chunks: Option<usize>,
-    /// Windows per forward pass (GPU throughput; the numbers do not change).
+    /// Windows per forward pass (GPU throughput). The numbers do not change, except for
+    /// dynamic per-tensor int8 activations, whose range then spans the whole batch.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
 }
