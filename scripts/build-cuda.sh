@@ -20,8 +20,15 @@ fi
 source "$TOOLCHAIN/env.sh"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
 cargo build --release --features cuda
+# The CPU/CUDA agreement tests (tests/cuda.rs) as one executable to run there.
+tests=$(cargo test --release --features cuda --test cuda --no-run --message-format=json \
+  | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("executable") and m.get("target", {}).get("name") == "cuda": print(m["executable"])')
 mkdir -p .cuda/bin
 strip -o .cuda/bin/quantlab "$CARGO_TARGET_DIR/release/quantlab"
-xz -T2 -6 -f -k .cuda/bin/quantlab
-(cd .cuda/bin && sha256sum quantlab > quantlab.sha256 && rm quantlab)
+strip -o .cuda/bin/cuda-tests "$tests"
+xz -T2 -6 -f .cuda/bin/quantlab .cuda/bin/cuda-tests
+(cd .cuda/bin && xz -dc quantlab.xz | sha256sum | sed 's/-$/quantlab/' > quantlab.sha256)
 ls -la .cuda/bin

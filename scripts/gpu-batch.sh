@@ -8,6 +8,8 @@
 #   scripts/gpu-batch.sh decode     # greedy decode tokens/s at batch 1 per format
 #   scripts/gpu-batch.sh labs       # MNIST and Marian lab tables on the GPU
 #   scripts/gpu-batch.sh hf         # transformers bf16/f32 on the same text
+#   scripts/gpu-batch.sh agree      # CPU/CUDA agreement tests, Marian translations, MNIST on CPU
+#   scripts/gpu-batch.sh profile    # time per forward section (QUANTLAB_PROFILE=1)
 set -uo pipefail
 Q=/tmp/ql
 QL=$Q/bin/quantlab
@@ -54,6 +56,23 @@ case "$1" in
     for d in bf16 f32; do
       run python3 scripts/transformers_gpu_reference.py --gguf "$M" \
         --text $Q/data/wikitext-2/test.txt --dtype $d --batch 32 --out "$OUT/transformers.jsonl"
+    done
+    ;;
+  agree)
+    # CPU/CUDA agreement: the format-by-format tests, Marian greedy translations, MNIST.
+    run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1
+    src=$Q/data/multi30k/test_2016_flickr.en.gz
+    for d in cpu cuda; do
+      zcat $src | $QL --quiet --device $d translate --model $Q/models/marian-multi30k-en-de \
+        --num-beams 1 > "$OUT/translations-$d.txt" 2>> "$LOG"
+    done
+    echo "identical translations: $(paste -d '\t' "$OUT/translations-cpu.txt" "$OUT/translations-cuda.txt" \
+      | awk -F '\t' '$1 == $2' | wc -l) of $(wc -l < "$OUT/translations-cpu.txt")" | tee -a "$LOG"
+    run $QL --format json --device cpu lab mnist --model $Q/data/mnist-mlp > "$OUT/lab-mnist-cpu.jsonl"
+    ;;
+  profile)
+    for d in bf16 f32; do
+      run env QUANTLAB_PROFILE=1 $QL --quiet --device cuda --dtype $d perplexity --model "$M" --batch 32 --max-chunks 128
     done
     ;;
   *) echo "unknown batch '$1'" >&2; exit 2 ;;

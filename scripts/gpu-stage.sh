@@ -14,7 +14,7 @@ LIMIT=$((56 * 1024 * 1024))   # bytes per parcel, leaving room for the working t
 [ -f .cuda/bin/quantlab.xz ] || { echo "run scripts/build-cuda.sh first" >&2; exit 1; }
 rm -rf .cuda/p* .cuda/stage && mkdir -p .cuda/stage
 # Pieces to distribute: the binary, the data, the models (split where large).
-cp .cuda/bin/quantlab.xz .cuda/bin/quantlab.sha256 .cuda/stage/
+cp .cuda/bin/quantlab.xz .cuda/bin/quantlab.sha256 .cuda/bin/cuda-tests.xz .cuda/stage/
 tar -C "$DATA" -cf .cuda/stage/data.tar wikitext-2 mnist multi30k && tar -C models -rf .cuda/stage/data.tar mnist-mlp && xz -f .cuda/stage/data.tar
 tar -C "$(dirname "$MARIAN")" -cf .cuda/stage/marian.tar "$(basename "$MARIAN")"
 (cd "$(dirname "$GGUF")" && sha256sum "$(basename "$GGUF")") | sed 's# .*/# #' > .cuda/stage/model.sha256

@@ -12,6 +12,9 @@ if [ ! -x $Q/bin/quantlab ] && [ -f quantlab.xz ] && [ -f quantlab.sha256 ]; the
   xz -dc quantlab.xz > $Q/bin/quantlab
   (cd $Q/bin && sha256sum -c $Q/in/quantlab.sha256) && chmod +x $Q/bin/quantlab || rm -f $Q/bin/quantlab
 fi
+if [ ! -x $Q/bin/cuda-tests ] && [ -f cuda-tests.xz ]; then
+  xz -dc cuda-tests.xz > $Q/bin/cuda-tests && chmod +x $Q/bin/cuda-tests
+fi
 if [ ! -d $Q/data/wikitext-2 ] && [ -f data.tar.xz ]; then tar -C $Q/data -xJf data.tar.xz; fi
 if [ ! -d $Q/models/marian-multi30k-en-de ] && [ -f marian.tar ]; then tar -C $Q/models -xf marian.tar; fi
 if [ -f model.sha256 ]; then

@@ -7,6 +7,7 @@ use crate::load::gguf::Gguf;
 use crate::load::{SafetensorsSource, TensorSource};
 use crate::nn::kernels::llm_f32::{self, KvHeads, RopePairs};
 use crate::nn::{HasLinears, QLinear};
+use crate::profile;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use serde_json::Value;
@@ -631,9 +632,17 @@ impl Llama {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((bsz, t, n, hd))?.transpose(1, 2)?)
         };
-        let q = self.rope(&heads(b.q.forward(x)?, nh)?, offset)?;
-        let k = self.rope(&heads(b.k.forward(x)?, nkv)?, offset)?;
-        let v = heads(b.v.forward(x)?, nkv)?.contiguous()?;
+        let dev = &self.device;
+        let (q, k, v) = profile::section(dev, "qkv", || -> Result<_> {
+            Ok((b.q.forward(x)?, b.k.forward(x)?, b.v.forward(x)?))
+        })?;
+        let (q, k, v) = profile::section(dev, "rope", || -> Result<_> {
+            Ok((
+                self.rope(&heads(q, nh)?, offset)?,
+                self.rope(&heads(k, nkv)?, offset)?,
+                heads(v, nkv)?.contiguous()?,
+            ))
+        })?;
         let (k, v) = match cache.take() {
             Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
             None => (k, v),
@@ -649,10 +658,14 @@ impl Llama {
                 .expand((bsz, nkv, rep, total, hd))?
                 .reshape((bsz, nh, total, hd))?)
         };
-        let (k, v) = (expand(k)?, expand(v)?);
+        let (k, v) = profile::section(dev, "kv expand", || -> Result<_> {
+            Ok((expand(k)?, expand(v)?))
+        })?;
         let scale = 1.0 / (hd as f64).sqrt();
         // Scores and softmax in f32 whatever the activations' dtype (as transformers does).
-        let mut att = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let mut att = profile::section(dev, "scores", || -> Result<Tensor> {
+            Ok((q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?)
+        })?;
         if t > 1 {
             let mask: Vec<f32> = (0..t)
                 .flat_map(|i| {
@@ -666,14 +679,18 @@ impl Llama {
                 })
                 .collect();
             let mask = Tensor::from_vec(mask, (t, total), &self.device)?;
-            att = att.broadcast_add(&mask)?;
+            att = profile::section(dev, "mask", || att.broadcast_add(&mask))?;
         }
-        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(v.dtype())?;
-        let y = att
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((bsz, t, nh * hd))?;
-        b.o.forward(&y)
+        let att = profile::section(dev, "softmax", || -> Result<Tensor> {
+            Ok(candle_nn::ops::softmax_last_dim(&att)?.to_dtype(v.dtype())?)
+        })?;
+        let y = profile::section(dev, "att x v", || -> Result<Tensor> {
+            Ok(att
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((bsz, t, nh * hd))?)
+        })?;
+        profile::section(dev, "o", || b.o.forward(&y))
     }
 
     /// Logits `[batch, seq, vocab]` for `ids` `[batch, seq]` placed after the cache's
@@ -719,18 +736,27 @@ impl Llama {
             .reshape((bsz, t, self.cfg.hidden_size))?;
         let eps = self.cfg.rms_norm_eps as f32;
         cache.len = offset + t;
+        let dev = &self.device;
         for (b, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)?;
-            x = (x + self.attention(b, &h, offset, c)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
-            let act = (candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?;
-            x = (x + b.down.forward(&act)?)?;
+            let h = profile::section(dev, "norm", || {
+                candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)
+            })?;
+            let a = profile::section(dev, "attention", || self.attention(b, &h, offset, c))?;
+            x = (x + a)?;
+            let h = profile::section(dev, "norm", || {
+                candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)
+            })?;
+            let act = profile::section(dev, "mlp up", || -> Result<Tensor> {
+                Ok((candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?)
+            })?;
+            let d = profile::section(dev, "mlp down", || b.down.forward(&act))?;
+            x = (x + d)?;
         }
         if rows < t {
             x = x.narrow(1, t - rows, rows)?;
         }
         let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, eps)?;
-        self.lm_head.forward(&x)
+        profile::section(dev, "lm_head", || self.lm_head.forward(&x))
     }
 
     /// The forward pass on the CPU for one sequence: activations as host buffers between

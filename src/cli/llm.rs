@@ -256,6 +256,12 @@ pub fn perplexity_report(
         &mode,
         &bar,
     )?;
+    if crate::profile::enabled() {
+        eprint!(
+            "time per section (QUANTLAB_PROFILE):\n{}",
+            crate::profile::report()
+        );
+    }
     let mut t = Table::new(
         "perplexity",
         &format!("Perplexity on {}", path.display()),

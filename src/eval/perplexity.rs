@@ -193,7 +193,9 @@ pub fn batch_log_probs(model: &Llama, ws: &[&Window]) -> Result<Vec<Tensor>> {
     let logits = model.forward_tail(&ids, &mut cache, t - f)?;
     let scored = logits.narrow(1, 0, first.scored())?;
     let (b, r, v) = scored.dims3()?;
-    let lp = Llama::log_softmax(&scored.reshape((b * r, v))?)?;
+    let lp = crate::profile::section(&model.device, "log_softmax", || {
+        Llama::log_softmax(&scored.reshape((b * r, v))?)
+    })?;
     (0..b).map(|i| Ok(lp.narrow(0, i * r, r)?)).collect()
 }
 
@@ -236,9 +238,12 @@ pub fn perplexity(
         let group: Vec<&Window> = ws[i..j].iter().collect();
         let lps = batch_log_probs(model, &group)?;
         let mut nlls = Vec::with_capacity(group.len());
-        for (w, lp) in group.iter().zip(&lps) {
-            nlls.push(window_nll(w, lp)?);
-        }
+        crate::profile::section(&model.device, "nll", || -> Result<()> {
+            for (w, lp) in group.iter().zip(&lps) {
+                nlls.push(window_nll(w, lp)?);
+            }
+            Ok(())
+        })?;
         let per_window = t.elapsed().as_secs_f64() / group.len() as f64;
         for (k, (w, lp)) in group.iter().zip(&lps).enumerate() {
             window_nll_sums.push(nlls[k]);
