@@ -198,6 +198,11 @@ impl WeightFormat for Grouped {
         keep_on_cpu(self, "weight-only int-N", device)
     }
 
+    /// Weight-only: activations multiply as they are.
+    fn input_quant(&self) -> super::InputQuant {
+        super::InputQuant::None
+    }
+
     fn meta(&self) -> serde_json::Value {
         serde_json::json!({ "scheme": self.q.scheme.to_string() })
     }

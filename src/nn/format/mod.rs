@@ -57,8 +57,9 @@ pub trait WeightFormat: Debug + Send + Sync {
     }
     /// How `forward` quantizes its input activations before the integer product, so a
     /// device without this format's kernel can emulate it ([`on_device::Dequantized`]).
+    /// A format that does not say cannot be emulated (an error, never a wrong number).
     fn input_quant(&self) -> InputQuant {
-        InputQuant::None
+        InputQuant::Unknown
     }
     /// Parameters needed to read the tensors back (scheme, block size...), as JSON.
     fn meta(&self) -> serde_json::Value {
@@ -80,6 +81,8 @@ pub enum InputQuant {
     U8PerTensor,
     /// u8 codes with a calibrated (scale, zero point).
     U8Fixed { scale: f32, zero_point: i32 },
+    /// Not described: the format has no emulation on other devices.
+    Unknown,
 }
 
 /// Reads the tensors a format wrote; errors name the layer and the part.

@@ -23,6 +23,12 @@ pub struct Dequantized {
 impl Dequantized {
     /// `host` (a CPU format) run on `device` in `dtype` (f32, bf16 or f16).
     pub fn wrap(host: Arc<dyn WeightFormat>, device: &Device, dtype: DType) -> Result<Self> {
+        if host.input_quant() == InputQuant::Unknown {
+            anyhow::bail!(
+                "{} has no kernel and no emulation on {device:?} in this build: use --device cpu",
+                host.describe()
+            );
+        }
         let weight = host
             .dequantize()
             .and_then(|w| Ok(w.to_device(device)?.to_dtype(dtype)?))
@@ -81,6 +87,7 @@ impl WeightFormat for Dequantized {
         let x = x.to_dtype(self.weight.dtype())?;
         let x = match self.host.input_quant() {
             InputQuant::None => x,
+            InputQuant::Unknown => anyhow::bail!("{} cannot be emulated", self.describe()),
             InputQuant::U8Fixed { scale, zero_point } => fake_quant_u8(&x, scale, zero_point)?,
             InputQuant::U8PerTensor => {
                 let xf = x.to_dtype(DType::F32)?.flatten_all()?;
@@ -206,6 +213,15 @@ mod tests {
         ] {
             emulation_matches_kernel(m, 2e-4);
         }
+    }
+
+    #[test]
+    fn a_format_without_an_emulation_is_refused() {
+        let w = randn(&[4, 8], 1).unwrap();
+        let dense: Arc<dyn WeightFormat> = Arc::new(Dense::new(w).unwrap());
+        assert_eq!(dense.input_quant(), InputQuant::Unknown);
+        let e = Dequantized::wrap(dense, &Device::Cpu, DType::F32).unwrap_err();
+        assert!(e.to_string().contains("no emulation"), "{e}");
     }
 
     #[test]
