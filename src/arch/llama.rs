@@ -616,11 +616,46 @@ impl Llama {
         })
     }
 
+    /// The causal mask `[t, offset + t]` (0 where a position may attend, −∞ after it) in
+    /// the dtype of the attention scores, built once per forward pass (one upload, not one
+    /// per layer); `None` for a single new position, which sees the whole cache.
+    fn causal_mask(&self, t: usize, offset: usize) -> Result<Option<Tensor>> {
+        if t <= 1 {
+            return Ok(None);
+        }
+        let total = offset + t;
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                (0..total).map(move |j| {
+                    if j > i + offset {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, total), &self.device)?;
+        Ok(Some(mask.to_dtype(self.score_dtype())?))
+    }
+
+    /// Attention scores and softmax: in f32 on the CPU and for f32 activations; in the
+    /// activations' half dtype on a GPU, as transformers' eager attention computes the
+    /// scores (candle's softmax kernel accumulates in f32 for half inputs).
+    fn score_dtype(&self) -> DType {
+        if self.device.is_cpu() {
+            DType::F32
+        } else {
+            self.dtype()
+        }
+    }
+
     fn attention(
         &self,
         b: &Block,
         x: &Tensor,
         offset: usize,
+        mask: Option<&Tensor>,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let (bsz, t, _) = x.dims3()?;
@@ -662,24 +697,14 @@ impl Llama {
             Ok((expand(k)?, expand(v)?))
         })?;
         let scale = 1.0 / (hd as f64).sqrt();
-        // Scores and softmax in f32 whatever the activations' dtype (as transformers does).
         let mut att = profile::section(dev, "scores", || -> Result<Tensor> {
-            Ok((q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?)
+            Ok((q.matmul(&k.t()?)? * scale)?.to_dtype(self.score_dtype())?)
         })?;
-        if t > 1 {
-            let mask: Vec<f32> = (0..t)
-                .flat_map(|i| {
-                    (0..total).map(move |j| {
-                        if j > i + offset {
-                            f32::NEG_INFINITY
-                        } else {
-                            0.0
-                        }
-                    })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (t, total), &self.device)?;
-            att = profile::section(dev, "mask", || att.broadcast_add(&mask))?;
+        if let Some(mask) = mask {
+            if mask.dims() != [t, total] {
+                bail!("attention mask {:?} for {t} × {total} scores", mask.dims());
+            }
+            att = profile::section(dev, "mask", || att.broadcast_add(mask))?;
         }
         let att = profile::section(dev, "softmax", || -> Result<Tensor> {
             Ok(candle_nn::ops::softmax_last_dim(&att)?.to_dtype(v.dtype())?)
@@ -737,11 +762,14 @@ impl Llama {
         let eps = self.cfg.rms_norm_eps as f32;
         cache.len = offset + t;
         let dev = &self.device;
+        let mask = self.causal_mask(t, offset)?;
         for (b, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             let h = profile::section(dev, "norm", || {
                 candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)
             })?;
-            let a = profile::section(dev, "attention", || self.attention(b, &h, offset, c))?;
+            let a = profile::section(dev, "attention", || {
+                self.attention(b, &h, offset, mask.as_ref(), c)
+            })?;
             x = (x + a)?;
             let h = profile::section(dev, "norm", || {
                 candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)
