@@ -15,6 +15,7 @@ pub const ALGORITHMS: &[(&str, ParseFn)] = &[
     ("keep", algo::keep::parse),
     ("f32 | f16 | bf16", algo::cast::parse),
     ("dynamic-int8 | static-int8[:observer]", algo::int8::parse),
+    ("w8a8:token | w8a8:tensor[:observer]", algo::w8a8::parse),
     ("w:<scheme> (e.g. w:i4:sym:g64)", algo::rtn::parse),
     ("nf4|fp4[:b<block>][:dq]", algo::fourbit::parse),
     (

@@ -8,6 +8,7 @@ pub mod ggml;
 pub mod int8;
 pub mod keep;
 pub mod rtn;
+pub mod w8a8;
 
 use super::calib::{Calibration, Statistic};
 use super::format::WeightFormat;
