@@ -220,6 +220,16 @@ impl Int8 {
         parts: &mut StoredParts,
         _device: &Device,
     ) -> Result<Arc<dyn WeightFormat>> {
+        Ok(Arc::new(Self::load_parts(shape, meta, parts)?))
+    }
+
+    /// Reads the stored codes, scales and activation scheme (also for formats built on
+    /// int8 weights, such as LLM.int8).
+    pub fn load_parts(
+        shape: (usize, usize),
+        meta: &serde_json::Value,
+        parts: &mut StoredParts,
+    ) -> Result<Self> {
         let (o, i) = shape;
         let per_token = match meta.get("act").and_then(|v| v.as_str()) {
             None => false,
@@ -258,7 +268,7 @@ impl Int8 {
             ActQuant::Dynamic
         };
         let codes = codes.into_iter().map(|c| c as i8).collect();
-        Ok(Arc::new(Self::from_parts(o, i, codes, scale, act)))
+        Ok(Self::from_parts(o, i, codes, scale, act))
     }
 }
 
