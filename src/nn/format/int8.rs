@@ -24,7 +24,8 @@ pub enum ActQuant {
     /// Fixed (scale, zero point) from calibration.
     Static { scale: f32, zero_point: i32 },
     /// Symmetric per row (token) at run time: `absmax(row) / 127`, codes
-    /// `round_half_even(x · 127 / absmax)` (SmoothQuant's and bitsandbytes' row rule).
+    /// `round_half_even(x · 127 / absmax)` (SmoothQuant's and bitsandbytes' row rule,
+    /// evaluated as [`quantize_row_symmetric`] does).
     PerToken,
 }
 
@@ -46,15 +47,18 @@ pub fn symmetric_scale(absmax: f32) -> f32 {
 }
 
 /// One row quantized symmetrically into `dst` as u8 (`code + 128`): `round_half_even(x ·
-/// (127 / absmax))` clamped to ±127, the arithmetic bitsandbytes' `int8_vectorwise_quant`
-/// does in f32 (so codes match it bit for bit). `absmax` 0 gives all-zero codes.
+/// m)` clamped to ±127 with `m = (1 / absmax) · 127` in f32, the arithmetic of
+/// bitsandbytes' `int8_vectorwise_quant` (`A * (127.0 / row_stats)`, where torch evaluates
+/// `scalar / tensor` as `tensor.reciprocal() * scalar`), so codes match it bit for bit
+/// (a true division differs in the last bit, which moves exact halves).
+/// `absmax` 0 gives all-zero codes.
 pub fn quantize_row_symmetric(src: &[f32], absmax: f32, dst: &mut [u8]) {
     let n = src.len().min(dst.len());
     if absmax <= 0.0 {
         dst[..n].fill(SYMMETRIC_ZERO_POINT as u8);
         return;
     }
-    let mul = 127.0f32 / absmax;
+    let mul = (1.0f32 / absmax) * 127.0;
     for (d, &v) in dst[..n].iter_mut().zip(&src[..n]) {
         // The clamp leaves an integer in [-127, 127] (NaN casts to 0): +128 fits a byte.
         *d = ((v * mul).round_ties_even().clamp(-127.0, 127.0) as i32 + 128) as u8;
@@ -120,7 +124,7 @@ impl Int8 {
     /// Quantizes an f32 `[out, in]` weight with the symmetric rule W8A8 methods use
     /// (SmoothQuant's `quantize_weight_per_channel_absmax`, bitsandbytes' row-wise
     /// `int8_vectorwise_quant`): per output row, scale `absmax / 127`, codes
-    /// `round_half_even(w · 127 / absmax)` in [-127, 127].
+    /// `round_half_even(w · (1 / absmax) · 127)` in [-127, 127] ([`quantize_row_symmetric`]).
     pub fn quantize_absmax(w: &Tensor, act: ActQuant) -> Result<Self> {
         let (o, i) = w.dims2()?;
         let flat = w.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
@@ -420,7 +424,7 @@ mod tests {
                     rq.push((s, 128));
                     for &v in row {
                         let c = if amax > 0.0 {
-                            (v * (127.0 / amax)).round_ties_even()
+                            (v * ((1.0 / amax) * 127.0)).round_ties_even()
                         } else {
                             0.0
                         };

@@ -124,8 +124,8 @@ impl LlmInt8 {
     }
 
     /// The int8 part's activation rows (outlier columns' codes 0) and the outlier columns,
-    /// ascending.
-    fn quantize_input(&self, xs: &[f32], m: usize) -> (kernels::ActRows, Vec<usize>) {
+    /// ascending: bitsandbytes' `int8_vectorwise_quant(x, threshold)`.
+    pub fn quantize_input(&self, xs: &[f32], m: usize) -> (kernels::ActRows, Vec<usize>) {
         let k = self.weight.in_features;
         let stride = self.weight.packed().kp;
         let t = self.threshold;
@@ -290,7 +290,7 @@ mod tests {
     use crate::quant::random;
 
     /// LLM.int8 from its definition, in f64 except the activation and weight codes (which
-    /// are integers computed with bitsandbytes' f32 rule `round(x · (127 / absmax))`).
+    /// are integers computed with bitsandbytes' f32 rule `round(x · ((1 / absmax) · 127))`).
     /// Returns the output and, per value, the magnitude sum that bounds its rounding error.
     #[allow(clippy::type_complexity)]
     fn reference(
@@ -304,7 +304,7 @@ mod tests {
             if amax == 0.0 {
                 0.0
             } else {
-                (v * (127.0f32 / amax)).round_ties_even() as f64
+                (v * ((1.0f32 / amax) * 127.0)).round_ties_even() as f64
             }
         };
         let wamax: Vec<f32> = (0..n)
