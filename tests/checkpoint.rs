@@ -54,6 +54,9 @@ fn llama_checkpoints_of_every_format_reload_bit_identical() {
         "*=bf16",
         "*=dynamic-int8",
         "*=static-int8:percentile:99.9",
+        "*=w8a8:token",
+        "*=w8a8:tensor",
+        "lm_head=keep;*=llm.int8",
         "lm_head=keep;*=w:i8:sym:ch0",
     ];
     let ids: Vec<u32> = (1..40).map(|i| (i * 37 % 300) as u32).collect();

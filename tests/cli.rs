@@ -419,3 +419,71 @@ fn bench_measures_every_plan_beside_f32_and_refuses_what_it_cannot_measure() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+/// `lab bnb` end to end on the tiny Llama: every row of the study, each with its plan, and
+/// LLM.int8's outlier table with one row per block.
+#[test]
+fn lab_bnb_runs_every_row_on_a_tiny_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog, and the dog sleeps on. ".repeat(20),
+    )
+    .unwrap();
+    let tiny = tiny_llama();
+    let t = text.to_str().unwrap();
+    let (ok, out, err) = quantlab(&[
+        "--quiet",
+        "--format",
+        "json",
+        "lab",
+        "bnb",
+        "--model",
+        &tiny,
+        "--text",
+        t,
+        "--ctx",
+        "16",
+        "--max-chunks",
+        "3",
+        "--calibration",
+        t,
+        "--calib-samples",
+        "2",
+        "--calib-seqlen",
+        "8",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "3",
+        "--reps",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let main: Vec<&serde_json::Value> = rows.iter().filter(|r| r["table"] == "bnb").collect();
+    let plans: Vec<&str> = main.iter().map(|r| r["plan"].as_str().unwrap()).collect();
+    assert_eq!(
+        plans,
+        quantlab::lab::bnb::ROWS.map(|(_, p)| p).to_vec(),
+        "{out}"
+    );
+    assert_eq!(main[0]["ppl_vs_f32"].as_f64(), Some(0.0));
+    for r in &main {
+        let ppl = r["perplexity"].as_f64().unwrap();
+        assert!(ppl.is_finite() && ppl > 1.0, "{r}");
+    }
+    // 4-bit rows are smaller than 8-bit ones, which are smaller than f32.
+    let mb = |i: usize| main[i]["weights_mb"].as_f64().unwrap();
+    assert!(mb(3) < mb(1) && mb(1) < mb(0), "{out}");
+    let outliers: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| r["table"] == "bnb_outliers")
+        .collect();
+    assert_eq!(outliers.len(), 2, "{out}");
+    assert_eq!(outliers[0]["layer"], "model.layers.0");
+}

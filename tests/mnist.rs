@@ -142,7 +142,7 @@ fn static_calibration_is_deterministic_and_plan_selective() {
             .iter()
             .filter_map(|l| match l.weight.as_any().downcast_ref::<Int8>()?.act {
                 ActQuant::Static { scale, zero_point } => Some((scale, zero_point)),
-                ActQuant::Dynamic => None,
+                ActQuant::Dynamic | ActQuant::PerToken => None,
             })
             .collect()
     };

@@ -107,6 +107,10 @@ pub enum LabCommand {
     /// The SmolLM2 tables: (a) f32 vs 8-bit whole model vs 8-bit FFN only; (b) int8/int4/int2
     /// g64 last-word accuracy, decode speed and memory.
     Smollm(SmollmArgs),
+    /// The bitsandbytes study: f32, LLM.int8(), FP4, NF4 (+ double quant) next to 8-bit RTN
+    /// (whole model, FFN only) and W8A8 (per token, static): size, prefill/decode tokens/s,
+    /// perplexity, KL; and LLM.int8's outlier columns per layer.
+    Bnb(BnbArgs),
     /// The translation table: MarianMT in fp32, dynamic int8, dynamic fp16, int4 and NF4 on
     /// Multi30k test_2016_flickr (BLEU, diff vs fp32, size, latency, samples/s).
     Marian(MarianArgs),
@@ -158,6 +162,34 @@ pub struct SmollmArgs {
     /// Tokens generated to measure decode speed.
     #[arg(long, default_value_t = 16)]
     pub decode_tokens: usize,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BnbArgs {
+    /// The LLM (SmolLM2 GGUF by default; any Llama-family model).
+    #[arg(long, default_value = llm::DEFAULT_LLM, env = "QUANTLAB_LLM")]
+    pub model: String,
+    /// Text for perplexity. Default: WikiText-2 test.
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Perplexity window (llama.cpp chunks).
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Windows scored for perplexity.
+    #[arg(long, default_value_t = 8)]
+    pub max_chunks: usize,
+    /// Calibration for the static W8A8 row.
+    #[command(flatten)]
+    pub calibration: llm::CalibrationArgs,
+    /// Prompt tokens of the prefill test (pp N).
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// One-token steps of the decode test (tg N).
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// Timed repetitions per speed test (after one warm-up).
+    #[arg(long, default_value_t = 2)]
+    pub reps: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -280,6 +312,25 @@ pub fn run(cli: Cli) -> Result<()> {
                     last_word_examples: a.last_word_examples,
                     lambada: a.lambada,
                     decode_tokens: a.decode_tokens,
+                    progress,
+                    device: device.clone(),
+                })?
+            }
+            LabCommand::Bnb(a) => {
+                let text = match a.text {
+                    Some(t) => t,
+                    None => DataDir::resolve(cli.data_dir.as_deref())?
+                        .require("wikitext-2/test.txt", "pass --text FILE")?,
+                };
+                crate::lab::bnb::run(&crate::lab::bnb::BnbLabConfig {
+                    model: a.model,
+                    text,
+                    ctx: a.ctx,
+                    max_chunks: a.max_chunks,
+                    calibration: a.calibration.source(cli.data_dir.as_deref()).text_spec()?,
+                    prompt_tokens: a.prompt_tokens,
+                    gen_tokens: a.gen_tokens,
+                    reps: a.reps,
                     progress,
                     device: device.clone(),
                 })?

@@ -1,5 +1,6 @@
 //! Reproductions of the lab handout's exercises, as library functions with reports.
 
+pub mod bnb;
 pub mod ex0;
 pub mod ex1;
 pub mod marian;

@@ -15,6 +15,8 @@ pub const ALGORITHMS: &[(&str, ParseFn)] = &[
     ("keep", algo::keep::parse),
     ("f32 | f16 | bf16", algo::cast::parse),
     ("dynamic-int8 | static-int8[:observer]", algo::int8::parse),
+    ("w8a8:token | w8a8:tensor[:observer]", algo::w8a8::parse),
+    ("llm.int8[:threshold]", algo::llm_int8::parse),
     ("w:<scheme> (e.g. w:i4:sym:g64)", algo::rtn::parse),
     ("nf4|fp4[:b<block>][:dq]", algo::fourbit::parse),
     (
@@ -36,6 +38,7 @@ pub const FORMATS: &[(&str, LoadFn)] = &[
     (format::dense::ID, format::dense::Dense::load),
     (format::half::ID, format::half::Half::load),
     (format::int8::ID, format::int8::Int8::load),
+    (format::llm_int8::ID, format::llm_int8::LlmInt8::load),
     (format::grouped::ID, format::grouped::Grouped::load),
     (format::fourbit::ID, format::fourbit::FourBitWeight::load),
     (format::ggml::ID, format::ggml::Ggml::load),

@@ -7,7 +7,9 @@ pub mod fourbit;
 pub mod ggml;
 pub mod int8;
 pub mod keep;
+pub mod llm_int8;
 pub mod rtn;
+pub mod w8a8;
 
 use super::calib::{Calibration, Statistic};
 use super::format::WeightFormat;

@@ -9,6 +9,7 @@ pub mod ggml;
 pub mod grouped;
 pub mod half;
 pub mod int8;
+pub mod llm_int8;
 pub mod on_device;
 
 use crate::load::{NamedTensor, RawTensor, TensorSource};
