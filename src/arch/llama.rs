@@ -12,6 +12,8 @@ use candle_core::{DType, Device, Tensor, D};
 use serde_json::Value;
 use std::path::Path;
 
+mod staged;
+
 /// Rope frequency scaling from config.json's `rope_parameters` (transformers 5) or
 /// `rope_scaling` (earlier).
 #[derive(Debug, Clone, PartialEq)]
