@@ -2,6 +2,7 @@
 
 pub mod ex0;
 pub mod ex1;
+pub mod gptq;
 pub mod marian;
 pub mod mnist;
 pub mod smollm;

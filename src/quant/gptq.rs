@@ -488,7 +488,11 @@ mod tests {
     fn hessian(n: usize, cols: usize, r: &mut impl Rng) -> Vec<f64> {
         let x: Vec<f64> = (0..n * cols)
             .map(|i| {
-                let loud = if (i % cols).is_multiple_of(13) { 8.0 } else { 1.0 };
+                let loud = if (i % cols).is_multiple_of(13) {
+                    8.0
+                } else {
+                    1.0
+                };
                 r.gen_range(-1.0..1.0) * loud
             })
             .collect();
