@@ -487,3 +487,60 @@ fn lab_bnb_runs_every_row_on_a_tiny_model() {
     assert_eq!(outliers.len(), 2, "{out}");
     assert_eq!(outliers[0]["layer"], "model.layers.0");
 }
+
+#[test]
+fn lab_gptq_runs_on_the_tiny_model_and_draws_its_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    let line = "the quick brown fox jumps over the lazy dog and the cat sat on the mat while the bird sang in the tree by the river where the old man fished every day of the long warm summer";
+    std::fs::write(&text, format!("{line} {line}\n{line} and {line} again\n")).unwrap();
+    let plots = dir.path().join("plots");
+    let (ok, out, err) = quantlab(&[
+        "lab",
+        "gptq",
+        "--model",
+        &tiny_llama(),
+        "--text",
+        text.to_str().unwrap(),
+        "--calibration",
+        text.to_str().unwrap(),
+        "--calib-samples",
+        "2",
+        "--calib-seqlen",
+        "8",
+        "--bits",
+        "8,4",
+        "--group",
+        "32",
+        "--last-word-examples",
+        "2",
+        "--decode-tokens",
+        "2",
+        "--plot-dir",
+        plots.to_str().unwrap(),
+        "--quiet",
+        "--format",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let methods: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
+    assert_eq!(
+        methods,
+        [
+            "f32",
+            "rtn int8 g32",
+            "gptq int8 g32",
+            "rtn int4 g32",
+            "gptq int4 g32"
+        ]
+    );
+    assert_eq!(rows[4]["plan"], "lm_head=keep;*=gptq:i4:sym:g32");
+    for name in ["gptq_accuracy.svg", "gptq_speed.svg"] {
+        let svg = std::fs::read_to_string(plots.join(name)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("gptq"), "{name}");
+    }
+}

@@ -14,6 +14,8 @@ use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
 
+mod staged;
+
 /// Rope frequency scaling from config.json's `rope_parameters` (transformers 5) or
 /// `rope_scaling` (earlier).
 #[derive(Debug, Clone, PartialEq)]

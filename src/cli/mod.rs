@@ -111,6 +111,9 @@ pub enum LabCommand {
     /// (whole model, FFN only) and W8A8 (per token, static): size, prefill/decode tokens/s,
     /// perplexity, KL; and LLM.int8's outlier columns per layer.
     Bnb(BnbArgs),
+    /// The GPTQ study: GPTQ vs round-to-nearest at int8/int4/int2 group 64 (last-word
+    /// top-1/top-5, decode tokens/s, memory) and its two plots.
+    Gptq(GptqLabArgs),
     /// The translation table: MarianMT in fp32, dynamic int8, dynamic fp16, int4 and NF4 on
     /// Multi30k test_2016_flickr (BLEU, diff vs fp32, size, latency, samples/s).
     Marian(MarianArgs),
@@ -140,6 +143,48 @@ pub struct MarianArgs {
     /// Sentences timed one at a time for the latency column.
     #[arg(long, default_value_t = 100)]
     pub latency_sentences: usize,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GptqLabArgs {
+    /// The SmolLM2 GGUF (or any Llama-family model).
+    #[arg(long, default_value = llm::DEFAULT_LLM, env = "QUANTLAB_LLM")]
+    pub model: String,
+    /// Text of the last-word passages. Default: WikiText-2 test.
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// LAMBADA jsonl (`{"text": ...}` per line); default: the WikiText-2 rule.
+    #[arg(long)]
+    pub lambada: Option<PathBuf>,
+    /// Last-word passages scored.
+    #[arg(long, default_value_t = 100)]
+    pub last_word_examples: usize,
+    /// Tokens generated to measure decode speed.
+    #[arg(long, default_value_t = 16)]
+    pub decode_tokens: usize,
+    /// Bit widths, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [8u8, 4, 2])]
+    pub bits: Vec<u8>,
+    /// Columns per scale.
+    #[arg(long, default_value_t = 64)]
+    pub group: usize,
+    /// GPTQ with act-order (static groups).
+    #[arg(long)]
+    pub act_order: bool,
+    /// Calibration text (default WikiText-2 validation).
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
+    /// Calibration windows (the study: 100).
+    #[arg(long, default_value_t = 100)]
+    pub calib_samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 512)]
+    pub calib_seqlen: usize,
+    #[arg(long, default_value_t = 0)]
+    pub calib_seed: u64,
+    /// Folder for the plots (gptq_accuracy.svg, gptq_speed.svg).
+    #[arg(long)]
+    pub plot_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -331,6 +376,39 @@ pub fn run(cli: Cli) -> Result<()> {
                     prompt_tokens: a.prompt_tokens,
                     gen_tokens: a.gen_tokens,
                     reps: a.reps,
+                    progress,
+                    device: device.clone(),
+                })?
+            }
+            LabCommand::Gptq(a) => {
+                let data = || DataDir::resolve(cli.data_dir.as_deref());
+                let text = match a.text {
+                    Some(t) => t,
+                    None => data()?.require("wikitext-2/test.txt", "pass --text FILE")?,
+                };
+                let calib = match a.calibration {
+                    Some(t) => t,
+                    None => data()?.require(
+                        "wikitext-2/valid.txt",
+                        "calibration defaults to WikiText-2 validation; pass --calibration FILE",
+                    )?,
+                };
+                crate::lab::gptq::run(&crate::lab::gptq::GptqLabConfig {
+                    model: a.model,
+                    text,
+                    lambada: a.lambada,
+                    last_word_examples: a.last_word_examples,
+                    decode_tokens: a.decode_tokens,
+                    bits: a.bits,
+                    group: a.group,
+                    act_order: a.act_order,
+                    calibration: crate::eval::lm::CalibrationSpec::new(
+                        calib,
+                        a.calib_samples,
+                        a.calib_seqlen,
+                        a.calib_seed,
+                    )?,
+                    plot_dir: a.plot_dir,
                     progress,
                     device: device.clone(),
                 })?

@@ -5,7 +5,7 @@ use super::kl::{self, BaseWriter, KlStats};
 use super::perplexity::{self, PerplexityResult, Protocol};
 use crate::arch::llama::LoadAs;
 use crate::model::{load_llm, LoadedLlm};
-use crate::nn::{apply_plan, HasLinears, LayerSummary, Plan};
+use crate::nn::{apply_plan_in_stages, HasLinears, LayerSummary, Plan};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
@@ -126,7 +126,9 @@ pub fn prepare(
         }
         _ => Vec::new(),
     };
-    let layers = apply_plan(&mut llm.model, &plan, |m| {
+    // Sequential methods (GPTQ) calibrate block by block through the quantized model;
+    // the others in one pass over the unquantized model.
+    let layers = apply_plan_in_stages(&mut llm.model, &plan, &windows, |m| {
         if windows.is_empty() {
             bail!("this plan needs calibration data: pass --calibration FILE (text), or use a weight-only or dynamic method");
         }

@@ -3,6 +3,7 @@
 pub mod bnb;
 pub mod ex0;
 pub mod ex1;
+pub mod gptq;
 pub mod marian;
 pub mod mnist;
 pub mod smollm;

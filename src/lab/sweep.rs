@@ -89,6 +89,28 @@ pub fn expand(
                     }
                 }
             }
+            // GPTQ over the same grid as rtn (needs calibration data: sequential Hessians).
+            "gptq" | "gptq:act-order" => {
+                let ao = if m.ends_with(":act-order") {
+                    ":act-order"
+                } else {
+                    ""
+                };
+                for g in groups {
+                    let gran = if g == "ch" {
+                        "ch0".to_string()
+                    } else {
+                        format!("g{g}")
+                    };
+                    for &b in bits {
+                        out.push(Config {
+                            family: format!("{m} {mode} {}", if g == "ch" { "ch" } else { g }),
+                            bits: b,
+                            method: format!("gptq:i{b}:{mode}:{gran}{ao}"),
+                        });
+                    }
+                }
+            }
             "nf4" | "fp4" | "nf4:dq" | "fp4:dq" => {
                 for g in groups.iter().filter(|g| *g != "ch") {
                     let (kind, dq) = m.split_once(':').map_or((m.as_str(), ""), |(k, d)| (k, d));
@@ -369,5 +391,30 @@ mod tests {
         let e = read_rows(&p).unwrap_err().to_string();
         assert!(e.contains("line 1"), "{e}");
         assert_eq!(row.plan, "*.mlp.*=w:i4:sym:g64");
+    }
+
+    #[test]
+    fn gptq_expands_like_rtn() {
+        let c = expand(
+            &["gptq".into(), "gptq:act-order".into()],
+            &[4, 3],
+            &["64".into()],
+            "sym",
+        )
+        .unwrap();
+        let methods: Vec<&str> = c.iter().map(|c| c.method.as_str()).collect();
+        assert_eq!(
+            methods,
+            [
+                "keep",
+                "gptq:i4:sym:g64",
+                "gptq:i3:sym:g64",
+                "gptq:i4:sym:g64:act-order",
+                "gptq:i3:sym:g64:act-order"
+            ]
+        );
+        for m in &methods[1..] {
+            assert!(m.parse::<crate::nn::Method>().is_ok(), "{m}");
+        }
     }
 }

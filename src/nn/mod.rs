@@ -17,7 +17,8 @@ pub use method::Method;
 pub use plan::Plan;
 pub use qlinear::QLinear;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use candle_core::Tensor;
 
 /// A model whose linear layers a plan can reach.
 pub trait HasLinears {
@@ -111,6 +112,169 @@ pub fn apply_plan<M: HasLinears>(
         out.push(LayerSummary::of(l));
     }
     Ok(out)
+}
+
+/// Receives a model's calibration stages (see [`CalibrateInStages`]): the model feeds the
+/// inputs of a group of layers, then asks for them to be converted before it computes what
+/// follows them with the converted weights.
+pub trait StageSink {
+    /// Whether `layer`'s algorithm needs statistics of its inputs (a model may skip a stage
+    /// no layer needs, such as the output layer's).
+    fn wants(&self, layer: &QLinear) -> bool;
+    /// One batch `[rows, in]` of the inputs all of `layers` read (observed once for them).
+    fn observe(&mut self, layers: &[&QLinear], x: &Tensor) -> Result<()>;
+    /// Converts `layers` with the plan, from the statistics observed for them.
+    fn convert(&mut self, layers: &mut [&mut QLinear]) -> Result<()>;
+}
+
+/// A model that can calibrate stage by stage (GPTQ's `true_sequential`): each group of
+/// layers sees inputs computed by the layers before it *after* those were quantized.
+/// The stage structure is the model's knowledge; [`apply_plan_in_stages`] drives it.
+pub trait CalibrateInStages: HasLinears {
+    /// One calibration sample in the model's own form (a window of token ids for an LLM).
+    type Input;
+    /// Runs every calibration input through the model stage by stage, calling `sink` to
+    /// observe each stage's inputs and convert its layers. Layers it never hands to
+    /// [`StageSink::convert`] are converted afterwards, without statistics.
+    fn calibrate_in_stages(
+        &mut self,
+        inputs: &[Self::Input],
+        sink: &mut dyn StageSink,
+    ) -> Result<()>;
+}
+
+/// Applies a plan; when some layer's algorithm asks for sequential calibration
+/// ([`Algorithm::sequential`](algo::Algorithm::sequential)), the model calibrates stage by
+/// stage on `inputs`, converting each stage's layers as soon as their statistics are in
+/// (all layers of a stage, whatever their method, so later stages see the quantized model).
+/// Otherwise this is [`apply_plan`] with `calibrate_once`.
+pub fn apply_plan_in_stages<M: CalibrateInStages>(
+    model: &mut M,
+    plan: &Plan,
+    inputs: &[M::Input],
+    calibrate_once: impl FnOnce(&M) -> Result<()>,
+) -> Result<Vec<LayerSummary>> {
+    let sequential = model
+        .linears()
+        .iter()
+        .any(|l| plan.method_for(&l.name).algorithm().sequential());
+    if !sequential {
+        return apply_plan(model, plan, calibrate_once);
+    }
+    if inputs.is_empty() {
+        anyhow::bail!("this plan needs calibration data: pass --calibration FILE (text)");
+    }
+    let start = std::time::Instant::now();
+    let mut sink = PlanSink {
+        plan,
+        collectors: Vec::new(),
+        converted: std::collections::HashSet::new(),
+    };
+    model.calibrate_in_stages(inputs, &mut sink)?;
+    let converted = sink.converted;
+    let mut out = Vec::new();
+    for l in model.linears_mut() {
+        if !converted.contains(&l.name) {
+            let m = plan.method_for(&l.name);
+            if !m.algorithm().needs().is_empty() {
+                anyhow::bail!(
+                    "layer {}: {m} needs calibration statistics, but the model's calibration stages do not reach it",
+                    l.name
+                );
+            }
+            l.convert(&m, None)?;
+        }
+        out.push(LayerSummary::of(l));
+    }
+    eprintln!(
+        "sequential calibration on {} samples: {:.1} s",
+        inputs.len(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(out)
+}
+
+/// The [`StageSink`] of a plan: one statistics collector per stage group (layers that read
+/// the same inputs share it), conversion by the plan's rule for each layer.
+struct PlanSink<'a> {
+    plan: &'a Plan,
+    /// (first layer's name, collector) of the groups being observed.
+    collectors: Vec<(String, calib::Collector)>,
+    converted: std::collections::HashSet<String>,
+}
+
+impl PlanSink<'_> {
+    fn needs(&self, layers: &[&QLinear]) -> Vec<calib::Statistic> {
+        let mut out = Vec::new();
+        for l in layers {
+            for s in self.plan.method_for(&l.name).algorithm().needs() {
+                if !out.contains(&s) {
+                    out.push(s);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl StageSink for PlanSink<'_> {
+    fn wants(&self, layer: &QLinear) -> bool {
+        !self
+            .plan
+            .method_for(&layer.name)
+            .algorithm()
+            .needs()
+            .is_empty()
+    }
+
+    fn observe(&mut self, layers: &[&QLinear], x: &Tensor) -> Result<()> {
+        let Some(first) = layers.first() else {
+            return Ok(());
+        };
+        let needs = self.needs(layers);
+        if needs.is_empty() {
+            return Ok(());
+        }
+        let i = match self.collectors.iter().position(|(n, _)| *n == first.name) {
+            Some(i) => i,
+            None => {
+                let c = calib::Collector::new(&needs, first.in_features);
+                self.collectors.push((first.name.clone(), c));
+                self.collectors.len() - 1
+            }
+        };
+        self.collectors[i]
+            .1
+            .observe(x)
+            .with_context(|| format!("calibrating layer {}", first.name))
+    }
+
+    fn convert(&mut self, layers: &mut [&mut QLinear]) -> Result<()> {
+        let Some(first) = layers.first() else {
+            return Ok(());
+        };
+        let calibration = match self.collectors.iter().position(|(n, _)| *n == first.name) {
+            Some(i) => Some(
+                self.collectors
+                    .swap_remove(i)
+                    .1
+                    .finish()
+                    .with_context(|| format!("calibrating layer {}", first.name))?,
+            ),
+            None => None,
+        };
+        for l in layers.iter_mut() {
+            let m = self.plan.method_for(&l.name);
+            let c = if m.algorithm().needs().is_empty() {
+                None
+            } else {
+                calibration.as_ref()
+            };
+            l.convert(&m, c)?;
+            self.converted.insert(l.name.clone());
+        }
+        Ok(())
+    }
 }
 
 /// What a plan would need before any weight is read: whether some rule asks for

@@ -18,6 +18,10 @@ pub const ALGORITHMS: &[(&str, ParseFn)] = &[
     ("w8a8:token | w8a8:tensor[:observer]", algo::w8a8::parse),
     ("llm.int8[:threshold]", algo::llm_int8::parse),
     ("w:<scheme> (e.g. w:i4:sym:g64)", algo::rtn::parse),
+    (
+        "gptq:<scheme>[:act-order][:damp=<f>][:block=<n>] (e.g. gptq:i4:sym:g64)",
+        algo::gptq::parse,
+    ),
     ("nf4|fp4[:b<block>][:dq]", algo::fourbit::parse),
     (
         "a GGML type (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k)",

@@ -2,6 +2,7 @@
 //! storage. Nothing here knows about models.
 
 pub mod codebook;
+pub mod gptq;
 pub mod histogram;
 pub mod io;
 pub mod metrics;

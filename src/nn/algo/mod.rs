@@ -5,6 +5,7 @@
 pub mod cast;
 pub mod fourbit;
 pub mod ggml;
+pub mod gptq;
 pub mod int8;
 pub mod keep;
 pub mod llm_int8;
@@ -46,6 +47,12 @@ pub trait Algorithm: Debug + Send + Sync {
     /// Statistics of the layer's inputs this algorithm needs from calibration data.
     fn needs(&self) -> Vec<Statistic> {
         Vec::new()
+    }
+    /// Whether its statistics must come from inputs that flowed through the layers quantized
+    /// before it (GPTQ's `true_sequential`): the plan then calibrates stage by stage where
+    /// the model supports it.
+    fn sequential(&self) -> bool {
+        false
     }
     /// Whether the layer is left as it was loaded.
     fn keeps_layer(&self) -> bool {

@@ -1,0 +1,285 @@
+//! Sequential (stage-by-stage) calibration of the Llama decoder, for methods whose
+//! statistics must come from the already quantized model (GPTQ's `true_sequential`).
+//! Per block: q/k/v read the attention norm's output; o reads the attention computed with
+//! the quantized q/k/v; gate/up read the second norm's output after the quantized o;
+//! down reads `silu(gate) · up` of the quantized gate/up. Each stage's layers are converted
+//! as soon as their inputs have been observed. The hidden states of all calibration windows
+//! are kept between blocks (samples × seqlen × hidden f32: 150 MB for 128 × 512 × 576), so
+//! every block runs once. The arithmetic is that of the CPU forward pass.
+
+use super::{add_in_place, Llama, RopeLayout};
+use crate::nn::kernels::llm_f32::{self, KvHeads, RopePairs};
+use crate::nn::{CalibrateInStages, StageSink};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+
+fn host(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+impl CalibrateInStages for Llama {
+    type Input = Vec<u32>;
+
+    fn calibrate_in_stages(
+        &mut self,
+        windows: &[Vec<u32>],
+        sink: &mut dyn StageSink,
+    ) -> Result<()> {
+        if !self.device.is_cpu() || self.embed.dtype() != DType::F32 {
+            bail!("sequential calibration runs on the CPU with f32 embeddings: load the model on the CPU (--device cpu)");
+        }
+        let c = self.cfg.clone();
+        let (hs, nh, nkv, hd) = (
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        );
+        let eps = c.rms_norm_eps as f32;
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let pairs = match self.rope_layout {
+            RopeLayout::Interleaved => RopePairs::Adjacent,
+            RopeLayout::HalfSplit => RopePairs::Halves,
+        };
+        for w in windows {
+            if w.is_empty() || w.len() > c.max_position_embeddings {
+                bail!(
+                    "a calibration window has {} tokens: use 1 to {} (the model's context)",
+                    w.len(),
+                    c.max_position_embeddings
+                );
+            }
+            if let Some(&id) = w.iter().find(|&&id| id as usize >= c.vocab_size) {
+                bail!(
+                    "token id {id} is outside the vocabulary of {}",
+                    c.vocab_size
+                );
+            }
+        }
+        // The last block with a layer that needs its inputs: later blocks need not run.
+        let wanted = |b: &super::Block| {
+            [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]
+                .iter()
+                .any(|l| sink.wants(l))
+        };
+        let head_wanted = sink.wants(&self.lm_head);
+        let last = if head_wanted {
+            self.blocks.len()
+        } else {
+            match self.blocks.iter().rposition(wanted) {
+                Some(i) => i + 1,
+                None => return Ok(()),
+            }
+        };
+        let dev = Device::Cpu;
+        let mut xs: Vec<Vec<f32>> = windows
+            .iter()
+            .map(|w| {
+                let ids = Tensor::from_slice(w, w.len(), &dev)?;
+                host(&self.embed.index_select(&ids, 0)?)
+            })
+            .collect::<Result<_>>()?;
+        let tensor = |v: Vec<f32>, cols: usize| -> Result<Tensor> {
+            let rows = v.len() / cols;
+            Ok(Tensor::from_vec(v, (rows, cols), &dev)?)
+        };
+        let n = windows.len() as u64;
+        let nblocks = self.blocks.len();
+        let Llama {
+            blocks,
+            cos_host,
+            sin_host,
+            ..
+        } = self;
+        let start = std::time::Instant::now();
+        for (bi, b) in blocks.iter_mut().enumerate().take(last) {
+            let bar = crate::progress::bar(4 * n, &format!("block {}/{nblocks}", bi + 1), true);
+            let attn_norm = host(&b.attn_norm)?;
+            let ffn_norm = host(&b.ffn_norm)?;
+            // q, k, v: the attention norm's output.
+            for x in &xs {
+                let h = tensor(llm_f32::rms_norm(x, &attn_norm, eps), hs)?;
+                sink.observe(&[&b.q, &b.k, &b.v], &h)?;
+                bar.inc(1);
+            }
+            sink.convert(&mut [&mut b.q, &mut b.k, &mut b.v])?;
+            // o: the attention output with the quantized q, k, v.
+            let mut ys = Vec::with_capacity(xs.len());
+            for x in &xs {
+                let t = x.len() / hs;
+                let h = tensor(llm_f32::rms_norm(x, &attn_norm, eps), hs)?;
+                let mut q = host(&b.q.forward(&h)?)?;
+                let mut k = host(&b.k.forward(&h)?)?;
+                let v = host(&b.v.forward(&h)?)?;
+                llm_f32::rope(&mut q, nh, hd, 0, cos_host, sin_host, pairs);
+                llm_f32::rope(&mut k, nkv, hd, 0, cos_host, sin_host, pairs);
+                let mut kv = KvHeads::default();
+                kv.append(&k, &v, nkv, hd);
+                let y = tensor(
+                    llm_f32::causal_attention(&q, t, nh, hd, &kv, 0, scale),
+                    nh * hd,
+                )?;
+                sink.observe(&[&b.o], &y)?;
+                ys.push(y);
+                bar.inc(1);
+            }
+            sink.convert(&mut [&mut b.o])?;
+            for (x, y) in xs.iter_mut().zip(ys.drain(..)) {
+                add_in_place(x, &host(&b.o.forward(&y)?)?);
+            }
+            // gate, up: the second norm's output after the quantized attention.
+            for x in &xs {
+                let h = tensor(llm_f32::rms_norm(x, &ffn_norm, eps), hs)?;
+                sink.observe(&[&b.gate, &b.up], &h)?;
+                bar.inc(1);
+            }
+            sink.convert(&mut [&mut b.gate, &mut b.up])?;
+            // down: silu(gate) · up of the quantized gate and up.
+            let mut acts = Vec::with_capacity(xs.len());
+            for x in &xs {
+                let h = tensor(llm_f32::rms_norm(x, &ffn_norm, eps), hs)?;
+                let mut g = host(&b.gate.forward(&h)?)?;
+                let u = host(&b.up.forward(&h)?)?;
+                llm_f32::silu_mul(&mut g, &u);
+                let a = tensor(g, c.intermediate_size)?;
+                sink.observe(&[&b.down], &a)?;
+                acts.push(a);
+                bar.inc(1);
+            }
+            sink.convert(&mut [&mut b.down])?;
+            for (x, a) in xs.iter_mut().zip(acts.drain(..)) {
+                add_in_place(x, &host(&b.down.forward(&a)?)?);
+            }
+            bar.finish_and_clear();
+            eprintln!(
+                "calibrated block {}/{nblocks} ({:.0} s)",
+                bi + 1,
+                start.elapsed().as_secs_f64()
+            );
+        }
+        if head_wanted {
+            let norm = host(&self.norm)?;
+            for x in &xs {
+                let h = tensor(llm_f32::rms_norm(x, &norm, eps), hs)?;
+                sink.observe(&[&self.lm_head], &h)?;
+            }
+            sink.convert(&mut [&mut self.lm_head])?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::calib::{Collector, Statistic};
+    use crate::nn::{apply_plan_in_stages, HasLinears, Plan, QLinear};
+
+    fn tiny() -> Llama {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama-tiny");
+        Llama::from_hf_dir(std::path::Path::new(dir), &Device::Cpu).unwrap()
+    }
+
+    fn windows() -> Vec<Vec<u32>> {
+        vec![vec![1, 5, 9, 2, 7, 3, 3, 8, 11, 40], vec![4, 4, 6]]
+    }
+
+    /// Records each stage's inputs and the conversion order; converts nothing.
+    #[derive(Default)]
+    struct Recorder {
+        seen: Vec<(Vec<String>, Collector)>,
+        order: Vec<String>,
+    }
+
+    impl StageSink for Recorder {
+        fn wants(&self, _: &QLinear) -> bool {
+            true
+        }
+
+        fn observe(&mut self, layers: &[&QLinear], x: &Tensor) -> Result<()> {
+            let names: Vec<String> = layers.iter().map(|l| l.name.clone()).collect();
+            let i = match self.seen.iter().position(|(n, _)| *n == names) {
+                Some(i) => i,
+                None => {
+                    let c = Collector::new(&[Statistic::InputHessian], layers[0].in_features);
+                    self.seen.push((names, c));
+                    self.seen.len() - 1
+                }
+            };
+            self.seen[i].1.observe(x)
+        }
+
+        fn convert(&mut self, layers: &mut [&mut QLinear]) -> Result<()> {
+            self.order.extend(layers.iter().map(|l| l.name.clone()));
+            Ok(())
+        }
+    }
+
+    /// Unquantized, the stages feed every layer exactly what the forward pass feeds it,
+    /// and hand every layer over once, in order.
+    #[test]
+    fn stages_see_what_the_forward_pass_feeds_each_layer() {
+        let mut m = tiny();
+        for l in m.linears() {
+            l.start_calibration(&[Statistic::InputHessian]);
+        }
+        for w in windows() {
+            let ids = Tensor::from_slice(&w, (1, w.len()), &Device::Cpu).unwrap();
+            m.forward(&ids, &mut m.new_cache(), false).unwrap();
+        }
+        let mut want = std::collections::HashMap::new();
+        for l in m.linears() {
+            want.insert(l.name.clone(), l.take_calibration().unwrap().unwrap());
+        }
+        let mut rec = Recorder::default();
+        m.calibrate_in_stages(&windows(), &mut rec).unwrap();
+        let names: Vec<String> = m.linears().iter().map(|l| l.name.clone()).collect();
+        assert_eq!(rec.order, names);
+        assert_eq!(rec.seen.len(), 4 * m.blocks.len() + 1);
+        for (group, c) in rec.seen {
+            let got = c.finish().unwrap();
+            let h = got.hessian.unwrap();
+            let scale = h.iter().fold(0f64, |a, v| a.max(v.abs()));
+            for name in group {
+                let want = &want[&name];
+                assert_eq!(want.rows, got.rows, "{name}");
+                let want = want.hessian.as_ref().unwrap();
+                let diff = h
+                    .iter()
+                    .zip(want.iter())
+                    .fold(0f64, |a, (x, y)| a.max((x - y).abs()));
+                assert!(diff <= 1e-5 * scale, "{name}: {diff} of {scale}");
+            }
+        }
+    }
+
+    #[test]
+    fn gptq_plans_convert_every_layer_in_stages() {
+        let mut m = tiny();
+        let plan: Plan = "lm_head=keep;*.mlp.down_proj=gptq:i4:sym:g32;*=w:i4:sym:g32"
+            .parse()
+            .unwrap();
+        let layers = apply_plan_in_stages(&mut m, &plan, &windows(), |_| {
+            panic!("a sequential plan does not calibrate in one pass")
+        })
+        .unwrap();
+        assert_eq!(layers.len(), m.linears().len());
+        for l in &layers {
+            let want = plan.method_for(&l.name);
+            if !want.is_keep() {
+                assert_eq!(l.method, want, "{}", l.name);
+            }
+        }
+        let ids = Tensor::from_slice(&[1u32, 2, 3], (1, 3), &Device::Cpu).unwrap();
+        let y = m.forward(&ids, &mut m.new_cache(), false).unwrap();
+        assert!(crate::quant::uniform::all_finite(&y).unwrap());
+        // GPTQ on the output layer needs its inputs too: the last stage provides them.
+        let mut m = tiny();
+        let plan: Plan = "model.layers.0.*=gptq:i8:sym:ch0;lm_head=gptq:i4:sym:g32"
+            .parse()
+            .unwrap();
+        apply_plan_in_stages(&mut m, &plan, &windows(), |_| Ok(())).unwrap();
+        assert_eq!(m.lm_head.method.to_string(), "gptq:i4:sym:g32");
+        assert!(apply_plan_in_stages(&mut tiny(), &plan, &[], |_| Ok(())).is_err());
+    }
+}
