@@ -89,6 +89,19 @@ pub fn expand(
                     }
                 }
             }
+            // AWQ: the same schemes as rtn (needs calibration data).
+            "awq" => {
+                for g in groups {
+                    let gran = if g == "ch" { "ch0".into() } else { format!("g{g}") };
+                    for &b in bits {
+                        out.push(Config {
+                            family: format!("awq {mode} {}", gran.replace("ch0", "ch")),
+                            bits: b,
+                            method: format!("awq:i{b}:{mode}:{gran}"),
+                        });
+                    }
+                }
+            }
             "nf4" | "fp4" | "nf4:dq" | "fp4:dq" => {
                 for g in groups.iter().filter(|g| *g != "ch") {
                     let (kind, dq) = m.split_once(':').map_or((m.as_str(), ""), |(k, d)| (k, d));
@@ -331,6 +344,18 @@ mod tests {
             ]
         );
         assert_eq!(c[6].bits, 4);
+        let awq = expand(&["awq".into()], &[4], &["ch".into(), "128".into()], "affine").unwrap();
+        let awq: Vec<(&str, &str)> = awq[1..]
+            .iter()
+            .map(|c| (c.family.as_str(), c.method.as_str()))
+            .collect();
+        assert_eq!(
+            awq,
+            [
+                ("awq affine ch", "awq:i4:affine:ch0"),
+                ("awq affine g128", "awq:i4:affine:g128")
+            ]
+        );
         assert!(expand(&["rtn".into()], &[9], &["64".into()], "sym").is_err());
         assert!(expand(&["bogus".into()], &[4], &["64".into()], "sym").is_err());
         assert!(expand(&["rtn".into()], &[4], &["64".into()], "weird").is_err());
