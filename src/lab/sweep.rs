@@ -92,7 +92,11 @@ pub fn expand(
             // AWQ: the same schemes as rtn (needs calibration data).
             "awq" => {
                 for g in groups {
-                    let gran = if g == "ch" { "ch0".into() } else { format!("g{g}") };
+                    let gran = if g == "ch" {
+                        "ch0".into()
+                    } else {
+                        format!("g{g}")
+                    };
                     for &b in bits {
                         out.push(Config {
                             family: format!("awq {mode} {}", gran.replace("ch0", "ch")),
@@ -344,7 +348,13 @@ mod tests {
             ]
         );
         assert_eq!(c[6].bits, 4);
-        let awq = expand(&["awq".into()], &[4], &["ch".into(), "128".into()], "affine").unwrap();
+        let awq = expand(
+            &["awq".into()],
+            &[4],
+            &["ch".into(), "128".into()],
+            "affine",
+        )
+        .unwrap();
         let awq: Vec<(&str, &str)> = awq[1..]
             .iter()
             .map(|c| (c.family.as_str(), c.method.as_str()))
