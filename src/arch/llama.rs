@@ -6,6 +6,7 @@
 use crate::load::gguf::Gguf;
 use crate::load::{SafetensorsSource, TensorSource};
 use crate::nn::kernels::llm_f32::{self, KvHeads, RopePairs};
+use crate::nn::scaling::{GroupMut, Producer, ScaleGroup, ScaleSite};
 use crate::nn::{HasLinears, QLinear};
 use crate::profile;
 use anyhow::{bail, Context, Result};
@@ -956,6 +957,90 @@ impl HasLinears for Llama {
             linears: vec![self.lm_head.name.clone()],
         });
         out
+    }
+
+    /// The norm groups in block order, each block's followed by the groups fed by a linear
+    /// layer: up_proj → down_proj (through SiLU(gate)·up, linear in up's output), and
+    /// v_proj → o_proj only without GQA (as AutoAWQ: with fewer key/value heads one v
+    /// channel feeds several o channels, which one scale per channel cannot follow).
+    fn scale_groups(&self) -> Vec<ScaleGroup> {
+        let norm = |g: crate::nn::NormGroup| ScaleGroup {
+            input: ScaleSite::Norm(g.norm),
+            linears: g.linears,
+        };
+        let mut norms = self.norm_groups().into_iter();
+        let mut out = Vec::new();
+        let gqa = self.cfg.num_key_value_heads != self.cfg.num_attention_heads;
+        for b in &self.blocks {
+            out.extend(norms.next().map(norm));
+            if !gqa {
+                out.push(ScaleGroup {
+                    input: ScaleSite::Linear(b.v.name.clone()),
+                    linears: vec![b.o.name.clone()],
+                });
+            }
+            out.extend(norms.next().map(norm));
+            out.push(ScaleGroup {
+                input: ScaleSite::Linear(b.up.name.clone()),
+                linears: vec![b.down.name.clone()],
+            });
+        }
+        out.extend(norms.map(norm));
+        out
+    }
+
+    fn scale_group_mut(&mut self, g: &ScaleGroup) -> Result<GroupMut<'_>> {
+        let gqa = self.cfg.num_key_value_heads != self.cfg.num_attention_heads;
+        let found = match &g.input {
+            ScaleSite::Norm(n) if n == "model.norm" => Some(GroupMut {
+                producer: Producer::Norm(&mut self.norm),
+                linears: vec![&mut self.lm_head],
+            }),
+            site => self.blocks.iter_mut().find_map(|b| {
+                let p = b.q.name.trim_end_matches("self_attn.q_proj").to_string();
+                let Block {
+                    attn_norm,
+                    q,
+                    k,
+                    v,
+                    o,
+                    ffn_norm,
+                    gate,
+                    up,
+                    down,
+                } = b;
+                match site {
+                    ScaleSite::Norm(n) if *n == format!("{p}input_layernorm") => Some(GroupMut {
+                        producer: Producer::Norm(attn_norm),
+                        linears: vec![q, k, v],
+                    }),
+                    ScaleSite::Norm(n) if *n == format!("{p}post_attention_layernorm") => {
+                        Some(GroupMut {
+                            producer: Producer::Norm(ffn_norm),
+                            linears: vec![gate, up],
+                        })
+                    }
+                    ScaleSite::Linear(n) if *n == up.name => Some(GroupMut {
+                        producer: Producer::Linear(up),
+                        linears: vec![down],
+                    }),
+                    ScaleSite::Linear(n) if *n == v.name && !gqa => Some(GroupMut {
+                        producer: Producer::Linear(v),
+                        linears: vec![o],
+                    }),
+                    _ => None,
+                }
+            }),
+        };
+        let found = found.with_context(|| format!("no scale group {}", g.describe()))?;
+        let names: Vec<&str> = found.linears.iter().map(|l| l.name.as_str()).collect();
+        if names != g.linears {
+            bail!(
+                "scale group {} does not match the model's layers {names:?}",
+                g.describe()
+            );
+        }
+        Ok(found)
     }
 
     fn linears(&self) -> Vec<&QLinear> {

@@ -111,6 +111,23 @@ pub fn expand(
                     }
                 }
             }
+            // AWQ: the same schemes as rtn (needs calibration data).
+            "awq" => {
+                for g in groups {
+                    let gran = if g == "ch" {
+                        "ch0".into()
+                    } else {
+                        format!("g{g}")
+                    };
+                    for &b in bits {
+                        out.push(Config {
+                            family: format!("awq {mode} {}", gran.replace("ch0", "ch")),
+                            bits: b,
+                            method: format!("awq:i{b}:{mode}:{gran}"),
+                        });
+                    }
+                }
+            }
             "nf4" | "fp4" | "nf4:dq" | "fp4:dq" => {
                 for g in groups.iter().filter(|g| *g != "ch") {
                     let (kind, dq) = m.split_once(':').map_or((m.as_str(), ""), |(k, d)| (k, d));

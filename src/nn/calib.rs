@@ -15,6 +15,8 @@ pub enum Statistic {
     InputHessian,
     /// `max |x|` per input channel (for activation-aware scaling: AWQ, SmoothQuant).
     InputChannelAbsMax,
+    /// `mean |x|` per input channel over all input rows (AWQ's activation statistic).
+    InputChannelAbsMean,
 }
 
 /// The statistics gathered for one layer.
@@ -26,6 +28,53 @@ pub struct Calibration {
     /// Row-major `[in, in]`.
     pub hessian: Option<Vec<f64>>,
     pub channel_absmax: Option<Vec<f32>>,
+    pub channel_absmean: Option<Vec<f32>>,
+}
+
+impl Calibration {
+    /// Whether the statistic `s` is present.
+    pub fn has(&self, s: &Statistic) -> bool {
+        match s {
+            Statistic::InputRange(_) => self.input_range.is_some(),
+            Statistic::InputHessian => self.hessian.is_some(),
+            Statistic::InputChannelAbsMax => self.channel_absmax.is_some(),
+            Statistic::InputChannelAbsMean => self.channel_absmean.is_some(),
+        }
+    }
+
+    /// The statistics of the inputs `x / s` (channel `j` divided by `s[j] > 0`), after a
+    /// scale was folded into the layer that feeds this one. Per-channel statistics and the
+    /// Hessian transform exactly; a per-tensor input range does not (the observer saw
+    /// mixed channels), so it is dropped and must be gathered again.
+    pub fn rescale_inputs(&mut self, s: &[f32]) -> Result<()> {
+        let k = s.len();
+        if s.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+            bail!("input scales must be finite and positive");
+        }
+        for v in [&mut self.channel_absmax, &mut self.channel_absmean]
+            .into_iter()
+            .flatten()
+        {
+            if v.len() != k {
+                bail!("{} input scales for statistics of {} channels", k, v.len());
+            }
+            for (a, d) in v.iter_mut().zip(s) {
+                *a /= d;
+            }
+        }
+        if let Some(h) = &mut self.hessian {
+            if h.len() != k * k {
+                bail!("{k} input scales for a Hessian of {} entries", h.len());
+            }
+            for (r, row) in h.chunks_mut(k).enumerate() {
+                for (c, v) in row.iter_mut().enumerate() {
+                    *v /= s[r] as f64 * s[c] as f64;
+                }
+            }
+        }
+        self.input_range = None;
+        Ok(())
+    }
 }
 
 /// Accumulates the requested statistics batch by batch.
@@ -36,6 +85,8 @@ pub struct Collector {
     observer: Option<Observer>,
     xtx: Option<Vec<f64>>,
     absmax: Option<Vec<f32>>,
+    /// Σ |x| per channel, in f64.
+    abssum: Option<Vec<f64>>,
 }
 
 impl Collector {
@@ -46,6 +97,7 @@ impl Collector {
             observer: None,
             xtx: None,
             absmax: None,
+            abssum: None,
         };
         for s in needs {
             match *s {
@@ -55,6 +107,7 @@ impl Collector {
                 }
                 Statistic::InputHessian => c.xtx = Some(vec![0.0; in_features * in_features]),
                 Statistic::InputChannelAbsMax => c.absmax = Some(vec![0.0; in_features]),
+                Statistic::InputChannelAbsMean => c.abssum = Some(vec![0.0; in_features]),
             }
         }
         c
@@ -90,6 +143,16 @@ impl Collector {
                 *a = a.max(v);
             }
         }
+        if let Some(acc) = &mut self.abssum {
+            let b = x
+                .abs()?
+                .to_dtype(DType::F64)?
+                .sum(D::Minus2)?
+                .to_vec1::<f64>()?;
+            for (a, v) in acc.iter_mut().zip(b) {
+                *a += v;
+            }
+        }
         self.rows += m;
         Ok(())
     }
@@ -110,6 +173,9 @@ impl Collector {
                 .xtx
                 .map(|h| h.into_iter().map(|v| 2.0 * v / n).collect()),
             channel_absmax: self.absmax,
+            channel_absmean: self
+                .abssum
+                .map(|a| a.into_iter().map(|v| (v / n) as f32).collect()),
         })
     }
 }
@@ -125,6 +191,7 @@ mod tests {
             Statistic::InputRange(ObserverKind::MinMax),
             Statistic::InputHessian,
             Statistic::InputChannelAbsMax,
+            Statistic::InputChannelAbsMean,
         ];
         let mut c = Collector::new(&needs, 2);
         let a = Tensor::new(&[[1f32, -2.0], [3.0, 0.5]], &Device::Cpu).unwrap();
@@ -135,12 +202,35 @@ mod tests {
         assert_eq!(s.rows, 3);
         assert_eq!(s.input_range, Some((-4.0, 3.0)));
         // Σ x xᵀ = [[1+9+16, -2+1.5-4], [., 4+0.25+1]] = [[26, -4.5], [-4.5, 5.25]]; × 2/3.
-        let h = s.hessian.unwrap();
+        let h = s.hessian.clone().unwrap();
         let want = [26.0, -4.5, -4.5, 5.25].map(|v| v * 2.0 / 3.0);
         for (g, w) in h.iter().zip(want) {
             assert!((g - w).abs() < 1e-9, "{h:?}");
         }
-        assert_eq!(s.channel_absmax.unwrap(), [4.0, 2.0]);
+        assert_eq!(s.channel_absmax.as_deref(), Some(&[4.0f32, 2.0][..]));
+        // (1 + 3 + 4) / 3, (2 + 0.5 + 1) / 3.
+        let mean = s.channel_absmean.clone().unwrap();
+        assert!((mean[0] - 8.0 / 3.0).abs() < 1e-6 && (mean[1] - 3.5 / 3.0).abs() < 1e-6);
+        assert!(needs.iter().all(|n| s.has(n)));
+        // Inputs divided by (2, 0.5): maxima (2, 4), means halved / doubled, H_jk / (s_j s_k).
+        let mut r = s.clone();
+        r.rescale_inputs(&[2.0, 0.5]).unwrap();
+        assert_eq!(r.channel_absmax.as_deref(), Some(&[2.0f32, 4.0][..]));
+        let m = r.channel_absmean.clone().unwrap();
+        assert!((m[0] - 4.0 / 3.0).abs() < 1e-6 && (m[1] - 7.0 / 3.0).abs() < 1e-6);
+        let h = r.hessian.clone().unwrap();
+        let want = [26.0 / 4.0, -4.5, -4.5, 5.25 * 4.0].map(|v| v * 2.0 / 3.0);
+        for (g, w) in h.iter().zip(want) {
+            assert!((g - w).abs() < 1e-9, "{h:?}");
+        }
+        assert!(
+            r.input_range.is_none(),
+            "a per-tensor range cannot be rescaled"
+        );
+        assert!(!r.has(&Statistic::InputRange(ObserverKind::MinMax)));
+        let mut bad = s.clone();
+        assert!(bad.rescale_inputs(&[1.0]).is_err());
+        assert!(bad.rescale_inputs(&[1.0, 0.0]).is_err());
     }
 
     #[test]

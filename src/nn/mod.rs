@@ -12,6 +12,7 @@ pub mod plan;
 pub mod qlinear;
 pub mod registry;
 pub mod rows;
+pub mod scaling;
 
 pub use method::Method;
 pub use plan::Plan;
@@ -29,6 +30,25 @@ pub trait HasLinears {
     /// Empty for models that do not declare them (the post-norm Marian, the MLP).
     fn norm_groups(&self) -> Vec<NormGroup> {
         Vec::new()
+    }
+    /// Every group a per-input-channel scale can be folded into, in model order: the norm
+    /// groups, plus groups fed by a linear layer's output rows where the model declares them
+    /// (Llama: up_proj → down_proj; v_proj → o_proj without GQA).
+    fn scale_groups(&self) -> Vec<scaling::ScaleGroup> {
+        self.norm_groups()
+            .into_iter()
+            .map(|g| scaling::ScaleGroup {
+                input: scaling::ScaleSite::Norm(g.norm),
+                linears: g.linears,
+            })
+            .collect()
+    }
+    /// Mutable access to one of [`Self::scale_groups`], for folding scales into it.
+    fn scale_group_mut(&mut self, group: &scaling::ScaleGroup) -> Result<scaling::GroupMut<'_>> {
+        anyhow::bail!(
+            "this model cannot fold scales into group {}",
+            group.describe()
+        )
     }
 }
 
@@ -88,10 +108,14 @@ pub fn quantized_bits_per_weight(layers: &[LayerSummary]) -> f64 {
 /// Applies a plan. Layers whose algorithm needs statistics of its inputs start gathering
 /// them, `calibrate` pushes calibration data through the model once (each layer keeps only
 /// its own running statistics), then every layer is converted.
+///
+/// Plans with activation-aware scaling (SmoothQuant, AWQ) fold their scales into the f32
+/// model between calibration and conversion ([`scaling::fold_groups`]); layers whose
+/// statistics cannot follow the scaling (a per-tensor input range) are calibrated again.
 pub fn apply_plan<M: HasLinears>(
     model: &mut M,
     plan: &Plan,
-    calibrate: impl FnOnce(&M) -> Result<()>,
+    mut calibrate: impl FnMut(&M) -> Result<()>,
 ) -> Result<Vec<LayerSummary>> {
     let mut needs_calibration = false;
     for l in model.linears() {
@@ -104,11 +128,34 @@ pub fn apply_plan<M: HasLinears>(
     if needs_calibration {
         calibrate(model)?;
     }
+    let mut stats = std::collections::HashMap::new();
+    for l in model.linears() {
+        if let Some(c) = l.take_calibration()? {
+            stats.insert(l.name.clone(), c);
+        }
+    }
+    if scaling::plan_scales(plan) {
+        let again = scaling::fold_groups(model, plan, &mut stats)?;
+        if !again.is_empty() {
+            for l in model
+                .linears()
+                .into_iter()
+                .filter(|l| again.contains(&l.name))
+            {
+                l.start_calibration(&plan.method_for(&l.name).algorithm().needs());
+            }
+            calibrate(model)?;
+            for l in model.linears() {
+                if let Some(c) = l.take_calibration()? {
+                    stats.insert(l.name.clone(), c);
+                }
+            }
+        }
+    }
     let mut out = Vec::new();
     for l in model.linears_mut() {
         let m = plan.method_for(&l.name);
-        let calibration = l.take_calibration()?;
-        l.convert(&m, calibration.as_ref())?;
+        l.convert(&m, stats.get(&l.name))?;
         out.push(LayerSummary::of(l));
     }
     Ok(out)

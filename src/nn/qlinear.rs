@@ -145,6 +145,15 @@ impl QLinear {
         self.weight.dequantize()
     }
 
+    /// Replaces the weight (same shape), dropping a stale dequantized copy.
+    pub fn set_weight(&mut self, w: Arc<dyn WeightFormat>) {
+        debug_assert_eq!(w.shape(), (self.out_features, self.in_features));
+        self.weight = w;
+        if self.dequant_cache.is_some() {
+            self.set_cache_dequantized(true);
+        }
+    }
+
     /// Reuse one dequantized f32 copy of compressed weights across forward passes.
     pub fn set_cache_dequantized(&mut self, on: bool) {
         self.dequant_cache = on.then(OnceLock::new);

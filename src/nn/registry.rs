@@ -22,6 +22,11 @@ pub const ALGORITHMS: &[(&str, ParseFn)] = &[
         "gptq:<scheme>[:act-order][:damp=<f>][:block=<n>] (e.g. gptq:i4:sym:g64)",
         algo::gptq::parse,
     ),
+    (
+        "sq[:<alpha>]+<method> (SmoothQuant, e.g. sq:0.5+w8a8:token)",
+        algo::smoothquant::parse,
+    ),
+    ("awq:<scheme>[:noscale][:noclip]", algo::awq::parse),
     ("nf4|fp4[:b<block>][:dq]", algo::fourbit::parse),
     (
         "a GGML type (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k)",

@@ -1,6 +1,7 @@
 //! Tensor-level quantization: schemes, parameters, observers, code books, packing and
 //! storage. Nothing here knows about models.
 
+pub mod awq;
 pub mod codebook;
 pub mod gptq;
 pub mod histogram;
@@ -10,6 +11,7 @@ pub mod observer;
 pub mod pack;
 pub mod params;
 pub mod scheme;
+pub mod smooth;
 pub mod uniform;
 
 pub use codebook::{FourBit, FourBitType};

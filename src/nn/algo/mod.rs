@@ -2,6 +2,7 @@
 //! calibration statistics it asked for) into a stored [`WeightFormat`]. `nn::registry`
 //! maps plan spellings to them.
 
+pub mod awq;
 pub mod cast;
 pub mod fourbit;
 pub mod ggml;
@@ -11,6 +12,7 @@ pub mod keep;
 pub mod llm_int8;
 pub mod rtn;
 pub mod w8a8;
+pub mod smoothquant;
 
 use super::calib::{Calibration, Statistic};
 use super::format::WeightFormat;
@@ -57,6 +59,11 @@ pub trait Algorithm: Debug + Send + Sync {
     /// Whether the layer is left as it was loaded.
     fn keeps_layer(&self) -> bool {
         false
+    }
+    /// Activation-aware scaling this algorithm folds into its layer groups before any layer
+    /// is converted (SmoothQuant, AWQ); `apply` then sees the scaled weight and statistics.
+    fn group_scaling(&self) -> Option<&dyn crate::nn::scaling::GroupScaling> {
+        None
     }
     /// The layer's new weight.
     fn apply(&self, layer: &LayerInput) -> Result<Arc<dyn WeightFormat>>;
