@@ -353,7 +353,8 @@ pub struct SweepArgs {
     #[arg(long, value_enum, default_value_t = LoadAsArg::F32)]
     pub load_as: LoadAsArg,
     /// Methods: `rtn` (round to nearest, over --bits and --groups), `nf4`, `fp4`,
-    /// `nf4:dq`, or any single method (`q4_k`, `q8_0`, `f16`, `w:u3:affine:g128`...).
+    /// `nf4:dq`, `fp4:dq` (the names of the table in `lab::sweep`, each expanded over
+    /// --groups), or any single method (`q4_k`, `q8_0`, `f16`, `w:u3:affine:g128`...).
     #[arg(long, value_delimiter = ',', default_value = "rtn,nf4,fp4")]
     pub methods: Vec<String>,
     /// Bit widths for `rtn`.
@@ -385,6 +386,10 @@ pub struct SweepArgs {
     /// Also measure KL divergence and top-1 agreement against the f32 baseline.
     #[arg(long)]
     pub kl: bool,
+    /// Calibration text for methods that gather statistics (GPTQ, AWQ, static int8); each
+    /// such row records the file, its hash, the sample count, window length and seed.
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
 }
 
 pub fn sweep_report(
@@ -405,6 +410,7 @@ pub fn sweep_report(
         max_chunks: a.text.max_chunks,
         out: a.out.clone(),
         kl: a.kl,
+        calibration: a.calibration.source(data),
         progress,
     };
     let rows = sweep::run(&spec)?;
