@@ -352,9 +352,10 @@ pub struct SweepArgs {
     /// How GGUF weights are loaded before each configuration is applied.
     #[arg(long, value_enum, default_value_t = LoadAsArg::F32)]
     pub load_as: LoadAsArg,
-    /// Methods: `rtn` (round to nearest, over --bits and --groups), `nf4`, `fp4`,
-    /// `nf4:dq`, `fp4:dq` (the names of the table in `lab::sweep`, each expanded over
-    /// --groups), or any single method (`q4_k`, `q8_0`, `f16`, `w:u3:affine:g128`...).
+    /// Methods: `rtn` (round to nearest, PyTorch's scale), `rtn-signed-max` (llama.cpp's
+    /// scale), `rtn-clip` (MSE-clipped range), `hqq` (each over --bits and --groups),
+    /// `nf4`, `fp4`, `nf4:dq`, `fp4:dq` (over --groups; the table in `lab::sweep`), or any
+    /// single method (`q4_k`, `q8_0`, `f16`, `w:u3:affine:g128`...).
     #[arg(long, value_delimiter = ',', default_value = "rtn,nf4,fp4")]
     pub methods: Vec<String>,
     /// Bit widths for `rtn`.
@@ -369,7 +370,7 @@ pub struct SweepArgs {
         default_value = "ch,64"
     )]
     pub groups: Vec<String>,
-    /// Symmetric or affine RTN.
+    /// Symmetric or affine RTN (`rtn`, `rtn-clip`; signed-max is symmetric, HQQ affine).
     #[arg(long, default_value = "sym")]
     pub mode: String,
     /// Which layers are quantized.

@@ -107,6 +107,36 @@ const METHODS: &[MethodExpansion] = &[
         },
     },
     MethodExpansion {
+        name: "rtn-signed-max",
+        over_bits: true,
+        spec: |b, g, _| {
+            Some((
+                format!("rtn-signed-max:i{b}:{}", g.scheme()),
+                format!("rtn-signed-max {}", g.label()),
+            ))
+        },
+    },
+    MethodExpansion {
+        name: "rtn-clip",
+        over_bits: true,
+        spec: |b, g, m| {
+            Some((
+                format!("rtn-clip:i{b}:{m}:{}", g.scheme()),
+                format!("rtn-clip {m} {}", g.label()),
+            ))
+        },
+    },
+    MethodExpansion {
+        name: "hqq",
+        over_bits: true,
+        spec: |b, g, _| {
+            Some((
+                format!("hqq:u{b}:{}", g.scheme()),
+                format!("hqq {}", g.label()),
+            ))
+        },
+    },
+    MethodExpansion {
         name: "nf4",
         over_bits: false,
         spec: |_, g, _| four_bit("nf4", "", g),
@@ -463,6 +493,27 @@ mod tests {
             ]
         );
         assert_eq!(c[6].bits, 4);
+        let c = expand(
+            &["rtn-signed-max".into(), "rtn-clip".into(), "hqq".into()],
+            &[4, 3],
+            &["64".into()],
+            "affine",
+        )
+        .unwrap();
+        let methods: Vec<&str> = c.iter().map(|c| c.method.as_str()).collect();
+        assert_eq!(
+            methods,
+            [
+                "keep",
+                "rtn-signed-max:i4:g64",
+                "rtn-signed-max:i3:g64",
+                "rtn-clip:i4:affine:g64",
+                "rtn-clip:i3:affine:g64",
+                "hqq:u4:g64",
+                "hqq:u3:g64"
+            ]
+        );
+        assert_eq!(c[5].family, "hqq g64");
         assert!(expand(&["rtn".into()], &[9], &["64".into()], "sym").is_err());
         assert!(expand(&["bogus".into()], &[4], &["64".into()], "sym").is_err());
         assert!(expand(&["rtn".into()], &[4], &["64".into()], "weird").is_err());

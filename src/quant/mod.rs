@@ -3,11 +3,13 @@
 
 pub mod codebook;
 pub mod histogram;
+pub mod hqq;
 pub mod io;
 pub mod metrics;
 pub mod observer;
 pub mod pack;
 pub mod params;
+pub mod rtn_variants;
 pub mod scheme;
 pub mod uniform;
 

@@ -5,9 +5,12 @@
 pub mod cast;
 pub mod fourbit;
 pub mod ggml;
+pub mod hqq;
 pub mod int8;
 pub mod keep;
 pub mod rtn;
+pub mod rtn_clip;
+pub mod rtn_signed_max;
 
 use super::calib::{Calibration, Statistic};
 use super::format::WeightFormat;
