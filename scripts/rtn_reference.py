@@ -9,7 +9,8 @@ against quantlab's f32 implementations:
   code = min(2^b - 1, floor(x/d + 2^(b-1) + 1/2)) - 2^(b-1)  (round half up);
 * the MSE clipping search: per group, for alpha in 1.00, 0.99, ..., 0.20, PyTorch's
   (scale, zero point) of the range [alpha*min(lo,0), alpha*max(hi,0)], codes
-  clamp(round_half_even(x/s) + z), squared error sum (x - (q - z) s)^2; the table of
+  clamp(round_half_even(x/s) + z), squared error sum (x - (q - z) s)^2 (or, for the
+  ":x2" entry, weighted by x^2 as llama.cpp's make_qx_quants does); the table of
   errors within 1e-4 of the best is stored so the test can accept another factor whose
   error ties with the best one within f32 rounding;
 * tie counts of PyTorch's symmetric scale (s = max|x| / 7.5 in f32) with the correctly
@@ -80,7 +81,7 @@ def pytorch_params(lo, hi, bits, signed, mode):
     return s, z, qmin, qmax
 
 
-def clip_search(w, bits, signed, mode):
+def clip_search(w, bits, signed, mode, x2=False):
     w = w.astype(np.float64)
     errors, best, codes, near = [], [], [], []
     for row in w:
@@ -90,7 +91,8 @@ def clip_search(w, bits, signed, mode):
             for alpha in GRID:
                 s, z, qmin, qmax = pytorch_params(alpha * g.min(), alpha * g.max(), bits, signed, mode)
                 q = np.clip(round_half_even(g / s) + z, qmin, qmax)
-                errs.append(float(np.sum((g - (q - z) * s) ** 2)))
+                weight = g ** 2 if x2 else 1.0  # llama.cpp make_qx_quants' rmse_type 1
+                errs.append(float(np.sum(weight * (g - (q - z) * s) ** 2)))
             i = int(np.argmin(errs))  # first minimum: the larger range on ties
             best.append(i)
             # Candidates whose error is within 1e-4 (relative) of the best: f32 arithmetic
@@ -170,6 +172,7 @@ def main():
         }
     for spec, bits, signed, mode in [("i4:sym", 4, True, "sym"), ("u3:affine", 3, False, "affine"), ("i2:sym", 2, True, "sym")]:
         out["clip"][spec] = clip_search(w, bits, signed, mode)
+    out["clip"]["i3:sym:x2"] = clip_search(w, 3, True, "sym", x2=True)
     for bits in [4, 3]:
         ties, flips = pytorch_sym_ties(w, bits)
         out["pytorch_sym_ties"][f"i{bits}"] = {"ties": ties, "mul_vs_div_code_flips": flips}

@@ -7,7 +7,7 @@ use quantlab::nn::algo::LayerInput;
 use quantlab::nn::format::grouped::Grouped;
 use quantlab::nn::format::WeightFormat;
 use quantlab::quant::hqq::{self, HqqParams};
-use quantlab::quant::rtn_variants::{clip_grid, clip_search, signed_max};
+use quantlab::quant::rtn_variants::{clip_grid, clip_search, signed_max, ClipObjective};
 use quantlab::quant::{quantize_with, Scheme};
 use serde_json::Value;
 use std::sync::Arc;
@@ -88,14 +88,15 @@ fn clip_search_matches_the_f64_reference() {
     for (a, b) in grid.iter().zip(&want_grid) {
         assert!((*a as f64 - b).abs() < 1e-6, "{a} vs {b}");
     }
-    for (spec, rtn) in [
-        ("i4:sym", "i4:sym:g64"),
-        ("u3:affine", "u3:affine:g64"),
-        ("i2:sym", "i2:sym:g64"),
+    for (spec, rtn, objective) in [
+        ("i4:sym", "i4:sym:g64", ClipObjective::Mse),
+        ("u3:affine", "u3:affine:g64", ClipObjective::Mse),
+        ("i2:sym", "i2:sym:g64", ClipObjective::Mse),
+        ("i3:sym:x2", "i3:sym:g64", ClipObjective::X2),
     ] {
         let r = &f["clip"][spec];
         let scheme: Scheme = rtn.parse().unwrap();
-        let (params, alphas) = clip_search(&w, rows, cols, &scheme, &grid).unwrap();
+        let (params, alphas) = clip_search(&w, rows, cols, &scheme, &grid, objective).unwrap();
         let best = ints(&r["best"]);
         let candidates = r["errors"].as_array().unwrap();
         let mut same = vec![false; best.len()];
@@ -315,6 +316,7 @@ fn every_variant_stores_decodes_multiplies_and_reloads() {
         ("rtn-clip:i4:sym:g64", 7, 200, 64),
         ("rtn-clip:u3:affine:g32", 9, 100, 32),
         ("rtn-clip:u2:affine:ch0", 4, 50, 50),
+        ("rtn-clip:i3:sym:g32:x2", 5, 100, 32),
         ("hqq:u4:g64", 7, 192, 64),
         ("hqq:u3:g32", 5, 96, 32),
         ("hqq:u2:ch0", 6, 77, 77),

@@ -127,6 +127,16 @@ const METHODS: &[MethodExpansion] = &[
         },
     },
     MethodExpansion {
+        name: "rtn-clip-x2",
+        over_bits: true,
+        spec: |b, g, m| {
+            Some((
+                format!("rtn-clip:i{b}:{m}:{}:x2", g.scheme()),
+                format!("rtn-clip-x2 {m} {}", g.label()),
+            ))
+        },
+    },
+    MethodExpansion {
         name: "hqq",
         over_bits: true,
         spec: |b, g, _| {

@@ -21,7 +21,7 @@ pub const ALGORITHMS: &[(&str, ParseFn)] = &[
         algo::rtn_signed_max::parse,
     ),
     (
-        "rtn-clip:<scheme> (MSE-clipped RTN, e.g. rtn-clip:i4:sym:g64)",
+        "rtn-clip:<scheme>[:x2] (error-clipped RTN, e.g. rtn-clip:i4:sym:g64)",
         algo::rtn_clip::parse,
     ),
     ("hqq:u<b>:g<size>|ch0 (e.g. hqq:u4:g64)", algo::hqq::parse),

@@ -205,7 +205,10 @@ mod tests {
                 iters: 1,
                 ..HqqParams::default()
             };
-            assert_eq!(quantize(&w, rows, cols, bits, 64, &one).unwrap().iterations, 1);
+            assert_eq!(
+                quantize(&w, rows, cols, bits, 64, &one).unwrap().iterations,
+                1
+            );
         }
     }
 

@@ -160,8 +160,18 @@ pub fn clip_grid() -> Vec<f32> {
     (0..=80).map(|i| 1.0 - i as f32 / 100.0).collect()
 }
 
+/// What the clipping search minimises per group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClipObjective {
+    /// `Σ (x − x̂)²`: the weight MSE.
+    Mse,
+    /// `Σ x²·(x − x̂)²`: llama.cpp's `make_qx_quants` weighting (`rmse_type` 1), which
+    /// keeps the large weights exact rather than trade them for the many small ones.
+    X2,
+}
+
 /// Per group, the range shrink factor (from `grid`) whose PyTorch-convention parameters of
-/// the shrunk range `[α·min, α·max]` give the least squared error `Σ (x − x̂)²` under the
+/// the shrunk range `[α·min, α·max]` give the least error (`objective`) under the
 /// scheme's own quantization (`clamp(round_half_even(x · (1/s)) + z)`, as
 /// [`super::quantize_with`] computes it). Returns the chosen parameters and factors.
 pub fn clip_search(
@@ -170,6 +180,7 @@ pub fn clip_search(
     cols: usize,
     scheme: &Scheme,
     grid: &[f32],
+    objective: ClipObjective,
 ) -> Result<(QParams, Vec<f32>)> {
     check_shape(w, rows, cols)?;
     if scheme.convention != Convention::Pytorch {
@@ -208,7 +219,10 @@ pub fn clip_search(
         xs.map(|x| {
             let q = ((x * inv).round_ties_even() + z).clamp(qmin, qmax);
             let e = (x - (q - z) * s) as f64;
-            e * e
+            match objective {
+                ClipObjective::Mse => e * e,
+                ClipObjective::X2 => (x as f64) * (x as f64) * e * e,
+            }
         })
         .sum()
     };
@@ -327,7 +341,7 @@ mod tests {
         ] {
             let s: Scheme = spec.parse().unwrap();
             let grid = clip_grid();
-            let (p, alphas) = clip_search(&w, rows, cols, &s, &grid).unwrap();
+            let (p, alphas) = clip_search(&w, rows, cols, &s, &grid, ClipObjective::Mse).unwrap();
             let t = candle_core::Tensor::from_slice(&w, (rows, cols), &candle_core::Device::Cpu)
                 .unwrap();
             let mse = |params: QParams| {
@@ -348,7 +362,7 @@ mod tests {
             let (e_clip, e_plain) = (mse(p.clone()), mse(plain.clone()));
             assert!(e_clip <= e_plain, "{spec}: {e_clip} > {e_plain}");
             // α = 1 is plain RTN exactly.
-            let (p1, _) = clip_search(&w, rows, cols, &s, &[1.0]).unwrap();
+            let (p1, _) = clip_search(&w, rows, cols, &s, &[1.0], ClipObjective::X2).unwrap();
             assert_eq!(p1, plain, "{spec}");
             if s.bits <= 3 {
                 assert!(alphas.iter().any(|&a| a < 1.0), "{spec}");
@@ -356,8 +370,8 @@ mod tests {
             }
         }
         let s: Scheme = "i4:sym:g32:handout".parse().unwrap();
-        assert!(clip_search(&w, rows, cols, &s, &clip_grid()).is_err());
+        assert!(clip_search(&w, rows, cols, &s, &clip_grid(), ClipObjective::Mse).is_err());
         let s: Scheme = "i4:sym:g32".parse().unwrap();
-        assert!(clip_search(&w, rows, cols, &s, &[1.5]).is_err());
+        assert!(clip_search(&w, rows, cols, &s, &[1.5], ClipObjective::Mse).is_err());
     }
 }
