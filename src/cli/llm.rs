@@ -456,6 +456,18 @@ pub fn sweep_report(
         },
         a.out.display()
     ));
+    let mut calibrations: Vec<&sweep::CalibrationRecord> = Vec::new();
+    for c in rows.iter().filter_map(|r| r.calibration.as_ref()) {
+        if !calibrations.contains(&c) {
+            calibrations.push(c);
+        }
+    }
+    for c in calibrations {
+        t.note(format!(
+            "calibrated rows: {} (FNV-1a {}), {} windows of {} tokens, seed {}",
+            c.file, c.text_hash, c.samples, c.seqlen, c.seed
+        ));
+    }
     t.note("bits per weight: stored bytes of the quantized linear layers (scales and zero points included) × 8 / their weights (lm_head stays f32 unless --layers everything); weights MB counts every weight held, f32 embeddings and norms included.");
     t.note("No unquantized SmolLM is reachable here: the baseline is the f32 model dequantized from the Q4_1 GGUF.");
     let mut families: Vec<String> = Vec::new();
