@@ -9,6 +9,7 @@ pub mod lab;
 pub mod load;
 pub mod model;
 pub mod nn;
+pub mod profile;
 pub mod progress;
 pub mod quant;
 pub mod report;

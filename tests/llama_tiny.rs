@@ -433,3 +433,42 @@ fn norm_groups_name_each_norm_and_the_projections_it_feeds() {
         }
     }
 }
+
+#[test]
+fn batched_perplexity_equals_one_window_at_a_time() {
+    use quantlab::eval::perplexity::{perplexity, Protocol};
+    let m = model();
+    // Ids from the fixture's prompts, repeated to make several equal chunks of 8 tokens.
+    let mut ids: Vec<u32> = prompts().iter().flat_map(|p| ids_of(&p["ids"])).collect();
+    while ids.len() < 60 {
+        ids.extend_from_within(..);
+    }
+    let protocol = Protocol::LlamaCpp { ctx: 8, bos: false };
+    let bar = indicatif::ProgressBar::hidden();
+    let run = |batch: usize| {
+        let mut rows = Vec::new();
+        let r = perplexity(m, &ids, protocol, None, None, batch, &bar, |i, _, lp| {
+            rows.push((i, lp.to_vec2::<f32>().unwrap()));
+            Ok(())
+        })
+        .unwrap();
+        (r, rows)
+    };
+    let (one, rows1) = run(1);
+    assert!(one.windows >= 5, "{} windows", one.windows);
+    for batch in [2, 3, 64] {
+        let (b, rows_b) = run(batch);
+        assert_eq!(b.windows, one.windows);
+        assert_eq!(b.scored_tokens, one.scored_tokens);
+        for (x, y) in one.window_nll.iter().zip(&b.window_nll) {
+            assert!((x - y).abs() < 1e-3, "batch {batch}: nll {x} vs {y}");
+        }
+        assert_eq!(rows_b.len(), rows1.len());
+        for ((i, a), (j, c)) in rows1.iter().zip(&rows_b) {
+            assert_eq!(i, j);
+            assert!(max_abs_diff(a, c) < CACHE_TOL, "batch {batch}, window {i}");
+        }
+    }
+    let e = perplexity(m, &ids, protocol, None, None, 0, &bar, |_, _, _| Ok(()));
+    assert!(e.unwrap_err().to_string().contains("--batch"));
+}

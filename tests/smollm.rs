@@ -96,6 +96,7 @@ fn check_windows(protocol: Protocol, key: &str, field: &str, n: usize) {
         protocol,
         m.llm.tokenizer.bos,
         Some(n),
+        1,
         &bar,
         |_, _, _| Ok(()),
     )

@@ -7,10 +7,12 @@ use crate::load::gguf::Gguf;
 use crate::load::{SafetensorsSource, TensorSource};
 use crate::nn::kernels::llm_f32::{self, KvHeads, RopePairs};
 use crate::nn::{HasLinears, QLinear};
+use crate::profile;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use serde_json::Value;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Rope frequency scaling from config.json's `rope_parameters` (transformers 5) or
 /// `rope_scaling` (earlier).
@@ -547,6 +549,47 @@ impl Llama {
         })
     }
 
+    /// Runs activations in `dtype` (f32, bf16 or f16), as transformers runs a model loaded
+    /// in that dtype: the embedding table, norms and uncompressed (f32) linear layers are
+    /// held in it; compressed layers compute in it where their device lets them choose
+    /// (dequantized copies on a GPU); attention scores and softmax stay in f32.
+    pub fn set_dtype(&mut self, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            bail!("activations can be f32, bf16 or f16, not {dtype:?}");
+        }
+        if dtype == self.dtype() {
+            return Ok(());
+        }
+        self.embed = self.embed.to_dtype(dtype)?;
+        self.norm = self.norm.to_dtype(dtype)?;
+        for b in &mut self.blocks {
+            b.attn_norm = b.attn_norm.to_dtype(dtype)?;
+            b.ffn_norm = b.ffn_norm.to_dtype(dtype)?;
+        }
+        self.cos = self.cos.to_dtype(dtype)?;
+        self.sin = self.sin.to_dtype(dtype)?;
+        for l in self.linears_mut() {
+            let dense = l.weight.id() == crate::nn::format::dense::ID
+                || l.weight.id() == crate::nn::format::half::ID;
+            if dense {
+                let w = l.weight.dequantize()?;
+                l.weight = if dtype == DType::F32 {
+                    Arc::new(crate::nn::format::dense::Dense::new(w)?)
+                } else {
+                    Arc::new(crate::nn::format::half::Half::new(&w, dtype)?)
+                };
+            } else {
+                l.set_compute_dtype(dtype)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The activations' dtype.
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
     /// Keep dequantized copies of compressed weights (faster evaluation, more memory).
     pub fn set_cache_dequantized(&mut self, on: bool) {
         for l in self.linears_mut() {
@@ -589,9 +632,17 @@ impl Llama {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((bsz, t, n, hd))?.transpose(1, 2)?)
         };
-        let q = self.rope(&heads(b.q.forward(x)?, nh)?, offset)?;
-        let k = self.rope(&heads(b.k.forward(x)?, nkv)?, offset)?;
-        let v = heads(b.v.forward(x)?, nkv)?.contiguous()?;
+        let dev = &self.device;
+        let (q, k, v) = profile::section(dev, "qkv", || -> Result<_> {
+            Ok((b.q.forward(x)?, b.k.forward(x)?, b.v.forward(x)?))
+        })?;
+        let (q, k, v) = profile::section(dev, "rope", || -> Result<_> {
+            Ok((
+                self.rope(&heads(q, nh)?, offset)?,
+                self.rope(&heads(k, nkv)?, offset)?,
+                heads(v, nkv)?.contiguous()?,
+            ))
+        })?;
         let (k, v) = match cache.take() {
             Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
             None => (k, v),
@@ -607,9 +658,14 @@ impl Llama {
                 .expand((bsz, nkv, rep, total, hd))?
                 .reshape((bsz, nh, total, hd))?)
         };
-        let (k, v) = (expand(k)?, expand(v)?);
+        let (k, v) = profile::section(dev, "kv expand", || -> Result<_> {
+            Ok((expand(k)?, expand(v)?))
+        })?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut att = (q.matmul(&k.t()?)? * scale)?;
+        // Scores and softmax in f32 whatever the activations' dtype (as transformers does).
+        let mut att = profile::section(dev, "scores", || -> Result<Tensor> {
+            Ok((q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?)
+        })?;
         if t > 1 {
             let mask: Vec<f32> = (0..t)
                 .flat_map(|i| {
@@ -623,14 +679,18 @@ impl Llama {
                 })
                 .collect();
             let mask = Tensor::from_vec(mask, (t, total), &self.device)?;
-            att = att.broadcast_add(&mask)?;
+            att = profile::section(dev, "mask", || att.broadcast_add(&mask))?;
         }
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((bsz, t, nh * hd))?;
-        b.o.forward(&y)
+        let att = profile::section(dev, "softmax", || -> Result<Tensor> {
+            Ok(candle_nn::ops::softmax_last_dim(&att)?.to_dtype(v.dtype())?)
+        })?;
+        let y = profile::section(dev, "att x v", || -> Result<Tensor> {
+            Ok(att
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((bsz, t, nh * hd))?)
+        })?;
+        profile::section(dev, "o", || b.o.forward(&y))
     }
 
     /// Logits `[batch, seq, vocab]` for `ids` `[batch, seq]` placed after the cache's
@@ -676,18 +736,27 @@ impl Llama {
             .reshape((bsz, t, self.cfg.hidden_size))?;
         let eps = self.cfg.rms_norm_eps as f32;
         cache.len = offset + t;
+        let dev = &self.device;
         for (b, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)?;
-            x = (x + self.attention(b, &h, offset, c)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
-            let act = (candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?;
-            x = (x + b.down.forward(&act)?)?;
+            let h = profile::section(dev, "norm", || {
+                candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)
+            })?;
+            let a = profile::section(dev, "attention", || self.attention(b, &h, offset, c))?;
+            x = (x + a)?;
+            let h = profile::section(dev, "norm", || {
+                candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)
+            })?;
+            let act = profile::section(dev, "mlp up", || -> Result<Tensor> {
+                Ok((candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?)
+            })?;
+            let d = profile::section(dev, "mlp down", || b.down.forward(&act))?;
+            x = (x + d)?;
         }
         if rows < t {
             x = x.narrow(1, t - rows, rows)?;
         }
         let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, eps)?;
-        self.lm_head.forward(&x)
+        profile::section(dev, "lm_head", || self.lm_head.forward(&x))
     }
 
     /// The forward pass on the CPU for one sequence: activations as host buffers between
@@ -784,10 +853,10 @@ impl Llama {
         norms + embed + head + linears
     }
 
-    /// Bytes held by the embedding table and norms (always f32 here).
+    /// Bytes held by the embedding table and norms (in the activations' dtype).
     pub fn dense_bytes(&self) -> usize {
         (self.embed.elem_count() + (self.blocks.len() * 2 + 1) * self.cfg.hidden_size)
-            * DType::F32.size_in_bytes()
+            * self.dtype().size_in_bytes()
     }
 
     /// The tensors that are not linear layers, under their Hugging Face names with

@@ -118,10 +118,11 @@ fn weights_label(p: &lm::PreparedLlm) -> String {
 
 fn table(a: &BenchArgs, rows: &[Measured], device: &Device) -> Report {
     let threads = rayon::current_num_threads();
+    let dtype = crate::device::dtype_name(crate::device::activation_dtype(device));
     let backend = if device.is_cpu() {
-        format!("cpu {}", isa::Isa::selected().name())
+        format!("cpu {} {dtype}", isa::Isa::selected().name())
     } else {
-        format!("{device:?}")
+        format!("{} {dtype}", crate::device::describe(device))
     };
     let mut t = Table::new(
         "bench",

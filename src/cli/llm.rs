@@ -149,6 +149,10 @@ pub struct TextArgs {
     /// Score only the first N chunks (windows), for quick runs.
     #[arg(long)]
     pub max_chunks: Option<usize>,
+    /// Windows per forward pass (GPU throughput). The numbers do not change, except for
+    /// dynamic per-tensor int8 activations, whose range then spans the whole batch.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
 }
 
 impl TextArgs {
@@ -219,12 +223,14 @@ fn mb(bytes: usize) -> Cell {
 
 pub fn reference_note(p: &PreparedLlm) -> String {
     format!(
-        "model {} ({} params, {} layers), plan '{}'. No unquantized SmolLM is reachable here: \
+        "model {} ({} params, {} layers), plan '{}'; device {}, activations {}. No unquantized SmolLM is reachable here: \
          for a GGUF file, the f32 weights dequantized from it are the reference model.",
         p.llm.source.display(),
         p.llm.model.num_params(),
         p.llm.model.cfg.num_hidden_layers,
-        p.plan
+        p.plan,
+        crate::device::describe(&p.llm.model.device),
+        crate::device::dtype_name(p.llm.model.dtype()),
     )
 }
 
@@ -241,7 +247,21 @@ pub fn perplexity_report(
     let ids = p.llm.tokenizer.encode(&text)?;
     let bar = crate::progress::bar(0, "perplexity", progress);
     let mode = kl_mode(&a.save_logprobs, a.kl_top_k, &a.kl_base);
-    let s = lm::score(&p, &ids, protocol, a.text.max_chunks, &mode, &bar)?;
+    let s = lm::score_batched(
+        &p,
+        &ids,
+        protocol,
+        a.text.max_chunks,
+        a.text.batch,
+        &mode,
+        &bar,
+    )?;
+    if crate::profile::enabled() {
+        eprint!(
+            "time per section (QUANTLAB_PROFILE):\n{}",
+            crate::profile::report()
+        );
+    }
     let mut t = Table::new(
         "perplexity",
         &format!("Perplexity on {}", path.display()),

@@ -31,6 +31,10 @@ pub struct Cli {
     /// Where models run: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
     #[arg(long, global = true, default_value = "cpu", env = "QUANTLAB_DEVICE")]
     pub device: String,
+    /// Activation dtype of LLMs: f32, bf16, f16, or auto (f32 on the CPU, bf16 on a GPU,
+    /// as transformers usually runs there). Printed with every number.
+    #[arg(long, global = true, default_value = "auto", env = "QUANTLAB_DTYPE")]
+    pub dtype: String,
     /// Hide progress bars.
     #[arg(long, global = true)]
     pub quiet: bool,
@@ -223,6 +227,7 @@ pub struct QuantizeArgs {
 
 pub fn run(cli: Cli) -> Result<()> {
     let device = crate::device::parse(&cli.device)?;
+    crate::device::set_activation_dtype(crate::device::parse_dtype(&cli.dtype)?);
     let progress = !cli.quiet;
     let cpu_only = |what: &str| -> Result<()> {
         if !device.is_cpu() {

@@ -142,6 +142,17 @@ pub fn prepare(
     if layers.is_empty() || llm.model.linears().is_empty() {
         bail!("the model has no linear layers");
     }
+    let dtype = crate::device::activation_dtype(device);
+    let layers = if dtype == llm.model.dtype() {
+        layers
+    } else {
+        llm.model.set_dtype(dtype)?;
+        llm.model
+            .linears()
+            .into_iter()
+            .map(crate::nn::LayerSummary::of)
+            .collect()
+    };
     Ok(PreparedLlm {
         llm,
         layers,
@@ -182,6 +193,19 @@ pub fn score(
     kl_mode: &KlMode,
     progress: &indicatif::ProgressBar,
 ) -> Result<LmScores> {
+    score_batched(p, ids, protocol, max_windows, 1, kl_mode, progress)
+}
+
+/// [`score`] with `batch` windows per forward pass (GPU throughput; same numbers).
+pub fn score_batched(
+    p: &PreparedLlm,
+    ids: &[u32],
+    protocol: Protocol,
+    max_windows: Option<usize>,
+    batch: usize,
+    kl_mode: &KlMode,
+    progress: &indicatif::ProgressBar,
+) -> Result<LmScores> {
     let model_name = p.llm.source.display().to_string();
     let bos = p.llm.tokenizer.bos;
     // Per-window work of each mode, run by one scoring loop.
@@ -219,6 +243,7 @@ pub fn score(
         protocol,
         bos,
         max_windows,
+        batch,
         progress,
         |_, win, lp| match &mut sink {
             Sink::None => Ok(()),

@@ -170,36 +170,94 @@ pub fn window_nll(w: &Window, log_probs: &Tensor) -> Result<f64> {
     Ok(-picked.iter().map(|&v| v as f64).sum::<f64>())
 }
 
-/// Perplexity of `model` on `ids`. `each` is called with every window's log-prob rows
-/// (for KL divergence and agreement against a base model) and may stop nothing.
+/// Log-probabilities of the scored positions of `ws` (windows of equal length and
+/// equal first scored position) run as one batch: one tensor per window, as
+/// [`window_log_probs`] gives it.
+pub fn batch_log_probs(model: &Llama, ws: &[&Window]) -> Result<Vec<Tensor>> {
+    let Some(first) = ws.first() else {
+        return Ok(Vec::new());
+    };
+    if ws.len() == 1 {
+        return Ok(vec![window_log_probs(model, first)?]);
+    }
+    let (t, f) = (first.tokens.len(), first.first_scored);
+    if ws
+        .iter()
+        .any(|w| w.tokens.len() != t || w.first_scored != f)
+    {
+        bail!("windows of one batch must have the same length and scored positions");
+    }
+    let ids: Vec<u32> = ws.iter().flat_map(|w| w.tokens.iter().copied()).collect();
+    let ids = Tensor::from_vec(ids, (ws.len(), t), &model.device)?;
+    let mut cache = model.new_cache();
+    let logits = model.forward_tail(&ids, &mut cache, t - f)?;
+    let scored = logits.narrow(1, 0, first.scored())?;
+    let (b, r, v) = scored.dims3()?;
+    let lp = crate::profile::section(&model.device, "log_softmax", || {
+        Llama::log_softmax(&scored.reshape((b * r, v))?)
+    })?;
+    (0..b).map(|i| Ok(lp.narrow(0, i * r, r)?)).collect()
+}
+
+/// Perplexity of `model` on `ids`, `batch` windows per forward pass where they have the
+/// same shape (the numbers do not depend on `batch`, up to float summation order). `each`
+/// is called with every window's log-prob rows, in order (for KL divergence and agreement
+/// against a base model).
+#[allow(clippy::too_many_arguments)]
 pub fn perplexity(
     model: &Llama,
     ids: &[u32],
     protocol: Protocol,
     bos_id: Option<u32>,
     max_windows: Option<usize>,
+    batch: usize,
     progress: &indicatif::ProgressBar,
     mut each: impl FnMut(usize, &Window, &Tensor) -> Result<()>,
 ) -> Result<PerplexityResult> {
+    if batch == 0 {
+        bail!("--batch must be at least 1");
+    }
     let ws = windows(ids, protocol, bos_id, max_windows)?;
     progress.set_length(ws.len() as u64);
     let start = Instant::now();
     let mut window_nll_sums = Vec::with_capacity(ws.len());
     let (mut scored, mut processed) = (0, 0);
     let mut window_seconds = Vec::with_capacity(ws.len());
-    for (i, w) in ws.iter().enumerate() {
+    let mut i = 0;
+    while i < ws.len() {
+        // The next run of up to `batch` windows of one shape.
+        let mut j = i + 1;
+        while j < ws.len()
+            && j - i < batch
+            && ws[j].tokens.len() == ws[i].tokens.len()
+            && ws[j].first_scored == ws[i].first_scored
+        {
+            j += 1;
+        }
         let t = Instant::now();
-        let lp = window_log_probs(model, w)?;
-        window_nll_sums.push(window_nll(w, &lp)?);
-        window_seconds.push(t.elapsed().as_secs_f64());
-        each(i, w, &lp)?;
-        scored += w.scored();
-        processed += w.tokens.len();
-        progress.inc(1);
+        let group: Vec<&Window> = ws[i..j].iter().collect();
+        let lps = batch_log_probs(model, &group)?;
+        let mut nlls = Vec::with_capacity(group.len());
+        crate::profile::section(&model.device, "nll", || -> Result<()> {
+            for (w, lp) in group.iter().zip(&lps) {
+                nlls.push(window_nll(w, lp)?);
+            }
+            Ok(())
+        })?;
+        let per_window = t.elapsed().as_secs_f64() / group.len() as f64;
+        for (k, (w, lp)) in group.iter().zip(&lps).enumerate() {
+            window_nll_sums.push(nlls[k]);
+            window_seconds.push(per_window);
+            each(i + k, w, lp)?;
+            scored += w.scored();
+            processed += w.tokens.len();
+        }
+        progress.inc(group.len() as u64);
         progress.set_message(format!(
             "ppl {:.3}",
             (window_nll_sums.iter().sum::<f64>() / scored as f64).exp()
         ));
+        i = j;
     }
     progress.finish_and_clear();
     Ok(PerplexityResult {

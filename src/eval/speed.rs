@@ -109,7 +109,11 @@ fn run_once(model: &Llama, test: SpeedTest, ids: &[u32]) -> Result<f64> {
     for x in &inputs {
         let logits = model.forward(x, &mut cache, true)?;
         // Reading one value back makes sure the work is done on any device.
-        logits.flatten_all()?.narrow(0, 0, 1)?.to_vec1::<f32>()?;
+        logits
+            .flatten_all()?
+            .narrow(0, 0, 1)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
     }
     synchronize(device)?;
     Ok(start.elapsed().as_secs_f64())

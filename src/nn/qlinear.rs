@@ -150,6 +150,19 @@ impl QLinear {
         self.dequant_cache = on.then(OnceLock::new);
     }
 
+    /// Computes in `dtype` where the weight's format offers a choice on its device (a GPU
+    /// copy of a compressed weight dequantized to bf16); unchanged otherwise.
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> Result<()> {
+        if let Some(w) = self
+            .weight
+            .with_compute_dtype(dtype)
+            .with_context(|| format!("layer {}: computing in {dtype:?}", self.name))?
+        {
+            self.weight = w;
+        }
+        Ok(())
+    }
+
     /// Starts gathering statistics of this layer's inputs.
     pub fn start_calibration(&self, needs: &[Statistic]) {
         *self.collector.lock().unwrap() = Some(Collector::new(needs, self.in_features));
@@ -210,9 +223,17 @@ impl QLinear {
                 self.in_features
             );
         }
-        let x2 = x.reshape(((), self.in_features))?.to_dtype(DType::F32)?;
+        // Activations in another dtype (bf16 on a GPU) go in as they are where the format
+        // takes them, as f32 otherwise; the output comes back in the input's dtype.
+        let in_dtype = x.dtype();
+        let x2 = x.reshape(((), self.in_features))?;
+        let x2 = if self.weight.native_input(in_dtype) {
+            x2
+        } else {
+            x2.to_dtype(DType::F32)?
+        };
         if let Some(c) = self.collector.lock().unwrap().as_mut() {
-            c.observe(&x2)
+            c.observe(&x2.to_dtype(DType::F32)?)
                 .with_context(|| format!("calibrating layer {}", self.name))?;
         }
         let y = match &self.dequant_cache {
@@ -225,7 +246,7 @@ impl QLinear {
                         w
                     }
                 };
-                let y = x2.matmul(&w.t()?)?;
+                let y = x2.to_dtype(w.dtype())?.matmul(&w.t()?)?;
                 match &self.bias {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
@@ -237,7 +258,7 @@ impl QLinear {
                 .with_context(|| format!("layer {}", self.name))?,
         };
         *dims.last_mut().unwrap() = self.out_features;
-        Ok(y.reshape(dims)?)
+        Ok(y.reshape(dims)?.to_dtype(in_dtype)?)
     }
 
     pub fn num_params(&self) -> usize {

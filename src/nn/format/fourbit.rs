@@ -216,6 +216,11 @@ impl WeightFormat for FourBitWeight {
         keep_on_cpu(self, "nf4/fp4", device)
     }
 
+    /// Weight-only: activations multiply as they are.
+    fn input_quant(&self) -> super::InputQuant {
+        super::InputQuant::None
+    }
+
     fn meta(&self) -> serde_json::Value {
         serde_json::json!({ "kind": self.kind_name(), "blocksize": self.q.blocksize })
     }

@@ -364,6 +364,11 @@ impl WeightFormat for Grouped {
         keep_on_cpu(self, "weight-only int-N", device)
     }
 
+    /// Weight-only: activations multiply as they are.
+    fn input_quant(&self) -> super::InputQuant {
+        super::InputQuant::None
+    }
+
     fn meta(&self) -> serde_json::Value {
         let mut m = serde_json::json!({ "scheme": self.q.scheme.to_string() });
         if self.float_zero.is_some() {

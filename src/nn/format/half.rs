@@ -78,7 +78,20 @@ impl WeightFormat for Half {
         self.weight.device().clone()
     }
 
+    /// Off the CPU, activations already in the weight's dtype multiply directly (bf16
+    /// cuBLAS, as transformers runs a bf16 model).
+    fn native_input(&self, dtype: DType) -> bool {
+        dtype == DType::F32 || (!self.weight.device().is_cpu() && dtype == self.weight.dtype())
+    }
+
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        if x.dtype() == self.weight.dtype() && !x.device().is_cpu() {
+            let y = x.matmul(&self.weight.t()?)?;
+            return Ok(match bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+                None => y,
+            });
+        }
         let (o, i) = self.shape();
         forward_rows_or_matmul(
             x,

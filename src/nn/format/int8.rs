@@ -159,6 +159,15 @@ impl WeightFormat for Int8 {
         Device::Cpu
     }
 
+    fn input_quant(&self) -> super::InputQuant {
+        match self.act {
+            ActQuant::Dynamic => super::InputQuant::U8PerTensor,
+            ActQuant::Static { scale, zero_point } => {
+                super::InputQuant::U8Fixed { scale, zero_point }
+            }
+        }
+    }
+
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let m = x.dim(0)?;
         let k = self.in_features;

@@ -9,10 +9,11 @@ pub mod ggml;
 pub mod grouped;
 pub mod half;
 pub mod int8;
+pub mod on_device;
 
 use crate::load::{NamedTensor, RawTensor, TensorSource};
-use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
 use std::any::Any;
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -44,6 +45,22 @@ pub trait WeightFormat: Debug + Send + Sync {
     /// The same weight with its data on `device`; a clear error naming the format where
     /// this build has no kernel for it there.
     fn to_device(&self, device: &Device) -> Result<Arc<dyn WeightFormat>>;
+    /// Whether `forward` takes activations of `dtype` as they are; others are converted
+    /// to f32 first (and the output back to the input's dtype) by the layer.
+    fn native_input(&self, dtype: DType) -> bool {
+        dtype == DType::F32
+    }
+    /// The same weight computing in `dtype` on its device, where the format has a choice
+    /// (a device copy dequantized to bf16 instead of f32); `None` when it has none.
+    fn with_compute_dtype(&self, _dtype: DType) -> Result<Option<Arc<dyn WeightFormat>>> {
+        Ok(None)
+    }
+    /// How `forward` quantizes its input activations before the integer product, so a
+    /// device without this format's kernel can emulate it ([`on_device::Dequantized`]).
+    /// A format that does not say cannot be emulated (an error, never a wrong number).
+    fn input_quant(&self) -> InputQuant {
+        InputQuant::Unknown
+    }
     /// Parameters needed to read the tensors back (scheme, block size...), as JSON.
     fn meta(&self) -> serde_json::Value {
         serde_json::Value::Null
@@ -53,6 +70,19 @@ pub trait WeightFormat: Debug + Send + Sync {
     /// Bytes of those tensors, by arithmetic (equal to what [`Self::tensors`] writes).
     fn stored_bytes(&self) -> usize;
     fn as_any(&self) -> &dyn Any;
+}
+
+/// A format's activation quantization, as a device emulating it must reproduce it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InputQuant {
+    /// Weight-only: activations multiply as they are.
+    None,
+    /// u8 codes from each call's own min/max over the whole input (PyTorch's dynamic).
+    U8PerTensor,
+    /// u8 codes with a calibrated (scale, zero point).
+    U8Fixed { scale: f32, zero_point: i32 },
+    /// Not described: the format has no emulation on other devices.
+    Unknown,
 }
 
 /// Reads the tensors a format wrote; errors name the layer and the part.
@@ -92,23 +122,21 @@ pub fn named(prefix: &str, part: &str, tensor: RawTensor) -> NamedTensor {
     }
 }
 
-/// The error for a format this build cannot run on a device.
-pub fn cpu_only(label: &str, device: &Device) -> Result<Arc<dyn WeightFormat>> {
-    bail!(
-        "{label} runs on cpu only in this build (asked for {device:?}): use a dense or GGML format on this device, or --device cpu"
-    )
-}
-
-/// A CPU-only format staying where it is: itself on the CPU, [`cpu_only`]'s error elsewhere.
+/// A format whose kernels are CPU-only: itself on the CPU; on another device, emulated
+/// there by a dequantized f32 copy ([`on_device::Dequantized`]; the layer may switch it to
+/// bf16/f16 with [`WeightFormat::with_compute_dtype`]).
 pub fn keep_on_cpu<F: WeightFormat + Clone + 'static>(
     f: &F,
     label: &str,
     device: &Device,
 ) -> Result<Arc<dyn WeightFormat>> {
-    if !device.is_cpu() {
-        return cpu_only(label, device);
+    if device.is_cpu() {
+        return Ok(Arc::new(f.clone()));
     }
-    Ok(Arc::new(f.clone()))
+    let host: Arc<dyn WeightFormat> = Arc::new(f.clone());
+    let d = on_device::Dequantized::wrap(host, device, DType::F32)
+        .map_err(|e| anyhow::anyhow!("{label} on {device:?}: {e:#}"))?;
+    Ok(Arc::new(d))
 }
 
 /// A JSON field of a format's metadata, or an error naming the layer.

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# On the GPU machine, after scripts/gpu-unpack.sh printed READY: one measurement batch.
+# Every table goes to $OUT (JSON lines) with the log; the device and dtype are in each
+# table's notes.
+#
+#   scripts/gpu-batch.sh check      # CPU vs CUDA agreement (f32), quick
+#   scripts/gpu-batch.sh ppl        # full WikiText-2 test perplexity per format, tokens/s
+#   scripts/gpu-batch.sh decode     # greedy decode tokens/s at batch 1 per format
+#   scripts/gpu-batch.sh labs       # MNIST and Marian lab tables on the GPU
+#   scripts/gpu-batch.sh hf         # transformers bf16/f32 on the same text
+#   scripts/gpu-batch.sh agree      # CPU/CUDA agreement tests, Marian translations, MNIST on CPU
+#   scripts/gpu-batch.sh profile    # time per forward section (QUANTLAB_PROFILE=1)
+set -uo pipefail
+Q=/tmp/ql
+QL=$Q/bin/quantlab
+M=$(ls $Q/models/*.gguf | head -1)
+export QUANTLAB_DATA=$Q/data
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+LOG=$OUT/log-$1.txt
+run() { echo "+ $*" | tee -a "$LOG"; local t=$SECONDS; "$@" 2>&1 | tee -a "$LOG"; echo "  ($((SECONDS - t)) s)" | tee -a "$LOG"; }
+ppl() { run $QL --quiet --format json --device "$1" --dtype "$2" perplexity --model "$M" "${@:3}"; }
+FORMATS=("keep" "lm_head=keep;*=w:i8:sym" "lm_head=keep;*=w:i4:sym:g64" "lm_head=keep;*=nf4" \
+  "lm_head=keep;*=fp4" "lm_head=keep;*=dynamic-int8" "lm_head=keep;*=q8_0" "lm_head=keep;*=q4_0" \
+  "lm_head=keep;*=f16" "lm_head=keep;*=bf16")
+case "$1" in
+  check)
+    nvidia-smi -L | tee -a "$LOG"
+    ppl cpu f32 --max-chunks 8 > "$OUT/check-cpu.jsonl"
+    ppl cuda f32 --max-chunks 8 --batch 8 > "$OUT/check-cuda.jsonl"
+    ppl cuda bf16 --max-chunks 8 --batch 8 >> "$OUT/check-cuda.jsonl"
+    for p in "lm_head=keep;*=w:i4:sym:g64" "lm_head=keep;*=dynamic-int8" "lm_head=keep;*=q4_0"; do
+      ppl cpu f32 --max-chunks 4 --plan "$p" >> "$OUT/check-cpu.jsonl"
+      ppl cuda f32 --max-chunks 4 --batch 4 --plan "$p" >> "$OUT/check-cuda.jsonl"
+    done
+    ;;
+  ppl)
+    for d in f32 bf16; do ppl cuda $d --batch 32 > "$OUT/ppl-full-$d.jsonl"; done
+    for p in "${FORMATS[@]:1}"; do ppl cuda bf16 --batch 32 --plan "$p" >> "$OUT/ppl-full-formats.jsonl"; done
+    ;;
+  decode)
+    # llama-bench protocol: pp512 and tg128, 3 repetitions, every format on one model load each.
+    args=()
+    for p in "${FORMATS[@]:1}"; do args+=(--plan "$p"); done
+    for d in bf16 f32; do
+      run $QL --quiet --format json --device cuda --dtype $d bench --model "$M" -p 512 -n 128 -r 3 \
+        "${args[@]}" > "$OUT/bench-$d.jsonl"
+    done
+    ;;
+  labs)
+    run $QL --format json --device cuda lab mnist --model $Q/data/mnist-mlp > "$OUT/lab-mnist.jsonl"
+    run $QL --format json --device cuda lab marian --model $Q/models/marian-multi30k-en-de > "$OUT/lab-marian.jsonl"
+    ;;
+  hf)
+    export PYTHONPATH=/tmp/site
+    for d in bf16 f32; do
+      run python3 scripts/transformers_gpu_reference.py --gguf "$M" \
+        --text $Q/data/wikitext-2/test.txt --dtype $d --batch 32 --out "$OUT/transformers.jsonl"
+    done
+    ;;
+  agree)
+    # CPU/CUDA agreement: the format-by-format tests, Marian greedy translations, MNIST.
+    run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1
+    src=$Q/data/multi30k/test_2016_flickr.en.gz
+    for d in cpu cuda; do
+      zcat $src | $QL --quiet --device $d translate --model $Q/models/marian-multi30k-en-de \
+        --num-beams 1 > "$OUT/translations-$d.txt" 2>> "$LOG"
+    done
+    echo "identical translations: $(paste -d '\t' "$OUT/translations-cpu.txt" "$OUT/translations-cuda.txt" \
+      | awk -F '\t' '$1 == $2' | wc -l) of $(wc -l < "$OUT/translations-cpu.txt")" | tee -a "$LOG"
+    run $QL --format json --device cpu lab mnist --model $Q/data/mnist-mlp > "$OUT/lab-mnist-cpu.jsonl"
+    ;;
+  profile)
+    for d in bf16 f32; do
+      run env QUANTLAB_PROFILE=1 $QL --quiet --device cuda --dtype $d perplexity --model "$M" --batch 32 --max-chunks 128
+    done
+    ;;
+  *) echo "unknown batch '$1'" >&2; exit 2 ;;
+esac

@@ -1,0 +1,96 @@
+//! CPU and CUDA agree, format by format (built only with `--features cuda`; run on a GPU
+//! machine: `cargo test --release --features cuda --test cuda`, or the test binary carried
+//! there by `scripts/gpu-stage.sh`). Without a GPU these tests fail: a CUDA build is for a
+//! GPU machine, and a missing device must not pass as agreement.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor};
+use quantlab::arch::llama::Llama;
+use quantlab::nn::HasLinears;
+use std::path::PathBuf;
+
+/// The fixture, under the checkout named by `CARGO_MANIFEST_DIR` at run time (set it when
+/// running the carried test binary from another checkout), else where it was built.
+fn dir() -> PathBuf {
+    let root = std::env::var("CARGO_MANIFEST_DIR").unwrap_or(env!("CARGO_MANIFEST_DIR").into());
+    PathBuf::from(root).join("tests/fixtures/llama-tiny")
+}
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("this test needs CUDA device 0 (a GPU machine)")
+}
+
+/// Log-probabilities `[seq, vocab]` of a fixed sequence, in f32 on the host.
+fn log_probs(m: &Llama) -> Vec<Vec<f32>> {
+    let ids: Vec<u32> = (0..40u32)
+        .map(|i| (i * 37 + 11) % m.cfg.vocab_size as u32)
+        .collect();
+    let x = Tensor::from_vec(ids, (1, 40), &m.device).unwrap();
+    let logits = m.forward(&x, &mut m.new_cache(), false).unwrap();
+    Llama::log_softmax(&logits.squeeze(0).unwrap())
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn planned(plan: &str, device: &Device) -> Llama {
+    let mut m = Llama::from_hf_dir(&dir(), device).unwrap();
+    quantlab::nn::apply_plan(&mut m, &plan.parse().unwrap(), |_| Ok(())).unwrap();
+    m
+}
+
+/// Every weight format's log-probs on CUDA (f32 activations) against the CPU path.
+/// Tolerance: 2e-3 on log-probabilities (f32 sums in another order, cuBLAS vs our kernels;
+/// GGML activations quantized to 8 bits on both sides); dynamic int8 is looser because a
+/// value on a rounding tie may round the other way on the device (half-away vs half-even).
+#[test]
+fn every_format_agrees_with_the_cpu() {
+    let gpu = gpu();
+    for (plan, tol) in [
+        ("keep", 2e-3),
+        ("*=f16", 2e-3),
+        ("*=bf16", 2e-3),
+        ("*=w:i8:sym:ch", 2e-3),
+        ("*=w:i4:sym:g32", 2e-3),
+        ("*=w:u3:affine:g64", 2e-3),
+        ("*=nf4", 2e-3),
+        ("*=fp4:b32", 2e-3),
+        ("*=q8_0", 5e-3),
+        ("*=q4_0", 5e-3),
+        ("*=dynamic-int8", 2e-2),
+    ] {
+        let cpu = log_probs(&planned(plan, &Device::Cpu));
+        let m = planned(plan, &gpu);
+        assert!(
+            m.linears().iter().all(|l| l.weight.device().is_cuda()),
+            "{plan}"
+        );
+        let d = max_diff(&cpu, &log_probs(&m));
+        assert!(d < tol, "{plan}: max |Δ log p| = {d} (tolerance {tol})");
+    }
+}
+
+/// bf16 activations on the GPU stay within bf16's rounding of the f32 result.
+#[test]
+fn bf16_activations_track_f32() {
+    let gpu = gpu();
+    let f32_lp = log_probs(&planned("keep", &gpu));
+    let mut m = planned("keep", &gpu);
+    m.set_dtype(DType::BF16).unwrap();
+    let d = max_diff(&f32_lp, &log_probs(&m));
+    assert!(d < 0.1, "bf16 vs f32 max |Δ log p| = {d}");
+    assert!(
+        d > 0.0,
+        "bf16 run identical to f32: the dtype was not applied"
+    );
+}
