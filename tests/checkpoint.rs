@@ -58,6 +58,11 @@ fn llama_checkpoints_of_every_format_reload_bit_identical() {
         "*=w8a8:tensor",
         "lm_head=keep;*=llm.int8",
         "lm_head=keep;*=w:i8:sym:ch0",
+        "*=rtn-signed-max:i4:g32",
+        "*.mlp.*=rtn-clip:u3:affine:g16;*=rtn-clip:i4:sym:g64",
+        "*=hqq:u4:g32",
+        // Groups of 16 have no kernel layout: real zero points decode on the fallback path.
+        "*.mlp.*=hqq:u2:g16;*=hqq:u3:ch0",
     ];
     let ids: Vec<u32> = (1..40).map(|i| (i * 37 % 300) as u32).collect();
     for (k, plan) in plans.iter().enumerate() {

@@ -235,6 +235,7 @@ fn sweep_appends_rows_and_resumes_without_rerunning() {
         max_chunks: Some(1),
         out: out.clone(),
         kl: true,
+        calibration: Default::default(),
         progress: false,
     };
     let rows = sweep::run(&spec).unwrap();

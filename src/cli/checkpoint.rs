@@ -159,6 +159,7 @@ fn layers_report(title: &str, layers: &[LayerSummary]) -> Report {
             "params",
             "bits per weight",
             "bytes",
+            "rounding ties",
         ],
     );
     for l in layers {
@@ -169,6 +170,7 @@ fn layers_report(title: &str, layers: &[LayerSummary]) -> Report {
             l.params.into(),
             Cell::f(l.bits_per_weight(), 3),
             l.bytes.into(),
+            l.ties.map_or(Cell::Missing, Cell::from),
         ]);
     }
     let params: usize = layers.iter().map(|l| l.params).sum();
@@ -180,7 +182,14 @@ fn layers_report(title: &str, layers: &[LayerSummary]) -> Report {
         params.into(),
         Cell::f(bytes as f64 * 8.0 / params.max(1) as f64, 3),
         bytes.into(),
+        match layers.iter().filter_map(|l| l.ties).collect::<Vec<_>>() {
+            v if v.is_empty() => Cell::Missing,
+            v => v.iter().sum::<usize>().into(),
+        },
     ]);
+    if layers.iter().any(|l| l.ties.is_some()) {
+        t.note("rounding ties: weights whose x / scale (+ zero point) was exactly a half integer when quantized, so their code hung on the rounding rule and the last bit of the quotient (PyTorch's symmetric scale max|x| / (2^(b-1) - 0.5) puts each group's largest weight there).");
+    }
     Report {
         tables: vec![t],
         notes: vec![],

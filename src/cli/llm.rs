@@ -372,8 +372,10 @@ pub struct SweepArgs {
     /// How GGUF weights are loaded before each configuration is applied.
     #[arg(long, value_enum, default_value_t = LoadAsArg::F32)]
     pub load_as: LoadAsArg,
-    /// Methods: `rtn` (round to nearest, over --bits and --groups), `nf4`, `fp4`,
-    /// `nf4:dq`, or any single method (`q4_k`, `q8_0`, `f16`, `w:u3:affine:g128`...).
+    /// Methods: `rtn` (round to nearest, PyTorch's scale), `rtn-signed-max` (llama.cpp's
+    /// scale), `rtn-clip` (MSE-clipped range), `hqq` (each over --bits and --groups),
+    /// `nf4`, `fp4`, `nf4:dq`, `fp4:dq` (over --groups; the table in `lab::sweep`), or any
+    /// single method (`q4_k`, `q8_0`, `f16`, `w:u3:affine:g128`...).
     #[arg(long, value_delimiter = ',', default_value = "rtn,nf4,fp4")]
     pub methods: Vec<String>,
     /// Bit widths for `rtn`.
@@ -388,7 +390,7 @@ pub struct SweepArgs {
         default_value = "ch,64"
     )]
     pub groups: Vec<String>,
-    /// Symmetric or affine RTN.
+    /// Symmetric or affine RTN (`rtn`, `rtn-clip`; signed-max is symmetric, HQQ affine).
     #[arg(long, default_value = "sym")]
     pub mode: String,
     /// Which layers are quantized.
@@ -405,6 +407,10 @@ pub struct SweepArgs {
     /// Also measure KL divergence and top-1 agreement against the f32 baseline.
     #[arg(long)]
     pub kl: bool,
+    /// Calibration text for methods that gather statistics (GPTQ, AWQ, static int8); each
+    /// such row records the file, its hash, the sample count, window length and seed.
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
 }
 
 pub fn sweep_report(
@@ -425,6 +431,7 @@ pub fn sweep_report(
         max_chunks: a.text.max_chunks,
         out: a.out.clone(),
         kl: a.kl,
+        calibration: a.calibration.source(data),
         progress,
     };
     let rows = sweep::run(&spec)?;
@@ -469,6 +476,18 @@ pub fn sweep_report(
         },
         a.out.display()
     ));
+    let mut calibrations: Vec<&sweep::CalibrationRecord> = Vec::new();
+    for c in rows.iter().filter_map(|r| r.calibration.as_ref()) {
+        if !calibrations.contains(&c) {
+            calibrations.push(c);
+        }
+    }
+    for c in calibrations {
+        t.note(format!(
+            "calibrated rows: {} (FNV-1a {}), {} windows of {} tokens, seed {}",
+            c.file, c.text_hash, c.samples, c.seqlen, c.seed
+        ));
+    }
     t.note("bits per weight: stored bytes of the quantized linear layers (scales and zero points included) × 8 / their weights (lm_head stays f32 unless --layers everything); weights MB counts every weight held, f32 embeddings and norms included.");
     t.note("No unquantized SmolLM is reachable here: the baseline is the f32 model dequantized from the Q4_1 GGUF.");
     let mut families: Vec<String> = Vec::new();

@@ -3,7 +3,7 @@
 //! resumes where it stopped and nothing measured is lost.
 
 use crate::arch::llama::LoadAs;
-use crate::eval::lm::{self, KlMode};
+use crate::eval::lm::{self, CalibrationSpec, KlMode};
 use crate::eval::perplexity::Protocol;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -47,9 +47,168 @@ pub struct Config {
     pub method: String,
 }
 
+/// One grouping of `--groups`: `ch` (one scale per output row) or a group size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grouping {
+    Channel,
+    Group(usize),
+}
+
+impl Grouping {
+    fn parse(s: &str) -> Result<Self> {
+        if s == "ch" {
+            return Ok(Grouping::Channel);
+        }
+        match s.parse::<usize>() {
+            Ok(g) if g > 0 => Ok(Grouping::Group(g)),
+            _ => bail!("--groups takes 'ch' or group sizes of at least 1, not '{s}'"),
+        }
+    }
+
+    /// The scheme suffix: `ch0` or `g<size>`.
+    fn scheme(self) -> String {
+        match self {
+            Grouping::Channel => "ch0".into(),
+            Grouping::Group(g) => format!("g{g}"),
+        }
+    }
+
+    /// The legend suffix: `ch` or `g<size>`.
+    fn label(self) -> String {
+        match self {
+            Grouping::Channel => "ch".into(),
+            Grouping::Group(g) => format!("g{g}"),
+        }
+    }
+}
+
+/// What one `--methods` name expands to at one (bits, grouping, mode): the plan method
+/// and the plot family, or `None` where the method has no such configuration.
+type SpecFn = fn(u32, Grouping, &str) -> Option<(String, String)>;
+
+/// One `--methods` name.
+struct MethodExpansion {
+    name: &'static str,
+    /// Expanded once per `--bits` (false: once per grouping, at the method's own bits).
+    over_bits: bool,
+    spec: SpecFn,
+}
+
+/// The sweep's method names, one row each (a new method is one line here).
+const METHODS: &[MethodExpansion] = &[
+    MethodExpansion {
+        name: "rtn",
+        over_bits: true,
+        spec: |b, g, m| {
+            Some((
+                format!("w:i{b}:{m}:{}", g.scheme()),
+                format!("rtn {m} {}", g.label()),
+            ))
+        },
+    },
+    MethodExpansion {
+        name: "rtn-signed-max",
+        over_bits: true,
+        spec: |b, g, _| {
+            Some((
+                format!("rtn-signed-max:i{b}:{}", g.scheme()),
+                format!("rtn-signed-max {}", g.label()),
+            ))
+        },
+    },
+    MethodExpansion {
+        name: "rtn-clip",
+        over_bits: true,
+        spec: |b, g, m| {
+            Some((
+                format!("rtn-clip:i{b}:{m}:{}", g.scheme()),
+                format!("rtn-clip {m} {}", g.label()),
+            ))
+        },
+    },
+    MethodExpansion {
+        name: "rtn-clip-x2",
+        over_bits: true,
+        spec: |b, g, m| {
+            Some((
+                format!("rtn-clip:i{b}:{m}:{}:x2", g.scheme()),
+                format!("rtn-clip-x2 {m} {}", g.label()),
+            ))
+        },
+    },
+    MethodExpansion {
+        name: "hqq",
+        over_bits: true,
+        spec: |b, g, _| {
+            Some((
+                format!("hqq:u{b}:{}", g.scheme()),
+                format!("hqq {}", g.label()),
+            ))
+        },
+    },
+    MethodExpansion {
+        name: "gptq",
+        over_bits: true,
+        spec: |b, g, m| {
+            Some((
+                format!("gptq:i{b}:{m}:{}", g.scheme()),
+                format!("gptq {m} {}", g.label()),
+            ))
+        },
+    },
+    MethodExpansion {
+        name: "gptq:act-order",
+        over_bits: true,
+        spec: |b, g, m| {
+            Some((
+                format!("gptq:i{b}:{m}:{}:act-order", g.scheme()),
+                format!("gptq:act-order {m} {}", g.label()),
+            ))
+        },
+    },
+    MethodExpansion {
+        name: "awq",
+        over_bits: true,
+        spec: |b, g, m| {
+            Some((
+                format!("awq:i{b}:{m}:{}", g.scheme()),
+                format!("awq {m} {}", g.label()),
+            ))
+        },
+    },
+    MethodExpansion {
+        name: "nf4",
+        over_bits: false,
+        spec: |_, g, _| four_bit("nf4", "", g),
+    },
+    MethodExpansion {
+        name: "fp4",
+        over_bits: false,
+        spec: |_, g, _| four_bit("fp4", "", g),
+    },
+    MethodExpansion {
+        name: "nf4:dq",
+        over_bits: false,
+        spec: |_, g, _| four_bit("nf4", ":dq", g),
+    },
+    MethodExpansion {
+        name: "fp4:dq",
+        over_bits: false,
+        spec: |_, g, _| four_bit("fp4", ":dq", g),
+    },
+];
+
+/// NF4/FP4 use a group size as their block size (no per-channel form).
+fn four_bit(kind: &str, dq: &str, g: Grouping) -> Option<(String, String)> {
+    match g {
+        Grouping::Channel => None,
+        Grouping::Group(b) => Some((format!("{kind}:b{b}{dq}"), format!("{kind}{dq} b{b}"))),
+    }
+}
+
 /// Expands `--methods` × `--bits` × `--groups` into configurations (baseline first).
-/// `rtn` expands over bits and groups; `nf4`/`fp4` use each numeric group as block size;
-/// anything else is taken as one method spec (`q4_k`, `f16`, `w:u3:affine:g128`...).
+/// Names in [`METHODS`] expand over groupings (and bits where they take them); anything
+/// else is taken as one method spec (`q4_k`, `f16`, `w:u3:affine:g128`...).
 pub fn expand(
     methods: &[String],
     bits: &[u32],
@@ -64,94 +223,36 @@ pub fn expand(
     if !matches!(mode, "sym" | "affine") {
         bail!("--mode must be sym or affine, not '{mode}'");
     }
+    let groupings = groups
+        .iter()
+        .map(|g| Grouping::parse(g))
+        .collect::<Result<Vec<_>>>()?;
     for m in methods {
-        match m.as_str() {
-            "rtn" => {
-                for g in groups {
-                    let gran = if g == "ch" {
-                        "ch0".to_string()
+        let Some(e) = METHODS.iter().find(|e| e.name == m) else {
+            let parsed: crate::nn::Method =
+                m.parse().with_context(|| format!("in --methods '{m}'"))?;
+            out.push(Config {
+                family: m.to_string(),
+                bits: parsed.nominal_bits(),
+                method: m.to_string(),
+            });
+            continue;
+        };
+        for &g in &groupings {
+            let widths: &[u32] = if e.over_bits { bits } else { &[0] };
+            for &b in widths {
+                if let Some((method, family)) = (e.spec)(b, g, mode) {
+                    let nominal = if e.over_bits {
+                        b
                     } else {
-                        format!("g{g}")
-                    };
-                    for &b in bits {
-                        out.push(Config {
-                            family: format!(
-                                "rtn {mode} {}",
-                                if g == "ch" {
-                                    "ch".into()
-                                } else {
-                                    format!("g{g}")
-                                }
-                            ),
-                            bits: b,
-                            method: format!("w:i{b}:{mode}:{gran}"),
-                        });
-                    }
-                }
-            }
-            // GPTQ over the same grid as rtn (needs calibration data: sequential Hessians).
-            "gptq" | "gptq:act-order" => {
-                let ao = if m.ends_with(":act-order") {
-                    ":act-order"
-                } else {
-                    ""
-                };
-                for g in groups {
-                    let gran = if g == "ch" {
-                        "ch0".to_string()
-                    } else {
-                        format!("g{g}")
-                    };
-                    for &b in bits {
-                        out.push(Config {
-                            family: format!("{m} {mode} {}", if g == "ch" { "ch" } else { g }),
-                            bits: b,
-                            method: format!("gptq:i{b}:{mode}:{gran}{ao}"),
-                        });
-                    }
-                }
-            }
-            // AWQ: the same schemes as rtn (needs calibration data).
-            "awq" => {
-                for g in groups {
-                    let gran = if g == "ch" {
-                        "ch0".into()
-                    } else {
-                        format!("g{g}")
-                    };
-                    for &b in bits {
-                        out.push(Config {
-                            family: format!("awq {mode} {}", gran.replace("ch0", "ch")),
-                            bits: b,
-                            method: format!("awq:i{b}:{mode}:{gran}"),
-                        });
-                    }
-                }
-            }
-            "nf4" | "fp4" | "nf4:dq" | "fp4:dq" => {
-                for g in groups.iter().filter(|g| *g != "ch") {
-                    let (kind, dq) = m.split_once(':').map_or((m.as_str(), ""), |(k, d)| (k, d));
-                    let method = if dq.is_empty() {
-                        format!("{kind}:b{g}")
-                    } else {
-                        format!("{kind}:b{g}:dq")
+                        method.parse::<crate::nn::Method>()?.nominal_bits()
                     };
                     out.push(Config {
-                        family: format!("{m} b{g}"),
-                        bits: 4,
+                        family,
+                        bits: nominal,
                         method,
                     });
                 }
-            }
-            other => {
-                let parsed: crate::nn::Method = other
-                    .parse()
-                    .with_context(|| format!("in --methods '{other}'"))?;
-                out.push(Config {
-                    family: other.to_string(),
-                    bits: parsed.nominal_bits(),
-                    method: other.to_string(),
-                });
             }
         }
     }
@@ -181,16 +282,54 @@ pub struct Row {
     pub top1_agreement: Option<f64>,
     pub scored_tokens: usize,
     pub seconds: f64,
+    /// The calibration data, for rows whose method gathered statistics (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationRecord>,
+}
+
+/// What a calibrated row was calibrated on: a row measured on other data is another row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CalibrationRecord {
+    pub file: String,
+    /// FNV-1a 64 of the file's bytes, in hex (the path alone may name another text).
+    pub text_hash: String,
+    pub samples: usize,
+    pub seqlen: usize,
+    pub seed: u64,
+}
+
+impl CalibrationRecord {
+    /// Reads and hashes the calibration text of `spec`.
+    pub fn of(spec: &CalibrationSpec) -> Result<Self> {
+        let bytes = std::fs::read(&spec.text)
+            .with_context(|| format!("reading calibration text {}", spec.text.display()))?;
+        Ok(CalibrationRecord {
+            file: spec.text.display().to_string(),
+            text_hash: format!("{:016x}", fnv1a(&bytes)),
+            samples: spec.samples,
+            seqlen: spec.seqlen,
+            seed: spec.seed,
+        })
+    }
+}
+
+/// FNV-1a, 64 bits.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 impl Row {
     /// What makes two rows the same measurement (for resuming).
-    fn key(&self) -> (String, String, Option<usize>, String) {
+    #[allow(clippy::type_complexity)]
+    fn key(&self) -> (&str, &str, Option<usize>, &str, Option<&CalibrationRecord>) {
         (
-            self.model.clone(),
-            self.protocol.clone(),
+            &self.model,
+            &self.protocol,
             self.max_chunks,
-            self.plan.clone(),
+            &self.plan,
+            self.calibration.as_ref(),
         )
     }
 }
@@ -265,6 +404,8 @@ pub struct SweepSpec {
     pub out: PathBuf,
     /// Compare every row with the baseline's distributions (KL, top-1 agreement).
     pub kl: bool,
+    /// Where calibration text comes from; read only for plans that need statistics.
+    pub calibration: crate::eval::prepare::Calibration,
     pub progress: bool,
 }
 
@@ -278,11 +419,26 @@ pub fn run(spec: &SweepSpec) -> Result<Vec<Row>> {
     let kl_path = spec.out.with_extension("base.kld");
     let mut rows = Vec::new();
     let mut ids: Option<Vec<u32>> = None;
+    // Resolved (and the text hashed) at the first configuration that calibrates.
+    let mut calib: Option<(CalibrationSpec, CalibrationRecord)> = None;
     for (i, c) in spec.configs.iter().enumerate() {
         let plan = if c.method == "keep" {
             "keep".to_string()
         } else {
             spec.layers.plan(&c.method)
+        };
+        let parsed: crate::nn::Plan = plan
+            .parse()
+            .with_context(|| format!("sweep plan '{plan}'"))?;
+        let calibration = if crate::nn::plan_needs_calibration(&parsed) {
+            if calib.is_none() {
+                let s = spec.calibration.text_spec()?;
+                let r = CalibrationRecord::of(&s)?;
+                calib = Some((s, r));
+            }
+            calib.as_ref()
+        } else {
+            None
         };
         let probe = Row {
             model: model_name.clone(),
@@ -300,6 +456,7 @@ pub fn run(spec: &SweepSpec) -> Result<Vec<Row>> {
             top1_agreement: None,
             scored_tokens: 0,
             seconds: 0.0,
+            calibration: calibration.map(|(_, r)| r.clone()),
         };
         let is_base = i == 0;
         let base_needed = spec.kl && is_base && !kl_path.exists();
@@ -312,7 +469,13 @@ pub fn run(spec: &SweepSpec) -> Result<Vec<Row>> {
         if spec.progress {
             eprintln!("[{}/{}] {}", i + 1, spec.configs.len(), plan);
         }
-        let mut p = lm::prepare(&spec.model, spec.load_as, Some(&plan), None, &device)?;
+        let mut p = lm::prepare(
+            &spec.model,
+            spec.load_as,
+            Some(&plan),
+            calibration.map(|(s, _)| s),
+            &device,
+        )?;
         p.llm.model.set_cache_dequantized(true);
         let ids = match &ids {
             Some(v) => v,
@@ -370,9 +533,93 @@ mod tests {
             ]
         );
         assert_eq!(c[6].bits, 4);
+        let c = expand(
+            &["rtn-signed-max".into(), "rtn-clip".into(), "hqq".into()],
+            &[4, 3],
+            &["64".into()],
+            "affine",
+        )
+        .unwrap();
+        let methods: Vec<&str> = c.iter().map(|c| c.method.as_str()).collect();
+        assert_eq!(
+            methods,
+            [
+                "keep",
+                "rtn-signed-max:i4:g64",
+                "rtn-signed-max:i3:g64",
+                "rtn-clip:i4:affine:g64",
+                "rtn-clip:i3:affine:g64",
+                "hqq:u4:g64",
+                "hqq:u3:g64"
+            ]
+        );
+        assert_eq!(c[5].family, "hqq g64");
         assert!(expand(&["rtn".into()], &[9], &["64".into()], "sym").is_err());
         assert!(expand(&["bogus".into()], &[4], &["64".into()], "sym").is_err());
         assert!(expand(&["rtn".into()], &[4], &["64".into()], "weird").is_err());
+        assert!(expand(&["rtn".into()], &[4], &["x".into()], "sym").is_err());
+        assert!(expand(&["rtn".into()], &[4], &["0".into()], "sym").is_err());
+        // NF4 has no per-channel form: `ch` is skipped for it, not an error.
+        let c = expand(
+            &["nf4:dq".into()],
+            &[4],
+            &["ch".into(), "128".into()],
+            "sym",
+        )
+        .unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(
+            (c[1].method.as_str(), c[1].family.as_str()),
+            ("nf4:b128:dq", "nf4:dq b128")
+        );
+    }
+
+    #[test]
+    fn rows_on_other_calibration_data_are_other_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("calib.txt");
+        std::fs::write(&text, "some calibration text").unwrap();
+        let spec = CalibrationSpec::new(text.clone(), 4, 16, 0).unwrap();
+        let a = CalibrationRecord::of(&spec).unwrap();
+        assert_eq!(
+            a.text_hash,
+            format!("{:016x}", fnv1a(b"some calibration text"))
+        );
+        let b =
+            CalibrationRecord::of(&CalibrationSpec::new(text.clone(), 4, 16, 1).unwrap()).unwrap();
+        std::fs::write(&text, "other calibration text").unwrap();
+        let c = CalibrationRecord::of(&spec).unwrap();
+        assert_ne!(a.text_hash, c.text_hash);
+        let row = |cal: Option<CalibrationRecord>| Row {
+            model: "m".into(),
+            protocol: "p".into(),
+            max_chunks: None,
+            layers: Layers::All,
+            family: "f".into(),
+            bits: 8,
+            method: "static-int8".into(),
+            plan: "*=static-int8".into(),
+            bits_per_weight: 8.0,
+            weights_mb: 1.0,
+            perplexity: 1.0,
+            mean_kl: None,
+            top1_agreement: None,
+            scored_tokens: 1,
+            seconds: 1.0,
+            calibration: cal,
+        };
+        let ra = row(Some(a.clone()));
+        assert_eq!(ra.key(), row(Some(a)).key());
+        assert_ne!(ra.key(), row(Some(b)).key());
+        assert_ne!(ra.key(), row(Some(c)).key());
+        assert_ne!(ra.key(), row(None).key());
+        // Rows written before calibration was recorded still read (as uncalibrated).
+        let mut v = serde_json::to_value(row(None)).unwrap();
+        assert!(v.get("calibration").is_none());
+        v.as_object_mut().unwrap().remove("calibration");
+        assert_eq!(serde_json::from_value::<Row>(v).unwrap(), row(None));
+        let back: Row = serde_json::from_str(&serde_json::to_string(&ra).unwrap()).unwrap();
+        assert_eq!(back, ra);
     }
 
     #[test]
@@ -396,6 +643,7 @@ mod tests {
             top1_agreement: None,
             scored_tokens: 510,
             seconds: 1.0,
+            calibration: None,
         };
         append_row(&p, &row).unwrap();
         // An interrupted write leaves half a line; it is ignored and then isolated.
@@ -411,7 +659,7 @@ mod tests {
     }
 
     #[test]
-    fn gptq_expands_like_rtn() {
+    fn gptq_and_awq_expand_like_rtn() {
         let c = expand(
             &["gptq".into(), "gptq:act-order".into()],
             &[4, 3],
@@ -433,5 +681,23 @@ mod tests {
         for m in &methods[1..] {
             assert!(m.parse::<crate::nn::Method>().is_ok(), "{m}");
         }
+        let awq = expand(
+            &["awq".into()],
+            &[4],
+            &["ch".into(), "128".into()],
+            "affine",
+        )
+        .unwrap();
+        let awq: Vec<(&str, &str)> = awq[1..]
+            .iter()
+            .map(|c| (c.family.as_str(), c.method.as_str()))
+            .collect();
+        assert_eq!(
+            awq,
+            [
+                ("awq affine ch", "awq:i4:affine:ch0"),
+                ("awq affine g128", "awq:i4:affine:g128")
+            ]
+        );
     }
 }

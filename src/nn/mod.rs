@@ -71,6 +71,9 @@ pub struct LayerSummary {
     pub describe: String,
     pub params: usize,
     pub bytes: usize,
+    /// Weights that sat exactly on a rounding tie when quantized, where the format
+    /// records it (metadata `ties` of the grouped int-N format).
+    pub ties: Option<usize>,
 }
 
 impl LayerSummary {
@@ -82,6 +85,12 @@ impl LayerSummary {
             describe: l.weight.describe(),
             params: l.num_params(),
             bytes: l.stored_bytes(),
+            ties: l
+                .weight
+                .meta()
+                .get("ties")
+                .and_then(|t| t.as_u64())
+                .map(|t| t as usize),
         }
     }
 

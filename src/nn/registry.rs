@@ -27,6 +27,15 @@ pub const ALGORITHMS: &[(&str, ParseFn)] = &[
         algo::smoothquant::parse,
     ),
     ("awq:<scheme>[:noscale][:noclip]", algo::awq::parse),
+    (
+        "rtn-signed-max:i<b>:g<size>|ch0 (llama.cpp's scale)",
+        algo::rtn_signed_max::parse,
+    ),
+    (
+        "rtn-clip:<scheme>[:x2] (error-clipped RTN, e.g. rtn-clip:i4:sym:g64)",
+        algo::rtn_clip::parse,
+    ),
+    ("hqq:u<b>:g<size>|ch0 (e.g. hqq:u4:g64)", algo::hqq::parse),
     ("nf4|fp4[:b<block>][:dq]", algo::fourbit::parse),
     (
         "a GGML type (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k)",

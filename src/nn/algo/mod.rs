@@ -7,12 +7,15 @@ pub mod cast;
 pub mod fourbit;
 pub mod ggml;
 pub mod gptq;
+pub mod hqq;
 pub mod int8;
 pub mod keep;
 pub mod llm_int8;
 pub mod rtn;
 pub mod w8a8;
 pub mod smoothquant;
+pub mod rtn_clip;
+pub mod rtn_signed_max;
 
 use super::calib::{Calibration, Statistic};
 use super::format::WeightFormat;

@@ -2,11 +2,18 @@
 //! row or per group of input columns: the weight-only int-N format. A few activation rows
 //! are multiplied straight from the codes row by row; more rows decode the whole matrix
 //! (in parallel) for the f32 matmul.
+//!
+//! Every weight-only method writes it: RTN in its conventions (PyTorch's, llama.cpp's
+//! signed-max with a possibly negative scale, clipped ranges), GPTQ, AWQ, and HQQ, whose
+//! zero point is a real number: for that one the integer zero points are replaced by f32
+//! ones (metadata `"zero": "f32"`, tensor `weight_zero` of f32, 4 bytes a group instead of
+//! 1). The low-bit kernels build each group's values from (scale, zero) either way.
 
 use super::{keep_on_cpu, meta_str, named, StoredParts, WeightFormat};
 use crate::load::{NamedTensor, RawTensor};
 use crate::nn::kernels::lowbit::LowBit;
 use crate::nn::rows::{self, forward_rows_or_matmul, RowSource};
+use crate::quant::rtn_variants::{group_columns, tie_count, zero_points_f32};
 use crate::quant::{Granularity, Mode, QParams, QTensor, Scheme};
 use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, Device, Tensor};
@@ -18,43 +25,159 @@ pub const ID: &str = "intn";
 #[derive(Debug, Clone)]
 pub struct Grouped {
     /// The codes (read-only after construction: the kernel layout is built from them).
+    /// With [`Self::float_zero`] set, its integer zero points are not used.
     pub q: QTensor,
+    /// Real zero points, one per group, in place of `q`'s integer ones (HQQ; unsigned
+    /// affine codes only).
+    float_zero: Option<Vec<f32>>,
+    /// Weights that sat exactly on a rounding tie when quantized (`x / s + z` a half
+    /// integer; see `quant::rtn_variants::tie_count`), where the quantizer knew them.
+    ties: Option<usize>,
     /// The codes repacked for the low-bit kernels (built with the format; `None` where the
     /// layout does not fit them, e.g. groups that are not a multiple of 32 columns).
     kernel: Option<Arc<LowBit>>,
 }
 
 impl Grouped {
-    /// Round-to-nearest quantization of layer `layer`'s f32 `[out, in]` weight.
+    /// Round-to-nearest quantization of layer `layer`'s f32 `[out, in]` weight, counting
+    /// the weights that sat on a rounding tie.
     pub fn quantize(w: &Tensor, scheme: &Scheme, layer: &str) -> Result<Self> {
         scheme
             .validate_for_shape(w.dims())
             .with_context(|| format!("layer {layer} cannot use {scheme}"))?;
-        Ok(Grouped::new(crate::quant::quantize(
-            &w.to_device(&Device::Cpu)?,
-            scheme,
-        )?))
+        let w = w.to_device(&Device::Cpu)?;
+        let q = crate::quant::quantize(&w, scheme)?;
+        let ties = Self::count_ties(&w, &q.params.scale, &zero_points_f32(&q.params), scheme)?;
+        Ok(Grouped::new(q).with_ties(ties))
+    }
+
+    /// The rounding ties of `w` under a scheme's parameters (`None` where the scheme's
+    /// grouping is not along rows).
+    pub fn count_ties(
+        w: &Tensor,
+        scale: &[f32],
+        zero: &[f32],
+        scheme: &Scheme,
+    ) -> Result<Option<usize>> {
+        let (o, i) = w.dims2()?;
+        let Some(group) = group_columns(scheme.granularity, i) else {
+            return Ok(None);
+        };
+        let v = w.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Some(tie_count(&v, o, i, group, scale, zero)))
     }
 
     /// Wraps quantized codes, repacking them for the low-bit kernels where they fit.
     pub fn new(q: QTensor) -> Self {
-        let mut g = Grouped { q, kernel: None };
-        let (o, i) = g.shape();
-        let bits = g.q.scheme.bits;
-        g.kernel = g
-            .with_rows(|src| match src {
-                RowSource::Grouped {
-                    codes,
-                    signed,
-                    scale,
-                    zero,
-                    group,
-                } => LowBit::from_int(o, i, codes, *signed, bits, scale, zero, *group),
-                _ => None,
-            })
-            .flatten()
-            .map(Arc::new);
+        let mut g = Grouped {
+            q,
+            float_zero: None,
+            ties: None,
+            kernel: None,
+        };
+        g.build_kernel();
         g
+    }
+
+    /// Unsigned affine codes with a real zero point per group (HQQ).
+    pub fn with_float_zero(q: QTensor, zero: Vec<f32>) -> Result<Self> {
+        let s = &q.scheme;
+        if s.signed || s.mode != Mode::Affine {
+            bail!("real zero points need unsigned affine codes, not {s}");
+        }
+        let d = q.dims();
+        if d.len() != 2 {
+            bail!("a grouped weight is a matrix, not shape {d:?}");
+        }
+        if zero.len() != q.params.len() {
+            bail!(
+                "{} real zero points for {} groups",
+                zero.len(),
+                q.params.len()
+            );
+        }
+        crate::load::ensure_finite_values(&zero, "zero points")?;
+        let mut g = Grouped {
+            q,
+            float_zero: Some(zero),
+            ties: None,
+            kernel: None,
+        };
+        g.build_kernel();
+        Ok(g)
+    }
+
+    /// Records the tie count of the quantization that made these codes.
+    pub fn with_ties(mut self, ties: Option<usize>) -> Self {
+        self.ties = ties;
+        self
+    }
+
+    /// Weights that sat on a rounding tie when quantized, where known.
+    pub fn ties(&self) -> Option<usize> {
+        self.ties
+    }
+
+    /// Real zero points, when this weight has them.
+    pub fn float_zero(&self) -> Option<&[f32]> {
+        self.float_zero.as_deref()
+    }
+
+    fn build_kernel(&mut self) {
+        let (o, i) = self.shape();
+        let bits = self.q.scheme.bits;
+        self.kernel = match &self.float_zero {
+            None => self
+                .with_rows(|src| match src {
+                    RowSource::Grouped {
+                        codes,
+                        signed,
+                        scale,
+                        zero,
+                        group,
+                    } => LowBit::from_int(o, i, codes, *signed, bits, scale, zero, *group),
+                    _ => None,
+                })
+                .flatten(),
+            Some(z) => self.group().and_then(|group| {
+                rows::with_cpu_slice(&self.q.codes, o * i, CpuStorage::as_slice::<u8>, |codes| {
+                    LowBit::from_int_real_zero(
+                        o,
+                        i,
+                        codes,
+                        false,
+                        bits,
+                        &self.q.params.scale,
+                        z,
+                        group,
+                    )
+                })
+                .flatten()
+            }),
+        }
+        .map(Arc::new);
+    }
+
+    /// `(q − z)·s` with the real zero points, row-major (the fallback where no kernel
+    /// layout fits, e.g. groups that are not a multiple of 32 columns).
+    fn decode_float_zero(&self, zero: &[f32]) -> Result<Vec<f32>> {
+        let (o, i) = self.shape();
+        let group = self
+            .group()
+            .context("real zero points need groups along rows")?;
+        let codes = self.q.codes.flatten_all()?.to_vec1::<u8>()?;
+        let scale = &self.q.params.scale;
+        let mut out = Vec::with_capacity(o * i);
+        for (r, row) in codes.chunks(i).enumerate() {
+            for (p, &c) in row.iter().enumerate() {
+                let k = match p.checked_div(group) {
+                    None => 0,
+                    Some(g) => r * i.div_ceil(group) + g,
+                };
+                out.push((c as f32 - zero[k]) * scale[k]);
+            }
+        }
+        Ok(out)
     }
 
     /// Columns per (scale, zero point) within a row: 0 for one pair for the whole matrix.
@@ -68,7 +191,11 @@ impl Grouped {
         }
     }
 
+    /// The codes as a row source (`None` with real zero points, which it cannot carry).
     fn with_rows<R>(&self, f: impl FnOnce(&RowSource) -> R) -> Option<R> {
+        if self.float_zero.is_some() {
+            return None;
+        }
         let (o, i) = self.shape();
         let group = self.group()?;
         rows::with_cpu_slice(&self.q.codes, o * i, CpuStorage::as_slice::<u8>, |codes| {
@@ -105,6 +232,35 @@ impl Grouped {
         )?;
         let scale = parts.f32("weight_scale", groups)?;
         crate::load::ensure_finite_values(&scale, &parts.what("weight_scale"))?;
+        let ties = match meta.get("ties") {
+            None => None,
+            Some(v) => Some(v.as_u64().with_context(|| {
+                format!(
+                    "layer {}: 'ties' in the format metadata is not a count",
+                    parts.layer
+                )
+            })? as usize),
+        };
+        let real_zero = match meta.get("zero").map(|v| v.as_str()) {
+            None => false,
+            Some(Some("f32")) => true,
+            Some(other) => bail!(
+                "layer {}: unknown zero point kind {other:?} in the format metadata (this build reads \"f32\")",
+                parts.layer
+            ),
+        };
+        if real_zero {
+            let zero = parts.f32("weight_zero", groups)?;
+            crate::load::ensure_finite_values(&zero, &parts.what("weight_zero"))?;
+            let params = QParams {
+                scale,
+                zero_point: vec![0; groups],
+            };
+            let q = QTensor::from_packed(scheme, &dims, &packed, params, &Device::Cpu)?;
+            let g = Grouped::with_float_zero(q, zero)
+                .with_context(|| format!("layer {}", parts.layer))?;
+            return Ok(Arc::new(g.with_ties(ties)));
+        }
         let zero_point = if scheme.mode == Mode::Affine {
             let what = parts.what("weight_zero_point");
             parts
@@ -125,7 +281,7 @@ impl Grouped {
         };
         let params = QParams { scale, zero_point };
         let q = QTensor::from_packed(scheme, &dims, &packed, params, &Device::Cpu)?;
-        Ok(Arc::new(Grouped::new(q)))
+        Ok(Arc::new(Grouped::new(q).with_ties(ties)))
     }
 }
 
@@ -150,7 +306,10 @@ impl WeightFormat for Grouped {
     }
 
     fn describe(&self) -> String {
-        self.q.scheme.to_string()
+        match self.float_zero {
+            Some(_) => format!("{} real zero", self.q.scheme),
+            None => self.q.scheme.to_string(),
+        }
     }
 
     fn shape(&self) -> (usize, usize) {
@@ -182,6 +341,13 @@ impl WeightFormat for Grouped {
         if let Some(k) = &self.kernel {
             return Ok(Tensor::from_vec(k.decode_all(), (o, i), &Device::Cpu)?);
         }
+        if let Some(z) = &self.float_zero {
+            return Ok(Tensor::from_vec(
+                self.decode_float_zero(z)?,
+                (o, i),
+                &Device::Cpu,
+            )?);
+        }
         match self.with_rows(|src| src.decode_all(o, i)) {
             Some(v) => Ok(Tensor::from_vec(v, (o, i), &Device::Cpu)?),
             None => self.q.dequantize(),
@@ -204,7 +370,14 @@ impl WeightFormat for Grouped {
     }
 
     fn meta(&self) -> serde_json::Value {
-        serde_json::json!({ "scheme": self.q.scheme.to_string() })
+        let mut m = serde_json::json!({ "scheme": self.q.scheme.to_string() });
+        if self.float_zero.is_some() {
+            m["zero"] = "f32".into();
+        }
+        if let Some(t) = self.ties {
+            m["ties"] = t.into();
+        }
+        m
     }
 
     fn tensors(&self, prefix: &str) -> Result<Vec<NamedTensor>> {
@@ -213,7 +386,9 @@ impl WeightFormat for Grouped {
             named(prefix, "weight_packed", RawTensor::u8s(q.packed_codes()?)),
             named(prefix, "weight_scale", RawTensor::f32s(&q.params.scale)),
         ];
-        if q.scheme.mode == Mode::Affine {
+        if let Some(z) = &self.float_zero {
+            out.push(named(prefix, "weight_zero", RawTensor::f32s(z)));
+        } else if q.scheme.mode == Mode::Affine {
             // Zero points lie in the code range, so one byte holds each.
             if let Some(z) = q
                 .params
@@ -230,7 +405,14 @@ impl WeightFormat for Grouped {
     }
 
     fn stored_bytes(&self) -> usize {
-        self.q.nbytes()
+        match &self.float_zero {
+            // Codes, an f32 scale and an f32 zero per group.
+            Some(z) => {
+                crate::quant::pack::packed_len(self.q.codes.elem_count(), self.q.scheme.bits)
+                    + 4 * (self.q.params.len() + z.len())
+            }
+            None => self.q.nbytes(),
+        }
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -69,7 +69,8 @@ pub struct LowBit {
     codes: Vec<u8>,
     /// `[rows, gpr]`.
     scale: Vec<f32>,
-    /// `[rows, gpr]` unsigned zero points `z'` (integers as f32); empty for code books.
+    /// `[rows, gpr]` unsigned zero points `z'` (integers as f32, or HQQ's real ones);
+    /// empty for code books.
     zero: Vec<f32>,
     table: [f32; 16],
     /// `SplitTable` only, per chunk: the scale of lanes `split..32` and `split`.
@@ -103,6 +104,73 @@ impl LowBit {
         zero: &[i32],
         group: usize,
     ) -> Option<LowBit> {
+        let qmin: i32 = if signed {
+            -(1 << (bits.clamp(1, 8) - 1))
+        } else {
+            0
+        };
+        // Integers subtracted in i32, then exact in f32 (|z − qmin| < 2^9).
+        Self::with_zero(
+            rows,
+            cols,
+            codes,
+            signed,
+            bits,
+            scale,
+            zero.len(),
+            group,
+            |i| (zero[i] - qmin) as f32,
+        )
+    }
+
+    /// As [`Self::from_int`] with real zero points (HQQ): a weight is `(q − z)·s`, the
+    /// kernels run unchanged on `z' = z − qmin` (exact for unsigned codes, `qmin = 0`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_int_real_zero(
+        rows: usize,
+        cols: usize,
+        codes: &[u8],
+        signed: bool,
+        bits: u8,
+        scale: &[f32],
+        zero: &[f32],
+        group: usize,
+    ) -> Option<LowBit> {
+        if zero.iter().any(|z| !z.is_finite()) {
+            return None;
+        }
+        let qmin = if signed {
+            -((1i32 << (bits.clamp(1, 8) - 1)) as f32)
+        } else {
+            0.0
+        };
+        Self::with_zero(
+            rows,
+            cols,
+            codes,
+            signed,
+            bits,
+            scale,
+            zero.len(),
+            group,
+            |i| zero[i] - qmin,
+        )
+    }
+
+    /// The shared constructor: `zero_of(i)` is parameter `i`'s unsigned zero point `z'`
+    /// (called only for `i < zeros`).
+    #[allow(clippy::too_many_arguments)]
+    fn with_zero(
+        rows: usize,
+        cols: usize,
+        codes: &[u8],
+        signed: bool,
+        bits: u8,
+        scale: &[f32],
+        zeros: usize,
+        group: usize,
+        zero_of: impl Fn(usize) -> f32,
+    ) -> Option<LowBit> {
         if !(1..=8).contains(&bits) || codes.len() != rows * cols || cols == 0 {
             return None;
         }
@@ -117,7 +185,7 @@ impl LowBit {
         };
         let param = |o: usize, g: usize| if group == 0 { 0 } else { o * gpr + g };
         let needed = param(rows.max(1) - 1, gpr - 1) + 1;
-        if rows == 0 || scale.len() < needed || zero.len() < needed {
+        if rows == 0 || scale.len() < needed || zeros < needed {
             return None;
         }
         let qmin: i32 = if signed { -(1 << (bits - 1)) } else { 0 };
@@ -144,7 +212,7 @@ impl LowBit {
             for g in 0..gpr {
                 let i = param(o, g);
                 s.push(*scale.get(i)?);
-                z.push((*zero.get(i)? - qmin) as f32);
+                z.push(zero_of(i));
             }
         }
         Some(LowBit {
@@ -1291,6 +1359,63 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn real_zero_points_every_path_matches_f64() {
+        // HQQ's layout: unsigned codes, real zero points (anywhere, even outside the code
+        // range), ragged rows, every group shape the kernel takes.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(19);
+        for &bits in &[4u8, 3, 2, 8, 5] {
+            for &(rows, cols, group) in &[
+                (37usize, 100usize, 32usize),
+                (9, 200, 64),
+                (13, 256, 128),
+                (11, 77, 77),
+                (5, 45, 0),
+            ] {
+                let nmax = (1u32 << bits) - 1;
+                let codes: Vec<u8> = (0..rows * cols)
+                    .map(|_| rng.gen_range(0..=nmax) as u8)
+                    .collect();
+                let np = if group == 0 {
+                    1
+                } else if group >= cols {
+                    rows
+                } else {
+                    rows * cols.div_ceil(group)
+                };
+                let scale: Vec<f32> = (0..np).map(|_| rng.gen_range(0.001..0.1)).collect();
+                let zero: Vec<f32> = (0..np)
+                    .map(|_| rng.gen_range(-2.0..nmax as f32 + 2.0))
+                    .collect();
+                let lb = LowBit::from_int_real_zero(
+                    rows, cols, &codes, false, bits, &scale, &zero, group,
+                )
+                .expect("layout");
+                let mut w = vec![0f64; rows * cols];
+                for o in 0..rows {
+                    for p in 0..cols {
+                        let i = if group == 0 {
+                            0
+                        } else if group >= cols {
+                            o
+                        } else {
+                            o * cols.div_ceil(group) + p / group
+                        };
+                        w[o * cols + p] =
+                            ((codes[o * cols + p] as f32 - zero[i]) * scale[i]) as f64;
+                    }
+                }
+                for m in [1, 3, 17, 100] {
+                    check(&lb, &w, m, &mut rng);
+                }
+            }
+        }
+        assert!(
+            LowBit::from_int_real_zero(1, 32, &[0; 32], false, 4, &[1.0], &[f32::NAN], 32)
+                .is_none()
+        );
     }
 
     #[test]
