@@ -208,7 +208,7 @@ pub fn apply_plan_in_stages<M: CalibrateInStages>(
     model: &mut M,
     plan: &Plan,
     inputs: &[M::Input],
-    calibrate_once: impl FnOnce(&M) -> Result<()>,
+    calibrate_once: impl FnMut(&M) -> Result<()>,
 ) -> Result<Vec<LayerSummary>> {
     let sequential = model
         .linears()

@@ -12,10 +12,10 @@ pub mod int8;
 pub mod keep;
 pub mod llm_int8;
 pub mod rtn;
-pub mod w8a8;
-pub mod smoothquant;
 pub mod rtn_clip;
 pub mod rtn_signed_max;
+pub mod smoothquant;
+pub mod w8a8;
 
 use super::calib::{Calibration, Statistic};
 use super::format::WeightFormat;

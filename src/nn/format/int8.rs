@@ -314,6 +314,7 @@ impl WeightFormat for Int8 {
             ActQuant::Static { scale, zero_point } => {
                 super::InputQuant::U8Fixed { scale, zero_point }
             }
+            ActQuant::PerToken => super::InputQuant::I8PerRow,
         }
     }
 

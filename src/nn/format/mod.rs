@@ -82,6 +82,9 @@ pub enum InputQuant {
     U8PerTensor,
     /// u8 codes with a calibrated (scale, zero point).
     U8Fixed { scale: f32, zero_point: i32 },
+    /// Symmetric int8 codes per row (token): `round(x · (1/absmax) · 127)` clamped to ±127,
+    /// scale `absmax / 127` (bitsandbytes' vector-wise quantization).
+    I8PerRow,
     /// Not described: the format has no emulation on other devices.
     Unknown,
 }

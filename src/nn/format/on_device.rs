@@ -89,6 +89,16 @@ impl WeightFormat for Dequantized {
             InputQuant::None => x,
             InputQuant::Unknown => anyhow::bail!("{} cannot be emulated", self.describe()),
             InputQuant::U8Fixed { scale, zero_point } => fake_quant_u8(&x, scale, zero_point)?,
+            InputQuant::I8PerRow => {
+                let xf = x.to_dtype(DType::F32)?;
+                let absmax = xf.abs()?.max_keepdim(candle_core::D::Minus1)?;
+                // Rows of zeros keep scale 1 (codes 0), as the CPU kernel does.
+                let safe = absmax.maximum(f32::MIN_POSITIVE as f64)?;
+                let mul = (safe.recip()? * 127.0)?;
+                let codes = xf.broadcast_mul(&mul)?.round()?.clamp(-127.0, 127.0)?;
+                let scale = (safe * (1.0 / 127.0))?;
+                codes.broadcast_mul(&scale)?.to_dtype(x.dtype())?
+            }
             InputQuant::U8PerTensor => {
                 let xf = x.to_dtype(DType::F32)?.flatten_all()?;
                 let lo = xf.min(0)?.to_scalar::<f32>()?;
@@ -210,6 +220,7 @@ mod tests {
             "fp4:b32",
             "dynamic-int8",
             "static-int8",
+            "w8a8:token",
         ] {
             emulation_matches_kernel(m, 2e-4);
         }
