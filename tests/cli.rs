@@ -110,7 +110,10 @@ fn llm_commands_explain_bad_models_and_plans() {
     for bad in ["0/4", "5/4", "a/b", "1/0"] {
         let (ok, _, err) = quantlab(&["sweep", "--shard", bad]);
         assert!(!ok);
-        assert!(err.contains("--shard takes I/N") && err.contains(bad), "{err}");
+        assert!(
+            err.contains("--shard takes I/N") && err.contains(bad),
+            "{err}"
+        );
     }
     let (ok, _, err) = quantlab(&["sweep", "merge"]);
     assert!(!ok && err.contains("FILES"), "{err}");

@@ -112,10 +112,7 @@ fn two_shards_merged_equal_one_run_and_bad_sets_are_refused() {
         "{}",
         String::from_utf8_lossy(&cli.stderr)
     );
-    assert_eq!(
-        untimed(&sweep::read_rows(&out).unwrap()),
-        untimed(&whole)
-    );
+    assert_eq!(untimed(&sweep::read_rows(&out).unwrap()), untimed(&whole));
     assert!(stdout.contains("static-int8"), "{stdout}");
     assert!(d.join("merged.svg").exists());
 
@@ -130,7 +127,10 @@ fn two_shards_merged_equal_one_run_and_bad_sets_are_refused() {
     )
     .unwrap();
     let e = err(&[f1.clone(), copy.clone(), f2.clone()]);
-    assert!(e.contains("shard 1/2 given twice") && e.contains("copy.jsonl"), "{e}");
+    assert!(
+        e.contains("shard 1/2 given twice") && e.contains("copy.jsonl"),
+        "{e}"
+    );
 
     // A row in two shards.
     let twice = d.join("twice.shard-2-of-2.jsonl");
@@ -142,10 +142,20 @@ fn two_shards_merged_equal_one_run_and_bad_sets_are_refused() {
     .unwrap();
     sweep::append_row(&twice, &r1[1]).unwrap();
     let e = err(&[f1.clone(), twice.clone()]);
-    assert!(e.contains("appears twice") && e.contains(&r1[1].plan), "{e}");
+    assert!(
+        e.contains("appears twice") && e.contains(&r1[1].plan),
+        "{e}"
+    );
     // ... or twice in one file.
-    sweep::append_row(&twice, &r2[1]).unwrap();
-    let e = err(&[twice.clone(), f1.clone()]);
+    let dup = d.join("dup.shard-2-of-2.jsonl");
+    std::fs::copy(&f2, &dup).unwrap();
+    std::fs::copy(
+        sweep_shard::manifest_path(&f2),
+        sweep_shard::manifest_path(&dup),
+    )
+    .unwrap();
+    sweep::append_row(&dup, &r2[1]).unwrap();
+    let e = err(&[dup.clone(), f1.clone()]);
     assert!(e.contains("appears 2 times"), "{e}");
 
     // A shard that did not finish.
@@ -171,7 +181,10 @@ fn two_shards_merged_equal_one_run_and_bad_sets_are_refused() {
     // Shards of other sweeps: N, the configuration list, the calibration.
     let (_, g3) = sweep_shard::run(&s, "2/3".parse().unwrap()).unwrap();
     let e = err(&[f1.clone(), g3]);
-    assert!(e.contains("different sweeps") && e.contains("shard count"), "{e}");
+    assert!(
+        e.contains("different sweeps") && e.contains("shard count"),
+        "{e}"
+    );
     let other = spec(d, "other.jsonl", &["rtn", "q8_0"], 0);
     let (_, o2) = sweep_shard::run(&other, "2/2".parse().unwrap()).unwrap();
     let e = err(&[f1.clone(), o2]);

@@ -448,14 +448,7 @@ pub fn sweep_merge_report(a: &SweepMergeArgs) -> Result<Report> {
     use crate::lab::sweep_shard;
     let (m, rows) = sweep_shard::merge(&a.files)?;
     sweep_shard::write_rows(&a.out, &rows)?;
-    let mut r = sweep_table(
-        &rows,
-        m.layers,
-        &m.protocol,
-        m.max_chunks,
-        &a.out,
-        &a.plot,
-    )?;
+    let mut r = sweep_table(&rows, m.layers, &m.protocol, m.max_chunks, &a.out, &a.plot)?;
     if let Some(t) = r.tables.first_mut() {
         t.note(format!(
             "merged from {} shards of {} (text FNV-1a {})",

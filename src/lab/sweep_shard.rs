@@ -405,9 +405,6 @@ mod tests {
             manifest_path(&s.out_path(Path::new("runs/sweep.jsonl"))),
             Path::new("runs/sweep.shard-2-of-4.manifest.json")
         );
-        assert_eq!(
-            s.out_path(Path::new("out")),
-            Path::new("out.shard-2-of-4")
-        );
+        assert_eq!(s.out_path(Path::new("out")), Path::new("out.shard-2-of-4"));
     }
 }
