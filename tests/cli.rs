@@ -106,6 +106,17 @@ fn llm_commands_explain_bad_models_and_plans() {
             && err.contains("bit width 9 is out of range: use 1 to 8 bits"),
         "{err}"
     );
+    // --shard I/N: clear errors before anything is read.
+    for bad in ["0/4", "5/4", "a/b", "1/0"] {
+        let (ok, _, err) = quantlab(&["sweep", "--shard", bad]);
+        assert!(!ok);
+        assert!(
+            err.contains("--shard takes I/N") && err.contains(bad),
+            "{err}"
+        );
+    }
+    let (ok, _, err) = quantlab(&["sweep", "merge"]);
+    assert!(!ok && err.contains("FILES"), "{err}");
     let (ok, _, err) = quantlab(&["perplexity", "--strided", "1024"]);
     assert!(!ok);
     assert!(err.contains("MAX_LEN:STRIDE"), "{err}");

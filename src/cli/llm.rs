@@ -365,7 +365,11 @@ pub fn generate(a: &GenerateArgs, device: &Device) -> Result<()> {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct SweepArgs {
+    /// `sweep merge FILES...` joins shard files instead of running a sweep.
+    #[command(subcommand)]
+    pub action: Option<SweepCommand>,
     /// A .gguf file, a folder holding one, a Hugging Face folder or a cached hub id.
     #[arg(long, default_value = DEFAULT_LLM, env = "QUANTLAB_LLM")]
     pub model: String,
@@ -411,6 +415,47 @@ pub struct SweepArgs {
     /// such row records the file, its hash, the sample count, window length and seed.
     #[command(flatten)]
     pub calibration: CalibrationArgs,
+    /// Run only the I-th of N slices of the configurations (`2/4`; round-robin, each with
+    /// the f32 baseline) into `--out` with `.shard-I-of-N` before the extension, plus a
+    /// manifest beside it; join the shards with `sweep merge` (see `lab::sweep_shard`).
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum SweepCommand {
+    /// Join the JSON-lines files of `sweep --shard I/N` runs (each with its manifest) into
+    /// the table and plot of the unsharded sweep; refuses shards of different sweeps,
+    /// duplicate or missing shards, and rows present twice.
+    Merge(SweepMergeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SweepMergeArgs {
+    /// The shard files (`runs/sweep.shard-*-of-N.jsonl`), all N of them.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Where the merged rows are written (replaced).
+    #[arg(long, default_value = "runs/sweep.jsonl")]
+    pub out: PathBuf,
+    /// SVG plot of the merged sweep.
+    #[arg(long, default_value = "runs/sweep.svg")]
+    pub plot: PathBuf,
+}
+
+/// `sweep merge`: the merged rows, written to `--out`, as the table and plot of a run.
+pub fn sweep_merge_report(a: &SweepMergeArgs) -> Result<Report> {
+    use crate::lab::sweep_shard;
+    let (m, rows) = sweep_shard::merge(&a.files)?;
+    sweep_shard::write_rows(&a.out, &rows)?;
+    let mut r = sweep_table(&rows, m.layers, &m.protocol, m.max_chunks, &a.out, &a.plot)?;
+    if let Some(t) = r.tables.first_mut() {
+        t.note(format!(
+            "merged from {} shards of {} (text FNV-1a {})",
+            m.shard.count, m.text, m.text_hash
+        ));
+    }
+    Ok(r)
 }
 
 pub fn sweep_report(
@@ -420,6 +465,14 @@ pub fn sweep_report(
     progress: bool,
 ) -> Result<Report> {
     use crate::lab::sweep;
+    if let Some(SweepCommand::Merge(m)) = &a.action {
+        return sweep_merge_report(m);
+    }
+    let shard = a
+        .shard
+        .as_deref()
+        .map(str::parse::<crate::lab::sweep_shard::Shard>)
+        .transpose()?;
     let spec = sweep::SweepSpec {
         model: a.model.clone(),
         device: device.clone(),
@@ -434,10 +487,36 @@ pub fn sweep_report(
         calibration: a.calibration.source(data),
         progress,
     };
-    let rows = sweep::run(&spec)?;
+    let (rows, out, plot) = match shard {
+        None => (sweep::run(&spec)?, a.out.clone(), a.plot.clone()),
+        Some(s) => {
+            let (rows, out) = crate::lab::sweep_shard::run(&spec, s)?;
+            (rows, out, s.out_path(&a.plot))
+        }
+    };
+    sweep_table(
+        &rows,
+        spec.layers,
+        &spec.protocol.to_string(),
+        spec.max_chunks,
+        &out,
+        &plot,
+    )
+}
+
+/// The table and plot of a sweep's rows (a run, a shard or a merge).
+fn sweep_table(
+    rows: &[crate::lab::sweep::Row],
+    layers: crate::lab::sweep::Layers,
+    protocol: &str,
+    max_chunks: Option<usize>,
+    out: &Path,
+    plot_path: &Path,
+) -> Result<Report> {
+    use crate::lab::sweep;
     let mut t = Table::new(
         "sweep",
-        &format!("Perplexity against bits ({:?} layers)", a.layers),
+        &format!("Perplexity against bits ({layers:?} layers)"),
         &[
             "family",
             "bits",
@@ -454,7 +533,7 @@ pub fn sweep_report(
         Some(x) => Cell::f(x * scale, d),
         None => Cell::Missing,
     };
-    for r in &rows {
+    for r in rows {
         t.push(vec![
             r.family.clone().into(),
             (r.bits as usize).into(),
@@ -469,12 +548,12 @@ pub fn sweep_report(
     }
     t.note(format!(
         "protocol: {}{}; rows appended to {} (re-running resumes)",
-        spec.protocol,
-        match spec.max_chunks {
+        protocol,
+        match max_chunks {
             Some(n) => format!(", first {n} chunks"),
             None => String::new(),
         },
-        a.out.display()
+        out.display()
     ));
     let mut calibrations: Vec<&sweep::CalibrationRecord> = Vec::new();
     for c in rows.iter().filter_map(|r| r.calibration.as_ref()) {
@@ -497,7 +576,7 @@ pub fn sweep_report(
         }
     }
     let plot = crate::report::plot::LinePlot {
-        title: format!("Perplexity vs bits per weight ({:?} layers)", a.layers),
+        title: format!("Perplexity vs bits per weight ({layers:?} layers)"),
         x_label: "bits per weight (quantized layers)".into(),
         y_label: "perplexity (log scale)".into(),
         series: families
@@ -517,8 +596,8 @@ pub fn sweep_report(
             .map(|r| (r.perplexity, format!("f32 ({:.3})", r.perplexity))),
         log_y: true,
     };
-    plot.write_svg(&a.plot)?;
-    t.note(format!("plot: {}", a.plot.display()));
+    plot.write_svg(plot_path)?;
+    t.note(format!("plot: {}", plot_path.display()));
     Ok(Report {
         tables: vec![t],
         notes: vec![],

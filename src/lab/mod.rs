@@ -8,6 +8,7 @@ pub mod marian;
 pub mod mnist;
 pub mod smollm;
 pub mod sweep;
+pub mod sweep_shard;
 
 /// A tensor's values as rows of f64 (for reports and comparisons).
 pub fn rows_f64(t: &candle_core::Tensor) -> anyhow::Result<Vec<Vec<f64>>> {

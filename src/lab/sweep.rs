@@ -47,6 +47,17 @@ pub struct Config {
     pub method: String,
 }
 
+impl Config {
+    /// The plan this configuration runs with on `layers` (the baseline keeps everything).
+    pub fn plan(&self, layers: Layers) -> String {
+        if self.method == "keep" {
+            "keep".to_string()
+        } else {
+            layers.plan(&self.method)
+        }
+    }
+}
+
 /// One grouping of `--groups`: `ch` (one scale per output row) or a group size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grouping {
@@ -314,7 +325,7 @@ impl CalibrationRecord {
 }
 
 /// FNV-1a, 64 bits.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325, |h, &b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
     })
@@ -422,11 +433,7 @@ pub fn run(spec: &SweepSpec) -> Result<Vec<Row>> {
     // Resolved (and the text hashed) at the first configuration that calibrates.
     let mut calib: Option<(CalibrationSpec, CalibrationRecord)> = None;
     for (i, c) in spec.configs.iter().enumerate() {
-        let plan = if c.method == "keep" {
-            "keep".to_string()
-        } else {
-            spec.layers.plan(&c.method)
-        };
+        let plan = c.plan(spec.layers);
         let parsed: crate::nn::Plan = plan
             .parse()
             .with_context(|| format!("sweep plan '{plan}'"))?;
