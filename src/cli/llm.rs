@@ -131,6 +131,18 @@ impl ModelArgs {
     }
 }
 
+/// `text` if given, else WikiText-2 test from the data folder (the default text every LLM
+/// command and lab scores).
+pub fn text_or_wikitext_test(text: Option<PathBuf>, data: Option<&Path>) -> Result<PathBuf> {
+    match text {
+        Some(p) => Ok(p),
+        None => DataDir::resolve(data)?.require(
+            "wikitext-2/test.txt",
+            "WikiText-2 is expected in the shared data folder; pass --text FILE to score another text",
+        ),
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct TextArgs {
     /// Text file to score (read whole). Default: WikiText-2 test from the data folder.
@@ -181,13 +193,7 @@ impl TextArgs {
     }
 
     pub fn text_path(&self, data: Option<&Path>) -> Result<PathBuf> {
-        match &self.text {
-            Some(p) => Ok(p.clone()),
-            None => DataDir::resolve(data)?.require(
-                "wikitext-2/test.txt",
-                "WikiText-2 is expected in the shared data folder; pass --text FILE to score another text",
-            ),
-        }
+        text_or_wikitext_test(self.text.clone(), data)
     }
 }
 

@@ -345,11 +345,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 crate::lab::mnist::report(&lab, &cfg, n)
             }
             LabCommand::Smollm(a) => {
-                let text = match a.text {
-                    Some(t) => t,
-                    None => DataDir::resolve(cli.data_dir.as_deref())?
-                        .require("wikitext-2/test.txt", "pass --text FILE")?,
-                };
+                let text = llm::text_or_wikitext_test(a.text, cli.data_dir.as_deref())?;
                 crate::lab::smollm::run(&crate::lab::smollm::SmollmLabConfig {
                     model: a.model,
                     text,
@@ -362,11 +358,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 })?
             }
             LabCommand::Bnb(a) => {
-                let text = match a.text {
-                    Some(t) => t,
-                    None => DataDir::resolve(cli.data_dir.as_deref())?
-                        .require("wikitext-2/test.txt", "pass --text FILE")?,
-                };
+                let text = llm::text_or_wikitext_test(a.text, cli.data_dir.as_deref())?;
                 crate::lab::bnb::run(&crate::lab::bnb::BnbLabConfig {
                     model: a.model,
                     text,
@@ -382,10 +374,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             LabCommand::Gptq(a) => {
                 let data = || DataDir::resolve(cli.data_dir.as_deref());
-                let text = match a.text {
-                    Some(t) => t,
-                    None => data()?.require("wikitext-2/test.txt", "pass --text FILE")?,
-                };
+                let text = llm::text_or_wikitext_test(a.text, cli.data_dir.as_deref())?;
                 let calib = match a.calibration {
                     Some(t) => t,
                     None => data()?.require(

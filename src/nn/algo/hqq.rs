@@ -8,7 +8,7 @@ use crate::nn::format::grouped::Grouped;
 use crate::nn::format::WeightFormat;
 use crate::quant::hqq::{self, HqqParams};
 use crate::quant::rtn_variants::{group_columns, tie_count};
-use crate::quant::{Convention, Granularity, Mode, QParams, QTensor, Scheme};
+use crate::quant::{Mode, QParams, QTensor, Scheme};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use std::sync::Arc;
@@ -34,15 +34,7 @@ fn parse_scheme(rest: &str) -> Result<Scheme> {
     if sc.signed {
         bail!("HQQ's codes are unsigned: {help}");
     }
-    if sc.reduce_range || sc.convention != Convention::Pytorch {
-        bail!("HQQ takes no ':reduce' or ':handout': {help}");
-    }
-    if !matches!(
-        sc.granularity,
-        Granularity::PerGroup { .. } | Granularity::PerChannel { axis: 0 }
-    ) {
-        bail!("HQQ has one (scale, zero) per group or per output row: {help}");
-    }
+    super::ensure_row_grouped(&sc, "HQQ", help)?;
     Ok(sc.affine())
 }
 

@@ -42,6 +42,23 @@ impl LayerInput<'_> {
     }
 }
 
+/// Checks a scheme a row-grouped weight-only method can produce: PyTorch's convention
+/// without `reduce_range`, and one set of parameters per group or per output row.
+/// `method` names the method in the errors, `help` says how to spell it.
+pub fn ensure_row_grouped(sc: &crate::quant::Scheme, method: &str, help: &str) -> Result<()> {
+    use crate::quant::{Convention, Granularity};
+    if sc.reduce_range || sc.convention != Convention::Pytorch {
+        anyhow::bail!("{method} takes no ':reduce' or ':handout': {help}");
+    }
+    if !matches!(
+        sc.granularity,
+        Granularity::PerGroup { .. } | Granularity::PerChannel { axis: 0 }
+    ) {
+        anyhow::bail!("{method} has its parameters per group or per output row: {help}");
+    }
+    Ok(())
+}
+
 pub trait Algorithm: Debug + Send + Sync {
     /// The plan spelling, which the registry parses back to an equal algorithm.
     fn spec(&self) -> String;

@@ -9,7 +9,7 @@ use super::{Algorithm, LayerInput};
 use crate::nn::format::grouped::Grouped;
 use crate::nn::format::WeightFormat;
 use crate::quant::rtn_variants::{group_columns, signed_max, tie_count};
-use crate::quant::{Convention, Granularity, Mode, QTensor, Scheme};
+use crate::quant::{Mode, QTensor, Scheme};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use std::sync::Arc;
@@ -35,15 +35,7 @@ fn parse_scheme(rest: &str) -> Result<Scheme> {
     if !sc.signed || sc.bits < 2 {
         bail!("signed-max needs signed codes of 2 to 8 bits: {help}");
     }
-    if sc.reduce_range || sc.convention != Convention::Pytorch {
-        bail!("signed-max takes no ':reduce' or ':handout': {help}");
-    }
-    if !matches!(
-        sc.granularity,
-        Granularity::PerGroup { .. } | Granularity::PerChannel { axis: 0 }
-    ) {
-        bail!("signed-max has one scale per group or per output row: {help}");
-    }
+    super::ensure_row_grouped(&sc, "signed-max", help)?;
     Ok(sc.symmetric())
 }
 

@@ -173,13 +173,10 @@ mod tests {
         let w = randn(&[24, 96], 7).unwrap();
         let dense: Arc<dyn WeightFormat> = Arc::new(Dense::new(w).unwrap());
         let alg = crate::nn::registry::parse_algorithm(method).unwrap();
-        let mut needs_range = None;
-        for s in alg.needs() {
-            needs_range = Some(s);
-        }
         let x = randn(&[5, 96], 8).unwrap();
-        let calibration = needs_range.map(|s| {
-            let mut c = crate::nn::calib::Collector::new(&[s], 96);
+        let needs = alg.needs();
+        let calibration = (!needs.is_empty()).then(|| {
+            let mut c = crate::nn::calib::Collector::new(&needs, 96);
             c.observe(&x).unwrap();
             c.finish().unwrap()
         });
