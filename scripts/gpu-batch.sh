@@ -10,6 +10,9 @@
 #   scripts/gpu-batch.sh hf         # transformers bf16/f32 on the same text
 #   scripts/gpu-batch.sh agree      # CPU/CUDA agreement tests, Marian translations, MNIST on CPU
 #   scripts/gpu-batch.sh profile    # time per forward section (QUANTLAB_PROFILE=1)
+#   scripts/gpu-batch.sh bnb        # bitsandbytes' own LLM.int8()/NF4/FP4 on the whole model
+#   scripts/gpu-batch.sh sweep      # the weight-only method sweep (8/4/3/2 bits, g64/g128, KL);
+#                                   # resumable: call again until it prints "sweep done"
 set -uo pipefail
 Q=/tmp/ql
 QL=$Q/bin/quantlab
@@ -18,7 +21,14 @@ export QUANTLAB_DATA=$Q/data
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 LOG=$OUT/log-$1.txt
-run() { echo "+ $*" | tee -a "$LOG"; local t=$SECONDS; "$@" 2>&1 | tee -a "$LOG"; echo "  ($((SECONDS - t)) s)" | tee -a "$LOG"; }
+run() {
+  echo "+ $*" | tee -a "$LOG"
+  local t=$SECONDS rc
+  "$@" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  echo "  ($((SECONDS - t)) s, exit $rc)" | tee -a "$LOG"
+  return "$rc"
+}
 ppl() { run $QL --quiet --format json --device "$1" --dtype "$2" perplexity --model "$M" "${@:3}"; }
 FORMATS=("keep" "lm_head=keep;*=w:i8:sym" "lm_head=keep;*=w:i4:sym:g64" "lm_head=keep;*=nf4" \
   "lm_head=keep;*=fp4" "lm_head=keep;*=dynamic-int8" "lm_head=keep;*=q8_0" "lm_head=keep;*=q4_0" \
@@ -74,6 +84,19 @@ case "$1" in
     for d in bf16 f32; do
       run env QUANTLAB_PROFILE=1 $QL --quiet --device cuda --dtype $d perplexity --model "$M" --batch 32 --max-chunks 128
     done
+    ;;
+  bnb)
+    export PYTHONPATH=/tmp/site:$PWD/scripts
+    run python3 scripts/bnb_gpu_perplexity.py --gguf "$M" --text $Q/data/wikitext-2/test.txt \
+      --out "$OUT/bnb.jsonl"
+    ;;
+  sweep)
+    mkdir -p $Q/runs
+    run timeout "${SWEEP_SECONDS:-540}" $QL --quiet --format json --device cuda --dtype f32 sweep \
+      --model "$M" --methods rtn,rtn-signed-max,rtn-clip,gptq,awq,hqq --bits 8,4,3,2 \
+      --groups 64,128 --max-chunks 8 --kl --batch 8 --out $Q/runs/sweep.jsonl \
+      --plot $Q/runs/sweep.svg > "$OUT/sweep-table.jsonl" && echo "sweep done" | tee -a "$LOG"
+    cp $Q/runs/sweep.* "$OUT/" 2>/dev/null || true
     ;;
   *) echo "unknown batch '$1'" >&2; exit 2 ;;
 esac
