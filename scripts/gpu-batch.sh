@@ -92,11 +92,13 @@ case "$1" in
     ;;
   sweep)
     mkdir -p $Q/runs
-    run timeout "${SWEEP_SECONDS:-540}" $QL --quiet --format json --device cuda --dtype f32 sweep \
-      --model "$M" --methods rtn,rtn-signed-max,rtn-clip,gptq,awq,hqq --bits 8,4,3,2 \
-      --groups 64,128 --max-chunks 8 --kl --batch 8 --out $Q/runs/sweep.jsonl \
-      --plot $Q/runs/sweep.svg > "$OUT/sweep-table.jsonl" && echo "sweep done" | tee -a "$LOG"
-    cp $Q/runs/sweep.* "$OUT/" 2>/dev/null || true
+    # Sequential calibration (GPTQ, AWQ) runs on the CPU: SWEEP_DEVICE=cpu uses the 16 cores.
+    d=${SWEEP_DEVICE:-cuda}
+    run timeout "${SWEEP_SECONDS:-540}" $QL --quiet --format json --device $d --dtype f32 sweep \
+      --model "$M" --methods "${SWEEP_METHODS:-rtn,rtn-signed-max,rtn-clip,gptq,awq,hqq}" \
+      --bits 8,4,3,2 --groups 64,128 --max-chunks 8 --kl --batch 8 --out $Q/runs/sweep-$d.jsonl \
+      --plot $Q/runs/sweep-$d.svg > "$OUT/sweep-table-$d.jsonl" && echo "sweep done" | tee -a "$LOG"
+    cp $Q/runs/sweep-$d.* "$OUT/" 2>/dev/null || true
     ;;
   *) echo "unknown batch '$1'" >&2; exit 2 ;;
 esac
