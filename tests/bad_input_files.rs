@@ -331,7 +331,7 @@ fn degenerate_inputs_are_refused_with_the_minimum() {
         d.join("data/lab/ex1_inputs.json"),
         format!(
             "{{\"randn_4x4\": [{row4}, {row4}, {row4}], \"randn_8x8\": [{}]}}",
-            vec![row8; 8].join(", ")
+            [row8; 8].join(", ")
         ),
     )
     .unwrap();

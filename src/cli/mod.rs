@@ -345,6 +345,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 crate::lab::mnist::report(&lab, &cfg, n)
             }
             LabCommand::Smollm(a) => {
+                at_least("--max-chunks", a.max_chunks, 1)?;
+                at_least("--last-word-examples", a.last_word_examples, 1)?;
+                at_least("--decode-tokens", a.decode_tokens, 1)?;
                 let text = llm::text_or_wikitext_test(a.text, cli.data_dir.as_deref())?;
                 crate::lab::smollm::run(&crate::lab::smollm::SmollmLabConfig {
                     model: a.model,
@@ -358,6 +361,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 })?
             }
             LabCommand::Bnb(a) => {
+                at_least("--max-chunks", a.max_chunks, 1)?;
+                at_least("--prompt-tokens", a.prompt_tokens, 1)?;
+                at_least("--gen-tokens", a.gen_tokens, 1)?;
+                at_least("--reps", a.reps, 1)?;
                 let text = llm::text_or_wikitext_test(a.text, cli.data_dir.as_deref())?;
                 crate::lab::bnb::run(&crate::lab::bnb::BnbLabConfig {
                     model: a.model,
@@ -373,6 +380,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 })?
             }
             LabCommand::Gptq(a) => {
+                at_least("--last-word-examples", a.last_word_examples, 1)?;
+                at_least("--decode-tokens", a.decode_tokens, 1)?;
+                at_least("--group", a.group, 1)?;
+                at_least("--bits (widths given)", a.bits.len(), 1)?;
                 let data = || DataDir::resolve(cli.data_dir.as_deref());
                 let text = llm::text_or_wikitext_test(a.text, cli.data_dir.as_deref())?;
                 let calib = match a.calibration {
@@ -437,6 +448,14 @@ pub fn run(cli: Cli) -> Result<()> {
     let mut report = report;
     report.fill_provenance(&crate::report::Provenance::here(&device));
     print!("{}", report.render(cli.format.into()));
+    Ok(())
+}
+
+/// Refuses a count below `min` (a run over nothing reports numbers that mean nothing).
+fn at_least(flag: &str, value: usize, min: usize) -> Result<()> {
+    if value < min {
+        bail!("{flag} {value} is too few: give at least {min}");
+    }
     Ok(())
 }
 

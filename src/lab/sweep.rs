@@ -492,7 +492,7 @@ fn check_key(out: &Path, existing: &[Row], key: &RunKey) -> Result<()> {
                 out.display(),
                 i + 1
             ),
-            Some(k) if k != key => bail!(
+            Some(k) if !k.differences(key).is_empty() => bail!(
                 "{} holds rows measured under other conditions than this run ({}); its rows cannot be mixed with this run's: {FRESH_HINT}",
                 out.display(),
                 k.differences(key).join("; ")
@@ -828,7 +828,7 @@ mod tests {
         other.protocol = "q".into();
         let e = check_key(out, &[r], &other).unwrap_err().to_string();
         assert!(
-            e.contains("text sha256: aa → bb") && e.contains("protocol: p → q"),
+            e.contains("text sha256 (t.txt → t.txt): aa → bb") && e.contains("protocol: p → q"),
             "{e}"
         );
         assert!(

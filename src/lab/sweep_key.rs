@@ -46,7 +46,9 @@ pub struct RunKey {
 
 impl RunKey {
     /// The fields in which `self` (a file's rows) and `now` (this run) differ, each as
-    /// `name: file value → this run's value`.
+    /// `name: file value → this run's value`. How the model and text were named (`model`,
+    /// `text`) is recorded but not compared: the same files named by another path give
+    /// the same numbers, and the model's files and the text's hash are compared instead.
     pub fn differences(&self, now: &RunKey) -> Vec<String> {
         let mut out = Vec::new();
         let mut cmp = |name: &str, a: String, b: String| {
@@ -54,16 +56,14 @@ impl RunKey {
                 out.push(format!("{name}: {a} → {b}"));
             }
         };
-        cmp("model", self.model.clone(), now.model.clone());
         cmp(
             "model files",
             self.model_files.clone(),
             now.model_files.clone(),
         );
         cmp("--load-as", self.load_as.clone(), now.load_as.clone());
-        cmp("text", self.text.clone(), now.text.clone());
         cmp(
-            "text sha256",
+            format!("text sha256 ({} → {})", self.text, now.text).as_str(),
             self.text_sha256.clone(),
             now.text_sha256.clone(),
         );

@@ -153,7 +153,8 @@ impl Manifest {
         })
     }
 
-    /// The key fields that must agree between shards (not where files lie, nor the device).
+    /// The key fields that must agree between shards (not where files lie, nor the device;
+    /// the model as named on the command line must agree).
     fn merge_key(k: &RunKey) -> RunKey {
         RunKey {
             model_files: String::new(),
@@ -165,7 +166,10 @@ impl Manifest {
 
     /// The first field in which two shards' sweeps differ (the shard index aside).
     fn differs_from(&self, other: &Manifest) -> Option<String> {
-        let diffs = Self::merge_key(&self.key).differences(&Self::merge_key(&other.key));
+        let mut diffs = Self::merge_key(&self.key).differences(&Self::merge_key(&other.key));
+        if self.key.model != other.key.model {
+            diffs.push(format!("model: {} → {}", self.key.model, other.key.model));
+        }
         if !diffs.is_empty() {
             Some(diffs.join("; "))
         } else if self.shard.count != other.shard.count {
@@ -189,10 +193,12 @@ impl Manifest {
 
     /// Whether `row` is this sweep's measurement of `entry`.
     fn matches(&self, entry: &Entry, row: &Row) -> bool {
-        row.key
-            .as_ref()
-            .is_some_and(|k| Self::merge_key(k) == Self::merge_key(&self.key))
-            && row.plan == entry.plan
+        row.key.as_ref().is_some_and(|k| {
+            k.model == self.key.model
+                && Self::merge_key(k)
+                    .differences(&Self::merge_key(&self.key))
+                    .is_empty()
+        }) && row.plan == entry.plan
             && row.calibration == entry.calibration
     }
 }
