@@ -223,10 +223,29 @@ fn failed_writes_name_the_path_and_leave_nothing_behind() {
         let r = quantlab(d, &sweep_args(&m, a, "s.jsonl", "/dev/full"), None);
         refused(&r, &["/dev/full", "No space left on device"]);
     }
-    // The rows file itself under a file: nothing measured, nothing written.
+    // The rows file itself under a file, or a directory: nothing measured or written.
     let before = listing(d);
     let r = quantlab(d, &sweep_args(&m, a, "a_file/s.jsonl", "s2.svg"), None);
     refused(&r, &["a_file"]);
+    let r = quantlab(d, &sweep_args(&m, a, "a_dir", "s2.svg"), None);
+    refused(&r, &["a_dir", "directory"]);
+    // Checkpoints: into an existing folder, or below a file.
+    for (out, why) in [("a_dir", "already exists"), ("a_file/q", "a_file")] {
+        let r = quantlab(
+            d,
+            &[
+                "quantize",
+                "--model",
+                &m,
+                "--plan",
+                "*=w:i8:sym:ch0",
+                "--out",
+                out,
+            ],
+            None,
+        );
+        refused(&r, &[out, why]);
+    }
     assert_eq!(listing(d), before);
 }
 

@@ -253,6 +253,9 @@ pub fn perplexity_report(
     progress: bool,
 ) -> Result<Report> {
     let protocol = a.text.protocol()?;
+    if let Some(out) = &a.save_logprobs {
+        crate::quant::io::check_target(out)?;
+    }
     let path = a.text.text_path(data)?;
     let text = lm::read_text(&path)?;
     let p = a.model.prepare(data, device)?;
@@ -553,6 +556,12 @@ pub fn sweep_report(
         calibration: a.calibration.source(data),
         progress,
     };
+    let out_path = match shard {
+        None => a.out.clone(),
+        Some(s) => s.out_path(&a.out),
+    };
+    crate::quant::io::check_target(&out_path)?;
+    crate::quant::io::check_target(&a.plot)?;
     if a.fresh {
         sweep::start_fresh(&match shard {
             None => a.out.clone(),

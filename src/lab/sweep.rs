@@ -331,14 +331,17 @@ struct Parsed {
 /// that does not parse is a torn write (resuming truncates it); any other line that is
 /// not a row is refused, naming file:line and the fix. Blank lines are skipped.
 fn parse_rows(path: &Path) -> Result<Option<Parsed>> {
+    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        bail!(
+            "{} is a directory, not a sweep file: give a file name (--out runs/sweep.jsonl)",
+            path.display()
+        );
+    }
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
-        bail!("{} is a directory, not a sweep file", path.display());
-    }
     let mut rows = Vec::new();
     let mut torn_at = None;
     let mut start = 0usize;

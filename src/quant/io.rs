@@ -82,6 +82,33 @@ pub fn write_atomically_with(
     result
 }
 
+/// Refuses, before any work, an output path that [`write_atomically_with`] would refuse
+/// at the end: a directory, or one below a file. (Disk space cannot be checked ahead.)
+pub fn check_target(path: &Path) -> Result<()> {
+    if path.as_os_str().is_empty() {
+        bail!("empty output file name");
+    }
+    if path.is_dir() {
+        bail!(
+            "cannot write {}: it is a directory (give a file name inside it)",
+            path.display()
+        );
+    }
+    let mut cur = path.parent();
+    while let Some(d) = cur.filter(|d| !d.as_os_str().is_empty()) {
+        match std::fs::metadata(d) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => bail!(
+                "cannot write {}: {} exists and is not a folder",
+                path.display(),
+                d.display()
+            ),
+            Err(_) => cur = d.parent(),
+        }
+    }
+    Ok(())
+}
+
 /// Writes straight into a device or pipe (no rename possible).
 fn write_in_place(
     path: &Path,
