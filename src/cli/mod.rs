@@ -413,7 +413,10 @@ pub fn run(cli: Cli) -> Result<()> {
                     device: device.clone(),
                 })?
             }
-            LabCommand::Marian(a) => marian_lab(a, cli.data_dir.as_deref(), &device, progress)?,
+            LabCommand::Marian(a) => {
+                at_least("--latency-sentences", a.latency_sentences, 1)?;
+                marian_lab(a, cli.data_dir.as_deref(), &device, progress)?
+            }
         },
         Command::Quantize(args) => match (&args.model, &args.plan, &args.out) {
             (Some(m), Some(p), Some(o)) => checkpoint::quantize_model(
@@ -641,6 +644,11 @@ fn quantize_report(args: &QuantizeArgs) -> Result<Report> {
             Cell::f(e.mse, 9),
             Cell::f(e.sqnr_db, 2),
         ]);
+    }
+    if args.input.is_none() {
+        let mut p = crate::report::Provenance::here(&Device::Cpu);
+        p.seed = Some(args.seed);
+        t.provenance = Some(p);
     }
     t.note(format!(
         "bytes: as a quantized layer stores them: packed codes plus parameters (uniform: f32 scale per group, plus a one-byte zero point when affine; {}: f32 absmax per block, or 8-bit codes + f32 per 256 with double quant).",
