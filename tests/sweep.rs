@@ -1,5 +1,6 @@
 //! `sweep` with a calibrated method on the tiny Llama fixture: the row records its
-//! calibration data, and a resume with other calibration data measures it again.
+//! calibration data, and a resume with other calibration data is refused (a sweep file
+//! holds one sweep) until `--fresh` or another `--out`.
 
 use candle_core::Device;
 use quantlab::arch::llama::LoadAs;
@@ -8,7 +9,7 @@ use quantlab::lab::sweep;
 use std::path::PathBuf;
 
 #[test]
-fn calibrated_rows_record_their_data_and_are_not_reused_on_other_data() {
+fn calibrated_rows_record_their_data_and_are_not_mixed_with_other_data() {
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama-tiny");
     let dir = tempfile::tempdir().unwrap();
     let text = dir.path().join("text.txt");
@@ -59,14 +60,24 @@ fn calibrated_rows_record_their_data_and_are_not_reused_on_other_data() {
     assert_eq!(methods, ["keep", "static-int8", "rtn-signed-max:i4:g32"]);
     let c = rows[1].calibration.as_ref().expect("calibration recorded");
     assert_eq!((c.samples, c.seqlen, c.seed), (3, 16, 0));
-    assert_eq!(c.text_hash.len(), 16);
+    assert_eq!(c.text_hash.len(), 64, "sha256");
     assert!(rows[0].calibration.is_none() && rows[2].calibration.is_none());
     assert!(rows[2].mean_kl.unwrap() > 0.0);
-    // Same data: nothing new. Another seed: only the calibrated row runs again.
+    let p = rows[1].provenance.as_ref().expect("provenance recorded");
+    assert_eq!(p.calibration.as_ref(), Some(c));
+    assert!(p.tokenizer.as_ref().unwrap().contains("ids sha256"));
+    // Same data: nothing new. Another seed: refused, naming what differs.
     assert_eq!(sweep::run(&spec(0)).unwrap(), rows);
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 3);
+    let e = format!("{:#}", sweep::run(&spec(1)).unwrap_err());
+    assert!(
+        e.contains("calibrated on other data") && e.contains("seed 1") && e.contains("--fresh"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 3);
+    sweep::start_fresh(&out).unwrap();
     let again = sweep::run(&spec(1)).unwrap();
     assert_eq!(again[1].calibration.as_ref().unwrap().seed, 1);
-    assert_eq!(again[2], rows[2]);
-    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 4);
+    assert_eq!(again[2].perplexity, rows[2].perplexity);
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 3);
 }

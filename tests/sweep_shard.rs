@@ -197,14 +197,14 @@ fn two_shards_merged_equal_one_run_and_bad_sets_are_refused() {
     let mut edited: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(sweep_shard::manifest_path(&f2)).unwrap())
             .unwrap();
-    edited["text_hash"] = "0000000000000000".into();
+    edited["key"]["text_sha256"] = "0000000000000000".into();
     std::fs::write(
         sweep_shard::manifest_path(&f2),
         serde_json::to_string(&edited).unwrap(),
     )
     .unwrap();
     let e = err(&[f1.clone(), f2.clone()]);
-    assert!(e.contains("evaluation text"), "{e}");
+    assert!(e.contains("text sha256"), "{e}");
     // A file without a manifest.
     let e = err(&[d.join("whole.jsonl")]);
     assert!(e.contains("manifest"), "{e}");

@@ -55,6 +55,7 @@ pub fn quantize_model(
             out.display()
         );
     }
+    crate::quant::io::check_target(out)?;
     let to_gguf = out.extension().is_some_and(|e| e == "gguf");
     if to_gguf && (model::kind_of(spec)? != Kind::Llm || model::gguf_path(spec)?.is_none()) {
         bail!(

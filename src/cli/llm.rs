@@ -169,6 +169,12 @@ pub struct TextArgs {
 
 impl TextArgs {
     pub fn protocol(&self) -> Result<Protocol> {
+        if self.max_chunks == Some(0) {
+            bail!("--max-chunks 0 scores nothing: give at least 1 (or drop it to score the whole text)");
+        }
+        if self.batch == 0 {
+            bail!("--batch must be at least 1");
+        }
         Ok(match &self.strided {
             None => Protocol::LlamaCpp {
                 ctx: self.ctx,
@@ -247,6 +253,9 @@ pub fn perplexity_report(
     progress: bool,
 ) -> Result<Report> {
     let protocol = a.text.protocol()?;
+    if let Some(out) = &a.save_logprobs {
+        crate::quant::io::check_target(out)?;
+    }
     let path = a.text.text_path(data)?;
     let text = lm::read_text(&path)?;
     let p = a.model.prepare(data, device)?;
@@ -308,6 +317,7 @@ pub fn perplexity_report(
         ids.len()
     ));
     t.note(reference_note(&p));
+    t.provenance = Some(llm_provenance(&p, &path, &ids, &protocol, &a.model, data)?);
     if let KlMode::Save(f, k) = &mode {
         t.note(format!(
             "base log-probs (top {k}) written to {}",
@@ -318,6 +328,31 @@ pub fn perplexity_report(
         tables: vec![t],
         notes: vec![],
     })
+}
+
+/// The provenance of an LLM measurement: this process, the text and its hash, the
+/// tokenizer (with the hash of the ids it gave), the protocol and any calibration.
+pub fn llm_provenance(
+    p: &PreparedLlm,
+    text: &Path,
+    ids: &[u32],
+    protocol: &Protocol,
+    model: &ModelArgs,
+    data: Option<&Path>,
+) -> Result<crate::report::Provenance> {
+    use crate::report::provenance::{self, CalibrationRecord, DataFile};
+    let mut prov = crate::report::Provenance::here(&p.llm.model.device);
+    prov.dtype = Some(crate::device::dtype_name(p.llm.model.dtype()).into());
+    prov.dataset = Some(DataFile::of(text)?);
+    prov.tokenizer = Some(provenance::tokenizer_id(&p.llm.tokenizer, ids));
+    prov.protocol = Some(protocol.to_string());
+    let plan: Option<crate::nn::Plan> = model.plan.as_deref().and_then(|p| p.parse().ok());
+    if plan.as_ref().is_some_and(crate::nn::plan_needs_calibration) {
+        let spec = model.calibration.source(data).text_spec()?;
+        prov.seed = Some(spec.seed);
+        prov.calibration = Some(CalibrationRecord::of(&spec)?);
+    }
+    Ok(prov)
 }
 
 #[derive(clap::Args, Debug)]
@@ -338,9 +373,10 @@ pub fn generate(a: &GenerateArgs, device: &Device) -> Result<()> {
     let prompt = match &a.prompt {
         Some(p) => p.clone(),
         None => {
-            let mut s = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
-            s
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
+                .context("reading the prompt from stdin")?;
+            utf8_lines("stdin", bytes)?
         }
     };
     let p = a.model.prepare(None, device)?;
@@ -368,6 +404,19 @@ pub fn generate(a: &GenerateArgs, device: &Device) -> Result<()> {
         crate::nn::kernels::isa::describe()
     );
     Ok(())
+}
+
+/// `bytes` as text, or an error naming the first line that is not valid UTF-8.
+pub fn utf8_lines(what: &str, bytes: Vec<u8>) -> Result<String> {
+    String::from_utf8(bytes).map_err(|e| {
+        let good = e.utf8_error().valid_up_to();
+        let bytes = e.as_bytes();
+        let line = 1 + bytes[..good].iter().filter(|&&b| b == b'\n').count();
+        anyhow::anyhow!(
+            "{what} line {line} is not valid UTF-8 (byte {} of the line); convert the text to UTF-8 first (e.g. iconv -f latin1 -t utf-8)",
+            good - bytes[..good].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1
+        )
+    })
 }
 
 #[derive(clap::Args, Debug)]
@@ -426,6 +475,11 @@ pub struct SweepArgs {
     /// manifest beside it; join the shards with `sweep merge` (see `lab::sweep_shard`).
     #[arg(long, value_name = "I/N")]
     pub shard: Option<String>,
+    /// Start over: remove `--out` (its rows, stored KL base and shard manifest) before
+    /// running. Without it a sweep resumes, and refuses a file measured under other
+    /// conditions (text, protocol, model, calibration...).
+    #[arg(long)]
+    pub fresh: bool,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -454,11 +508,20 @@ pub fn sweep_merge_report(a: &SweepMergeArgs) -> Result<Report> {
     use crate::lab::sweep_shard;
     let (m, rows) = sweep_shard::merge(&a.files)?;
     sweep_shard::write_rows(&a.out, &rows)?;
-    let mut r = sweep_table(&rows, m.layers, &m.protocol, m.max_chunks, &a.out, &a.plot)?;
+    let mut r = sweep_table(
+        &rows,
+        m.key.layers,
+        &m.key.protocol,
+        m.key.max_chunks,
+        &a.out,
+        &a.plot,
+    )?;
     if let Some(t) = r.tables.first_mut() {
         t.note(format!(
-            "merged from {} shards of {} (text FNV-1a {})",
-            m.shard.count, m.text, m.text_hash
+            "merged from {} shards of {} (text sha256 {})",
+            m.shard.count,
+            m.key.text,
+            &m.key.text_sha256[..16]
         ));
     }
     Ok(r)
@@ -493,6 +556,18 @@ pub fn sweep_report(
         calibration: a.calibration.source(data),
         progress,
     };
+    let out_path = match shard {
+        None => a.out.clone(),
+        Some(s) => s.out_path(&a.out),
+    };
+    crate::quant::io::check_target(&out_path)?;
+    crate::quant::io::check_target(&a.plot)?;
+    if a.fresh {
+        sweep::start_fresh(&match shard {
+            None => a.out.clone(),
+            Some(s) => s.out_path(&a.out),
+        })?;
+    }
     let (rows, out, plot) = match shard {
         None => (sweep::run(&spec)?, a.out.clone(), a.plot.clone()),
         Some(s) => {
@@ -569,8 +644,12 @@ fn sweep_table(
     }
     for c in calibrations {
         t.note(format!(
-            "calibrated rows: {} (FNV-1a {}), {} windows of {} tokens, seed {}",
-            c.file, c.text_hash, c.samples, c.seqlen, c.seed
+            "calibrated rows: {} (sha256 {}), {} windows of {} tokens, seed {}",
+            c.file,
+            &c.text_hash[..c.text_hash.len().min(16)],
+            c.samples,
+            c.seqlen,
+            c.seed
         ));
     }
     t.note("bits per weight: stored bytes of the quantized linear layers (scales and zero points included) × 8 / their weights (lm_head stays f32 unless --layers everything); weights MB counts every weight held, f32 embeddings and norms included.");
@@ -604,6 +683,27 @@ fn sweep_table(
     };
     plot.write_svg(plot_path)?;
     t.note(format!("plot: {}", plot_path.display()));
+    let mut commits: Vec<&str> = Vec::new();
+    for p in rows.iter().filter_map(|r| r.provenance.as_ref()) {
+        if !commits.contains(&p.git.as_str()) {
+            commits.push(&p.git);
+        }
+    }
+    if commits.len() > 1 {
+        t.note(format!(
+            "rows measured by quantlab commits {} (each row's provenance is in {})",
+            commits.join(", "),
+            out.display()
+        ));
+    }
+    t.provenance = rows.iter().rev().find_map(|r| {
+        r.provenance.clone().map(|mut p| {
+            // Per-row fields (calibration, seed) differ between rows: each row keeps its own.
+            p.calibration = None;
+            p.seed = None;
+            p
+        })
+    });
     Ok(Report {
         tables: vec![t],
         notes: vec![],

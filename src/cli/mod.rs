@@ -289,14 +289,14 @@ pub struct QuantizeArgs {
     #[command(flatten)]
     pub model_args: checkpoint::ModelQuantizeArgs,
     /// A safetensors file to read the tensor from (with --tensor).
-    #[arg(long, requires = "tensor")]
+    #[arg(long, requires = "tensor", conflicts_with = "randn")]
     pub input: Option<PathBuf>,
     /// Name of the tensor inside --input.
-    #[arg(long)]
+    #[arg(long, requires = "input")]
     pub tensor: Option<String>,
-    /// Without --input: quantize a standard-normal matrix of this shape, e.g. 4096x4096.
-    #[arg(long, default_value = "1024x1024")]
-    pub randn: String,
+    /// Instead of --input: quantize a standard-normal matrix of this shape, e.g. 4096x4096.
+    #[arg(long)]
+    pub randn: Option<String>,
     /// Seed for --randn.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -345,6 +345,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 crate::lab::mnist::report(&lab, &cfg, n)
             }
             LabCommand::Smollm(a) => {
+                at_least("--max-chunks", a.max_chunks, 1)?;
+                at_least("--last-word-examples", a.last_word_examples, 1)?;
+                at_least("--decode-tokens", a.decode_tokens, 1)?;
                 let text = llm::text_or_wikitext_test(a.text, cli.data_dir.as_deref())?;
                 crate::lab::smollm::run(&crate::lab::smollm::SmollmLabConfig {
                     model: a.model,
@@ -358,6 +361,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 })?
             }
             LabCommand::Bnb(a) => {
+                at_least("--max-chunks", a.max_chunks, 1)?;
+                at_least("--prompt-tokens", a.prompt_tokens, 1)?;
+                at_least("--gen-tokens", a.gen_tokens, 1)?;
+                at_least("--reps", a.reps, 1)?;
                 let text = llm::text_or_wikitext_test(a.text, cli.data_dir.as_deref())?;
                 crate::lab::bnb::run(&crate::lab::bnb::BnbLabConfig {
                     model: a.model,
@@ -373,6 +380,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 })?
             }
             LabCommand::Gptq(a) => {
+                at_least("--last-word-examples", a.last_word_examples, 1)?;
+                at_least("--decode-tokens", a.decode_tokens, 1)?;
+                at_least("--group", a.group, 1)?;
+                at_least("--bits (widths given)", a.bits.len(), 1)?;
                 let data = || DataDir::resolve(cli.data_dir.as_deref());
                 let text = llm::text_or_wikitext_test(a.text, cli.data_dir.as_deref())?;
                 let calib = match a.calibration {
@@ -402,7 +413,10 @@ pub fn run(cli: Cli) -> Result<()> {
                     device: device.clone(),
                 })?
             }
-            LabCommand::Marian(a) => marian_lab(a, cli.data_dir.as_deref(), &device, progress)?,
+            LabCommand::Marian(a) => {
+                at_least("--latency-sentences", a.latency_sentences, 1)?;
+                marian_lab(a, cli.data_dir.as_deref(), &device, progress)?
+            }
         },
         Command::Quantize(args) => match (&args.model, &args.plan, &args.out) {
             (Some(m), Some(p), Some(o)) => checkpoint::quantize_model(
@@ -434,7 +448,17 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(a) => mt::eval_report(&a, &device, progress)?,
     };
+    let mut report = report;
+    report.fill_provenance(&crate::report::Provenance::here(&device));
     print!("{}", report.render(cli.format.into()));
+    Ok(())
+}
+
+/// Refuses a count below `min` (a run over nothing reports numbers that mean nothing).
+fn at_least(flag: &str, value: usize, min: usize) -> Result<()> {
+    if value < min {
+        bail!("{flag} {value} is too few: give at least {min}");
+    }
     Ok(())
 }
 
@@ -519,18 +543,58 @@ fn load_tensor(args: &QuantizeArgs) -> Result<(String, Tensor)> {
             })?;
             Ok((name.clone(), t.clone()))
         }
-        _ => {
-            let shape = parse_shape(&args.randn)?;
-            Ok((
-                format!("randn {}", args.randn),
-                crate::quant::random::randn(&shape, args.seed)?,
-            ))
+        _ => match &args.randn {
+            Some(r) => {
+                let shape = parse_shape(r)?;
+                Ok((
+                    format!("randn {r} (seed {})", args.seed),
+                    crate::quant::random::randn(&shape, args.seed)?,
+                ))
+            }
+            None => bail!(
+                "quantize --scheme needs a tensor: --input FILE.safetensors --tensor NAME, or --randn SHAPE (e.g. 1024x1024) for a seeded random matrix"
+            ),
+        },
+    }
+}
+
+/// One `--scheme` of `quantize`: a 4-bit codebook (NF4/FP4) or a uniform scheme.
+enum SchemeChoice {
+    FourBit(crate::quant::FourBitSpec),
+    Uniform(crate::quant::Scheme),
+}
+
+impl SchemeChoice {
+    fn parse_exact(spec: &str) -> Result<Self> {
+        if let Some(fb) = crate::quant::FourBitSpec::parse(spec)? {
+            return Ok(SchemeChoice::FourBit(fb));
         }
+        Ok(SchemeChoice::Uniform(spec.parse()?))
+    }
+
+    /// Parses `spec`; a spelling that only fails by case says which one was meant.
+    fn parse(spec: &str) -> Result<Self> {
+        Self::parse_exact(spec).map_err(|e| {
+            let lower = spec.to_ascii_lowercase();
+            if lower != spec && Self::parse_exact(&lower).is_ok() {
+                anyhow::anyhow!(
+                    "--scheme '{spec}': did you mean '{lower}'? (scheme names are lowercase)"
+                )
+            } else {
+                e.context(format!("--scheme '{spec}'"))
+            }
+        })
     }
 }
 
 fn quantize_report(args: &QuantizeArgs) -> Result<Report> {
     use crate::quant::{ErrorStats, FourBit};
+    // Every scheme is checked before a tensor is read or made.
+    let schemes = args
+        .schemes
+        .iter()
+        .map(|s| SchemeChoice::parse(s).map(|c| (s, c)))
+        .collect::<Result<Vec<_>>>()?;
     let (name, x) = load_tensor(args)?;
     let mut t = Table::new(
         "quantize",
@@ -559,14 +623,16 @@ fn quantize_report(args: &QuantizeArgs) -> Result<Report> {
         Cell::f(0.0, 9),
         Cell::f(f64::INFINITY, 2),
     ]);
-    for spec in &args.schemes {
-        let (approx, bytes) = if let Some(fb) = crate::quant::FourBitSpec::parse(spec)? {
-            let q = FourBit::quantize(&flat, fb.kind, fb.blocksize, fb.double_quant)?;
-            (q.dequantize(), q.nbytes())
-        } else {
-            let scheme: crate::quant::Scheme = spec.parse()?;
-            let q = crate::quant::quantize(&x, &scheme)?;
-            (q.dequantize()?.flatten_all()?.to_vec1::<f32>()?, q.nbytes())
+    for (spec, choice) in schemes {
+        let (approx, bytes) = match choice {
+            SchemeChoice::FourBit(fb) => {
+                let q = FourBit::quantize(&flat, fb.kind, fb.blocksize, fb.double_quant)?;
+                (q.dequantize(), q.nbytes())
+            }
+            SchemeChoice::Uniform(scheme) => {
+                let q = crate::quant::quantize(&x, &scheme)?;
+                (q.dequantize()?.flatten_all()?.to_vec1::<f32>()?, q.nbytes())
+            }
         };
         let e = ErrorStats::between_slices(&flat, &approx)?;
         t.push(vec![
@@ -578,6 +644,11 @@ fn quantize_report(args: &QuantizeArgs) -> Result<Report> {
             Cell::f(e.mse, 9),
             Cell::f(e.sqnr_db, 2),
         ]);
+    }
+    if args.input.is_none() {
+        let mut p = crate::report::Provenance::here(&Device::Cpu);
+        p.seed = Some(args.seed);
+        t.provenance = Some(p);
     }
     t.note(format!(
         "bytes: as a quantized layer stores them: packed codes plus parameters (uniform: f32 scale per group, plus a one-byte zero point when affine; {}: f32 absmax per block, or 8-bit codes + f32 per 256 with double quant).",

@@ -92,8 +92,15 @@ pub fn translate_stdin(a: &MtModelArgs, device: &Device) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     let mut batch = Vec::with_capacity(a.batch_size);
     let mut lines = stdin.lock().lines();
+    let mut lineno = 0usize;
     loop {
-        let line = lines.next().transpose()?;
+        lineno += 1;
+        let line = lines.next().transpose().map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => {
+                anyhow::anyhow!("stdin line {lineno} is not valid UTF-8; convert the text to UTF-8 first (e.g. iconv -f latin1 -t utf-8)")
+            }
+            _ => anyhow::Error::from(e).context("reading stdin"),
+        })?;
         let end = line.is_none();
         if let Some(l) = line {
             batch.push(l);

@@ -76,6 +76,9 @@ pub fn read_aligned(
     b: &Path,
     limit: Option<usize>,
 ) -> Result<(Vec<String>, Vec<String>)> {
+    if limit == Some(0) {
+        bail!("--limit 0 selects no sentences: give at least 1 (or drop --limit)");
+    }
     let (mut x, mut y) = (read_lines(a)?, read_lines(b)?);
     if x.len() != y.len() {
         bail!(

@@ -35,18 +35,31 @@ pub fn load_inputs(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let v: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", path.display()))?;
     let mut out = Vec::new();
-    for key in ["randn_4x4", "randn_8x8"] {
+    for (key, size) in [("randn_4x4", 4usize), ("randn_8x8", 8)] {
         let rows: Vec<Vec<f32>> = serde_json::from_value(
             v.get(key)
                 .cloned()
                 .with_context(|| format!("{} has no '{key}'", path.display()))?,
         )
         .with_context(|| format!("'{key}' in {} is not a matrix of numbers", path.display()))?;
+        // The exercise is about these shapes: any other is a wrong file, not a variant.
         let n = rows.len();
-        if n == 0 || rows.iter().any(|r| r.len() != rows[0].len()) {
-            bail!("'{key}' in {} is not a rectangular matrix", path.display());
+        if n != size || rows.iter().any(|r| r.len() != size) {
+            let widths: Vec<String> = rows.iter().map(|r| r.len().to_string()).collect();
+            bail!(
+                "'{key}' in {} must be {size}×{size} numbers: it has {n} rows (of {} values)",
+                path.display(),
+                if widths.is_empty() {
+                    "no".to_string()
+                } else {
+                    widths.join(", ")
+                }
+            );
         }
-        let m = rows[0].len();
+        if rows.iter().flatten().any(|v| !v.is_finite()) {
+            bail!("'{key}' in {} holds a non-finite value", path.display());
+        }
+        let m = size;
         let flat: Vec<f32> = rows.into_iter().flatten().collect();
         out.push((
             key.to_string(),

@@ -138,12 +138,14 @@ pub fn run(cfg: &GptqLabConfig) -> Result<Report> {
     }
     let c = &cfg.calibration;
     t.note(format!(
-        "GPTQ: {} calibration windows of {} tokens from {} (seed {}, FNV-1a {}), Hessians gathered block by block through the already quantized layers (true_sequential), dampening 1% of the mean diagonal, blocks of 128 columns{}; quantize s = load + calibration + conversion.",
+        "GPTQ: {} calibration windows of {} tokens from {} (seed {}, sha256 {}), Hessians gathered block by block through the already quantized layers (true_sequential), dampening 1% of the mean diagonal, blocks of 128 columns{}; quantize s = load + calibration + conversion.",
         c.samples,
         c.seqlen,
         c.text.display(),
         c.seed,
-        fnv1a_hex(&c.text).unwrap_or_else(|_| "?".into()),
+        crate::report::provenance::sha256_file(&c.text)
+            .map(|h| h[..16].to_string())
+            .unwrap_or_else(|_| "?".into()),
         if cfg.act_order { ", act-order with static groups" } else { "" }
     ));
     t.note(format!(
@@ -214,13 +216,4 @@ pub fn run(cfg: &GptqLabConfig) -> Result<Report> {
         tables: vec![t],
         notes,
     })
-}
-
-/// FNV-1a (64-bit) of a file, hex: identifies the calibration text with the results.
-fn fnv1a_hex(path: &std::path::Path) -> Result<String> {
-    let bytes = std::fs::read(path)?;
-    let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    Ok(format!("{h:016x}"))
 }

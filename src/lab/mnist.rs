@@ -8,7 +8,7 @@ use crate::eval::latency::{measure, LatencyStats};
 use crate::nn::{apply_plan, Method, Plan};
 use crate::quant::ObserverKind;
 use crate::report::{Cell, Report, Table};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
 
@@ -62,10 +62,52 @@ pub struct MnistLab {
     pub final_train_loss: Option<f32>,
 }
 
-/// Loads the cached checkpoint, or trains and caches one.
+/// What a trained checkpoint was trained with, stored next to it (`training.json`) so a
+/// cached model trained under other settings is not reused as if it were this run's.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Training {
+    epochs: usize,
+    seed: u64,
+    train_images: usize,
+}
+
+const TRAINING_FILE: &str = "training.json";
+
+/// Loads the cached checkpoint, or trains and caches one. A checkpoint whose
+/// `training.json` records other settings (epochs, seed, training images) is refused;
+/// one without it (made elsewhere) is used, and said so.
 pub fn checkpoint(data: &mnist::Mnist, cfg: &MnistLabConfig) -> Result<(Mlp, bool, Option<f32>)> {
     let dir = &cfg.checkpoint;
+    let now = Training {
+        epochs: cfg.train.epochs,
+        seed: cfg.train.seed,
+        train_images: data.train.len(),
+    };
+    let record = dir.join(TRAINING_FILE);
     if !cfg.retrain && dir.join("model.safetensors").exists() {
+        match std::fs::read_to_string(&record) {
+            Ok(text) => {
+                let was: Training = serde_json::from_str(&text).with_context(|| {
+                    format!("{} is not a training record (use --retrain to replace the checkpoint)", record.display())
+                })?;
+                if was != now {
+                    bail!(
+                        "the cached checkpoint {} was trained with {} epochs, seed {} on {} images, not {} epochs, seed {} on {}: pass --retrain to replace it, or another --model folder",
+                        dir.display(),
+                        was.epochs,
+                        was.seed,
+                        was.train_images,
+                        now.epochs,
+                        now.seed,
+                        now.train_images
+                    );
+                }
+            }
+            Err(_) => eprintln!(
+                "{}: no {TRAINING_FILE}, so its training settings are unknown; using it as it is (--retrain trains one with this run's)",
+                dir.display()
+            ),
+        }
         let m = Mlp::load(dir, &cfg.device).with_context(|| {
             format!(
                 "loading cached checkpoint {} (use --retrain to replace it)",
@@ -74,8 +116,12 @@ pub fn checkpoint(data: &mnist::Mnist, cfg: &MnistLabConfig) -> Result<(Mlp, boo
         })?;
         return Ok((m, false, None));
     }
+    if cfg.train.epochs == 0 {
+        bail!("--epochs 0 trains nothing: give at least 1");
+    }
     let (model, log) = train(&MlpConfig::default(), &data.train, &cfg.train)?;
     model.save(dir)?;
+    crate::quant::io::write_atomically(&record, serde_json::to_string_pretty(&now)?.as_bytes())?;
     Ok((model, true, log.losses.last().copied()))
 }
 
@@ -94,6 +140,12 @@ fn rows_plan(observer: ObserverKind) -> Result<Vec<(&'static str, Method)>> {
 }
 
 pub fn run(data_dir: &DataDir, cfg: &MnistLabConfig) -> Result<MnistLab> {
+    if cfg.test_limit == Some(0) {
+        bail!("--test-limit 0 evaluates nothing: give at least 1 (or drop it for all 10,000)");
+    }
+    if cfg.calibration_batches == 0 {
+        bail!("--calibration-batches must be at least 1 (static int8 calibrates on them)");
+    }
     let data = mnist::load(data_dir, &cfg.device)?;
     let (base, trained_now, final_loss) = checkpoint(&data, cfg)?;
     let test = match cfg.test_limit {

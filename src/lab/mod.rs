@@ -8,6 +8,7 @@ pub mod marian;
 pub mod mnist;
 pub mod smollm;
 pub mod sweep;
+pub mod sweep_key;
 pub mod sweep_shard;
 
 /// A tensor's values as rows of f64 (for reports and comparisons).

@@ -5,6 +5,8 @@
 use crate::arch::llama::LoadAs;
 use crate::eval::lm::{self, CalibrationSpec, KlMode};
 use crate::eval::perplexity::Protocol;
+use crate::lab::sweep_key::RunKey;
+use crate::report::Provenance;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
@@ -296,110 +298,170 @@ pub struct Row {
     /// The calibration data, for rows whose method gathered statistics (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<CalibrationRecord>,
+    /// Everything else the number depends on (absent only in files from before keys:
+    /// such files are refused on resume, since what they measured cannot be told).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<RunKey>,
+    /// The tokenizer and the SHA-256 of the ids it gave for the text
+    /// ([`provenance::tokenizer_id`](crate::report::provenance::tokenizer_id)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<String>,
+    /// Code, machine and inputs of the measurement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<Provenance>,
 }
 
-/// What a calibrated row was calibrated on: a row measured on other data is another row.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CalibrationRecord {
-    pub file: String,
-    /// FNV-1a 64 of the file's bytes, in hex (the path alone may name another text).
-    pub text_hash: String,
-    pub samples: usize,
-    pub seqlen: usize,
-    pub seed: u64,
-}
-
-impl CalibrationRecord {
-    /// Reads and hashes the calibration text of `spec`.
-    pub fn of(spec: &CalibrationSpec) -> Result<Self> {
-        let bytes = std::fs::read(&spec.text)
-            .with_context(|| format!("reading calibration text {}", spec.text.display()))?;
-        Ok(CalibrationRecord {
-            file: spec.text.display().to_string(),
-            text_hash: format!("{:016x}", fnv1a(&bytes)),
-            samples: spec.samples,
-            seqlen: spec.seqlen,
-            seed: spec.seed,
-        })
-    }
-}
-
-/// FNV-1a, 64 bits.
-pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    })
-}
+pub use crate::report::provenance::CalibrationRecord;
 
 impl Row {
-    /// What makes two rows the same measurement (for resuming).
-    #[allow(clippy::type_complexity)]
-    fn key(&self) -> (&str, &str, Option<usize>, &str, Option<&CalibrationRecord>) {
-        (
-            &self.model,
-            &self.protocol,
-            self.max_chunks,
-            &self.plan,
-            self.calibration.as_ref(),
-        )
+    /// What makes a row the measurement of a configuration within one key.
+    fn same_config(&self, plan: &str) -> bool {
+        self.plan == plan
     }
 }
 
-/// Reads the rows already in a sweep file (a missing file is an empty sweep). A torn line
-/// from an interrupted write (unparsable and not closed by `}`) is skipped, since its
-/// configuration simply runs again; any other bad line is an error.
-pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+/// A sweep file's rows, and where a torn last line (an interrupted write: no final
+/// newline, not a row) starts, if there is one.
+struct Parsed {
+    rows: Vec<Row>,
+    torn_at: Option<u64>,
+}
+
+/// The rule every JSON-lines reader of quantlab follows: a last line without its newline
+/// that does not parse is a torn write (resuming truncates it); any other line that is
+/// not a row is refused, naming file:line and the fix. Blank lines are skipped.
+fn parse_rows(path: &Path) -> Result<Option<Parsed>> {
+    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        bail!(
+            "{} is a directory, not a sweep file: give a file name (--out runs/sweep.jsonl)",
+            path.display()
+        );
+    }
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let mut rows = Vec::new();
-    for (i, line) in lines.iter().enumerate() {
-        match serde_json::from_str::<Row>(line) {
-            Ok(r) => rows.push(r),
-            Err(_) if !line.trim_end().ends_with('}') => {}
+    let mut torn_at = None;
+    let mut start = 0usize;
+    let mut lineno = 0usize;
+    while start < bytes.len() {
+        lineno += 1;
+        let (end, complete) = match bytes[start..].iter().position(|&b| b == b'\n') {
+            Some(i) => (start + i, true),
+            None => (bytes.len(), false),
+        };
+        let line = &bytes[start..end];
+        let parsed = std::str::from_utf8(line)
+            .map_err(|_| anyhow::anyhow!("not valid UTF-8"))
+            .and_then(|l| {
+                if l.trim().is_empty() {
+                    Ok(None)
+                } else {
+                    serde_json::from_str::<Row>(l)
+                        .map(Some)
+                        .map_err(anyhow::Error::from)
+                }
+            });
+        match parsed {
+            Ok(Some(r)) => rows.push(r),
+            Ok(None) => {}
+            Err(_) if !complete => torn_at = Some(start as u64),
             Err(e) => bail!(
-                "{} line {} is not a sweep row ({e}); move the file away or fix it",
-                path.display(),
-                i + 1
+                "{}:{lineno} is not a sweep row ({e}). Fix or delete that line, or start over with --fresh (or another --out)",
+                path.display()
             ),
         }
+        start = end + 1;
     }
-    Ok(rows)
+    Ok(Some(Parsed { rows, torn_at }))
 }
 
-/// Appends one row and flushes it to disk.
+/// Reads the rows of a sweep file (a missing file is an empty sweep). A torn last line is
+/// refused here (readers do not repair); [`resume_rows`] repairs it.
+pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
+    match parse_rows(path)? {
+        None => Ok(Vec::new()),
+        Some(Parsed { torn_at: Some(_), .. }) => bail!(
+            "{} ends with a torn line (an interrupted write): re-run the sweep that writes it to repair and finish it",
+            path.display()
+        ),
+        Some(p) => Ok(p.rows),
+    }
+}
+
+/// Reads a sweep file to resume it: a torn last line is cut off (said on stderr), so the
+/// next row starts on a line of its own.
+pub fn resume_rows(path: &Path) -> Result<Vec<Row>> {
+    let Some(p) = parse_rows(path)? else {
+        return Ok(Vec::new());
+    };
+    if let Some(at) = p.torn_at {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .with_context(|| format!("repairing {}", path.display()))?;
+        let len = f.metadata()?.len();
+        f.set_len(at)
+            .with_context(|| format!("repairing {}", path.display()))?;
+        f.sync_all()?;
+        eprintln!(
+            "{}: removed a torn last line ({} bytes, an interrupted write); its configuration runs again",
+            path.display(),
+            len - at
+        );
+    }
+    Ok(p.rows)
+}
+
+/// Appends one row and flushes it to disk. The file must end with a complete line (resume
+/// repairs a torn one first).
 pub fn append_row(path: &Path, row: &Row) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    // A torn previous line (no newline) would glue onto this one: start on a fresh line.
-    let needs_newline = {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut r = std::fs::File::open(path)?;
-        let len = r.seek(SeekFrom::End(0))?;
-        let mut last = [0u8; 1];
-        len > 0 && {
-            r.seek(SeekFrom::End(-1))?;
-            r.read_exact(&mut last)?;
-            last[0] != b'\n'
-        }
-    };
-    let mut line = String::new();
-    if needs_newline {
-        line.push('\n');
-    }
-    line.push_str(&serde_json::to_string(row)?);
+    let mut line = serde_json::to_string(row)?;
     line.push('\n');
-    f.write_all(line.as_bytes())?;
-    f.sync_data()?;
+    (|| -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)?;
+        let len = f.seek(SeekFrom::End(0))?;
+        if len > 0 {
+            let mut last = [0u8; 1];
+            f.seek(SeekFrom::End(-1))?;
+            f.read_exact(&mut last)?;
+            if last[0] != b'\n' {
+                bail!("it ends with a torn line; re-run the sweep to repair it");
+            }
+        }
+        if let Err(e) = f.write_all(line.as_bytes()).and_then(|_| f.sync_data()) {
+            // A partial append (disk full) is cut off again: the file stays whole rows.
+            let _ = f.set_len(len);
+            return Err(e.into());
+        }
+        Ok(())
+    })()
+    .with_context(|| format!("appending a row to {}", path.display()))
+}
+
+/// Removes a sweep's files (`--fresh`): the rows, the stored KL base and a shard manifest.
+pub fn start_fresh(out: &Path) -> Result<()> {
+    for p in [
+        out.to_path_buf(),
+        out.with_extension("base.kld"),
+        out.with_extension("manifest.json"),
+    ] {
+        match std::fs::remove_file(&p) {
+            Ok(()) => eprintln!("--fresh: removed {}", p.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("--fresh: removing {}", p.display())),
+        }
+    }
     Ok(())
 }
 
@@ -420,54 +482,94 @@ pub struct SweepSpec {
     pub progress: bool,
 }
 
+/// How to get past a refused resume.
+const FRESH_HINT: &str =
+    "pass --fresh to measure everything again into it, or choose another --out";
+
+/// Refuses `existing` rows (of the file `out`) measured under another key than `key`.
+fn check_key(out: &Path, existing: &[Row], key: &RunKey) -> Result<()> {
+    for (i, r) in existing.iter().enumerate() {
+        match &r.key {
+            None => bail!(
+                "{} holds rows written before rows recorded what they were measured on (row {}): they cannot be resumed safely; {FRESH_HINT}",
+                out.display(),
+                i + 1
+            ),
+            Some(k) if !k.differences(key).is_empty() => bail!(
+                "{} holds rows measured under other conditions than this run ({}); its rows cannot be mixed with this run's: {FRESH_HINT}",
+                out.display(),
+                k.differences(key).join("; ")
+            ),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
 /// Runs the configurations not yet in `out`; returns every row of this sweep (old and new).
+/// Refuses a file whose rows were measured under another [`RunKey`] or calibration.
 pub fn run(spec: &SweepSpec) -> Result<Vec<Row>> {
     let text = lm::read_text(&spec.text)?;
+    if spec.max_chunks == Some(0) {
+        bail!(
+            "--max-chunks 0 scores nothing: give at least 1 (or drop it to score the whole text)"
+        );
+    }
+    if spec.configs.is_empty() {
+        bail!("the sweep has no configurations: give --methods");
+    }
+    let key = super::sweep_key::of(spec)?;
     let device = spec.device.clone();
-    let existing = read_rows(&spec.out)?;
+    let existing = resume_rows(&spec.out)?;
+    check_key(&spec.out, &existing, &key)?;
     let protocol = spec.protocol.to_string();
     let model_name = spec.model.clone();
     let kl_path = spec.out.with_extension("base.kld");
-    let mut rows = Vec::new();
-    let mut ids: Option<Vec<u32>> = None;
-    // Resolved (and the text hashed) at the first configuration that calibrates.
+    // Plans and calibration first, so a refusal comes before any measuring.
     let mut calib: Option<(CalibrationSpec, CalibrationRecord)> = None;
-    for (i, c) in spec.configs.iter().enumerate() {
+    let mut planned = Vec::with_capacity(spec.configs.len());
+    for c in &spec.configs {
         let plan = c.plan(spec.layers);
         let parsed: crate::nn::Plan = plan
             .parse()
             .with_context(|| format!("sweep plan '{plan}'"))?;
-        let calibration = if crate::nn::plan_needs_calibration(&parsed) {
-            if calib.is_none() {
-                let s = spec.calibration.text_spec()?;
-                let r = CalibrationRecord::of(&s)?;
-                calib = Some((s, r));
+        let calibrated = crate::nn::plan_needs_calibration(&parsed);
+        if calibrated && calib.is_none() {
+            let s = spec.calibration.text_spec()?;
+            let r = CalibrationRecord::of(&s)?;
+            calib = Some((s, r));
+        }
+        let record = calib.as_ref().filter(|_| calibrated).map(|(_, r)| r);
+        if let Some(done) = existing.iter().find(|r| r.same_config(&plan)) {
+            if done.calibration.as_ref() != record {
+                bail!(
+                    "{} holds the row of {plan} calibrated on other data ({} → {}); {FRESH_HINT}",
+                    spec.out.display(),
+                    describe_calibration(done.calibration.as_ref()),
+                    describe_calibration(record)
+                );
             }
-            calib.as_ref()
-        } else {
-            None
-        };
-        let probe = Row {
-            model: model_name.clone(),
-            protocol: protocol.clone(),
-            max_chunks: spec.max_chunks,
-            layers: spec.layers,
-            family: c.family.clone(),
-            bits: c.bits,
-            method: c.method.clone(),
-            plan: plan.clone(),
-            bits_per_weight: 0.0,
-            weights_mb: 0.0,
-            perplexity: 0.0,
-            mean_kl: None,
-            top1_agreement: None,
-            scored_tokens: 0,
-            seconds: 0.0,
-            calibration: calibration.map(|(_, r)| r.clone()),
-        };
+        }
+        planned.push((plan, calibrated));
+    }
+    let mut provenance = Provenance::here(&device);
+    provenance.dtype = Some(key.dtype.clone());
+    provenance.dataset = Some(crate::report::provenance::DataFile {
+        file: key.text.clone(),
+        sha256: key.text_sha256.clone(),
+    });
+    provenance.protocol = Some(protocol.clone());
+    let mut rows = Vec::new();
+    let mut ids: Option<(Vec<u32>, String)> = None;
+    for (i, (c, (plan, calibrated))) in spec.configs.iter().zip(planned).enumerate() {
+        let calibration = calib.as_ref().filter(|_| calibrated);
         let is_base = i == 0;
-        let base_needed = spec.kl && is_base && !kl_path.exists();
-        if let Some(done) = existing.iter().find(|r| r.key() == probe.key()) {
+        let done = existing.iter().find(|r| r.same_config(&plan));
+        // The stored base is trusted only next to its row: a base file without one may be
+        // left from another run of this --out.
+        let base_needed =
+            spec.kl && is_base && !(kl_path.exists() && done.is_some_and(|r| r.method == "keep"));
+        if let Some(done) = done {
             if !base_needed {
                 rows.push(done.clone());
                 continue;
@@ -484,9 +586,20 @@ pub fn run(spec: &SweepSpec) -> Result<Vec<Row>> {
             &device,
         )?;
         p.llm.model.set_cache_dequantized(true);
-        let ids = match &ids {
+        let (ids, tokens) = match &ids {
             Some(v) => v,
-            None => ids.insert(p.llm.tokenizer.encode(&text)?),
+            None => {
+                let v = p.llm.tokenizer.encode(&text)?;
+                let t = crate::report::provenance::tokenizer_id(&p.llm.tokenizer, &v);
+                if let Some(r) = existing.iter().find(|r| r.tokens.as_ref() != Some(&t)) {
+                    bail!(
+                        "{} holds rows whose text was tokenized differently ({} → {t}): the tokenizer changed; {FRESH_HINT}",
+                        spec.out.display(),
+                        r.tokens.as_deref().unwrap_or("not recorded")
+                    );
+                }
+                ids.insert((v, t))
+            }
         };
         let mode = match (spec.kl, is_base) {
             (false, _) => KlMode::None,
@@ -495,7 +608,19 @@ pub fn run(spec: &SweepSpec) -> Result<Vec<Row>> {
         };
         let bar = crate::progress::bar(0, &c.family, spec.progress);
         let s = lm::score(&p, ids, spec.protocol, spec.max_chunks, &mode, &bar)?;
+        let mut prov = provenance.clone();
+        prov.tokenizer = Some(tokens.clone());
+        prov.calibration = calibration.map(|(_, r)| r.clone());
+        prov.seed = calibration.map(|(s, _)| s.seed);
         let row = Row {
+            model: model_name.clone(),
+            protocol: protocol.clone(),
+            max_chunks: spec.max_chunks,
+            layers: spec.layers,
+            family: c.family.clone(),
+            bits: c.bits,
+            method: c.method.clone(),
+            plan: plan.clone(),
             bits_per_weight: p.linear_bits_per_weight(),
             weights_mb: p.weight_bytes() as f64 / 1e6,
             perplexity: s.ppl.perplexity(),
@@ -503,14 +628,36 @@ pub fn run(spec: &SweepSpec) -> Result<Vec<Row>> {
             top1_agreement: s.kl.as_ref().map(|k| k.top1_agreement()),
             scored_tokens: s.ppl.scored_tokens,
             seconds: s.ppl.seconds,
-            ..probe
+            calibration: calibration.map(|(_, r)| r.clone()),
+            key: Some(key.clone()),
+            tokens: Some(tokens.clone()),
+            provenance: Some(prov),
         };
-        if !existing.iter().any(|r| r.key() == row.key()) {
-            append_row(&spec.out, &row)?;
+        match done {
+            // The base measured again (its stored distributions were missing): the row
+            // already in the file stays the row.
+            Some(d) => rows.push(d.clone()),
+            None => {
+                append_row(&spec.out, &row)?;
+                rows.push(row);
+            }
         }
-        rows.push(row);
     }
     Ok(rows)
+}
+
+fn describe_calibration(c: Option<&CalibrationRecord>) -> String {
+    match c {
+        None => "none".into(),
+        Some(c) => format!(
+            "{} sha256 {}, {} samples × {} tokens, seed {}",
+            c.file,
+            &c.text_hash[..c.text_hash.len().min(12)],
+            c.samples,
+            c.seqlen,
+            c.seed
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -581,60 +728,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn rows_on_other_calibration_data_are_other_rows() {
-        let dir = tempfile::tempdir().unwrap();
-        let text = dir.path().join("calib.txt");
-        std::fs::write(&text, "some calibration text").unwrap();
-        let spec = CalibrationSpec::new(text.clone(), 4, 16, 0).unwrap();
-        let a = CalibrationRecord::of(&spec).unwrap();
-        assert_eq!(
-            a.text_hash,
-            format!("{:016x}", fnv1a(b"some calibration text"))
-        );
-        let b =
-            CalibrationRecord::of(&CalibrationSpec::new(text.clone(), 4, 16, 1).unwrap()).unwrap();
-        std::fs::write(&text, "other calibration text").unwrap();
-        let c = CalibrationRecord::of(&spec).unwrap();
-        assert_ne!(a.text_hash, c.text_hash);
-        let row = |cal: Option<CalibrationRecord>| Row {
-            model: "m".into(),
-            protocol: "p".into(),
-            max_chunks: None,
-            layers: Layers::All,
-            family: "f".into(),
-            bits: 8,
-            method: "static-int8".into(),
-            plan: "*=static-int8".into(),
-            bits_per_weight: 8.0,
-            weights_mb: 1.0,
-            perplexity: 1.0,
-            mean_kl: None,
-            top1_agreement: None,
-            scored_tokens: 1,
-            seconds: 1.0,
-            calibration: cal,
-        };
-        let ra = row(Some(a.clone()));
-        assert_eq!(ra.key(), row(Some(a)).key());
-        assert_ne!(ra.key(), row(Some(b)).key());
-        assert_ne!(ra.key(), row(Some(c)).key());
-        assert_ne!(ra.key(), row(None).key());
-        // Rows written before calibration was recorded still read (as uncalibrated).
-        let mut v = serde_json::to_value(row(None)).unwrap();
-        assert!(v.get("calibration").is_none());
-        v.as_object_mut().unwrap().remove("calibration");
-        assert_eq!(serde_json::from_value::<Row>(v).unwrap(), row(None));
-        let back: Row = serde_json::from_str(&serde_json::to_string(&ra).unwrap()).unwrap();
-        assert_eq!(back, ra);
-    }
-
-    #[test]
-    fn rows_append_and_resume_across_a_torn_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("s.jsonl");
-        assert!(read_rows(&p).unwrap().is_empty());
-        let row = Row {
+    fn row() -> Row {
+        Row {
             model: "m".into(),
             protocol: "p".into(),
             max_chunks: Some(2),
@@ -651,18 +746,98 @@ mod tests {
             scored_tokens: 510,
             seconds: 1.0,
             calibration: None,
-        };
+            key: None,
+            tokens: None,
+            provenance: None,
+        }
+    }
+
+    #[test]
+    fn calibration_records_hash_the_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("calib.txt");
+        std::fs::write(&text, "abc").unwrap();
+        let spec = CalibrationSpec::new(text.clone(), 4, 16, 0).unwrap();
+        let a = CalibrationRecord::of(&spec).unwrap();
+        assert_eq!(
+            a.text_hash,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        std::fs::write(&text, "abd").unwrap();
+        assert_ne!(CalibrationRecord::of(&spec).unwrap().text_hash, a.text_hash);
+        let mut r = row();
+        r.calibration = Some(a);
+        let back: Row = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn torn_last_lines_are_repaired_and_corrupt_lines_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.jsonl");
+        assert!(read_rows(&p).unwrap().is_empty());
+        let row = row();
         append_row(&p, &row).unwrap();
-        // An interrupted write leaves half a line; it is ignored and then isolated.
+        let whole = std::fs::read(&p).unwrap();
+        // An interrupted write leaves half a line: readers refuse, resume cuts it off.
         let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
         f.write_all(b"{\"model\": \"m\", \"prot").unwrap();
-        assert_eq!(read_rows(&p).unwrap(), std::slice::from_ref(&row));
+        let e = read_rows(&p).unwrap_err().to_string();
+        assert!(e.contains("torn"), "{e}");
+        assert!(append_row(&p, &row).is_err());
+        assert_eq!(resume_rows(&p).unwrap(), std::slice::from_ref(&row));
+        assert_eq!(std::fs::read(&p).unwrap(), whole);
         append_row(&p, &row).unwrap();
         assert_eq!(read_rows(&p).unwrap(), [row.clone(), row.clone()]);
-        std::fs::write(&p, "{\"not\": \"a row\"}\n").unwrap();
-        let e = read_rows(&p).unwrap_err().to_string();
-        assert!(e.contains("line 1"), "{e}");
+        // A bad line anywhere else: refused with file:line and the fix, by both.
+        let mut text = String::from_utf8(whole).unwrap();
+        text += "{\"not\": \"a row\"}\n";
+        text += &serde_json::to_string(&row).unwrap();
+        text += "\n";
+        std::fs::write(&p, &text).unwrap();
+        for e in [read_rows(&p).unwrap_err(), resume_rows(&p).unwrap_err()] {
+            let e = e.to_string();
+            assert!(e.contains("s.jsonl:2") && e.contains("--fresh"), "{e}");
+        }
+        // A torn line that got its newline later (older quantlab) is a middle line too.
+        std::fs::write(&p, "{\"model\": \"m\", \"prot\n").unwrap();
+        assert!(resume_rows(&p).unwrap_err().to_string().contains(":1"));
         assert_eq!(row.plan, "*.mlp.*=w:i4:sym:g64");
+    }
+
+    #[test]
+    fn resumes_refuse_rows_of_another_key() {
+        let key = RunKey {
+            model: "m".into(),
+            model_files: "m size 1 mtime 2".into(),
+            load_as: "f32".into(),
+            text: "t.txt".into(),
+            text_sha256: "aa".into(),
+            protocol: "p".into(),
+            max_chunks: Some(2),
+            layers: Layers::All,
+            kl: false,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+        };
+        let mut r = row();
+        let out = Path::new("runs/x.jsonl");
+        let e = check_key(out, std::slice::from_ref(&r), &key).unwrap_err();
+        assert!(e.to_string().contains("--fresh"), "{e}");
+        r.key = Some(key.clone());
+        check_key(out, std::slice::from_ref(&r), &key).unwrap();
+        let mut other = key.clone();
+        other.text_sha256 = "bb".into();
+        other.protocol = "q".into();
+        let e = check_key(out, &[r], &other).unwrap_err().to_string();
+        assert!(
+            e.contains("text sha256 (t.txt → t.txt): aa → bb") && e.contains("protocol: p → q"),
+            "{e}"
+        );
+        assert!(
+            e.contains("runs/x.jsonl") && e.contains("another --out"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -17,12 +17,15 @@
 //!   2/4` writes `runs/sweep.shard-2-of-4.jsonl` (and `.svg`, `.base.kld`), so every task
 //!   of a job array can run the same command line without clobbering the others.
 //! - Each shard writes a manifest next to its rows (`….shard-2-of-4.manifest.json`): the
-//!   model, a hash of the text, the protocol, the layers, the calibration and the full
-//!   configuration list. Rows alone cannot show that two shards belong to one sweep (a
-//!   row does not carry the text hash or the configuration list), so merge compares the
-//!   manifests and refuses shards of different sweeps.
+//!   sweep's [`RunKey`] (model, SHA-256 of the text, protocol, layers...), the calibration
+//!   and the full configuration list. Rows alone cannot show that two shards belong to
+//!   one sweep (a row does not carry the configuration list), so merge compares the
+//!   manifests and refuses shards of different sweeps. Shards may run on different
+//!   machines and GPUs, so merge ignores where the model files lie (path, mtime), the
+//!   text's path and the device; everything else must be equal.
 
-use super::sweep::{self, CalibrationRecord, Config, Layers, Row, SweepSpec};
+use super::sweep::{self, CalibrationRecord, Config, Row, SweepSpec};
+use super::sweep_key::RunKey;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -111,15 +114,8 @@ pub struct Entry {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub shard: Shard,
-    pub model: String,
-    pub load_as: String,
-    pub text: String,
-    /// FNV-1a 64 of the evaluation text's bytes, in hex.
-    pub text_hash: String,
-    pub protocol: String,
-    pub max_chunks: Option<usize>,
-    pub layers: Layers,
-    pub kl: bool,
+    /// What every row's number depends on, the plan aside.
+    pub key: RunKey,
     /// Every configuration of the sweep (not only this shard's), baseline first.
     pub configs: Vec<Entry>,
 }
@@ -127,8 +123,6 @@ pub struct Manifest {
 impl Manifest {
     /// The manifest of `spec` (whose `configs` is the full, unsharded list).
     pub fn of(spec: &SweepSpec, shard: Shard) -> Result<Self> {
-        let bytes = std::fs::read(&spec.text)
-            .with_context(|| format!("reading {}", spec.text.display()))?;
         let mut calib: Option<CalibrationRecord> = None;
         let mut configs = Vec::with_capacity(spec.configs.len());
         for c in &spec.configs {
@@ -154,34 +148,32 @@ impl Manifest {
         }
         Ok(Manifest {
             shard,
-            model: spec.model.clone(),
-            load_as: format!("{:?}", spec.load_as),
-            text: spec.text.display().to_string(),
-            text_hash: format!("{:016x}", sweep::fnv1a(&bytes)),
-            protocol: spec.protocol.to_string(),
-            max_chunks: spec.max_chunks,
-            layers: spec.layers,
-            kl: spec.kl,
+            key: super::sweep_key::of(spec)?,
             configs,
         })
     }
 
+    /// The key fields that must agree between shards (not where files lie, nor the device;
+    /// the model as named on the command line must agree).
+    fn merge_key(k: &RunKey) -> RunKey {
+        RunKey {
+            model_files: String::new(),
+            text: String::new(),
+            device: String::new(),
+            ..k.clone()
+        }
+    }
+
     /// The first field in which two shards' sweeps differ (the shard index aside).
-    fn differs_from(&self, other: &Manifest) -> Option<&'static str> {
-        if self.model != other.model {
-            Some("model")
-        } else if self.load_as != other.load_as {
-            Some("--load-as")
-        } else if self.text_hash != other.text_hash {
-            Some("evaluation text (hash)")
-        } else if self.protocol != other.protocol || self.max_chunks != other.max_chunks {
-            Some("protocol")
-        } else if self.layers != other.layers {
-            Some("--layers")
-        } else if self.kl != other.kl {
-            Some("--kl")
+    fn differs_from(&self, other: &Manifest) -> Option<String> {
+        let mut diffs = Self::merge_key(&self.key).differences(&Self::merge_key(&other.key));
+        if self.key.model != other.key.model {
+            diffs.push(format!("model: {} → {}", self.key.model, other.key.model));
+        }
+        if !diffs.is_empty() {
+            Some(diffs.join("; "))
         } else if self.shard.count != other.shard.count {
-            Some("shard count N")
+            Some("shard count N".into())
         } else if self.configs.len() == other.configs.len()
             && self.configs.iter().zip(&other.configs).all(|(a, b)| {
                 ((&a.plan, &a.family, a.bits) == (&b.plan, &b.family, b.bits)
@@ -191,9 +183,9 @@ impl Manifest {
             && self.configs != other.configs
         {
             // Same configurations, calibrated on other data (file, samples, seed...).
-            Some("calibration")
+            Some("calibration".into())
         } else if self.configs != other.configs {
-            Some("configuration list")
+            Some("configuration list".into())
         } else {
             None
         }
@@ -201,10 +193,12 @@ impl Manifest {
 
     /// Whether `row` is this sweep's measurement of `entry`.
     fn matches(&self, entry: &Entry, row: &Row) -> bool {
-        row.model == self.model
-            && row.protocol == self.protocol
-            && row.max_chunks == self.max_chunks
-            && row.plan == entry.plan
+        row.key.as_ref().is_some_and(|k| {
+            k.model == self.key.model
+                && Self::merge_key(k)
+                    .differences(&Self::merge_key(&self.key))
+                    .is_empty()
+        }) && row.plan == entry.plan
             && row.calibration == entry.calibration
     }
 }
@@ -216,11 +210,25 @@ pub fn run(spec: &SweepSpec, shard: Shard) -> Result<(Vec<Row>, PathBuf)> {
     let manifest = Manifest::of(spec, shard)?;
     let out = shard.out_path(&spec.out);
     let mpath = manifest_path(&out);
-    if let Some(dir) = mpath.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // A shard resumed with another sweep's arguments is refused (by its rows' keys) before
+    // its manifest is replaced.
+    if out.exists() {
+        let prev: Option<Manifest> = std::fs::read_to_string(&mpath)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        if let Some(prev) = prev {
+            if let Some(what) = prev.differs_from(&manifest) {
+                bail!(
+                    "{} was written by another sweep ({what}): pass --fresh to start this shard over, or choose another --out",
+                    mpath.display()
+                );
+            }
+        }
     }
-    std::fs::write(&mpath, serde_json::to_string_pretty(&manifest)? + "\n")
-        .with_context(|| format!("writing {}", mpath.display()))?;
+    crate::quant::io::write_atomically(
+        &mpath,
+        (serde_json::to_string_pretty(&manifest)? + "\n").as_bytes(),
+    )?;
     let sub = SweepSpec {
         model: spec.model.clone(),
         device: spec.device.clone(),
@@ -342,15 +350,15 @@ pub fn merge(files: &[PathBuf]) -> Result<(Manifest, Vec<Row>)> {
     Ok((manifest, merged))
 }
 
-/// Writes merged rows to `out` (replacing it: a merge is recomputed from its shards).
+/// Writes merged rows to `out`, replacing it whole (a merge is recomputed from its
+/// shards), atomically.
 pub fn write_rows(out: &Path, rows: &[Row]) -> Result<()> {
-    if out.exists() {
-        std::fs::remove_file(out).with_context(|| format!("replacing {}", out.display()))?;
-    }
+    let mut text = String::new();
     for r in rows {
-        sweep::append_row(out, r)?;
+        text += &serde_json::to_string(r)?;
+        text.push('\n');
     }
-    Ok(())
+    crate::quant::io::write_atomically(out, text.as_bytes())
 }
 
 #[cfg(test)]

@@ -50,11 +50,14 @@ pub fn write_dir(out: &Path, ck: &Checkpoint) -> Result<u64> {
     let tmp = parent.join(format!(".{name}.partial{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let result = fill(&tmp, ck).and_then(|bytes| {
-        std::fs::rename(&tmp, out)
-            .with_context(|| format!("moving {} into place", out.display()))?;
-        Ok(bytes)
-    });
+    // Errors name the folder asked for, not the temporary one.
+    let result = fill(&tmp, ck)
+        .with_context(|| format!("writing checkpoint {}", out.display()))
+        .and_then(|bytes| {
+            std::fs::rename(&tmp, out)
+                .with_context(|| format!("moving {} into place", out.display()))?;
+            Ok(bytes)
+        });
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }

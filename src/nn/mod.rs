@@ -114,6 +114,16 @@ pub fn quantized_bits_per_weight(layers: &[LayerSummary]) -> f64 {
     b as f64 * 8.0 / p.max(1) as f64
 }
 
+/// Prints a warning for each plan rule that matches no layer of `model`; refuses a plan
+/// that matches none ([`Plan::check_layers`]).
+fn warn_unmatched_rules<M: HasLinears>(model: &M, plan: &Plan) -> Result<()> {
+    let linears = model.linears();
+    for w in plan.check_layers(linears.iter().map(|l| l.name.as_str()))? {
+        eprintln!("warning: {w}");
+    }
+    Ok(())
+}
+
 /// Applies a plan. Layers whose algorithm needs statistics of its inputs start gathering
 /// them, `calibrate` pushes calibration data through the model once (each layer keeps only
 /// its own running statistics), then every layer is converted.
@@ -126,6 +136,7 @@ pub fn apply_plan<M: HasLinears>(
     plan: &Plan,
     mut calibrate: impl FnMut(&M) -> Result<()>,
 ) -> Result<Vec<LayerSummary>> {
+    warn_unmatched_rules(model, plan)?;
     let mut needs_calibration = false;
     for l in model.linears() {
         let needs = plan.method_for(&l.name).algorithm().needs();
@@ -217,6 +228,7 @@ pub fn apply_plan_in_stages<M: CalibrateInStages>(
     if !sequential {
         return apply_plan(model, plan, calibrate_once);
     }
+    warn_unmatched_rules(model, plan)?;
     if inputs.is_empty() {
         anyhow::bail!("this plan needs calibration data: pass --calibration FILE (text)");
     }

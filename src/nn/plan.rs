@@ -50,6 +50,52 @@ impl Plan {
         }
     }
 
+    /// Checks the plan against a model's layer names: a rule that matches no layer (a
+    /// typo, another model's names, or a rule shadowed by an earlier one) is returned as a
+    /// warning naming it; a plan none of whose rules decides any layer is an error, since
+    /// it would measure the unquantized model under the plan's name.
+    pub fn check_layers<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<String>> {
+        let names: Vec<&str> = names.into_iter().collect();
+        let mut used = vec![false; self.rules.len()];
+        for n in &names {
+            if let Some(i) = self.rules.iter().position(|r| glob_match(&r.pattern, n)) {
+                used[i] = true;
+            }
+        }
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let example = names.iter().take(3).copied().collect::<Vec<_>>().join(", ");
+        if !used.iter().any(|&u| u) {
+            bail!(
+                "no rule of the plan matches any of the model's {} layers (they are named like {example}): check the patterns",
+                names.len()
+            );
+        }
+        Ok(self
+            .rules
+            .iter()
+            .zip(&used)
+            .filter(|(_, &u)| !u)
+            .map(|(r, _)| {
+                let shadowed = names.iter().any(|n| glob_match(&r.pattern, n));
+                format!(
+                    "plan rule '{}={}' matches no layer{}",
+                    r.pattern,
+                    r.method,
+                    if shadowed {
+                        " (earlier rules take every layer it names)".to_string()
+                    } else {
+                        format!(" (layers are named like {example})")
+                    }
+                )
+            })
+            .collect())
+    }
+
     /// The method for a layer; layers no rule matches stay as loaded (`keep`).
     pub fn method_for(&self, name: &str) -> Method {
         self.rules
@@ -123,5 +169,30 @@ mod tests {
         assert!(only_ffn.method_for("x.self_attn.q_proj").is_keep());
         assert!("".parse::<Plan>().is_err());
         assert!("*=int3".parse::<Plan>().is_err());
+    }
+
+    #[test]
+    fn rules_that_match_nothing_are_named() {
+        let names = [
+            "model.layers.0.mlp.up_proj",
+            "model.layers.0.self_attn.q_proj",
+            "lm_head",
+        ];
+        let p: Plan = "lm_head=f32;*.mlp.*=w:i4:sym:g64".parse().unwrap();
+        assert!(p.check_layers(names).unwrap().is_empty());
+        let p: Plan = "*.ffn.*=w:i4:sym:g64;*.mlp.*=f16".parse().unwrap();
+        let w = p.check_layers(names).unwrap();
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("'*.ffn.*=w:i4:sym:g64'") && w[0].contains("lm_head"),
+            "{w:?}"
+        );
+        let p: Plan = "*=f16;*.mlp.*=w:i4:sym:g64".parse().unwrap();
+        let w = p.check_layers(names).unwrap();
+        assert!(w.len() == 1 && w[0].contains("earlier rules"), "{w:?}");
+        let p: Plan = "encoder.*=f16;decoder.*=f16".parse().unwrap();
+        let e = p.check_layers(names).unwrap_err().to_string();
+        assert!(e.contains("no rule") && e.contains("3 layers"), "{e}");
+        assert!(p.check_layers([]).unwrap().is_empty());
     }
 }

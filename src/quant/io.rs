@@ -20,44 +20,139 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomically_with(path, |w| Ok(w.write_all(bytes)?)).map(|_| ())
 }
 
-/// Streams into a buffered temporary file next to `path`, syncs it and renames it into
-/// place; the temporary file is removed when writing fails. Returns the file's size.
+/// The one way quantlab writes an output file. Streams into a buffered temporary file
+/// next to `path` (`.NAME.tmpPID`), syncs it and renames it into place, so a reader never
+/// sees half a file. On every error path the temporary file is removed, and so are the
+/// folders this call created for it; errors name `path` (what the user typed), not the
+/// temporary name: "writing runs/x.svg: No space left on device". A `path` that is a
+/// directory is refused before anything is written; one that is a device or a pipe
+/// (`/dev/stdout`, `/dev/full`) is written in place, since nothing can be renamed onto it.
+/// Returns the file's size.
 pub fn write_atomically_with(
     path: &Path,
     write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
 ) -> Result<u64> {
     use std::io::Write;
+    if path.as_os_str().is_empty() {
+        bail!("empty output file name");
+    }
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.is_dir() {
+            bail!(
+                "cannot write {}: it is a directory (give a file name inside it)",
+                path.display()
+            );
+        }
+        if !meta.is_file() {
+            return write_in_place(path, write);
+        }
+    }
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("cannot write {}: it names no file", path.display()))?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating folder {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
+    let created =
+        create_folders(dir).with_context(|| format!("cannot write {}", path.display()))?;
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| -> Result<u64> {
-        let file =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let file = std::fs::File::create(&tmp).map_err(anyhow::Error::from)?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-        write(&mut w).with_context(|| format!("writing {}", tmp.display()))?;
-        w.flush()
-            .with_context(|| format!("writing {}", tmp.display()))?;
+        write(&mut w)?;
+        w.flush()?;
         let file = w
             .into_inner()
-            .map_err(|e| anyhow::anyhow!("writing {}: {}", tmp.display(), e.error()))?;
-        file.sync_all()
-            .with_context(|| format!("writing {}", tmp.display()))?;
+            .map_err(|e| anyhow::anyhow!("{}", e.error()))?;
+        file.sync_all()?;
         let bytes = file.metadata()?.len();
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("moving {} into place", path.display()))?;
+        std::fs::rename(&tmp, path)?;
         Ok(bytes)
-    })();
+    })()
+    .with_context(|| format!("writing {}", path.display()));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
+        // Deepest first: each is empty once the temporary file is gone.
+        for d in created.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
     }
     result
+}
+
+/// Refuses, before any work, an output path that [`write_atomically_with`] would refuse
+/// at the end: a directory, or one below a file. (Disk space cannot be checked ahead.)
+pub fn check_target(path: &Path) -> Result<()> {
+    if path.as_os_str().is_empty() {
+        bail!("empty output file name");
+    }
+    if path.is_dir() {
+        bail!(
+            "cannot write {}: it is a directory (give a file name inside it)",
+            path.display()
+        );
+    }
+    let mut cur = path.parent();
+    while let Some(d) = cur.filter(|d| !d.as_os_str().is_empty()) {
+        match std::fs::metadata(d) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => bail!(
+                "cannot write {}: {} exists and is not a folder",
+                path.display(),
+                d.display()
+            ),
+            Err(_) => cur = d.parent(),
+        }
+    }
+    Ok(())
+}
+
+/// Writes straight into a device or pipe (no rename possible).
+fn write_in_place(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
+) -> Result<u64> {
+    use std::io::Write;
+    (|| -> Result<u64> {
+        let file = std::fs::OpenOptions::new().write(true).open(path)?;
+        let mut w = std::io::BufWriter::new(file);
+        write(&mut w)?;
+        w.flush()?;
+        Ok(0)
+    })()
+    .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Creates `dir` and its missing ancestors; returns the folders created, outermost first.
+/// A path component that exists but is not a folder is named in the error.
+fn create_folders(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur.filter(|d| !d.as_os_str().is_empty()) {
+        match std::fs::metadata(d) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => bail!("{} exists and is not a folder", d.display()),
+            Err(_) => missing.push(d.to_path_buf()),
+        }
+        cur = d.parent();
+    }
+    missing.reverse();
+    let mut created = Vec::new();
+    for d in missing {
+        if let Err(e) = std::fs::create_dir(&d) {
+            if !d.is_dir() {
+                for c in created.iter().rev() {
+                    let _ = std::fs::remove_dir(c);
+                }
+                return Err(e).with_context(|| format!("creating folder {}", d.display()));
+            }
+        } else {
+            created.push(d);
+        }
+    }
+    Ok(created)
 }
 
 fn le_bytes_f32(v: &[f32]) -> Vec<u8> {
@@ -168,6 +263,59 @@ mod tests {
         assert_eq!(back.scheme, q.scheme);
         assert_eq!(back.params, q.params);
         assert_eq!(back.codes_i32().unwrap(), q.codes_i32().unwrap());
+    }
+
+    /// Files in `dir`, hidden ones included, sorted.
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn failed_writes_name_the_path_and_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("a_dir")).unwrap();
+        std::fs::write(d.join("a_file"), "x").unwrap();
+        let before = listing(d);
+        let e = format!(
+            "{:#}",
+            write_atomically(&d.join("a_dir"), b"data").unwrap_err()
+        );
+        assert!(e.contains("a_dir") && e.contains("directory"), "{e}");
+        let e = format!(
+            "{:#}",
+            write_atomically(&d.join("a_file/sub/out.txt"), b"data").unwrap_err()
+        );
+        assert!(e.contains("a_file") && e.contains("not a folder"), "{e}");
+        // A failure inside the writer removes the temporary file and the new folders.
+        let e = write_atomically_with(&d.join("new/deeper/out.txt"), |_| {
+            anyhow::bail!("No space left on device")
+        })
+        .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("new/deeper/out.txt") && e.contains("No space"),
+            "{e}"
+        );
+        assert_eq!(listing(d), before);
+        assert_eq!(listing(&d.join("a_dir")), Vec::<String>::new());
+        // Success creates missing folders and replaces files whole.
+        write_atomically(&d.join("made/out.txt"), b"one").unwrap();
+        write_atomically(&d.join("made/out.txt"), b"two").unwrap();
+        assert_eq!(std::fs::read(d.join("made/out.txt")).unwrap(), b"two");
+        assert_eq!(listing(&d.join("made")), ["out.txt"]);
+        if Path::new("/dev/full").exists() {
+            let e = format!(
+                "{:#}",
+                write_atomically(Path::new("/dev/full"), &[0u8; 1 << 16]).unwrap_err()
+            );
+            assert!(e.contains("/dev/full") && e.contains("space"), "{e}");
+        }
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! JSON keeps full precision and stable snake_case keys; markdown rounds for reading.
 
 pub mod plot;
+pub mod provenance;
+
+pub use provenance::Provenance;
 
 use serde_json::{Map, Value};
 use std::fmt::Write as _;
@@ -101,6 +104,10 @@ pub struct Table {
     pub columns: Vec<String>,
     pub rows: Vec<Vec<Cell>>,
     pub notes: Vec<String>,
+    /// Where every row's numbers came from: a footer line in markdown, a `provenance`
+    /// object on each JSON row. Commands that know their inputs set it; the command line
+    /// fills the rest with [`Provenance::here`].
+    pub provenance: Option<Provenance>,
 }
 
 /// "Size (MB)" -> "size_mb": stable JSON keys from human headers.
@@ -124,6 +131,7 @@ impl Table {
             columns: columns.iter().map(|c| c.to_string()).collect(),
             rows: Vec::new(),
             notes: Vec::new(),
+            provenance: None,
         }
     }
 
@@ -152,6 +160,9 @@ impl Table {
         }
         for n in &self.notes {
             let _ = writeln!(s, "\n> {n}");
+        }
+        if let Some(p) = &self.provenance {
+            let _ = writeln!(s, "\n> {}", p.footer());
         }
         s
     }
@@ -184,6 +195,11 @@ impl Table {
                 for (c, v) in self.columns.iter().zip(r) {
                     m.insert(snake_key(c), v.json());
                 }
+                if let Some(p) = &self.provenance {
+                    if let Ok(v) = serde_json::to_value(p) {
+                        m.insert("provenance".into(), v);
+                    }
+                }
                 Value::Object(m)
             })
             .collect()
@@ -198,6 +214,14 @@ pub struct Report {
 }
 
 impl Report {
+    /// Gives every table without provenance `p` (what the command line knows: code,
+    /// machine, threads).
+    pub fn fill_provenance(&mut self, p: &Provenance) {
+        for t in &mut self.tables {
+            t.provenance.get_or_insert_with(|| p.clone());
+        }
+    }
+
     pub fn render(&self, format: Format) -> String {
         match format {
             Format::Table => {
