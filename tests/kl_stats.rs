@@ -300,3 +300,36 @@ fn base_files_store_the_target_and_refuse_damage_and_old_versions() {
     let e = kl::read_base(&path).unwrap_err().to_string();
     assert!(e.contains("format 1") && e.contains("re-save"), "{e}");
 }
+
+#[test]
+fn until_ci_stops_only_after_enough_chunks_and_before_the_end() {
+    use quantlab::eval::lm::{until_ci_reached, UNTIL_CI_MIN_CHUNKS};
+    let chunk = |kl: f64| {
+        let mut c = ChunkTokens::default();
+        for _ in 0..4 {
+            c.push(2.0, Some((2.0, kl, true)));
+        }
+        c
+    };
+    // Chunk means 0.1, 0.3, 0.1, 0.3, ...: chunk-level SE = sd/sqrt(C).
+    let cs: Vec<ChunkTokens> = (0..20).map(|i| chunk(0.1 + 0.2 * (i % 2) as f64)).collect();
+    let m = UNTIL_CI_MIN_CHUNKS;
+    assert!(
+        until_ci_reached(&cs[..m - 1], 10.0, 20).is_none(),
+        "too few chunks"
+    );
+    assert!(
+        until_ci_reached(&cs, 10.0, 20).is_none(),
+        "the run is over anyway"
+    );
+    let why = until_ci_reached(&cs[..m], 10.0, 20).unwrap();
+    assert!(
+        why.contains("mean KL") && why.contains(&format!("{m} of 20")),
+        "{why}"
+    );
+    // 8 chunks: sd of the means = 0.2·sqrt(8/7)/2, SE = sd/sqrt(8); half-width = 1.96 SE.
+    let se = 0.1 * (8.0f64 / 7.0).sqrt() / 8.0f64.sqrt();
+    let half = 1.959963984540054 * se;
+    assert!(until_ci_reached(&cs[..m], half * 1.001, 20).is_some());
+    assert!(until_ci_reached(&cs[..m], half * 0.999, 20).is_none());
+}

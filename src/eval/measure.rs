@@ -30,6 +30,7 @@ pub fn tokenizer_name(p: &PreparedLlm) -> String {
 
 /// After a scored run: say why it stopped early, tabulate the KL statistics, write the
 /// run file.
+#[allow(clippy::too_many_arguments)]
 pub fn after_run(
     p: &PreparedLlm,
     s: &LmScores,
@@ -49,10 +50,10 @@ pub fn after_run(
             "chunks",
             "tokens",
             "perplexity",
-            "± (token-level)",
+            "perplexity error (token-level)",
             "mean NLL",
-            "± (token-level)",
-            "± (chunk-level)",
+            "mean NLL error (token-level)",
+            "mean NLL error (chunk-level)",
         ],
     );
     t.push(vec![

@@ -210,9 +210,8 @@ pub fn batch_log_probs(model: &Llama, ws: &[&Window]) -> Result<Vec<Tensor>> {
 
 /// Perplexity of `model` on `ids`, `batch` windows per forward pass where they have the
 /// same shape (the numbers do not depend on `batch`, up to float summation order). `each`
-/// is called with every window's log-prob rows and per-token NLLs, in order (for KL
-/// divergence and agreement against a base model); it returns `Some(reason)` to stop the
-/// run after the current batch of windows.
+/// is called with every window's log-prob rows, in order (for KL divergence and agreement
+/// against a base model).
 #[allow(clippy::too_many_arguments)]
 pub fn perplexity(
     model: &Llama,
@@ -222,13 +221,16 @@ pub fn perplexity(
     max_windows: Option<usize>,
     batch: usize,
     progress: &indicatif::ProgressBar,
-    each: impl FnMut(usize, &Window, &Tensor, &[f64]) -> Result<Option<String>>,
+    mut each: impl FnMut(usize, &Window, &Tensor) -> Result<()>,
 ) -> Result<PerplexityResult> {
     let ws = windows(ids, protocol, bos_id, max_windows)?;
-    perplexity_of_windows(model, &ws, protocol, batch, progress, each)
+    perplexity_of_windows(model, &ws, protocol, batch, progress, |i, w, lp, _| {
+        each(i, w, lp).map(|_| None)
+    })
 }
 
-/// [`perplexity`] over given windows.
+/// [`perplexity`] over given windows; `each` also gets the window's per-token NLLs and
+/// returns `Some(reason)` to stop the run after the current batch of windows.
 pub fn perplexity_of_windows(
     model: &Llama,
     ws: &[Window],

@@ -350,6 +350,7 @@ pub fn z_for_confidence(confidence: f64) -> Result<f64> {
     Ok(inv_norm(0.5 + confidence / 2.0))
 }
 
+#[allow(clippy::excessive_precision)]
 fn inv_norm(p: f64) -> f64 {
     const A: [f64; 6] = [
         -3.969683028665376e+01,
@@ -405,7 +406,7 @@ pub fn summary_tables(s: &KlSummary) -> Vec<crate::report::Table> {
     let mut ppl = Table::new(
         "ppl_stats",
         "Perplexity statistics (llama.cpp --kl-divergence)",
-        &["statistic", "value", "±"],
+        &["statistic", "value", "± (standard error)"],
     );
     let row = |t: &mut Table, name: &str, cells: Vec<Cell>| {
         let mut r: Vec<Cell> = vec![name.into()];
@@ -436,7 +437,7 @@ pub fn summary_tables(s: &KlSummary) -> Vec<crate::report::Table> {
     let mut kl = Table::new(
         "kl_stats",
         "KL divergence statistics",
-        &["statistic", "value", "±"],
+        &["statistic", "value", "± (standard error)"],
     );
     row(&mut kl, "Mean KLD", pm(s.kl, 1.0, 6));
     row(&mut kl, "Maximum KLD", vec![Cell::f(s.kl_dist.max, 6)]);
@@ -456,7 +457,7 @@ pub fn summary_tables(s: &KlSummary) -> Vec<crate::report::Table> {
     let mut tp = Table::new(
         "token_prob_stats",
         "Token probability statistics (Δp = p_Q − p_base of the correct token, %)",
-        &["statistic", "value", "±"],
+        &["statistic", "value", "± (standard error)"],
     );
     row(&mut tp, "Mean Δp %", pm(s.dp, 100.0, 3));
     row(
