@@ -163,10 +163,10 @@ pub fn compare_runs(
             "A",
             "B",
             "B - A",
-            &format!("{pct}% CI low (chunk bootstrap)"),
-            &format!("{pct}% CI high (chunk bootstrap)"),
+            "CI low (chunk bootstrap)",
+            "CI high (chunk bootstrap)",
             "token-level SE of B - A",
-            "resamples with B < A %",
+            "resamples where B is lower %",
         ],
     );
     let nll_a = sums(ca, |c| c.nll.iter().sum());
@@ -258,7 +258,7 @@ pub fn compare_runs(
         ha.tokenizer
     ));
     t.note(format!(
-        "paired bootstrap over chunks (tokens within a chunk are correlated, so chunks are the resampling unit): {} resamples, seed {}, percentile interval",
+        "{pct}% confidence intervals from a paired bootstrap over chunks (tokens within a chunk are correlated, so chunks are the resampling unit): {} resamples, seed {}, percentile interval",
         opts.resamples, opts.seed
     ));
     for n in notes {
