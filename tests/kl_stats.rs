@@ -333,3 +333,130 @@ fn until_ci_stops_only_after_enough_chunks_and_before_the_end() {
     assert!(until_ci_reached(&cs[..m], half * 1.001, 20).is_some());
     assert!(until_ci_reached(&cs[..m], half * 0.999, 20).is_none());
 }
+
+fn quantlab(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_quantlab"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_rows(out: &str, table: &str) -> Vec<Value> {
+    out.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["table"] == table)
+        .collect()
+}
+
+/// The whole path on the tiny Llama: base, runs with KL statistics, compare, refusals,
+/// protocols.
+#[test]
+fn cli_runs_compare_and_protocols_on_the_tiny_llama() {
+    let tiny = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama-tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let text = p("t.txt");
+    let mut body = String::new();
+    for i in 0..6 {
+        body += &format!(
+            " = Title {i} = \n the quick brown fox jumps over the lazy dog {i} times . \n"
+        );
+    }
+    std::fs::write(&text, body.repeat(3)).unwrap();
+    let common = ["--model", tiny, "--text", &text, "--ctx", "16", "--quiet"];
+    let run = |extra: &[&str]| {
+        let mut a = vec!["--format", "json", "perplexity"];
+        a.extend_from_slice(&common);
+        a.extend_from_slice(extra);
+        quantlab(&a)
+    };
+    let (ok, _, err) = run(&["--save-logprobs", &p("base.kld"), "--kl-top-k", "0"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&["--kl-base", &p("base.kld"), "--save-run", &p("f32.jsonl")]);
+    assert!(ok, "{err}");
+    let kl = json_rows(&out, "kl_stats");
+    assert_eq!(kl[0]["statistic"], "Mean KLD");
+    assert!(kl[0]["value"].as_f64().unwrap().abs() < 1e-6, "{out}");
+    let (ok, out, err) = run(&[
+        "--plan",
+        "*=q4_0",
+        "--kl-base",
+        &p("base.kld"),
+        "--save-run",
+        &p("q4.jsonl"),
+    ]);
+    assert!(ok, "{err}");
+    let stats = json_rows(&out, "ppl_stats");
+    assert!(stats.len() == 6, "{out}");
+    assert!(json_rows(&out, "kl_stats")[0]["value"].as_f64().unwrap() > 1e-4);
+    // Same tokens: compare works and finds the int4 model's KL larger.
+    let (ok, out, err) = quantlab(&[
+        "--format",
+        "json",
+        "compare",
+        &p("f32.jsonl"),
+        &p("q4.jsonl"),
+        "--resamples",
+        "200",
+    ]);
+    assert!(ok, "{err}");
+    let rows = json_rows(&out, "compare");
+    let klrow = rows
+        .iter()
+        .find(|r| r["quantity"] == "mean KL to base")
+        .unwrap();
+    assert!(klrow["b_a"].as_f64().unwrap() > 0.0, "{klrow}");
+    // Another ctx: refused, naming it.
+    let (ok, _, err) = quantlab(&[
+        "perplexity",
+        "--model",
+        tiny,
+        "--text",
+        &text,
+        "--ctx",
+        "32",
+        "--quiet",
+        "--save-run",
+        &p("ctx32.jsonl"),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = quantlab(&["compare", &p("f32.jsonl"), &p("ctx32.jsonl")]);
+    assert!(
+        !ok && err.contains("ctx") && err.contains("protocol"),
+        "{err}"
+    );
+    // A damaged base is refused before the model runs.
+    let mut bytes = std::fs::read(p("base.kld")).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 1;
+    std::fs::write(p("base.kld"), &bytes).unwrap();
+    let (ok, _, err) = run(&["--kl-base", &p("base.kld")]);
+    assert!(
+        !ok && err.contains("checksum") && err.contains("re-save"),
+        "{err}"
+    );
+    // Protocols: one table, word and byte perplexity on the lm-eval row only.
+    let (ok, out, err) = run(&[
+        "--protocols",
+        "llama-bos,llama,hf-strided,lm-eval",
+        "--strided",
+        "16:8",
+        "--lm-eval-max-len",
+        "12",
+    ]);
+    assert!(ok, "{err}");
+    let rows = json_rows(&out, "protocols");
+    assert_eq!(rows.len(), 4, "{out}");
+    assert!(rows[3]["word_perplexity"].as_f64().unwrap() > 1.0, "{out}");
+    assert!(rows[0]["word_perplexity"].is_null());
+    assert!(rows
+        .iter()
+        .all(|r| r["token_perplexity"].as_f64().unwrap() > 1.0));
+    let (ok, _, err) = run(&["--protocols", "gptq"]);
+    assert!(!ok && err.contains("2048"), "{err}");
+}
