@@ -213,7 +213,7 @@ pub fn read_base(path: &Path) -> Result<(BaseHeader, Vec<BaseRow>)> {
     if bytes.len() >= 8 && &bytes[..8] == MAGIC_V1 {
         bail!(
             "{} is a KL base file of format 1 (an older quantlab: no target-token log-probs, no checksum); \
-             re-save it with `perplexity --save-logprobs` on the base model",
+             re-save it with `perplexity --save-logprobs` on the base model (a sweep or lab writes its own base again when its base row is re-measured)",
             path.display()
         );
     }
@@ -225,7 +225,7 @@ pub fn read_base(path: &Path) -> Result<(BaseHeader, Vec<BaseRow>)> {
     if fnv1a(HASH_SEED, body) != stored {
         bail!(
             "KL base file {} fails its checksum (damaged or changed after it was written); \
-             re-save it with `perplexity --save-logprobs` on the base model",
+             re-save it with `perplexity --save-logprobs` on the base model (a sweep or lab writes its own base again when its base row is re-measured)",
             path.display()
         );
     }

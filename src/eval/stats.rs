@@ -501,17 +501,43 @@ pub fn chunk_line(chunks: &[ChunkTokens]) -> String {
     let nll = flat(chunks, |c| &c.nll);
     let q = mean_and_err(nll.iter().copied());
     let mut line = format!("{i:4}    {:9.4} ± {:9.4}", q.0.exp(), q.0.exp() * q.1);
-    if let Ok(Some(s)) = kl_summary(chunks) {
+    // Moments only (no percentiles): this runs after every chunk.
+    if !chunks.is_empty() && chunks.iter().all(|c| c.has_base()) {
+        let nb = flat(chunks, |c| &c.nll_base);
+        let kl = flat(chunks, |c| &c.kl);
+        let dp = flat(chunks, |c| &c.dp);
+        let b = mean_and_err(nb.iter().copied());
+        let cov = cov_of_means(&nll, &nb);
+        let lr = (
+            q.0 - b.0,
+            (q.1 * q.1 + b.1 * b.1 - 2.0 * cov).max(0.0).sqrt(),
+        );
+        let k = mean_and_err(kl.iter().copied());
+        let mse = mean_and_err(dp.iter().map(|d| d * d));
+        let rms = mse.0.sqrt();
+        let rms_err = if rms > 0.0 { 0.5 / rms * mse.1 } else { 0.0 };
+        let n = nll.len();
+        let same = chunks
+            .iter()
+            .flat_map(|c| c.same_top.iter())
+            .filter(|&&t| t)
+            .count() as f64
+            / n as f64;
+        let same_err = if n > 1 {
+            (same * (1.0 - same) / (n - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
         line += &format!(
             "    {:10.5} ± {:10.5}    {:10.5} ± {:10.5}    {:6.3} ± {:6.3} %    {:6.3} ± {:6.3} %",
-            s.ln_ratio.value,
-            s.ln_ratio.err,
-            s.kl.value,
-            s.kl.err,
-            100.0 * s.dp_rms.value,
-            100.0 * s.dp_rms.err,
-            100.0 * s.same_top.value,
-            100.0 * s.same_top.err
+            lr.0,
+            lr.1,
+            k.0,
+            k.1,
+            100.0 * rms,
+            100.0 * rms_err,
+            100.0 * same,
+            100.0 * same_err
         );
     }
     line
@@ -555,5 +581,33 @@ mod tests {
         let sd = (means.iter().map(|x: &f64| (x - m).powi(2)).sum::<f64>() / 3.0).sqrt();
         assert!((chunk_se(&sums, &counts) - sd / 2.0).abs() < 1e-12);
         assert!(chunk_se(&sums[..1], &counts[..1]).is_nan());
+    }
+
+    #[test]
+    fn chunk_lines_agree_with_the_summary() {
+        let mut c = ChunkTokens::default();
+        for i in 0..40 {
+            let x = i as f64 / 40.0;
+            c.push(1.0 + x, Some((1.0 + x * x, 0.01 * x, i % 3 != 0)));
+        }
+        let cs = vec![c.clone(), c];
+        let s = kl_summary(&cs).unwrap().unwrap();
+        let line = chunk_line(&cs);
+        for v in [
+            format!("{:10.5} ± {:10.5}", s.ln_ratio.value, s.ln_ratio.err),
+            format!("{:10.5} ± {:10.5}", s.kl.value, s.kl.err),
+            format!(
+                "{:6.3} ± {:6.3} %",
+                100.0 * s.dp_rms.value,
+                100.0 * s.dp_rms.err
+            ),
+            format!(
+                "{:6.3} ± {:6.3} %",
+                100.0 * s.same_top.value,
+                100.0 * s.same_top.err
+            ),
+        ] {
+            assert!(line.contains(&v), "{line} lacks {v}");
+        }
     }
 }
