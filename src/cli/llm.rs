@@ -219,6 +219,28 @@ pub struct PerplexityArgs {
     /// Compare with a base file from --save-logprobs: KL divergence and top-1 agreement.
     #[arg(long)]
     pub kl_base: Option<PathBuf>,
+    #[command(flatten)]
+    pub measure: MeasureArgs,
+}
+
+/// Run files, early stopping and the all-protocols table (issue #16).
+#[derive(clap::Args, Debug, Clone)]
+pub struct MeasureArgs {
+    /// Write the per-token scores (NLL; KL, same top, Δp with --kl-base) and a header to
+    /// this JSON-lines file, for `quantlab compare`.
+    #[arg(long)]
+    pub save_run: Option<PathBuf>,
+    /// Stop once the 95% CI half-width of mean KL (with --kl-base) or of mean NLL
+    /// (without), from chunk-level standard errors, is at most X (after at least 8 chunks).
+    #[arg(long, value_name = "X", conflicts_with = "save_logprobs")]
+    pub until_ci: Option<f64>,
+    /// Score under several protocols in one command: `all` or a list of llama-bos, llama,
+    /// hf-strided, gptq, lm-eval (word and byte perplexity); one table.
+    #[arg(long, conflicts_with_all = ["save_logprobs", "kl_base", "save_run", "until_ci"])]
+    pub protocols: Option<String>,
+    /// Window of the lm-eval protocol (lm-eval uses the model's full context).
+    #[arg(long, default_value_t = 2048)]
+    pub lm_eval_max_len: usize,
 }
 
 pub fn kl_mode(save: &Option<PathBuf>, top_k: usize, base: &Option<PathBuf>) -> KlMode {
@@ -261,14 +283,29 @@ pub fn perplexity_report(
     let p = a.model.prepare(data, device)?;
     let ids = p.llm.tokenizer.encode(&text)?;
     let bar = crate::progress::bar(0, "perplexity", progress);
+    if let Some(list) = &a.measure.protocols {
+        return crate::eval::measure::protocols_report(
+            &p,
+            &text,
+            &ids,
+            list,
+            &text_spec(&a.text, protocol),
+            a.measure.lm_eval_max_len,
+            &bar,
+        );
+    }
     let mode = kl_mode(&a.save_logprobs, a.kl_top_k, &a.kl_base);
-    let s = lm::score_batched(
+    let s = lm::score_with(
         &p,
         &ids,
         protocol,
         a.text.max_chunks,
         a.text.batch,
         &mode,
+        &lm::ScoreOptions {
+            chunk_lines: progress,
+            until_ci: a.measure.until_ci,
+        },
         &bar,
     )?;
     if crate::profile::enabled() {
@@ -324,8 +361,19 @@ pub fn perplexity_report(
             f.display()
         ));
     }
+    let mut tables = vec![t];
+    tables.extend(crate::eval::measure::after_run(
+        &p,
+        &s,
+        &path,
+        &text,
+        &ids,
+        &text_spec(&a.text, protocol),
+        a.kl_base.as_deref(),
+        a.measure.save_run.as_deref(),
+    )?);
     Ok(Report {
-        tables: vec![t],
+        tables,
         notes: vec![],
     })
 }
@@ -353,6 +401,44 @@ pub fn llm_provenance(
         prov.calibration = Some(CalibrationRecord::of(&spec)?);
     }
     Ok(prov)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CompareArgs {
+    /// Run file A (`perplexity --save-run`).
+    pub run_a: PathBuf,
+    /// Run file B; differences are B − A.
+    pub run_b: PathBuf,
+    /// Bootstrap resamples (chunks drawn with replacement).
+    #[arg(long, default_value_t = 1000)]
+    pub resamples: usize,
+    /// Confidence level of the intervals.
+    #[arg(long, default_value_t = 0.95)]
+    pub confidence: f64,
+    /// Seed of the resampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+fn text_spec(t: &TextArgs, protocol: Protocol) -> crate::eval::measure::TextSpec {
+    crate::eval::measure::TextSpec {
+        protocol,
+        ctx: t.ctx,
+        bos: t.bos,
+        max_chunks: t.max_chunks,
+    }
+}
+
+pub fn compare_report(a: &CompareArgs) -> Result<Report> {
+    crate::eval::measure::compare_files(
+        &a.run_a,
+        &a.run_b,
+        &crate::eval::compare::CompareOptions {
+            resamples: a.resamples,
+            confidence: a.confidence,
+            seed: a.seed,
+        },
+    )
 }
 
 #[derive(clap::Args, Debug)]

@@ -82,6 +82,9 @@ pub enum Command {
     /// Perplexity of an LLM (optionally quantized by a plan) over a text file, with KL
     /// divergence to a stored base model.
     Perplexity(llm::PerplexityArgs),
+    /// Paired comparison of two runs saved with `perplexity --save-run`: differences in
+    /// perplexity, ln ratio and mean KL with paired bootstrap confidence intervals.
+    Compare(llm::CompareArgs),
     /// Perplexity against bits: one row per configuration, appended to a JSON-lines file
     /// (resumable), a markdown table and an SVG plot.
     Sweep(llm::SweepArgs),
@@ -436,6 +439,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Perplexity(a) => {
             llm::perplexity_report(&a, cli.data_dir.as_deref(), &device, progress)?
         }
+        Command::Compare(a) => llm::compare_report(&a)?,
         Command::Generate(a) => {
             text_only("generate", cli.format.into())?;
             return llm::generate(&a, &device);

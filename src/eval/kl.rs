@@ -6,14 +6,21 @@
 //! one bucket for the remaining mass (`k = 0` stores the whole vocabulary). KL is then
 //! computed between the two coarse-grained distributions, which is exact when `k` covers
 //! the vocabulary and otherwise a lower bound (coarse-graining never increases KL).
+//! Each position also stores the base's log-probability of the token that actually came
+//! next, which Δp and the perplexity ratio need (format 2; format 1 files lack it and are
+//! refused). The file ends with an FNV-1a checksum of everything before it, verified on
+//! read, so a damaged file fails loudly instead of giving a wrong KL.
 
+use super::perplexity::Window;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::path::Path;
 
-const MAGIC: &[u8; 8] = b"QLKLD001";
+const MAGIC: &[u8; 8] = b"QLKLD002";
+/// Format 1: no target log-probs, no checksum.
+const MAGIC_V1: &[u8; 8] = b"QLKLD001";
 
 /// What the stored positions were computed on; a comparison refuses a mismatch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +41,8 @@ pub struct BaseRow {
     pub log_probs: Vec<f32>,
     /// log of the probability mass outside `ids` (−inf when none).
     pub log_rest: f32,
+    /// Log-probability of the token that came next in the text (the scored target).
+    pub target_lp: f32,
 }
 
 /// FNV-1a over token ids, to tie a base file to its text and protocol.
@@ -50,8 +59,15 @@ pub fn hash_tokens(acc: u64, ids: &[u32]) -> u64 {
 
 pub const HASH_SEED: u64 = 0xcbf29ce484222325;
 
-/// The base row of one log-prob vector.
-pub fn base_row(lp: &[f32], top_k: usize) -> BaseRow {
+/// FNV-1a over bytes (the base file's checksum; also used for text hashes).
+pub fn fnv1a(acc: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(acc, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+/// The base row of one log-prob vector whose next token was `target`.
+pub fn base_row(lp: &[f32], top_k: usize, target: u32) -> BaseRow {
     let k = if top_k == 0 {
         lp.len()
     } else {
@@ -76,6 +92,7 @@ pub fn base_row(lp: &[f32], top_k: usize) -> BaseRow {
         } else {
             rest.ln() as f32
         },
+        target_lp: lp.get(target as usize).copied().unwrap_or(f32::NAN),
     }
 }
 
@@ -127,10 +144,20 @@ impl BaseWriter {
         }
     }
 
-    pub fn add_window(&mut self, tokens: &[u32], log_probs: &Tensor) -> Result<()> {
-        self.tokens_hash = hash_tokens(self.tokens_hash, tokens);
-        for r in rows(log_probs)? {
-            self.rows.push(base_row(&r, self.top_k));
+    /// Adds the rows of one window (`log_probs[k]` predicts `w.tokens[w.first_scored + k + 1]`).
+    pub fn add_window(&mut self, w: &Window, log_probs: &Tensor) -> Result<()> {
+        self.tokens_hash = hash_tokens(self.tokens_hash, &w.tokens);
+        let targets = &w.tokens[w.first_scored + 1..];
+        let rows = rows(log_probs)?;
+        if rows.len() != targets.len() {
+            bail!(
+                "{} log-prob rows for {} scored positions",
+                rows.len(),
+                targets.len()
+            );
+        }
+        for (r, &t) in rows.iter().zip(targets) {
+            self.rows.push(base_row(r, self.top_k, t));
         }
         Ok(())
     }
@@ -158,7 +185,10 @@ impl BaseWriter {
                 buf.extend_from_slice(&lp.to_le_bytes());
             }
             buf.extend_from_slice(&r.log_rest.to_le_bytes());
+            buf.extend_from_slice(&r.target_lp.to_le_bytes());
         }
+        let sum = fnv1a(HASH_SEED, &buf);
+        buf.extend_from_slice(&sum.to_le_bytes());
         crate::quant::io::write_atomically(path, &buf)
     }
 }
@@ -180,9 +210,26 @@ pub fn read_base(path: &Path) -> Result<(BaseHeader, Vec<BaseRow>)> {
             path.display()
         )
     };
-    if bytes.len() < 12 || &bytes[..8] != MAGIC {
+    if bytes.len() >= 8 && &bytes[..8] == MAGIC_V1 {
+        bail!(
+            "{} is a KL base file of format 1 (an older quantlab: no target-token log-probs, no checksum); \
+             re-save it with `perplexity --save-logprobs` on the base model (a sweep or lab writes its own base again when its base row is re-measured)",
+            path.display()
+        );
+    }
+    if bytes.len() < 20 || &bytes[..8] != MAGIC {
         bail!(corrupt());
     }
+    let (body, tail) = bytes.split_at(bytes.len() - 8);
+    let stored = u64::from_le_bytes(tail.try_into().expect("8 bytes"));
+    if fnv1a(HASH_SEED, body) != stored {
+        bail!(
+            "KL base file {} fails its checksum (damaged or changed after it was written); \
+             re-save it with `perplexity --save-logprobs` on the base model (a sweep or lab writes its own base again when its base row is re-measured)",
+            path.display()
+        );
+    }
+    let bytes = body;
     let mut pos = 8;
     let mut take = |n: usize| -> Result<&[u8]> {
         let s = bytes.get(pos..pos + n).with_context(corrupt)?;
@@ -204,11 +251,16 @@ pub fn read_base(path: &Path) -> Result<(BaseHeader, Vec<BaseRow>)> {
             .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
             .collect();
         let log_rest = f32::from_le_bytes(take(4)?.try_into().expect("4 bytes"));
+        let target_lp = f32::from_le_bytes(take(4)?.try_into().expect("4 bytes"));
         rows.push(BaseRow {
             ids,
             log_probs,
             log_rest,
+            target_lp,
         });
+    }
+    if pos != bytes.len() {
+        bail!(corrupt());
     }
     Ok((header, rows))
 }
@@ -258,10 +310,10 @@ mod tests {
             .zip(&q)
             .map(|(a, b)| (*a as f64).exp() * (*a as f64 - *b as f64))
             .sum();
-        let (kl, agree) = compare_row(&base_row(&p, 0), &q);
+        let (kl, agree) = compare_row(&base_row(&p, 0, 0), &q);
         assert!((kl - want).abs() < 1e-6, "{kl} vs {want}");
         assert!(!agree, "argmax 1 vs 0");
-        let (kl, agree) = compare_row(&base_row(&p, 0), &p);
+        let (kl, agree) = compare_row(&base_row(&p, 0, 0), &p);
         assert!(kl.abs() < 1e-7 && agree);
     }
 
@@ -269,7 +321,7 @@ mod tests {
     fn top_k_kl_is_the_coarse_grained_kl() {
         let p = log_softmax(&[1.0, 2.0, 0.5, -1.0, 0.2]);
         let q = log_softmax(&[1.5, 1.0, 0.5, 0.0, -0.3]);
-        let row = base_row(&p, 2);
+        let row = base_row(&p, 2, 0);
         assert_eq!(row.ids, [1, 0]);
         // Buckets {1}, {0}, {2,3,4} computed by hand in f64.
         let pe: Vec<f64> = p.iter().map(|v| (*v as f64).exp()).collect();
@@ -279,7 +331,7 @@ mod tests {
             pe[1] * (pe[1] / qe[1]).ln() + pe[0] * (pe[0] / qe[0]).ln() + pr * (pr / qr).ln();
         let (kl, _) = compare_row(&row, &q);
         assert!((kl - want).abs() < 1e-6, "{kl} vs {want}");
-        let (full, _) = compare_row(&base_row(&p, 0), &q);
+        let (full, _) = compare_row(&base_row(&p, 0, 0), &q);
         assert!(kl <= full + 1e-9);
     }
 
@@ -294,7 +346,11 @@ mod tests {
         ]
         .concat();
         let lp = Tensor::from_vec(flat, (2, 5), &candle_core::Device::Cpu).unwrap();
-        w.add_window(&[1, 2, 3], &lp).unwrap();
+        let win = Window {
+            tokens: vec![1, 2, 3],
+            first_scored: 0,
+        };
+        w.add_window(&win, &lp).unwrap();
         w.write(&path, "m", "p", 5).unwrap();
         let (h, rows) = read_base(&path).unwrap();
         assert_eq!(h.positions, 2);

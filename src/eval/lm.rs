@@ -3,6 +3,7 @@
 
 use super::kl::{self, BaseWriter, KlStats};
 use super::perplexity::{self, PerplexityResult, Protocol};
+use super::stats::{self, ChunkTokens};
 use crate::arch::llama::LoadAs;
 use crate::model::{load_llm, LoadedLlm};
 use crate::nn::{apply_plan_in_stages, HasLinears, LayerSummary, Plan};
@@ -184,7 +185,25 @@ pub enum KlMode {
 pub struct LmScores {
     pub ppl: PerplexityResult,
     pub kl: Option<KlStats>,
+    /// Per-token scores of each window (with base scores when comparing with a base).
+    pub chunks: Vec<ChunkTokens>,
+    /// Header of the KL base compared with, if any.
+    pub base: Option<kl::BaseHeader>,
 }
+
+/// Extras of the `perplexity` command: progress lines and early stopping.
+#[derive(Debug, Clone, Default)]
+pub struct ScoreOptions {
+    /// Print one line per chunk to stderr (llama.cpp's layout).
+    pub chunk_lines: bool,
+    /// Stop once the 95% CI half-width of the mean KL (with a base) or of the mean NLL
+    /// (without), from chunk-level standard errors, is at most this.
+    pub until_ci: Option<f64>,
+}
+
+/// Fewest chunks before `--until-ci` may stop: a standard error from fewer chunks is
+/// itself too uncertain to trust.
+pub const UNTIL_CI_MIN_CHUNKS: usize = 8;
 
 /// Perplexity of a prepared model, with KL against (or saving) a base file.
 pub fn score(
@@ -208,21 +227,46 @@ pub fn score_batched(
     kl_mode: &KlMode,
     progress: &indicatif::ProgressBar,
 ) -> Result<LmScores> {
+    score_with(
+        p,
+        ids,
+        protocol,
+        max_windows,
+        batch,
+        kl_mode,
+        &ScoreOptions::default(),
+        progress,
+    )
+}
+
+/// [`score_batched`] with per-chunk lines and early stopping.
+#[allow(clippy::too_many_arguments)]
+pub fn score_with(
+    p: &PreparedLlm,
+    ids: &[u32],
+    protocol: Protocol,
+    max_windows: Option<usize>,
+    batch: usize,
+    kl_mode: &KlMode,
+    opts: &ScoreOptions,
+    progress: &indicatif::ProgressBar,
+) -> Result<LmScores> {
     let model_name = p.llm.source.display().to_string();
     let bos = p.llm.tokenizer.bos;
+    let ws = perplexity::windows(ids, protocol, bos, max_windows)?;
     // Per-window work of each mode, run by one scoring loop.
     enum Sink {
         None,
         Save(BaseWriter),
         Compare(Vec<kl::BaseRow>, KlStats, usize),
     }
+    let mut base_header = None;
     let mut sink = match kl_mode {
         KlMode::None => Sink::None,
         KlMode::Save(_, top_k) => Sink::Save(BaseWriter::new(*top_k)),
         KlMode::Compare(path) => {
             let (header, rows) = kl::read_base(path)?;
             // Check the text and protocol before spending time on the model.
-            let ws = perplexity::windows(ids, protocol, bos, max_windows)?;
             let hash = ws
                 .iter()
                 .fold(kl::HASH_SEED, |h, w| kl::hash_tokens(h, &w.tokens));
@@ -236,32 +280,62 @@ pub fn score_batched(
                     header.positions
                 );
             }
+            if header.vocab != p.llm.model.cfg.vocab_size {
+                bail!(
+                    "KL base {} has a vocabulary of {} tokens, this model {}",
+                    path.display(),
+                    header.vocab,
+                    p.llm.model.cfg.vocab_size
+                );
+            }
+            base_header = Some(header);
             Sink::Compare(rows, KlStats::default(), 0)
         }
     };
-    let ppl = perplexity::perplexity(
+    let mut chunks: Vec<ChunkTokens> = Vec::with_capacity(ws.len());
+    if opts.chunk_lines {
+        progress
+            .suspend(|| eprintln!("{}", stats::chunk_header(matches!(sink, Sink::Compare(..)))));
+    }
+    let ppl = perplexity::perplexity_of_windows(
         &p.llm.model,
-        ids,
+        &ws,
         protocol,
-        bos,
-        max_windows,
         batch,
         progress,
-        |_, win, lp| match &mut sink {
-            Sink::None => Ok(()),
-            Sink::Save(w) => w.add_window(&win.tokens, lp),
-            Sink::Compare(rows, stats, next) => {
-                for r in kl::rows(lp)? {
-                    let (d, agree) = kl::compare_row(&rows[*next], &r);
-                    stats.add(d, agree);
-                    *next += 1;
+        |_, win, lp, nll| {
+            let mut chunk = ChunkTokens::default();
+            match &mut sink {
+                Sink::None => nll.iter().for_each(|&v| chunk.push(v, None)),
+                Sink::Save(w) => {
+                    w.add_window(win, lp)?;
+                    nll.iter().for_each(|&v| chunk.push(v, None));
                 }
-                Ok(())
+                Sink::Compare(rows, stats, next) => {
+                    for (r, &v) in kl::rows(lp)?.iter().zip(nll) {
+                        let base = &rows[*next];
+                        let (d, agree) = kl::compare_row(base, r);
+                        stats.add(d, agree);
+                        chunk.push(v, Some((-(base.target_lp as f64), d, agree)));
+                        *next += 1;
+                    }
+                }
             }
+            chunks.push(chunk);
+            if opts.chunk_lines {
+                let line = stats::chunk_line(&chunks);
+                progress.suspend(|| eprintln!("{line}"));
+            }
+            Ok(opts
+                .until_ci
+                .and_then(|x| until_ci_reached(&chunks, x, ws.len())))
         },
     )?;
     let kl = match (sink, kl_mode) {
         (Sink::Save(w), KlMode::Save(path, _)) => {
+            if ppl.stopped_early.is_some() {
+                bail!("--until-ci cannot be used with --save-logprobs (a base covers the whole protocol)");
+            }
             w.write(
                 path,
                 &model_name,
@@ -273,7 +347,41 @@ pub fn score_batched(
         (Sink::Compare(_, stats, _), _) => Some(stats),
         _ => None,
     };
-    Ok(LmScores { ppl, kl })
+    Ok(LmScores {
+        ppl,
+        kl,
+        chunks,
+        base: base_header,
+    })
+}
+
+/// `Some(why)` once the 95% CI half-width (1.96 chunk-level standard errors) of mean KL
+/// (with a base) or mean NLL (without) is at most `x`, after at least
+/// [`UNTIL_CI_MIN_CHUNKS`] chunks and before the last one.
+pub fn until_ci_reached(chunks: &[ChunkTokens], x: f64, total: usize) -> Option<String> {
+    if chunks.len() < UNTIL_CI_MIN_CHUNKS || chunks.len() >= total {
+        return None;
+    }
+    let with_base = chunks.iter().all(|c| c.has_base());
+    let sums: Vec<f64> = chunks
+        .iter()
+        .map(|c| {
+            if with_base {
+                c.kl.iter().sum()
+            } else {
+                c.nll.iter().sum()
+            }
+        })
+        .collect();
+    let counts: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+    let half = 1.959963984540054 * stats::chunk_se(&sums, &counts);
+    (half <= x).then(|| {
+        format!(
+            "stopped after {} of {total} chunks: the 95% CI half-width of the mean {} (1.96 x its chunk-level standard error) is {half:.5} <= --until-ci {x}",
+            chunks.len(),
+            if with_base { "KL" } else { "NLL (ln perplexity)" }
+        )
+    })
 }
 
 /// Tokens from greedy decoding, and how long prefill and decode took.

@@ -133,6 +133,10 @@ pub struct PerplexityResult {
     pub tokens_processed: usize,
     /// Σ −log p(target), per window.
     pub window_nll: Vec<f64>,
+    /// −log p(target) per scored position, per window.
+    pub token_nll: Vec<Vec<f64>>,
+    /// Why the run ended before the protocol's last window (`--until-ci`), if it did.
+    pub stopped_early: Option<String>,
     /// Wall time of each window's forward pass and scoring.
     pub window_seconds: Vec<f64>,
     pub seconds: f64,
@@ -159,6 +163,11 @@ impl PerplexityResult {
 
 /// Σ −log p(target) over a window's scored positions, from its log-prob rows.
 pub fn window_nll(w: &Window, log_probs: &Tensor) -> Result<f64> {
+    Ok(token_nll(w, log_probs)?.iter().sum())
+}
+
+/// −log p(target) at each of a window's scored positions, from its log-prob rows.
+pub fn token_nll(w: &Window, log_probs: &Tensor) -> Result<Vec<f64>> {
     let targets: Vec<u32> = w.tokens[w.first_scored + 1..].to_vec();
     let t = Tensor::from_vec(targets, (w.scored(), 1), log_probs.device())?;
     let picked = log_probs.gather(&t, 1)?.flatten_all()?.to_vec1::<f32>()?;
@@ -167,7 +176,7 @@ pub fn window_nll(w: &Window, log_probs: &Tensor) -> Result<f64> {
             "the model produced a non-finite log-probability at scored position {bad}; its weights or activations overflowed"
         );
     }
-    Ok(-picked.iter().map(|&v| v as f64).sum::<f64>())
+    Ok(picked.iter().map(|&v| -(v as f64)).collect())
 }
 
 /// Log-probabilities of the scored positions of `ws` (windows of equal length and
@@ -214,13 +223,30 @@ pub fn perplexity(
     progress: &indicatif::ProgressBar,
     mut each: impl FnMut(usize, &Window, &Tensor) -> Result<()>,
 ) -> Result<PerplexityResult> {
+    let ws = windows(ids, protocol, bos_id, max_windows)?;
+    perplexity_of_windows(model, &ws, protocol, batch, progress, |i, w, lp, _| {
+        each(i, w, lp).map(|_| None)
+    })
+}
+
+/// [`perplexity`] over given windows; `each` also gets the window's per-token NLLs and
+/// returns `Some(reason)` to stop the run after the current batch of windows.
+pub fn perplexity_of_windows(
+    model: &Llama,
+    ws: &[Window],
+    protocol: Protocol,
+    batch: usize,
+    progress: &indicatif::ProgressBar,
+    mut each: impl FnMut(usize, &Window, &Tensor, &[f64]) -> Result<Option<String>>,
+) -> Result<PerplexityResult> {
     if batch == 0 {
         bail!("--batch must be at least 1");
     }
-    let ws = windows(ids, protocol, bos_id, max_windows)?;
     progress.set_length(ws.len() as u64);
     let start = Instant::now();
     let mut window_nll_sums = Vec::with_capacity(ws.len());
+    let mut token_nlls = Vec::with_capacity(ws.len());
+    let mut stopped_early = None;
     let (mut scored, mut processed) = (0, 0);
     let mut window_seconds = Vec::with_capacity(ws.len());
     let mut i = 0;
@@ -240,15 +266,18 @@ pub fn perplexity(
         let mut nlls = Vec::with_capacity(group.len());
         crate::profile::section(&model.device, "nll", || -> Result<()> {
             for (w, lp) in group.iter().zip(&lps) {
-                nlls.push(window_nll(w, lp)?);
+                nlls.push(token_nll(w, lp)?);
             }
             Ok(())
         })?;
         let per_window = t.elapsed().as_secs_f64() / group.len() as f64;
-        for (k, (w, lp)) in group.iter().zip(&lps).enumerate() {
-            window_nll_sums.push(nlls[k]);
+        for (k, ((w, lp), nll)) in group.iter().zip(&lps).zip(nlls).enumerate() {
+            window_nll_sums.push(nll.iter().sum());
             window_seconds.push(per_window);
-            each(i + k, w, lp)?;
+            if let Some(why) = each(i + k, w, lp, &nll)? {
+                stopped_early.get_or_insert(why);
+            }
+            token_nlls.push(nll);
             scored += w.scored();
             processed += w.tokens.len();
         }
@@ -258,14 +287,19 @@ pub fn perplexity(
             (window_nll_sums.iter().sum::<f64>() / scored as f64).exp()
         ));
         i = j;
+        if stopped_early.is_some() {
+            break;
+        }
     }
     progress.finish_and_clear();
     Ok(PerplexityResult {
         protocol,
-        windows: ws.len(),
+        windows: window_nll_sums.len(),
         scored_tokens: scored,
         tokens_processed: processed,
         window_nll: window_nll_sums,
+        token_nll: token_nlls,
+        stopped_early,
         window_seconds,
         seconds: start.elapsed().as_secs_f64(),
     })
