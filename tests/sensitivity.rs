@@ -141,6 +141,7 @@ fn the_pass_resumes_plots_and_feeds_a_budget_plan() {
         settings,
         granularity: Granularity::Layer,
         out: tmp.path().join("s.jsonl"),
+        measure: true,
         progress: false,
     };
     let (rows, t) = sensitivity::run(&spec).unwrap();

@@ -191,7 +191,7 @@ pub struct GptqLabArgs {
     pub calib_seqlen: usize,
     #[arg(long, default_value_t = 0)]
     pub calib_seed: u64,
-    /// Folder for the plots (gptq_accuracy.svg, gptq_speed.svg).
+    /// Folder for the plots (gptq_accuracy and gptq_speed, each .svg and .png).
     #[arg(long)]
     pub plot_dir: Option<PathBuf>,
 }

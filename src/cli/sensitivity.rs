@@ -77,6 +77,9 @@ pub struct SensitivityArgs {
     /// Heat map (layers × settings), .png or .svg.
     #[arg(long, default_value = "runs/sensitivity.png")]
     pub plot: PathBuf,
+    /// Only report and plot the rows already in --out (measure nothing).
+    #[arg(long)]
+    pub report_only: bool,
 }
 
 /// WikiText-2 validation from the data folder unless `text` is given.
@@ -112,6 +115,7 @@ pub fn sensitivity_report(
         settings: settings.clone(),
         granularity: a.granularity.into(),
         out: a.out.clone(),
+        measure: !a.report_only,
         progress,
     };
     let start = std::time::Instant::now();
@@ -340,10 +344,10 @@ pub fn plan_report(
         ]);
     }
     t.note(format!(
-        "chosen at {} bits/weight ({} bytes): {} bits/weight, predicted KL {:.5} (Lagrangian lower bound {:.5}, λ = {:.3e} KL/byte); plan written to {}, llama.cpp tensor types to {} ({})",
+        "chosen at {} bits/weight ({} bytes): {:.3} bits/weight, predicted KL {:.5} (Lagrangian lower bound {:.5}, λ = {:.3e} KL/byte); plan written to {}, llama.cpp tensor types to {} ({})",
         a.budget.map_or_else(|| format!("{:.3}", bpw(budget_bytes)), |b| format!("{b:.3}")),
         budget_bytes,
-        format!("{:.3}", bpw(chosen.bytes)),
+        bpw(chosen.bytes),
         chosen.cost,
         chosen.lower_bound,
         chosen.lambda,

@@ -347,8 +347,9 @@ impl Problem {
             let Some((ty, exact)) = ggml_type(m) else {
                 bail!("{m} has no GGML counterpart for llama.cpp");
             };
-            if !exact && !approx.contains(m) {
-                approx.push(format!("{m} → {ty}"));
+            let note = format!("{m} → {ty}");
+            if !exact && !approx.contains(&note) {
+                approx.push(note);
             }
             // Units are layer names or globs over them; GGUF names are regexes in llama.cpp.
             let re = if it.unit.contains('*') {
@@ -436,7 +437,7 @@ pub fn count_settings(plan: &str) -> String {
             None => counts.push((m, 1)),
         }
     }
-    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts.sort_by_key(|c| std::cmp::Reverse(c.1));
     counts
         .iter()
         .map(|(m, n)| {

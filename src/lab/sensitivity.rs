@@ -334,6 +334,8 @@ pub struct SensitivitySpec {
     pub settings: Vec<Config>,
     pub granularity: Granularity,
     pub out: PathBuf,
+    /// Measure what the file lacks (false: report only what it holds).
+    pub measure: bool,
     pub progress: bool,
 }
 
@@ -420,7 +422,7 @@ pub fn run(spec: &SensitivitySpec) -> Result<(Vec<Row>, Timing)> {
             }
         }
     }
-    if todo.is_empty() {
+    if todo.is_empty() || !spec.measure {
         return Ok((rows, timing));
     }
     let t0 = Instant::now();

@@ -410,7 +410,7 @@ impl Draw for HeatMap {
                 })
                 .y_label_formatter(&move |y| {
                     let i = y.floor() as usize;
-                    if (y - i as f64 - 0.5).abs() < 1e-6 && i < rn.len() && i % step == 0 {
+                    if (y - i as f64 - 0.5).abs() < 1e-6 && i < rn.len() && i.is_multiple_of(step) {
                         rn[i].clone()
                     } else {
                         String::new()
