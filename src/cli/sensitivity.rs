@@ -202,6 +202,11 @@ pub struct PlanArgs {
     /// Do not offer "keep" (f32, no KL) as a setting.
     #[arg(long)]
     pub no_keep: bool,
+    /// Offer a setting no row measured, estimated from a measured one: `TO=FROM`, e.g.
+    /// `w:i8:sym:g64=w:i4:sym:g64` (KL scaled by the noise power 4^-(bits difference),
+    /// bytes by arithmetic; measured rows of TO take precedence). Repeatable.
+    #[arg(long)]
+    pub estimate: Vec<String>,
     /// Only these plan methods from the file (default: all of them).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
@@ -254,7 +259,16 @@ pub fn plan_report(
         .into_iter()
         .filter(|r| a.only.is_empty() || a.only.contains(&r.method))
         .collect();
-    let problem = crate::lab::budget::Problem::from_rows(&rows, !a.no_keep)?;
+    let estimates = a
+        .estimate
+        .iter()
+        .map(|e| {
+            e.split_once('=')
+                .map(|(t, f)| (t.trim().to_string(), f.trim().to_string()))
+                .ok_or_else(|| anyhow::anyhow!("--estimate '{e}': use TO=FROM"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let problem = crate::lab::budget::Problem::with_estimates(&rows, !a.no_keep, &estimates)?;
     let params = budget::params(&problem.items);
     let budget_bytes = match (a.budget, a.max_mb) {
         (Some(b), _) => budget::budget_for_bits(&problem.items, b),
@@ -363,6 +377,12 @@ pub fn plan_report(
         problem.text,
         params
     ));
+    if !estimates.is_empty() {
+        t.note(format!(
+            "estimated (not measured) settings offered: {} — KL of the measured setting × 4^-(bits difference); the measured column is the check",
+            a.estimate.join(", ")
+        ));
+    }
     if let Some(v) = &verified {
         t.note(format!(
             "measured: mean KL against the f32 model on {} ({}), as `perplexity --kl-base` measures it; f32 perplexity {:.3}",

@@ -266,6 +266,20 @@ impl Problem {
     /// Items from the rows of one sensitivity pass (one model, text and token budget);
     /// with `keep`, every unit may also stay f32 (4 bytes per weight, no KL).
     pub fn from_rows(rows: &[crate::lab::sensitivity::Row], keep: bool) -> Result<Self> {
+        Self::with_estimates(rows, keep, &[])
+    }
+
+    /// [`Self::from_rows`], plus settings estimated from a measured one where a unit has no
+    /// row of its own: `(to, from)` pairs of symmetric RTN methods differing only in bits
+    /// (`w:i8:sym:g64` from `w:i4:sym:g64`). The estimate scales the measured KL by the
+    /// quantization noise power, 4^-(to - from) (the step halves per bit; KL is quadratic
+    /// in a small perturbation), and adds the codes' extra bytes (same scales). A model,
+    /// not a measurement: `plan --verify` measures the chosen plan.
+    pub fn with_estimates(
+        rows: &[crate::lab::sensitivity::Row],
+        keep: bool,
+        estimates: &[(String, String)],
+    ) -> Result<Self> {
         let Some(first) = rows.first() else {
             bail!("the sensitivity file has no rows (run `quantlab sensitivity` first)");
         };
@@ -309,6 +323,27 @@ impl Problem {
                     params: r.params,
                     choices: vec![c],
                 }),
+            }
+        }
+        for (to, from) in estimates {
+            let (bt, rest_t) = rtn_bits(to)?;
+            let (bf, rest_f) = rtn_bits(from)?;
+            if rest_t != rest_f {
+                bail!("--estimate {to}={from}: the two must differ only in bits");
+            }
+            for i in &mut items {
+                if i.choices.iter().any(|c| c.method == *to) {
+                    continue; // measured
+                }
+                let Some(f) = i.choices.iter().find(|c| c.method == *from).cloned() else {
+                    bail!("--estimate {to}={from}: unit {} has no {from} row", i.unit);
+                };
+                let extra = (i.params as f64 * (bt as f64 - bf as f64) / 8.0).round() as i64;
+                i.choices.push(Choice {
+                    method: to.clone(),
+                    bytes: (f.bytes as i64 + extra).max(0) as usize,
+                    cost: f.cost * 4f64.powi(bf as i32 - bt as i32),
+                });
             }
         }
         if keep {
@@ -416,6 +451,18 @@ impl Problem {
             }
         }
         out
+    }
+}
+
+/// Bits and the rest of a symmetric RTN spec `w:i<bits>:sym:<grouping>`.
+fn rtn_bits(spec: &str) -> Result<(u32, String)> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    match parts.as_slice() {
+        ["w", b, "sym", g] => match b.strip_prefix('i').and_then(|b| b.parse::<u32>().ok()) {
+            Some(bits) if (2..=8).contains(&bits) => Ok((bits, g.to_string())),
+            _ => bail!("'{spec}': estimates take w:i<2..8>:sym:<grouping>"),
+        },
+        _ => bail!("'{spec}': estimates take w:i<2..8>:sym:<grouping>"),
     }
 }
 
@@ -646,6 +693,14 @@ mod tests {
         let ch = [c(4, 9.0), c(8, 4.0), c(10, 5.0), c(20, 2.0), c(32, 0.0)];
         let h: Vec<usize> = hull(&ch);
         assert_eq!(h, vec![0, 1, 4]);
+    }
+
+    #[test]
+    fn estimates_need_sym_rtn_specs_differing_in_bits() {
+        assert_eq!(rtn_bits("w:i8:sym:g64").unwrap(), (8, "g64".to_string()));
+        assert!(rtn_bits("w:u8:affine:g64").is_err());
+        assert!(rtn_bits("hqq:u4:g64").is_err());
+        assert!(rtn_bits("w:i9:sym:g64").is_err());
     }
 
     #[test]
