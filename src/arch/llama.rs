@@ -5,7 +5,7 @@
 
 use crate::load::gguf::Gguf;
 use crate::load::{SafetensorsSource, TensorSource};
-use crate::nn::kernels::llm_f32::{self, KvHeads, RopePairs};
+use crate::nn::kernels::llm_f32::{self, KvHeads};
 use crate::nn::scaling::{GroupMut, Producer, ScaleGroup, ScaleSite};
 use crate::nn::{HasLinears, QLinear};
 use crate::profile;
@@ -15,7 +15,10 @@ use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
 
+mod partial;
 mod staged;
+
+pub use partial::Stage;
 
 /// Rope frequency scaling from config.json's `rope_parameters` (transformers 5) or
 /// `rope_scaling` (earlier).
@@ -799,58 +802,13 @@ impl Llama {
         let c = &self.cfg;
         let (t, hs) = x.dims2()?;
         let offset = cache.len();
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let eps = c.rms_norm_eps as f32;
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let pairs = match self.rope_layout {
-            RopeLayout::Interleaved => RopePairs::Adjacent,
-            RopeLayout::HalfSplit => RopePairs::Halves,
-        };
         let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
         let dev = &self.device;
         let mut x = host(&x)?;
         for (b, kv) in self.blocks.iter().zip(cache.cpu.iter_mut()) {
-            let h = Tensor::from_vec(
-                llm_f32::rms_norm(&x, &host(&b.attn_norm)?, eps),
-                (t, hs),
-                dev,
-            )?;
-            let mut q = host(&b.q.forward(&h)?)?;
-            let mut k = host(&b.k.forward(&h)?)?;
-            let v = host(&b.v.forward(&h)?)?;
-            llm_f32::rope(
-                &mut q,
-                nh,
-                hd,
-                offset,
-                &self.cos_host,
-                &self.sin_host,
-                pairs,
-            );
-            llm_f32::rope(
-                &mut k,
-                nkv,
-                hd,
-                offset,
-                &self.cos_host,
-                &self.sin_host,
-                pairs,
-            );
-            kv.append(&k, &v, nkv, hd);
-            let y = llm_f32::causal_attention(&q, t, nh, hd, kv, offset, scale);
-            let y = host(&b.o.forward(&Tensor::from_vec(y, (t, nh * hd), dev)?)?)?;
-            add_in_place(&mut x, &y);
-            let h = Tensor::from_vec(
-                llm_f32::rms_norm(&x, &host(&b.ffn_norm)?, eps),
-                (t, hs),
-                dev,
-            )?;
-            let mut g = host(&b.gate.forward(&h)?)?;
-            let u = host(&b.up.forward(&h)?)?;
-            llm_f32::silu_mul(&mut g, &u);
-            let inner = c.intermediate_size;
-            let d = host(&b.down.forward(&Tensor::from_vec(g, (t, inner), dev)?)?)?;
-            add_in_place(&mut x, &d);
+            self.attention_half(b, &mut x, t, kv, offset)?;
+            self.mlp_half(b, &mut x, t)?;
         }
         cache.len = offset + t;
         let x = &x[(t - rows) * hs..];

@@ -546,7 +546,7 @@ pub struct SweepArgs {
     /// JSON-lines file the rows are appended to (and resumed from).
     #[arg(long, default_value = "runs/sweep.jsonl")]
     pub out: PathBuf,
-    /// SVG plot of perplexity against bits per weight.
+    /// Plot of perplexity against bits per weight (.svg or .png by the extension).
     #[arg(long, default_value = "runs/sweep.svg")]
     pub plot: PathBuf,
     /// Also measure KL divergence and top-1 agreement against the f32 baseline.
@@ -767,7 +767,7 @@ fn sweep_table(
             .map(|r| (r.perplexity, format!("f32 ({:.3})", r.perplexity))),
         log_y: true,
     };
-    plot.write_svg(plot_path)?;
+    plot.write(plot_path)?;
     t.note(format!("plot: {}", plot_path.display()));
     let mut commits: Vec<&str> = Vec::new();
     for p in rows.iter().filter_map(|r| r.provenance.as_ref()) {
@@ -790,6 +790,42 @@ fn sweep_table(
             p
         })
     });
+    // KL against bits beside it, when the rows have KL.
+    if rows.iter().any(|r| r.mean_kl.is_some_and(|k| k > 0.0)) {
+        let kl_path = plot_path.with_file_name(format!(
+            "{}-kl.{}",
+            plot_path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("sweep"),
+            plot_path
+                .extension()
+                .and_then(|s| s.to_str())
+                .unwrap_or("svg")
+        ));
+        let kl_plot = crate::report::plot::LinePlot {
+            title: format!("KL to f32 vs bits per weight ({layers:?} layers)"),
+            x_label: "bits per weight (quantized layers)".into(),
+            y_label: "mean KL to f32 (nats, log scale)".into(),
+            series: families
+                .iter()
+                .map(|f| crate::report::plot::Series {
+                    name: f.clone(),
+                    points: rows
+                        .iter()
+                        .filter(|r| &r.family == f)
+                        .filter_map(|r| r.mean_kl.map(|k| (r.bits_per_weight, k)))
+                        .filter(|p| p.1 > 0.0)
+                        .collect(),
+                })
+                .filter(|s| !s.points.is_empty())
+                .collect(),
+            baseline: None,
+            log_y: true,
+        };
+        kl_plot.write(&kl_path)?;
+        t.note(format!("KL plot: {}", kl_path.display()));
+    }
     Ok(Report {
         tables: vec![t],
         notes: vec![],

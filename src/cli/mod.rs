@@ -4,6 +4,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod llm;
 pub mod mt;
+pub mod sensitivity;
 
 use crate::data::DataDir;
 use crate::report::{Cell, Format, Report, Table};
@@ -88,6 +89,14 @@ pub enum Command {
     /// Perplexity against bits: one row per configuration, appended to a JSON-lines file
     /// (resumable), a markdown table and an SVG plot.
     Sweep(llm::SweepArgs),
+    /// Per-layer sensitivity: the KL to the f32 model (and perplexity) with only one layer
+    /// (or block, or layer type) quantized, per setting; JSON lines (resumable), a table
+    /// and a heat map.
+    Sensitivity(sensitivity::SensitivityArgs),
+    /// Per-layer settings under a size budget from a sensitivity file (Lagrangian sweep of
+    /// the multiple-choice knapsack): the plan, llama.cpp --tensor-type arguments, the
+    /// Pareto front, and with --verify the real KL of the chosen plans.
+    Plan(sensitivity::PlanArgs),
     /// Greedy text generation with the KV cache (prompt from --prompt or stdin).
     Generate(llm::GenerateArgs),
     /// Throughput as llama-bench measures it (pp512, tg128; mean ± std) for several plans
@@ -185,7 +194,7 @@ pub struct GptqLabArgs {
     pub calib_seqlen: usize,
     #[arg(long, default_value_t = 0)]
     pub calib_seed: u64,
-    /// Folder for the plots (gptq_accuracy.svg, gptq_speed.svg).
+    /// Folder for the plots (gptq_accuracy and gptq_speed, each .svg and .png).
     #[arg(long)]
     pub plot_dir: Option<PathBuf>,
 }
@@ -443,6 +452,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => {
             text_only("generate", cli.format.into())?;
             return llm::generate(&a, &device);
+        }
+        Command::Sensitivity(a) => {
+            sensitivity::sensitivity_report(&a, cli.data_dir.as_deref(), &device, progress)?
+        }
+        Command::Plan(a) => {
+            sensitivity::plan_report(&a, cli.data_dir.as_deref(), &device, progress)?
         }
         Command::Bench(a) => bench::report(&a, cli.data_dir.as_deref(), &device, progress)?,
         Command::Sweep(a) => llm::sweep_report(&a, cli.data_dir.as_deref(), &device, progress)?,

@@ -206,10 +206,12 @@ pub fn run(cfg: &GptqLabConfig) -> Result<Report> {
             baseline: f32_row.map(|r| (r.tps, "f32".to_string())),
             log_y: false,
         };
-        for (name, plot) in [("gptq_accuracy.svg", acc), ("gptq_speed.svg", speed)] {
-            let path = dir.join(name);
-            plot.write_svg(&path)?;
-            notes.push(format!("plot: {}", path.display()));
+        for (name, plot) in [("gptq_accuracy", acc), ("gptq_speed", speed)] {
+            for ext in ["svg", "png"] {
+                let path = dir.join(format!("{name}.{ext}"));
+                plot.write(&path)?;
+                notes.push(format!("plot: {}", path.display()));
+            }
         }
     }
     Ok(Report {

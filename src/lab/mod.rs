@@ -1,11 +1,13 @@
 //! Reproductions of the lab handout's exercises, as library functions with reports.
 
 pub mod bnb;
+pub mod budget;
 pub mod ex0;
 pub mod ex1;
 pub mod gptq;
 pub mod marian;
 pub mod mnist;
+pub mod sensitivity;
 pub mod smollm;
 pub mod sweep;
 pub mod sweep_key;

@@ -1,0 +1,190 @@
+//! The decoder block split in two halves (attention, feed-forward) on host buffers, shared by
+//! the CPU forward pass and by callers that resume a forward pass from a stored hidden
+//! state (the layer-sensitivity pass perturbs one layer and recomputes only what follows it).
+//! One window at a time, f32 on the CPU; the arithmetic is exactly that of
+//! [`Llama::forward`] on the CPU.
+
+use super::{add_in_place, Block, Llama, RopeLayout};
+use crate::nn::kernels::llm_f32::{self, KvHeads, RopePairs};
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+
+fn host(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// Where a resumed forward pass starts: the input of one half of one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Stage {
+    pub block: usize,
+    /// 0: attention (q, k, v, o read from here); 1: feed-forward (gate, up, down).
+    pub half: usize,
+}
+
+impl Stage {
+    /// Position in the sequence of halves: `2 * block + half`.
+    pub fn index(&self) -> usize {
+        2 * self.block + self.half
+    }
+}
+
+impl Llama {
+    /// `x += attention(norm(x))` for block `b` on `t` rows of `x` placed after `kv`'s
+    /// `offset` cached positions (appended to `kv`).
+    pub(super) fn attention_half(
+        &self,
+        b: &Block,
+        x: &mut [f32],
+        t: usize,
+        kv: &mut KvHeads,
+        offset: usize,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let (hs, nh, nkv, hd) = (
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        );
+        let eps = c.rms_norm_eps as f32;
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let pairs = match self.rope_layout {
+            RopeLayout::Interleaved => RopePairs::Adjacent,
+            RopeLayout::HalfSplit => RopePairs::Halves,
+        };
+        let dev = &self.device;
+        let h = Tensor::from_vec(
+            llm_f32::rms_norm(x, &host(&b.attn_norm)?, eps),
+            (t, hs),
+            dev,
+        )?;
+        let mut q = host(&b.q.forward(&h)?)?;
+        let mut k = host(&b.k.forward(&h)?)?;
+        let v = host(&b.v.forward(&h)?)?;
+        llm_f32::rope(
+            &mut q,
+            nh,
+            hd,
+            offset,
+            &self.cos_host,
+            &self.sin_host,
+            pairs,
+        );
+        llm_f32::rope(
+            &mut k,
+            nkv,
+            hd,
+            offset,
+            &self.cos_host,
+            &self.sin_host,
+            pairs,
+        );
+        kv.append(&k, &v, nkv, hd);
+        let y = llm_f32::causal_attention(&q, t, nh, hd, kv, offset, scale);
+        let y = host(&b.o.forward(&Tensor::from_vec(y, (t, nh * hd), dev)?)?)?;
+        add_in_place(x, &y);
+        Ok(())
+    }
+
+    /// `x += down(silu(gate(norm(x))) · up(norm(x)))` for block `b`.
+    pub(super) fn mlp_half(&self, b: &Block, x: &mut [f32], t: usize) -> Result<()> {
+        let c = &self.cfg;
+        let dev = &self.device;
+        let h = Tensor::from_vec(
+            llm_f32::rms_norm(x, &host(&b.ffn_norm)?, c.rms_norm_eps as f32),
+            (t, c.hidden_size),
+            dev,
+        )?;
+        let mut g = host(&b.gate.forward(&h)?)?;
+        let u = host(&b.up.forward(&h)?)?;
+        llm_f32::silu_mul(&mut g, &u);
+        let d = host(
+            &b.down
+                .forward(&Tensor::from_vec(g, (t, c.intermediate_size), dev)?)?,
+        )?;
+        add_in_place(x, &d);
+        Ok(())
+    }
+
+    /// Whether the host-buffer path can run (CPU, f32 embeddings).
+    fn check_host_path(&self) -> Result<()> {
+        if !self.device.is_cpu() || self.embed.dtype() != DType::F32 {
+            bail!("resumable forward passes run on the CPU in f32: load the model with --device cpu --dtype f32");
+        }
+        Ok(())
+    }
+
+    /// Number of decoder blocks.
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The stage whose input layer `name` reads, if it is a block's linear layer.
+    pub fn stage_of(&self, name: &str) -> Option<Stage> {
+        self.blocks.iter().enumerate().find_map(|(i, b)| {
+            if [&b.q, &b.k, &b.v, &b.o].iter().any(|l| l.name == name) {
+                Some(Stage { block: i, half: 0 })
+            } else if [&b.gate, &b.up, &b.down].iter().any(|l| l.name == name) {
+                Some(Stage { block: i, half: 1 })
+            } else {
+                None
+            }
+        })
+    }
+
+    /// The embedded window `[t * hidden]` (the input of stage 0).
+    pub fn embed_window(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.check_host_path()?;
+        if ids.is_empty() || ids.len() > self.cfg.max_position_embeddings {
+            bail!(
+                "a window of {} tokens: use 1 to {} (the model's context)",
+                ids.len(),
+                self.cfg.max_position_embeddings
+            );
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            bail!(
+                "token id {id} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            );
+        }
+        let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        host(&self.embed.index_select(&ids, 0)?)
+    }
+
+    /// Runs one stage on a whole window (`x` is `[t * hidden]`, positions from 0): the
+    /// attention half recomputes its keys and values, as the window has no cache.
+    pub fn run_stage(&self, s: Stage, x: &mut [f32]) -> Result<()> {
+        self.check_host_path()?;
+        let hs = self.cfg.hidden_size;
+        if x.is_empty() || !x.len().is_multiple_of(hs) {
+            bail!("hidden states of {} values are not rows of {hs}", x.len());
+        }
+        let t = x.len() / hs;
+        let b = self
+            .blocks
+            .get(s.block)
+            .ok_or_else(|| anyhow::anyhow!("no block {} (of {})", s.block, self.blocks.len()))?;
+        match s.half {
+            0 => self.attention_half(b, x, t, &mut KvHeads::default(), 0),
+            1 => self.mlp_half(b, x, t),
+            h => bail!("a block has halves 0 and 1, not {h}"),
+        }
+    }
+
+    /// Log-probabilities `[t, vocab]` of the final hidden states `x` (`[t * hidden]`).
+    pub fn head_log_probs(&self, x: &[f32]) -> Result<Tensor> {
+        self.check_host_path()?;
+        let hs = self.cfg.hidden_size;
+        if x.is_empty() || !x.len().is_multiple_of(hs) {
+            bail!("hidden states of {} values are not rows of {hs}", x.len());
+        }
+        let t = x.len() / hs;
+        let h = Tensor::from_vec(
+            llm_f32::rms_norm(x, &host(&self.norm)?, self.cfg.rms_norm_eps as f32),
+            (t, hs),
+            &self.device,
+        )?;
+        Llama::log_softmax(&self.lm_head.forward(&h)?)
+    }
+}
