@@ -125,7 +125,9 @@ impl BaseCache {
             rows.push(
                 kl::rows(&lp)?
                     .iter()
-                    .map(|r| kl::base_row(r, top_k))
+                    .enumerate()
+                    // Row k is position first_scored + k, which predicts the next token.
+                    .map(|(k, r)| kl::base_row(r, top_k, w.tokens[w.first_scored + k + 1]))
                     .collect(),
             );
         }
