@@ -11,6 +11,9 @@ use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// Largest SentencePiece model file read (released Marian models' are under 1 MiB).
+pub const MAX_MODEL_BYTES: u64 = 256 << 20;
+
 /// The whitespace meta symbol, U+2581.
 pub const SPACE_SYMBOL: char = '\u{2581}';
 
@@ -67,6 +70,16 @@ pub struct SentencePiece {
 
 impl SentencePiece {
     pub fn open(path: &Path) -> Result<Self> {
+        super::sniff::ensure_not_dangling(path)?;
+        let len = std::fs::metadata(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        if len > MAX_MODEL_BYTES {
+            bail!(
+                "{} is {len} bytes, more than the {MAX_MODEL_BYTES} accepted for a SentencePiece model",
+                path.display()
+            );
+        }
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_bytes(&bytes).with_context(|| {
             format!(
@@ -290,10 +303,12 @@ impl Normalizer {
         {
             return (&input[..len], len);
         }
+        // A corrupt map could match part of a character: such a match is ignored.
         if let Some((len, rep)) = self
             .charsmap
             .as_ref()
             .and_then(|m| m.longest_prefix(input.as_bytes()))
+            .filter(|&(len, _)| input.is_char_boundary(len))
         {
             return (rep, len);
         }

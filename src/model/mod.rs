@@ -147,6 +147,7 @@ pub fn load_marian(spec: &str, device: &Device) -> Result<LoadedMarian> {
             model.cfg.vocab_size
         );
     }
+    tokenizer.check_ids_within(model.cfg.vocab_size.min(model.cfg.decoder_vocab_size), &dir)?;
     let disk_bytes = files_bytes(&checkpoint_files(&dir));
     Ok(LoadedMarian {
         model,
