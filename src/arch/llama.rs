@@ -521,6 +521,7 @@ impl Llama {
     /// Loads a llama-architecture GGUF file.
     pub fn from_gguf(g: &mut Gguf, load_as: LoadAs, device: &Device) -> Result<Self> {
         let cfg = LlamaConfig::from_gguf(g)?;
+        let origin = g.path.display().to_string();
         let mut names = GgufNames(g);
         let mut src = Reader {
             src: &mut names,
@@ -528,6 +529,7 @@ impl Llama {
             device: device.clone(),
         };
         Self::build(cfg, &mut src, RopeLayout::Interleaved, device)
+            .with_context(|| format!("loading GGUF {origin}"))
     }
 
     /// Loads a Hugging Face directory: config.json and model.safetensors (or shards listed
@@ -553,6 +555,7 @@ impl Llama {
             device: device.clone(),
         };
         Self::build(cfg, &mut src, layout, device)
+            .with_context(|| format!("loading {}", dir.display()))
     }
 
     fn build(

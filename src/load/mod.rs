@@ -12,8 +12,8 @@ pub mod spm;
 pub mod tokenizer;
 
 pub use source::{
-    checked_f32, ensure_finite_values, raw_f32, write_safetensors, NamedTensor, PickleSource,
-    RawTensor, SafetensorsSource, TensorSource,
+    checked_f32, ensure_finite_values, raw_f32, read_input_tensor, write_safetensors, NamedTensor,
+    PickleSource, RawTensor, SafetensorsSource, TensorSource,
 };
 
 use anyhow::{bail, Context, Result};

@@ -114,7 +114,15 @@ pub trait TensorSource {
 }
 
 /// Converts to f32 and refuses NaN or infinite values, naming the tensor and the file.
+/// Only float tensors are weights: an integer tensor where a float one belongs is refused,
+/// never cast by value (an F32 payload mislabelled I32 would otherwise load as garbage).
 pub fn checked_f32(name: &str, origin: &str, t: Tensor) -> Result<Tensor> {
+    if !t.dtype().is_float() {
+        bail!(
+            "tensor '{name}' in {origin} is stored as {:?}, not a float type: weights must be F32, F16, BF16 or F64 (the file is mislabelled or not a checkpoint of this model)",
+            t.dtype()
+        );
+    }
     let t = t.to_dtype(DType::F32)?;
     if !crate::quant::uniform::all_finite(&t)? {
         bail!(
@@ -130,6 +138,40 @@ pub fn ensure_finite_values(v: &[f32], what: &str) -> Result<()> {
         bail!("{what} holds a NaN or infinite value at element {i}: the checkpoint is corrupt");
     }
     Ok(())
+}
+
+/// One tensor of a safetensors file, as f32 (`quantize --input FILE --tensor NAME`). A file
+/// of another kind is named as such, with what to pass instead; a missing tensor lists the
+/// ones the file has.
+pub fn read_input_tensor(path: &Path, name: &str) -> Result<Tensor> {
+    use super::sniff::{kind_of_file, FileKind};
+    super::sniff::ensure_not_dangling(path)?;
+    match kind_of_file(path) {
+        Some(FileKind::Gguf) => bail!(
+            "{} is a GGUF file; --input reads one tensor from a safetensors file. To quantize a GGUF model whole, pass it as --model {} with --plan and --out",
+            path.display(),
+            path.display()
+        ),
+        Some(FileKind::Safetensors) | None => {}
+        Some(other) => bail!(
+            "{} is {}, not a safetensors file; --input needs a .safetensors file",
+            path.display(),
+            other.describe()
+        ),
+    }
+    let mut src = SafetensorsSource::open(&[path.to_path_buf()])?;
+    if !src.has(name) {
+        let mut names: Vec<&String> = src.names.iter().collect();
+        names.sort();
+        let shown: Vec<&str> = names.iter().take(20).map(|s| s.as_str()).collect();
+        bail!(
+            "no tensor '{name}' in {}; it has: {}{}",
+            path.display(),
+            shown.join(", "),
+            if names.len() > 20 { ", ..." } else { "" }
+        );
+    }
+    src.tensor(name, &Device::Cpu)
 }
 
 /// Safetensors files (one, or the shards of an index), memory-mapped.

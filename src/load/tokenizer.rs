@@ -4,6 +4,7 @@
 use super::gguf::Gguf;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
+use std::str::FromStr;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -80,7 +81,8 @@ impl TextTokenizer {
     /// Loads `tokenizer.json` (and BOS/EOS from `tokenizer_config.json` when present).
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = Tokenizer::from_file(&path)
+        let text = super::read_text(&path, super::MAX_JSON_BYTES)?;
+        let inner = Tokenizer::from_str(&text)
             .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
         let cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
             .ok()

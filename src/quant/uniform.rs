@@ -38,6 +38,10 @@ impl RowView {
             Granularity::PerTensor => (x.reshape((1, numel))?, None),
             Granularity::PerGroup { size } => {
                 let last = *dims.last().unwrap_or(&1);
+                // A group longer than the row is the row: the zeros that padding would add
+                // change no (zero-including) range, and padding each row up to a huge group
+                // would allocate without bound.
+                let size = size.min(last);
                 let pad = (size - last % size) % size;
                 if pad > 0 {
                     let outer = numel / last;
