@@ -5,7 +5,7 @@
 //! Checked: the magic and version (2 and 3; version 1 and big-endian files are named as
 //! such), every count and length against the remaining bytes, value types, nesting depth,
 //! `general.alignment` (a power of two), duplicate keys and tensor names, each tensor's rank,
-//! dimensions (element count in checked arithmetic), GGML type, that its first dimension
+//! dimensions (none 0, element count in checked arithmetic), GGML type, that its first dimension
 //! is a whole number of blocks, that its offset is aligned, and that its data lies inside
 //! the file and overlaps no other tensor's.
 
@@ -260,6 +260,10 @@ pub fn check<R: Read + Seek>(r: R, len: u64) -> Result<HeaderSummary> {
         let dtype = ggml_type(ty).ok_or_else(|| {
             anyhow::anyhow!("tensor '{name}' has GGML type {ty}, which this build cannot read")
         })?;
+        // An empty tensor describes no weights (and candle cannot read one safely).
+        if dims.contains(&0) {
+            bail!("tensor '{name}' has dimensions {dims:?}: a dimension of 0 holds no weights");
+        }
         let elems = dims
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d))
