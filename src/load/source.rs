@@ -297,7 +297,9 @@ pub struct PickleSource {
 
 impl PickleSource {
     pub fn open(path: &Path) -> Result<Self> {
-        let tensors = candle_core::pickle::read_all(path)
+        super::sniff::ensure_not_dangling(path)?;
+        Self::check_sizes(path)?;
+        let tensors = pickle_guard(path, || candle_core::pickle::read_all(path))
             .map_err(|e| {
                 anyhow::anyhow!(
                     "reading {}: {e} (re-download the checkpoint)",
@@ -310,6 +312,59 @@ impl PickleSource {
             path: path.to_path_buf(),
             tensors,
         })
+    }
+}
+
+/// Runs candle's pickle reader, turning a panic on a corrupt file (its opcode parser does
+/// unchecked arithmetic on values from the file) into an error naming the file.
+fn pickle_guard<T>(
+    path: &Path,
+    f: impl FnOnce() -> candle_core::Result<T>,
+) -> candle_core::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(candle_core::Error::Msg(format!(
+            "the pickle reader failed on {}",
+            path.display()
+        )))
+    })
+}
+
+impl PickleSource {
+    /// Refuses a checkpoint whose pickle describes a tensor larger than the file before
+    /// candle allocates it: PyTorch stores tensor data uncompressed in the zip, so every
+    /// tensor's bytes (from its storage offset on) lie within the file.
+    fn check_sizes(path: &Path) -> Result<()> {
+        let len = std::fs::metadata(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        let infos = pickle_guard(path, || {
+            candle_core::pickle::read_pth_tensor_info(path, false, None)
+        })
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "reading {}: {e} (not a PyTorch checkpoint, or a corrupt one: re-download it)",
+                path.display()
+            )
+        })?;
+        for t in infos {
+            let need = t
+                .layout
+                .dims()
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .and_then(|e| e.checked_add(t.layout.start_offset()))
+                .and_then(|e| e.checked_mul(t.dtype.size_in_bytes()));
+            if need.is_none_or(|n| n as u64 > len) {
+                bail!(
+                    "{}: tensor '{}' ({:?}, shape {:?}) needs more bytes than the file's {len}: the checkpoint is corrupt",
+                    path.display(),
+                    t.name,
+                    t.dtype,
+                    t.layout.dims()
+                );
+            }
+        }
+        Ok(())
     }
 }
 
