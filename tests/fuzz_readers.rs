@@ -329,6 +329,30 @@ fn readers_never_panic_or_allocate_absurdly_on_mutated_files() {
     std::panic::set_hook(Box::new(|_| {}));
     let mut failures = Vec::new();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    // A reader that never returns is a failure too: a watchdog thread saves the input and
+    // ends the run when one case takes more than HANG.
+    type Current = Option<(Instant, String, Vec<u8>)>;
+    static CURRENT: std::sync::Mutex<Current> = std::sync::Mutex::new(None);
+    const HANG: Duration = Duration::from_secs(60);
+    {
+        let failures_dir = failures_dir.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((start, name, input)) = cur.as_ref() {
+                if start.elapsed() > HANG {
+                    std::fs::create_dir_all(&failures_dir).unwrap();
+                    let file = failures_dir.join(format!("hang-{name}"));
+                    std::fs::write(&file, input).unwrap();
+                    eprintln!(
+                        "{name}: a case ran over {HANG:?}; input saved to {}",
+                        file.display()
+                    );
+                    std::process::exit(3);
+                }
+            }
+        });
+    }
     for t in &targets {
         // Every seed must be accepted, or the mutations test nothing.
         for s in &t.seeds {
@@ -349,6 +373,8 @@ fn readers_never_panic_or_allocate_absurdly_on_mutated_files() {
                 std::fs::create_dir_all(&failures_dir).unwrap();
                 std::fs::write(failures_dir.join(format!("current-{}", t.name)), &input).unwrap();
             }
+            *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((Instant::now(), t.name.to_string(), input.clone()));
             LARGEST.store(0, Ordering::Relaxed);
             let r = catch_unwind(AssertUnwindSafe(|| (t.run)(&input, dir.path())));
             let largest = LARGEST.load(Ordering::Relaxed);
