@@ -99,8 +99,16 @@ impl<R: Read + Seek> Walker<R> {
                 self.pos
             );
         }
-        let step = i64::try_from(n)?;
-        self.r.seek(SeekFrom::Current(step))?;
+        if n <= 1 << 16 {
+            // Short skips (most strings) go through the reader's buffer: a seek would
+            // drop it and cost two system calls per string.
+            let copied = std::io::copy(&mut (&mut self.r).take(n), &mut std::io::sink())?;
+            if copied != n {
+                bail!("the file ends inside {what}");
+            }
+        } else {
+            self.r.seek(SeekFrom::Current(i64::try_from(n)?))?;
+        }
         self.pos += n;
         Ok(())
     }
