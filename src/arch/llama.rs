@@ -63,8 +63,51 @@ impl LlamaConfig {
     /// Checks the shapes fit together, so a bad config fails here and not inside a matmul.
     pub fn validate(&self) -> Result<()> {
         let c = self;
-        if c.num_attention_heads == 0 || c.num_key_value_heads == 0 || c.hidden_size == 0 {
-            bail!("llama config: hidden size and head counts must be positive");
+        for (name, n, max) in [
+            ("vocab_size", c.vocab_size, limits::MAX_VOCAB),
+            ("hidden_size", c.hidden_size, limits::MAX_WIDTH),
+            ("intermediate_size", c.intermediate_size, limits::MAX_FFN),
+            ("num_hidden_layers", c.num_hidden_layers, limits::MAX_LAYERS),
+            (
+                "num_attention_heads",
+                c.num_attention_heads,
+                limits::MAX_WIDTH,
+            ),
+            (
+                "num_key_value_heads",
+                c.num_key_value_heads,
+                limits::MAX_WIDTH,
+            ),
+            ("head_dim", c.head_dim, limits::MAX_WIDTH),
+            (
+                "max_position_embeddings",
+                c.max_position_embeddings,
+                limits::MAX_POSITIONS,
+            ),
+        ] {
+            if n == 0 || n > max {
+                bail!("llama config: {name} is {n}; a working model needs 1 to {max}");
+            }
+        }
+        if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps > 0.0) {
+            bail!(
+                "llama config: rms_norm_eps {} must be a positive finite number",
+                c.rms_norm_eps
+            );
+        }
+        if !(c.rope_theta.is_finite() && c.rope_theta > 0.0) {
+            bail!(
+                "llama config: rope_theta {} must be a positive finite number",
+                c.rope_theta
+            );
+        }
+        if c.max_position_embeddings * c.head_dim > limits::MAX_ROPE_TABLE {
+            bail!(
+                "llama config: max_position_embeddings {} × head_dim {} is more than the {} rotary-table values accepted",
+                c.max_position_embeddings,
+                c.head_dim,
+                limits::MAX_ROPE_TABLE
+            );
         }
         if !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
             bail!(
@@ -179,7 +222,13 @@ impl LlamaConfig {
             num_hidden_layers: u("num_hidden_layers")?,
             num_attention_heads: heads,
             num_key_value_heads: u("num_key_value_heads").unwrap_or(heads),
-            head_dim: u("head_dim").unwrap_or(hidden / heads.max(1)),
+            head_dim: match v.get("head_dim").filter(|h| !h.is_null()) {
+                Some(_) => u("head_dim")?,
+                None if heads > 0 && hidden.is_multiple_of(heads) => hidden / heads,
+                None => bail!(
+                    "config.json: hidden_size {hidden} is not divisible by num_attention_heads {heads} (and no head_dim is given)"
+                ),
+            },
             rms_norm_eps: v
                 .get("rms_norm_eps")
                 .and_then(Value::as_f64)
@@ -205,45 +254,81 @@ impl LlamaConfig {
                 g.path.display()
             );
         }
-        let heads = g.usize("llama.attention.head_count")?;
-        let hidden = g.usize("llama.embedding_length")?;
+        // A size that must be positive and bounded, named by its key and the file.
+        let size = |key: &str, max: usize| -> Result<usize> {
+            let n = g.usize(key)?;
+            if n == 0 || n > max {
+                bail!(
+                    "GGUF {}: metadata '{key}' is {n}; a working model needs 1 to {max}",
+                    g.path.display()
+                );
+            }
+            Ok(n)
+        };
+        let heads = size("llama.attention.head_count", limits::MAX_WIDTH)?;
+        let hidden = size("llama.embedding_length", limits::MAX_WIDTH)?;
         let vocab = if g.has("llama.vocab_size") {
-            g.usize("llama.vocab_size")?
+            size("llama.vocab_size", limits::MAX_VOCAB)?
         } else {
-            g.strings("tokenizer.ggml.tokens")?.len()
+            let n = g.strings("tokenizer.ggml.tokens")?.len();
+            if n == 0 || n > limits::MAX_VOCAB {
+                bail!(
+                    "GGUF {}: 'tokenizer.ggml.tokens' holds {n} tokens; a working model needs 1 to {}",
+                    g.path.display(),
+                    limits::MAX_VOCAB
+                );
+            }
+            n
         };
         let head_dim = if g.has("llama.rope.dimension_count") {
-            g.usize("llama.rope.dimension_count")?
+            size("llama.rope.dimension_count", limits::MAX_WIDTH)?
         } else {
-            hidden / heads.max(1)
+            if !hidden.is_multiple_of(heads) {
+                bail!(
+                    "GGUF {}: 'llama.embedding_length' {hidden} is not divisible by 'llama.attention.head_count' {heads} (and no 'llama.rope.dimension_count' gives the head size)",
+                    g.path.display()
+                );
+            }
+            hidden / heads
+        };
+        let float = |key: &str| -> Result<f64> {
+            let x = g.f64(key)?;
+            if !(x.is_finite() && x > 0.0) {
+                bail!(
+                    "GGUF {}: metadata '{key}' is {x}; it must be a positive finite number",
+                    g.path.display()
+                );
+            }
+            Ok(x)
         };
         let cfg = LlamaConfig {
             vocab_size: vocab,
             hidden_size: hidden,
-            intermediate_size: g.usize("llama.feed_forward_length")?,
-            num_hidden_layers: g.usize("llama.block_count")?,
+            intermediate_size: size("llama.feed_forward_length", limits::MAX_FFN)?,
+            num_hidden_layers: size("llama.block_count", limits::MAX_LAYERS)?,
             num_attention_heads: heads,
             num_key_value_heads: if g.has("llama.attention.head_count_kv") {
-                g.usize("llama.attention.head_count_kv")?
+                size("llama.attention.head_count_kv", limits::MAX_WIDTH)?
             } else {
                 heads
             },
             head_dim,
-            rms_norm_eps: g.f64("llama.attention.layer_norm_rms_epsilon")?,
+            rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon")?,
             rope_theta: if g.has("llama.rope.freq_base") {
-                g.f64("llama.rope.freq_base")?
+                float("llama.rope.freq_base")?
             } else {
                 10000.0
             },
             rope_scaling: None,
             max_position_embeddings: if g.has("llama.context_length") {
-                g.usize("llama.context_length")?
+                size("llama.context_length", limits::MAX_POSITIONS)?
             } else {
                 2048
             },
             tie_word_embeddings: !g.has_tensor("output.weight"),
         };
-        cfg.validate()?;
+        cfg.validate()
+            .with_context(|| format!("GGUF {}", g.path.display()))?;
         Ok(cfg)
     }
 
@@ -279,6 +364,19 @@ impl LlamaConfig {
             })
             .collect()
     }
+}
+
+/// Bounds on sizes read from a config.json or GGUF metadata, far above any Llama-family
+/// model quantlab runs (Llama 3 405B: hidden 16384, 126 layers, ffn 53248, 128k tokens and
+/// positions), so that a corrupt header is refused before it asks for absurd memory.
+pub mod limits {
+    pub const MAX_WIDTH: usize = 1 << 16;
+    pub const MAX_LAYERS: usize = 1024;
+    pub const MAX_FFN: usize = 1 << 20;
+    pub const MAX_VOCAB: usize = 1 << 24;
+    pub const MAX_POSITIONS: usize = 1 << 20;
+    /// Values in the rotary cos/sin tables (positions × head_dim): 2^28, 1 GiB per table.
+    pub const MAX_ROPE_TABLE: usize = 1 << 28;
 }
 
 /// Key in a quantized checkpoint's config.json: the rope layout of its q/k weights
@@ -426,6 +524,7 @@ impl Llama {
     /// Loads a llama-architecture GGUF file.
     pub fn from_gguf(g: &mut Gguf, load_as: LoadAs, device: &Device) -> Result<Self> {
         let cfg = LlamaConfig::from_gguf(g)?;
+        let origin = g.path.display().to_string();
         let mut names = GgufNames(g);
         let mut src = Reader {
             src: &mut names,
@@ -433,6 +532,7 @@ impl Llama {
             device: device.clone(),
         };
         Self::build(cfg, &mut src, RopeLayout::Interleaved, device)
+            .with_context(|| format!("loading GGUF {origin}"))
     }
 
     /// Loads a Hugging Face directory: config.json and model.safetensors (or shards listed
@@ -458,6 +558,7 @@ impl Llama {
             device: device.clone(),
         };
         Self::build(cfg, &mut src, layout, device)
+            .with_context(|| format!("loading {}", dir.display()))
     }
 
     fn build(

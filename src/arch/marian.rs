@@ -70,21 +70,39 @@ pub struct MarianConfig {
 }
 
 impl MarianConfig {
-    /// Reads a Hugging Face Marian config, with transformers' defaults for absent fields.
+    /// Reads a Hugging Face Marian config. The keys that shape the model or name special
+    /// tokens are required (transformers' defaults describe one particular checkpoint, so a
+    /// config lacking them is refused rather than silently given another model's sizes);
+    /// flags keep transformers' defaults. Sizes are bounded (see [`limits`]) and every
+    /// special token id must lie inside the vocabulary.
     pub fn from_hf_json(v: &Value) -> Result<Self> {
         if let Some(t) = v.get("model_type").and_then(|t| t.as_str()) {
             if t != "marian" {
                 bail!("model_type is '{t}', not 'marian'");
             }
         }
-        let int = |k: &str, default: usize| -> Result<usize> {
+        let opt = |k: &str| -> Result<Option<usize>> {
             match v.get(k) {
-                None | Some(Value::Null) => Ok(default),
+                None | Some(Value::Null) => Ok(None),
                 Some(x) => x
                     .as_u64()
-                    .map(|x| x as usize)
+                    .and_then(|x| usize::try_from(x).ok())
+                    .map(Some)
                     .with_context(|| format!("'{k}' must be a non-negative integer, got {x}")),
             }
+        };
+        let int = |k: &str| -> Result<usize> {
+            opt(k)?.with_context(|| {
+                format!("'{k}' is missing: a Marian config.json must give it (no default is safe)")
+            })
+        };
+        // A size that must be positive and at most `max`.
+        let size = |k: &str, max: usize| -> Result<usize> {
+            let n = int(k)?;
+            if n == 0 || n > max {
+                bail!("'{k}' is {n}: a working model needs 1 to {max}");
+            }
+            Ok(n)
         };
         let boolean =
             |k: &str, default: bool| v.get(k).and_then(|x| x.as_bool()).unwrap_or(default);
@@ -98,18 +116,30 @@ impl MarianConfig {
                 "learned position embeddings are not supported (static_position_embeddings=false)"
             );
         }
-        let vocab_size = int("vocab_size", 58101)?;
+        let vocab_size = size("vocab_size", limits::MAX_VOCAB)?;
+        let decoder_vocab_size = match opt("decoder_vocab_size")? {
+            None => vocab_size,
+            Some(_) => size("decoder_vocab_size", limits::MAX_VOCAB)?,
+        };
+        // Ids the decoder reads or writes must be decoder tokens; pad also pads sources.
+        let token = |k: &str, vocab: usize, vocab_key: &str| -> Result<u32> {
+            let id = int(k)?;
+            if id >= vocab {
+                bail!("'{k}' is {id}, outside the vocabulary ({vocab_key} {vocab})");
+            }
+            Ok(id as u32)
+        };
         let cfg = Self {
-            d_model: int("d_model", 1024)?,
-            encoder_layers: int("encoder_layers", 12)?,
-            decoder_layers: int("decoder_layers", 12)?,
-            encoder_heads: int("encoder_attention_heads", 16)?,
-            decoder_heads: int("decoder_attention_heads", 16)?,
-            encoder_ffn_dim: int("encoder_ffn_dim", 4096)?,
-            decoder_ffn_dim: int("decoder_ffn_dim", 4096)?,
+            d_model: size("d_model", limits::MAX_WIDTH)?,
+            encoder_layers: size("encoder_layers", limits::MAX_LAYERS)?,
+            decoder_layers: size("decoder_layers", limits::MAX_LAYERS)?,
+            encoder_heads: size("encoder_attention_heads", limits::MAX_WIDTH)?,
+            decoder_heads: size("decoder_attention_heads", limits::MAX_WIDTH)?,
+            encoder_ffn_dim: size("encoder_ffn_dim", limits::MAX_FFN)?,
+            decoder_ffn_dim: size("decoder_ffn_dim", limits::MAX_FFN)?,
             vocab_size,
-            decoder_vocab_size: int("decoder_vocab_size", vocab_size)?,
-            max_position_embeddings: int("max_position_embeddings", 1024)?,
+            decoder_vocab_size,
+            max_position_embeddings: size("max_position_embeddings", limits::MAX_POSITIONS)?,
             scale_embedding: boolean("scale_embedding", false),
             activation: Activation::parse(
                 v.get("activation_function")
@@ -117,17 +147,26 @@ impl MarianConfig {
                     .unwrap_or("gelu"),
             )?,
             share_encoder_decoder_embeddings: boolean("share_encoder_decoder_embeddings", true),
-            pad_token_id: int("pad_token_id", 58100)? as u32,
-            eos_token_id: int("eos_token_id", 0)? as u32,
-            decoder_start_token_id: int("decoder_start_token_id", 58100)? as u32,
+            pad_token_id: token(
+                "pad_token_id",
+                vocab_size.min(decoder_vocab_size),
+                "smaller of vocab_size and decoder_vocab_size",
+            )?,
+            eos_token_id: token("eos_token_id", decoder_vocab_size, "decoder_vocab_size")?,
+            decoder_start_token_id: token(
+                "decoder_start_token_id",
+                decoder_vocab_size,
+                "decoder_vocab_size",
+            )?,
             forced_eos_token_id: match v.get("forced_eos_token_id") {
                 Some(Value::Null) => None,
+                // transformers' MarianConfig default.
                 None => Some(0),
-                Some(x) => Some(
-                    x.as_u64()
-                        .context("'forced_eos_token_id' must be an integer")?
-                        as u32,
-                ),
+                Some(_) => Some(token(
+                    "forced_eos_token_id",
+                    decoder_vocab_size,
+                    "decoder_vocab_size",
+                )?),
             },
         };
         for (name, dim, heads) in [
@@ -144,8 +183,29 @@ impl MarianConfig {
                 cfg.d_model
             );
         }
+        if cfg.max_position_embeddings * cfg.d_model > limits::MAX_POSITION_TABLE {
+            bail!(
+                "max_position_embeddings {} × d_model {} is more than the {} position-table values accepted",
+                cfg.max_position_embeddings,
+                cfg.d_model,
+                limits::MAX_POSITION_TABLE
+            );
+        }
         Ok(cfg)
     }
+}
+
+/// Bounds on sizes read from a Marian config.json, far above any released Marian model
+/// (opus-mt-tc-big: d_model 1024, 6 layers, ffn 4096, 53k tokens, 1024 positions), so that a
+/// corrupt config is refused before it asks for absurd memory.
+pub mod limits {
+    pub const MAX_WIDTH: usize = 1 << 16;
+    pub const MAX_LAYERS: usize = 1024;
+    pub const MAX_FFN: usize = 1 << 20;
+    pub const MAX_VOCAB: usize = 1 << 24;
+    pub const MAX_POSITIONS: usize = 1 << 20;
+    /// Values in the sinusoidal position table (max_position_embeddings × d_model): 1 GiB.
+    pub const MAX_POSITION_TABLE: usize = 1 << 28;
 }
 
 struct Attention {

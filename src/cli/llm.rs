@@ -476,6 +476,17 @@ pub fn generate(a: &GenerateArgs, device: &Device) -> Result<()> {
     if ids.is_empty() {
         bail!("the prompt is empty");
     }
+    // Refuse before generating what the model cannot hold (every token is fed back).
+    let context = p.llm.model.cfg.max_position_embeddings;
+    if ids.len().saturating_add(a.max_new_tokens) > context {
+        bail!(
+            "--max-new-tokens {} with a prompt of {} tokens needs {} positions, beyond the model's context of {context} (at most {} new tokens for this prompt)",
+            a.max_new_tokens,
+            ids.len(),
+            ids.len().saturating_add(a.max_new_tokens),
+            context.saturating_sub(ids.len())
+        );
+    }
     let out = lm::greedy(&p, &ids, a.max_new_tokens)?;
     let mut stdout = std::io::stdout();
     write!(stdout, "{}", tok.decode(&out.tokens)?)?;

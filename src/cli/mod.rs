@@ -8,7 +8,7 @@ pub mod sensitivity;
 
 use crate::data::DataDir;
 use crate::report::{Cell, Format, Report, Table};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -533,35 +533,27 @@ fn marian_lab(
     })
 }
 
+/// Most elements `quantize --randn` generates: 2^28 (1 GiB as f32; the report holds a few
+/// copies of the tensor).
+pub const MAX_RANDN_ELEMENTS: usize = 1 << 28;
+
 fn parse_shape(s: &str) -> Result<Vec<usize>> {
     let dims: Result<Vec<usize>, _> = s.split('x').map(str::parse).collect();
-    match dims {
-        Ok(d) if !d.is_empty() && d.iter().all(|&v| v > 0) => Ok(d),
-        _ => bail!("invalid shape '{s}': use dimensions joined by 'x', e.g. 1024x1024"),
+    let d = match dims {
+        Ok(d) if !d.is_empty() && d.len() <= 8 && d.iter().all(|&v| v > 0) => d,
+        _ => bail!("invalid --randn shape '{s}': use 1 to 8 positive dimensions joined by 'x', e.g. 1024x1024"),
+    };
+    match d.iter().try_fold(1usize, |a, &x| a.checked_mul(x)) {
+        Some(n) if n <= MAX_RANDN_ELEMENTS => Ok(d),
+        _ => bail!(
+            "--randn {s} asks for more than {MAX_RANDN_ELEMENTS} elements (2^28, 1 GiB as f32): pick a smaller shape"
+        ),
     }
 }
 
 fn load_tensor(args: &QuantizeArgs) -> Result<(String, Tensor)> {
     match (&args.input, &args.tensor) {
-        (Some(path), Some(name)) => {
-            let map = candle_core::safetensors::load(path, &Device::Cpu)
-                .with_context(|| format!("reading safetensors file {}", path.display()))?;
-            let t = map.get(name).with_context(|| {
-                let mut names: Vec<&String> = map.keys().collect();
-                names.sort();
-                format!(
-                    "no tensor '{name}' in {}; it has: {}",
-                    path.display(),
-                    names
-                        .iter()
-                        .take(20)
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })?;
-            Ok((name.clone(), t.clone()))
-        }
+        (Some(path), Some(name)) => Ok((name.clone(), crate::load::read_input_tensor(path, name)?)),
         _ => match &args.randn {
             Some(r) => {
                 let shape = parse_shape(r)?;

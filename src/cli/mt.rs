@@ -37,6 +37,10 @@ impl DecodingArgs {
     }
 }
 
+/// Most sentences translated together: every sentence of a batch (times its beams) is a
+/// decoder row with its own caches.
+pub const MAX_BATCH: usize = 4096;
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct MtModelArgs {
     /// A Hugging Face MarianMT folder (config.json, safetensors or pytorch_model.bin,
@@ -61,14 +65,23 @@ pub struct MtModelArgs {
 impl MtModelArgs {
     pub fn model_spec(&self) -> Result<String> {
         match &self.model {
-            Some(m) => Ok(m.clone()),
+            Some(m) => {
+                crate::load::expect_model_folder(
+                    m,
+                    "translation needs a MarianMT folder (config.json, model.safetensors or pytorch_model.bin, source.spm, target.spm, vocab.json)",
+                )?;
+                Ok(m.clone())
+            }
             None => Ok(crate::model::default_marian_dir()?.display().to_string()),
         }
     }
 
     pub fn prepare(&self, device: &Device) -> Result<(PreparedMarian, GenerateConfig)> {
-        if self.batch_size == 0 {
-            bail!("--batch-size must be at least 1");
+        if self.batch_size == 0 || self.batch_size > MAX_BATCH {
+            bail!(
+                "--batch-size {}: 1 to {MAX_BATCH} sentences are possible",
+                self.batch_size
+            );
         }
         let calibration = match &self.calibration {
             Some(p) => Some(crate::data::read_lines(p)?),

@@ -36,13 +36,34 @@ pub struct Mnist {
     pub test: MnistSplit,
 }
 
+/// Largest IDX file read, compressed or not: 256 MiB (MNIST's training images are 47 MB).
+pub const MAX_IDX_BYTES: u64 = 256 << 20;
+
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let too_big = || {
+        anyhow::anyhow!(
+            "{} holds more than the {MAX_IDX_BYTES} bytes accepted for an IDX file",
+            path.display()
+        )
+    };
+    let f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut raw = Vec::new();
+    f.take(MAX_IDX_BYTES + 1)
+        .read_to_end(&mut raw)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if raw.len() as u64 > MAX_IDX_BYTES {
+        return Err(too_big());
+    }
     if raw.starts_with(&[0x1f, 0x8b]) {
+        // Decompressed output is bounded too (a small gzip can expand without limit).
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
+            .take(MAX_IDX_BYTES + 1)
             .read_to_end(&mut out)
             .with_context(|| format!("{} is a corrupt or truncated gzip file", path.display()))?;
+        if out.len() as u64 > MAX_IDX_BYTES {
+            return Err(too_big());
+        }
         Ok(out)
     } else {
         Ok(raw)
@@ -68,10 +89,11 @@ pub fn parse_idx(bytes: &[u8], what: &str) -> Result<(Vec<usize>, Vec<u8>)> {
     let dims: Vec<usize> = (0..ndim)
         .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
         .collect();
-    let n: usize = dims.iter().product();
-    if bytes.len() - header != n {
+    let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if n != Some(bytes.len() - header) {
         bail!(
-            "{what} declares shape {dims:?} ({n} bytes of data) but holds {} bytes: the file is truncated or corrupt",
+            "{what} declares shape {dims:?} ({} bytes of data) but holds {} bytes: the file is truncated or corrupt",
+            n.map_or("more than 2^64".to_string(), |n| n.to_string()),
             bytes.len() - header
         );
     }

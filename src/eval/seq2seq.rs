@@ -48,11 +48,32 @@ pub struct GenerateConfig {
     pub eos_token_id: u32,
     pub pad_token_id: u32,
     pub decoder_start_token_id: u32,
+    /// The decoder's positions (max_position_embeddings): the longest output possible.
+    pub max_positions: usize,
+    /// The decoder's vocabulary size (a beam search needs 2 × num_beams candidates).
+    pub vocab: usize,
+}
+
+/// Most beams a search may use: each beam is a decoder row holding its own self-attention
+/// cache for every sentence of a batch, and transformers' search ranks 2 × beams candidates.
+pub const MAX_BEAMS: usize = 256;
+
+/// `n` beams are possible: 1 to [`MAX_BEAMS`], and 2 × n candidates within the vocabulary.
+fn check_beams(n: usize, vocab: usize) -> Result<()> {
+    let max = MAX_BEAMS.min(vocab / 2).max(1);
+    if n == 0 || n > max {
+        bail!(
+            "{n} beams: 1 to {max} are possible (at most {MAX_BEAMS}, and 2 × beams candidates must fit in the {vocab}-token vocabulary)"
+        );
+    }
+    Ok(())
 }
 
 impl GenerateConfig {
     /// The model's defaults: `generation_config.json` where present, else `config.json`'s
-    /// generation fields, else transformers' defaults.
+    /// generation fields, else transformers' defaults. Values that cannot work are refused
+    /// with the key and the file named: `num_beams` 0 or beyond [`MAX_BEAMS`], a
+    /// `max_length` past the decoder's positions, token ids outside the vocabulary.
     pub fn for_model(dir: &Path, cfg: &MarianConfig) -> Result<Self> {
         let read = |name: &str| -> Result<Value> {
             let p = dir.join(name);
@@ -64,36 +85,109 @@ impl GenerateConfig {
         };
         let gen = read("generation_config.json")?;
         let config = read("config.json")?;
-        let field = |k: &str| {
-            gen.get(k)
-                .or_else(|| config.get(k))
-                .filter(|v| !v.is_null())
+        // The value of `k` and the file it came from.
+        let field = |k: &str| -> Option<(&Value, String)> {
+            [(&gen, "generation_config.json"), (&config, "config.json")]
+                .into_iter()
+                .find_map(|(v, f)| {
+                    v.get(k)
+                        .filter(|x| !x.is_null())
+                        .map(|x| (x, dir.join(f).display().to_string()))
+                })
         };
-        let int = |k: &str, d: usize| field(k).and_then(|v| v.as_u64()).map_or(d, |v| v as usize);
+        let int = |k: &str, d: usize| -> Result<usize> {
+            match field(k) {
+                None => Ok(d),
+                Some((v, file)) => v
+                    .as_u64()
+                    .and_then(|x| usize::try_from(x).ok())
+                    .with_context(|| {
+                        format!("{file}: '{k}' must be a non-negative integer, found {v}")
+                    }),
+            }
+        };
+        let vocab = cfg.decoder_vocab_size;
         let bad_words_ids = match field("bad_words_ids") {
-            Some(v) => serde_json::from_value::<Vec<Vec<u32>>>(v.clone())
-                .context("bad_words_ids must be a list of lists of token ids")?,
+            Some((v, file)) => {
+                let ids =
+                    serde_json::from_value::<Vec<Vec<u32>>>(v.clone()).with_context(|| {
+                        format!("{file}: 'bad_words_ids' must be a list of lists of token ids")
+                    })?;
+                if let Some(bad) = ids.iter().flatten().find(|&&t| t as usize >= vocab) {
+                    bail!(
+                        "{file}: 'bad_words_ids' holds token id {bad}, outside the vocabulary (decoder_vocab_size {vocab})"
+                    );
+                }
+                ids
+            }
             // transformers bans nothing unless the config says so (opus-mt configs ban pad).
             None => Vec::new(),
         };
+        // Special ids a generation config may repeat must be tokens too (the decoder's
+        // own ids come from config.json, already checked when it was read).
+        for k in [
+            "eos_token_id",
+            "pad_token_id",
+            "decoder_start_token_id",
+            "forced_eos_token_id",
+            "bos_token_id",
+        ] {
+            if let Some(v) = gen.get(k).filter(|v| !v.is_null()) {
+                let file = dir.join("generation_config.json");
+                let ids: Vec<u64> = match v {
+                    Value::Array(a) => a.iter().map(|x| x.as_u64()).collect::<Option<_>>(),
+                    x => x.as_u64().map(|i| vec![i]),
+                }
+                .with_context(|| {
+                    format!("{}: '{k}' must be a token id, found {v}", file.display())
+                })?;
+                if let Some(id) = ids.iter().find(|&&i| i >= vocab as u64) {
+                    bail!(
+                        "{}: '{k}' is {id}, outside the vocabulary (decoder_vocab_size {vocab})",
+                        file.display()
+                    );
+                }
+            }
+        }
         let early_stopping = match field("early_stopping") {
-            Some(Value::Bool(true)) => EarlyStopping::True,
-            Some(Value::String(s)) => s.parse()?,
+            Some((Value::Bool(true), _)) => EarlyStopping::True,
+            Some((Value::String(s), file)) => s.parse().with_context(|| file.clone())?,
             _ => EarlyStopping::False,
         };
+        let num_beams = int("num_beams", 1)?;
+        if let Some((_, file)) = field("num_beams") {
+            check_beams(num_beams, vocab).with_context(|| format!("'num_beams' in {file}"))?;
+        }
+        let max_length = int("max_length", 20)?;
+        if let Some((_, file)) = field("max_length") {
+            // The start token plus max_length - 1 fed tokens, each needing a position.
+            if max_length < 2 || max_length - 1 > cfg.max_position_embeddings {
+                bail!(
+                    "{file}: 'max_length' {max_length} must be 2 to {} (the decoder has max_position_embeddings {} positions)",
+                    cfg.max_position_embeddings + 1,
+                    cfg.max_position_embeddings
+                );
+            }
+        }
+        let length_penalty = match field("length_penalty") {
+            None => 1.0,
+            Some((v, file)) => v.as_f64().filter(|x| x.is_finite()).with_context(|| {
+                format!("{file}: 'length_penalty' must be a finite number, found {v}")
+            })?,
+        };
         Ok(Self {
-            num_beams: int("num_beams", 1).max(1),
-            max_length: int("max_length", 20),
-            min_length: int("min_length", 0),
-            length_penalty: field("length_penalty")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(1.0),
+            num_beams,
+            max_length,
+            min_length: int("min_length", 0)?,
+            length_penalty,
             early_stopping,
             bad_words_ids,
             forced_eos_token_id: cfg.forced_eos_token_id,
             eos_token_id: cfg.eos_token_id,
             pad_token_id: cfg.pad_token_id,
             decoder_start_token_id: cfg.decoder_start_token_id,
+            max_positions: cfg.max_position_embeddings,
+            vocab,
         })
     }
 
@@ -145,14 +239,16 @@ impl Overrides {
     pub fn apply(&self, defaults: &GenerateConfig) -> Result<GenerateConfig> {
         let mut cfg = defaults.clone();
         if let Some(n) = self.num_beams {
-            if n == 0 {
-                bail!("--num-beams must be at least 1");
-            }
+            check_beams(n, cfg.vocab).context("--num-beams")?;
             cfg.num_beams = n;
         }
         if let Some(n) = self.max_new_tokens {
-            if n == 0 {
-                bail!("--max-new-tokens must be at least 1");
+            if n == 0 || n > cfg.max_positions {
+                bail!(
+                    "--max-new-tokens {n}: 1 to {} are possible (the model's context, max_position_embeddings, is {} positions)",
+                    cfg.max_positions,
+                    cfg.max_positions
+                );
             }
             cfg = cfg.with_max_new_tokens(n);
         }

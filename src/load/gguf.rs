@@ -19,12 +19,15 @@ pub struct Gguf {
 
 impl Gguf {
     pub fn open(path: &Path) -> Result<Self> {
+        super::sniff::ensure_not_dangling(path)?;
         let file = File::open(path).with_context(|| {
             format!(
                 "cannot open GGUF file {} (for SmolLM2 run scripts/fetch-smollm2.sh)",
                 path.display()
             )
         })?;
+        super::gguf_check::check_file(path)
+            .map_err(|e| anyhow::anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| {
             anyhow::anyhow!(

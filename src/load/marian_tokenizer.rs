@@ -49,29 +49,26 @@ impl MarianTokenizer {
         let source = SentencePiece::open(&need("source.spm")?)?;
         let target = SentencePiece::open(&need("target.spm")?)?;
         let vocab_path = need("vocab.json")?;
-        let config: serde_json::Value =
-            match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
-                Ok(text) => serde_json::from_str(&text).with_context(|| {
-                    format!("{}/tokenizer_config.json is not valid JSON", dir.display())
-                })?,
-                Err(_) => serde_json::Value::Null,
-            };
+        let config_path = dir.join("tokenizer_config.json");
+        let config: serde_json::Value = if config_path.exists() || config_path.is_symlink() {
+            super::read_json(&config_path)?
+        } else {
+            serde_json::Value::Null
+        };
         if config.get("separate_vocabs").and_then(|v| v.as_bool()) == Some(true) {
             bail!(
                 "{}: tokenizers with separate source and target vocabularies are not supported",
                 dir.display()
             );
         }
-        let vocab: HashMap<String, u32> = serde_json::from_str(
-            &std::fs::read_to_string(&vocab_path)
-                .with_context(|| format!("reading {}", vocab_path.display()))?,
-        )
-        .with_context(|| {
-            format!(
-                "{} is not a JSON object of piece -> id",
-                vocab_path.display()
-            )
-        })?;
+        let vocab: HashMap<String, u32> =
+            serde_json::from_str(&super::read_text(&vocab_path, super::MAX_JSON_BYTES)?)
+                .with_context(|| {
+                    format!(
+                        "{} is not a JSON object of piece -> id",
+                        vocab_path.display()
+                    )
+                })?;
         let token = |key: &str, default: &str| -> Result<u32> {
             let name = config.get(key).and_then(|v| v.as_str()).unwrap_or(default);
             vocab.get(name).copied().with_context(|| {
@@ -99,6 +96,23 @@ impl MarianTokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.vocab.len()
+    }
+
+    /// Fails unless every id of vocab.json is below `model_vocab` (the model's embedding
+    /// rows), naming the first entry that is not: a larger id would index past the table.
+    pub fn check_ids_within(&self, model_vocab: usize, dir: &Path) -> Result<()> {
+        if let Some((piece, id)) = self
+            .vocab
+            .iter()
+            .filter(|(_, &id)| id as usize >= model_vocab)
+            .min_by_key(|(_, &id)| id)
+        {
+            bail!(
+                "{}: entry '{piece}' has id {id}, outside the model's vocabulary (vocab_size {model_vocab} in config.json)",
+                dir.join("vocab.json").display()
+            );
+        }
+        Ok(())
     }
 
     fn id_of(&self, piece: &str) -> u32 {

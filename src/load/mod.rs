@@ -4,14 +4,16 @@
 //! not cached is an error that says how to get it.
 
 pub mod gguf;
+pub mod gguf_check;
 pub mod marian_tokenizer;
+pub mod sniff;
 pub mod source;
 pub mod spm;
 pub mod tokenizer;
 
 pub use source::{
-    checked_f32, ensure_finite_values, raw_f32, write_safetensors, NamedTensor, PickleSource,
-    RawTensor, SafetensorsSource, TensorSource,
+    checked_f32, ensure_finite_values, raw_f32, read_input_tensor, write_safetensors, NamedTensor,
+    PickleSource, RawTensor, SafetensorsSource, TensorSource,
 };
 
 use anyhow::{bail, Context, Result};
@@ -24,6 +26,7 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
 
 pub fn resolve_with_cache(spec: &str, cache: &hf_hub::Cache) -> Result<PathBuf> {
     let p = Path::new(spec);
+    sniff::ensure_not_dangling(p)?;
     if p.is_dir() {
         return Ok(p.to_path_buf());
     }
@@ -49,11 +52,55 @@ pub fn resolve_with_cache(spec: &str, cache: &hf_hub::Cache) -> Result<PathBuf> 
     }
 }
 
+/// Fails when `spec` names a file (not a folder) that is a GGUF, safetensors, ... file,
+/// saying what it is and `needs` (what the command wants instead). A dangling symbolic link
+/// is reported as one.
+pub fn expect_model_folder(spec: &str, needs: &str) -> Result<()> {
+    let p = Path::new(spec);
+    sniff::ensure_not_dangling(p)?;
+    if sniff::kind_of_file(p) == Some(sniff::FileKind::Gguf) {
+        bail!("{spec} is a GGUF file; {needs}");
+    }
+    Ok(())
+}
+
 /// A JSON file (config.json, generation_config.json, ...), with errors naming it.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = read_text(path, MAX_JSON_BYTES)?;
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+/// Largest JSON file read whole (configs, vocab.json, tokenizer_config.json): 64 MiB, ten
+/// times a large tokenizer.json.
+pub const MAX_JSON_BYTES: u64 = 64 << 20;
+
+/// A UTF-8 text file of at most `max` bytes, read whole; errors name the file (and say when
+/// it is a broken symbolic link, or too large to be what it claims).
+pub fn read_text(path: &Path, max: u64) -> Result<String> {
+    use std::io::Read;
+    sniff::ensure_not_dangling(path)?;
+    let f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > max {
+        bail!(
+            "{} is {len} bytes, more than the {max} accepted for this kind of file",
+            path.display()
+        );
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    f.take(max + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() as u64 > max {
+        bail!("{} is more than the {max} bytes accepted", path.display());
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not valid UTF-8 text (bad byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
 }
 
 /// Total size on disk of some weight files.

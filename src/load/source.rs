@@ -114,7 +114,15 @@ pub trait TensorSource {
 }
 
 /// Converts to f32 and refuses NaN or infinite values, naming the tensor and the file.
+/// Only float tensors are weights: an integer tensor where a float one belongs is refused,
+/// never cast by value (an F32 payload mislabelled I32 would otherwise load as garbage).
 pub fn checked_f32(name: &str, origin: &str, t: Tensor) -> Result<Tensor> {
+    if !t.dtype().is_float() {
+        bail!(
+            "tensor '{name}' in {origin} is stored as {:?}, not a float type: weights must be F32, F16, BF16 or F64 (the file is mislabelled or not a checkpoint of this model)",
+            t.dtype()
+        );
+    }
     let t = t.to_dtype(DType::F32)?;
     if !crate::quant::uniform::all_finite(&t)? {
         bail!(
@@ -130,6 +138,40 @@ pub fn ensure_finite_values(v: &[f32], what: &str) -> Result<()> {
         bail!("{what} holds a NaN or infinite value at element {i}: the checkpoint is corrupt");
     }
     Ok(())
+}
+
+/// One tensor of a safetensors file, as f32 (`quantize --input FILE --tensor NAME`). A file
+/// of another kind is named as such, with what to pass instead; a missing tensor lists the
+/// ones the file has.
+pub fn read_input_tensor(path: &Path, name: &str) -> Result<Tensor> {
+    use super::sniff::{kind_of_file, FileKind};
+    super::sniff::ensure_not_dangling(path)?;
+    match kind_of_file(path) {
+        Some(FileKind::Gguf) => bail!(
+            "{} is a GGUF file; --input reads one tensor from a safetensors file. To quantize a GGUF model whole, pass it as --model {} with --plan and --out",
+            path.display(),
+            path.display()
+        ),
+        Some(FileKind::Safetensors) | None => {}
+        Some(other) => bail!(
+            "{} is {}, not a safetensors file; --input needs a .safetensors file",
+            path.display(),
+            other.describe()
+        ),
+    }
+    let mut src = SafetensorsSource::open(&[path.to_path_buf()])?;
+    if !src.has(name) {
+        let mut names: Vec<&String> = src.names.iter().collect();
+        names.sort();
+        let shown: Vec<&str> = names.iter().take(20).map(|s| s.as_str()).collect();
+        bail!(
+            "no tensor '{name}' in {}; it has: {}{}",
+            path.display(),
+            shown.join(", "),
+            if names.len() > 20 { ", ..." } else { "" }
+        );
+    }
+    src.tensor(name, &Device::Cpu)
 }
 
 /// Safetensors files (one, or the shards of an index), memory-mapped.
@@ -255,7 +297,9 @@ pub struct PickleSource {
 
 impl PickleSource {
     pub fn open(path: &Path) -> Result<Self> {
-        let tensors = candle_core::pickle::read_all(path)
+        super::sniff::ensure_not_dangling(path)?;
+        Self::check_sizes(path)?;
+        let tensors = pickle_guard(path, || candle_core::pickle::read_all(path))
             .map_err(|e| {
                 anyhow::anyhow!(
                     "reading {}: {e} (re-download the checkpoint)",
@@ -268,6 +312,59 @@ impl PickleSource {
             path: path.to_path_buf(),
             tensors,
         })
+    }
+}
+
+/// Runs candle's pickle reader, turning a panic on a corrupt file (its opcode parser does
+/// unchecked arithmetic on values from the file) into an error naming the file.
+fn pickle_guard<T>(
+    path: &Path,
+    f: impl FnOnce() -> candle_core::Result<T>,
+) -> candle_core::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(candle_core::Error::Msg(format!(
+            "the pickle reader failed on {}",
+            path.display()
+        )))
+    })
+}
+
+impl PickleSource {
+    /// Refuses a checkpoint whose pickle describes a tensor larger than the file before
+    /// candle allocates it: PyTorch stores tensor data uncompressed in the zip, so every
+    /// tensor's bytes (from its storage offset on) lie within the file.
+    fn check_sizes(path: &Path) -> Result<()> {
+        let len = std::fs::metadata(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        let infos = pickle_guard(path, || {
+            candle_core::pickle::read_pth_tensor_info(path, false, None)
+        })
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "reading {}: {e} (not a PyTorch checkpoint, or a corrupt one: re-download it)",
+                path.display()
+            )
+        })?;
+        for t in infos {
+            let need = t
+                .layout
+                .dims()
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .and_then(|e| e.checked_add(t.layout.start_offset()))
+                .and_then(|e| e.checked_mul(t.dtype.size_in_bytes()));
+            if need.is_none_or(|n| n as u64 > len) {
+                bail!(
+                    "{}: tensor '{}' ({:?}, shape {:?}) needs more bytes than the file's {len}: the checkpoint is corrupt",
+                    path.display(),
+                    t.name,
+                    t.dtype,
+                    t.layout.dims()
+                );
+            }
+        }
+        Ok(())
     }
 }
 

@@ -11,6 +11,9 @@ use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// Largest SentencePiece model file read (released Marian models' are under 1 MiB).
+pub const MAX_MODEL_BYTES: u64 = 256 << 20;
+
 /// The whitespace meta symbol, U+2581.
 pub const SPACE_SYMBOL: char = '\u{2581}';
 
@@ -67,6 +70,16 @@ pub struct SentencePiece {
 
 impl SentencePiece {
     pub fn open(path: &Path) -> Result<Self> {
+        super::sniff::ensure_not_dangling(path)?;
+        let len = std::fs::metadata(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        if len > MAX_MODEL_BYTES {
+            bail!(
+                "{} is {len} bytes, more than the {MAX_MODEL_BYTES} accepted for a SentencePiece model",
+                path.display()
+            );
+        }
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_bytes(&bytes).with_context(|| {
             format!(
@@ -134,10 +147,11 @@ impl SentencePiece {
             max_score,
             normalizer,
         };
+        // An empty user-defined piece would match everywhere without consuming input.
         spm.normalizer.user_defined = spm
             .pieces
             .iter()
-            .filter(|p| p.kind == PieceKind::UserDefined)
+            .filter(|p| p.kind == PieceKind::UserDefined && !p.text.is_empty())
             .map(|p| p.text.clone())
             .collect();
         Ok(spm)
@@ -290,10 +304,12 @@ impl Normalizer {
         {
             return (&input[..len], len);
         }
+        // A corrupt map could match part of a character: such a match is ignored.
         if let Some((len, rep)) = self
             .charsmap
             .as_ref()
             .and_then(|m| m.longest_prefix(input.as_bytes()))
+            .filter(|&(len, _)| input.is_char_boundary(len))
         {
             return (rep, len);
         }
@@ -301,11 +317,22 @@ impl Normalizer {
         (&input[..len], len)
     }
 
+    /// [`Self::normalize_prefix`], always consuming at least one character of a non-empty
+    /// input (so the normalization loops end whatever the model file says).
+    fn next_prefix<'a>(&'a self, input: &'a str) -> (&'a str, usize) {
+        let (rep, len) = self.normalize_prefix(input);
+        if len == 0 && !input.is_empty() {
+            let one = input.chars().next().map_or(0, char::len_utf8);
+            return (&input[..one], one);
+        }
+        (rep, len)
+    }
+
     fn normalize(&self, text: &str) -> String {
         let mut input = text;
         if self.remove_extra_whitespaces {
             while !input.is_empty() {
-                let (rep, len) = self.normalize_prefix(input);
+                let (rep, len) = self.next_prefix(input);
                 if rep != " " {
                     break;
                 }
@@ -326,7 +353,7 @@ impl Normalizer {
         }
         let mut prev_space = self.remove_extra_whitespaces;
         while !input.is_empty() {
-            let (rep, len) = self.normalize_prefix(input);
+            let (rep, len) = self.next_prefix(input);
             let mut rep = rep;
             while prev_space && rep.starts_with(' ') {
                 rep = &rep[1..];
@@ -565,6 +592,16 @@ mod tests {
         let spm = SentencePiece::from_bytes(&m).unwrap();
         let seg: Vec<String> = spm.encode("a<x>b").into_iter().map(|s| s.text).collect();
         assert_eq!(seg, ["▁a", "<x>", "b"]);
+    }
+
+    #[test]
+    fn an_empty_user_defined_piece_does_not_stall_normalization() {
+        let mut m = piece("<unk>", 0.0, 2);
+        m.extend(piece("▁a", -1.0, 1));
+        m.extend(piece("", 0.0, 4));
+        let spm = SentencePiece::from_bytes(&m).unwrap();
+        assert_eq!(spm.normalize("  a  "), "▁a");
+        assert_eq!(spm.encode("a").len(), 1);
     }
 
     #[test]

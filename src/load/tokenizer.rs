@@ -4,6 +4,7 @@
 use super::gguf::Gguf;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
+use std::str::FromStr;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -80,7 +81,8 @@ impl TextTokenizer {
     /// Loads `tokenizer.json` (and BOS/EOS from `tokenizer_config.json` when present).
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = Tokenizer::from_file(&path)
+        let text = super::read_text(&path, super::MAX_JSON_BYTES)?;
+        let inner = Tokenizer::from_str(&text)
             .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
         let cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
             .ok()
@@ -123,10 +125,36 @@ impl TextTokenizer {
                 g.path.display()
             );
         }
+        let file = g.path.display();
         let tokens = g.strings("tokenizer.ggml.tokens")?;
+        if tokens.is_empty() {
+            bail!(
+                "GGUF {file}: 'tokenizer.ggml.tokens' is empty: a working model needs a vocabulary"
+            );
+        }
+        if tokens.len() > u32::MAX as usize {
+            bail!("GGUF {file}: 'tokenizer.ggml.tokens' holds more than 2^32 tokens");
+        }
+        if g.has("llama.vocab_size") {
+            let rows = g.usize("llama.vocab_size")?;
+            if tokens.len() > rows {
+                bail!(
+                    "GGUF {file}: 'tokenizer.ggml.tokens' holds {} tokens, more than 'llama.vocab_size' {rows} (the embedding rows)",
+                    tokens.len()
+                );
+            }
+        }
         let merges = g.strings("tokenizer.ggml.merges")?;
         let types = if g.has("tokenizer.ggml.token_type") {
-            g.ints("tokenizer.ggml.token_type")?
+            let t = g.ints("tokenizer.ggml.token_type")?;
+            if t.len() != tokens.len() {
+                bail!(
+                    "GGUF {file}: 'tokenizer.ggml.token_type' has {} entries for {} tokens",
+                    t.len(),
+                    tokens.len()
+                );
+            }
+            t
         } else {
             vec![1; tokens.len()]
         };
@@ -135,12 +163,23 @@ impl TextTokenizer {
             .enumerate()
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
+        // A merge whose parts or result are not tokens makes the BPE builder fail with
+        // only the merged text; name the entry and the file instead.
         let merges = merges
             .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .with_context(|| format!("GGUF merge '{m}' is not two space-separated tokens"))
+            .enumerate()
+            .map(|(i, m)| {
+                let (a, b) = m.split_once(' ').with_context(|| {
+                    format!("GGUF {file}: 'tokenizer.ggml.merges' entry #{i} '{m}' is not two space-separated tokens: the vocabulary is corrupt")
+                })?;
+                for t in [a.to_string(), b.to_string(), format!("{a}{b}")] {
+                    if !vocab.contains_key(&t) {
+                        bail!(
+                            "GGUF {file}: 'tokenizer.ggml.merges' entry #{i} '{m}' needs token '{t}', which 'tokenizer.ggml.tokens' lacks: the vocabulary is corrupt"
+                        );
+                    }
+                }
+                Ok((a.to_string(), b.to_string()))
             })
             .collect::<Result<Vec<_>>>()?;
         let bpe = BPE::builder()
@@ -177,13 +216,28 @@ impl TextTokenizer {
         inner
             .add_special_tokens(special)
             .map_err(|e| anyhow::anyhow!("adding special tokens: {e}"))?;
+        // Every special id the metadata gives must be a token.
         let id = |key: &str| -> Result<Option<u32>> {
-            Ok(if g.has(key) {
-                Some(g.usize(key)? as u32)
-            } else {
-                None
-            })
+            if !g.has(key) {
+                return Ok(None);
+            }
+            let id = g.usize(key)?;
+            if id >= tokens.len() {
+                bail!(
+                    "GGUF {file}: metadata '{key}' is {id}, outside the vocabulary of {} tokens ('tokenizer.ggml.tokens')",
+                    tokens.len()
+                );
+            }
+            Ok(Some(id as u32))
         };
+        for key in [
+            "tokenizer.ggml.unknown_token_id",
+            "tokenizer.ggml.padding_token_id",
+            "tokenizer.ggml.seperator_token_id",
+            "tokenizer.ggml.eot_token_id",
+        ] {
+            id(key)?;
+        }
         Ok(TextTokenizer {
             inner,
             bos: id("tokenizer.ggml.bos_token_id")?,

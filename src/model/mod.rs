@@ -111,6 +111,15 @@ pub fn load_llm(spec: &str, load_as: LoadAs, device: &Device) -> Result<LoadedLl
     }
     let model = Llama::from_hf_dir(&dir, device)?;
     let tokenizer = TextTokenizer::from_hf_dir(&dir)?;
+    // Ids past the embedding table would only fail mid-run; refuse at load.
+    if tokenizer.vocab_size() > model.cfg.vocab_size {
+        bail!(
+            "{}: tokenizer.json has {} tokens but config.json's vocab_size is {}",
+            dir.display(),
+            tokenizer.vocab_size(),
+            model.cfg.vocab_size
+        );
+    }
     let disk_bytes = files_bytes(&safetensors_files(&dir)?);
     Ok(LoadedLlm {
         model,
@@ -147,6 +156,7 @@ pub fn load_marian(spec: &str, device: &Device) -> Result<LoadedMarian> {
             model.cfg.vocab_size
         );
     }
+    tokenizer.check_ids_within(model.cfg.vocab_size.min(model.cfg.decoder_vocab_size), &dir)?;
     let disk_bytes = files_bytes(&checkpoint_files(&dir));
     Ok(LoadedMarian {
         model,

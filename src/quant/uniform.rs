@@ -38,6 +38,10 @@ impl RowView {
             Granularity::PerTensor => (x.reshape((1, numel))?, None),
             Granularity::PerGroup { size } => {
                 let last = *dims.last().unwrap_or(&1);
+                // A group longer than the row is the row: the zeros that padding would add
+                // change no (zero-including) range, and padding each row up to a huge group
+                // would allocate without bound.
+                let size = size.min(last);
                 let pad = (size - last % size) % size;
                 if pad > 0 {
                     let outer = numel / last;
@@ -436,6 +440,35 @@ mod tests {
             qp.codes_i32().unwrap()[..6].to_vec()
         );
         assert_eq!(q.dequantize().unwrap().dims(), &[1, 6]);
+    }
+
+    #[test]
+    fn a_group_longer_than_the_row_is_the_row_without_padding() {
+        // Rows of 6 in groups of 2^40: one group per row, the same parameters and codes as
+        // zero-padding each row to 8 (groups of 8), and nothing allocated for the padding.
+        let v = [
+            0.5f32, -1.0, 2.0, 0.25, 3.0, -0.5, 1.5, 0.0, -2.0, 0.75, 0.1, 0.2,
+        ];
+        let x = t(&v, &[2, 6]);
+        for base in [
+            Scheme::new(4, true).unwrap().symmetric(),
+            Scheme::new(4, false).unwrap().affine(),
+        ] {
+            let s = base.per_group(1 << 40);
+            let s8 = base.per_group(8);
+            let q = quantize(&x, &s).unwrap();
+            assert_eq!(q.params.len(), 2);
+            let mut padded = v[..6].to_vec();
+            padded.extend([0.0, 0.0]);
+            padded.extend(&v[6..]);
+            padded.extend([0.0, 0.0]);
+            let qp = quantize(&t(&padded, &[2, 8]), &s8).unwrap();
+            assert_eq!(q.params, qp.params);
+            let (c, cp) = (q.codes_i32().unwrap(), qp.codes_i32().unwrap());
+            assert_eq!(c[..6], cp[..6]);
+            assert_eq!(c[6..], cp[8..14]);
+            assert_eq!(q.dequantize().unwrap().dims(), &[2, 6]);
+        }
     }
 
     #[test]
