@@ -218,10 +218,13 @@ fn failed_writes_name_the_path_and_leave_nothing_behind() {
     let mut after = listing(d);
     after.retain(|f| f != "s.jsonl" && f != "s.base.kld");
     assert_eq!(after, before);
-    // Disk full: the error carries the path.
+    // Disk full: the error carries the path. (A plot needs a .svg/.png name, so the
+    // device is given as the KL base file.)
     if Path::new("/dev/full").exists() {
-        let r = quantlab(d, &sweep_args(&m, a, "s.jsonl", "/dev/full"), None);
-        refused(&r, &["/dev/full", "No space left on device"]);
+        refused(
+            &run(&ppl(&["--save-logprobs", "/dev/full"])),
+            &["/dev/full", "No space left on device"],
+        );
     }
     // The rows file itself under a file, or a directory: nothing measured or written.
     let before = listing(d);

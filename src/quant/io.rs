@@ -57,6 +57,7 @@ pub fn write_atomically_with(
         .unwrap_or(Path::new("."));
     let created =
         create_folders(dir).with_context(|| format!("cannot write {}", path.display()))?;
+    remove_orphaned_temporaries(dir, name);
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| -> Result<u64> {
         let file = std::fs::File::create(&tmp).map_err(anyhow::Error::from)?;
@@ -80,6 +81,32 @@ pub fn write_atomically_with(
         }
     }
     result
+}
+
+/// Removes `.NAME.tmpPID` files left beside `NAME` by a quantlab process that was killed
+/// mid-write (no error path ran to clean up). Only files of exactly that pattern whose
+/// process is gone are removed; where liveness cannot be checked (no `/proc`), nothing is.
+fn remove_orphaned_temporaries(dir: &Path, name: &str) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let prefix = format!(".{name}.tmp");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Refuses, before any work, an output path that [`write_atomically_with`] would refuse
@@ -273,6 +300,21 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn a_killed_writer_s_temporary_file_is_removed_by_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("x.svg");
+        // PIDs above the kernel's maximum (2^22) never belong to a live process.
+        let orphan = dir.path().join(".x.svg.tmp4999999");
+        let other = dir.path().join(".y.svg.tmp4999999");
+        std::fs::write(&orphan, b"half").unwrap();
+        std::fs::write(&other, b"half").unwrap();
+        write_atomically(&out, b"<svg/>").unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"<svg/>");
+        assert!(!orphan.exists(), "the orphan of a dead process stays");
+        assert!(other.exists(), "another file's temporary was removed");
     }
 
     #[test]
