@@ -398,7 +398,12 @@ pub fn llm_provenance(
     if plan.as_ref().is_some_and(crate::nn::plan_needs_calibration) {
         let spec = model.calibration.source(data).text_spec()?;
         prov.seed = Some(spec.seed);
-        prov.calibration = Some(CalibrationRecord::of(&spec)?);
+        prov.calibration = Some(CalibrationRecord::of(
+            &spec.text,
+            spec.samples,
+            spec.seqlen,
+            spec.seed,
+        )?);
     }
     Ok(prov)
 }

@@ -536,7 +536,7 @@ pub fn run(spec: &SweepSpec) -> Result<Vec<Row>> {
         let calibrated = crate::nn::plan_needs_calibration(&parsed);
         if calibrated && calib.is_none() {
             let s = spec.calibration.text_spec()?;
-            let r = CalibrationRecord::of(&s)?;
+            let r = CalibrationRecord::of(&s.text, s.samples, s.seqlen, s.seed)?;
             calib = Some((s, r));
         }
         let record = calib.as_ref().filter(|_| calibrated).map(|(_, r)| r);
@@ -758,13 +758,18 @@ mod tests {
         let text = dir.path().join("calib.txt");
         std::fs::write(&text, "abc").unwrap();
         let spec = CalibrationSpec::new(text.clone(), 4, 16, 0).unwrap();
-        let a = CalibrationRecord::of(&spec).unwrap();
+        let a = CalibrationRecord::of(&spec.text, spec.samples, spec.seqlen, spec.seed).unwrap();
         assert_eq!(
             a.text_hash,
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         std::fs::write(&text, "abd").unwrap();
-        assert_ne!(CalibrationRecord::of(&spec).unwrap().text_hash, a.text_hash);
+        assert_ne!(
+            CalibrationRecord::of(&spec.text, spec.samples, spec.seqlen, spec.seed)
+                .unwrap()
+                .text_hash,
+            a.text_hash
+        );
         let mut r = row();
         r.calibration = Some(a);
         let back: Row = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();

@@ -132,7 +132,8 @@ impl Manifest {
                 .with_context(|| format!("sweep plan '{plan}'"))?;
             let calibration = if crate::nn::plan_needs_calibration(&parsed) {
                 if calib.is_none() {
-                    calib = Some(CalibrationRecord::of(&spec.calibration.text_spec()?)?);
+                    let c = spec.calibration.text_spec()?;
+                    calib = Some(CalibrationRecord::of(&c.text, c.samples, c.seqlen, c.seed)?);
                 }
                 calib.clone()
             } else {

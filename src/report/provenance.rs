@@ -53,15 +53,17 @@ pub struct CalibrationRecord {
 }
 
 impl CalibrationRecord {
-    /// Reads and hashes the calibration text of `spec`.
-    pub fn of(spec: &crate::eval::lm::CalibrationSpec) -> Result<Self> {
+    /// Reads and hashes the calibration `text` (windows of `seqlen` tokens, `samples` of
+    /// them, drawn with `seed`). Takes the fields, not `eval`'s spec, so that `report`
+    /// does not depend on `eval` (which reports through it).
+    pub fn of(text: &std::path::Path, samples: usize, seqlen: usize, seed: u64) -> Result<Self> {
         Ok(CalibrationRecord {
-            file: spec.text.display().to_string(),
-            text_hash: sha256_file(&spec.text)
-                .with_context(|| format!("calibration text {}", spec.text.display()))?,
-            samples: spec.samples,
-            seqlen: spec.seqlen,
-            seed: spec.seed,
+            file: text.display().to_string(),
+            text_hash: sha256_file(text)
+                .with_context(|| format!("calibration text {}", text.display()))?,
+            samples,
+            seqlen,
+            seed,
         })
     }
 }
