@@ -112,6 +112,37 @@ pub fn mean_and_err(xs: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
     (mean, err)
 }
 
+/// `a − b` of two correlated estimates `(value, error)` with covariance `cov`.
+fn paired_difference(a: (f64, f64), b: (f64, f64), cov: f64) -> (f64, f64) {
+    (
+        a.0 - b.0,
+        (a.1 * a.1 + b.1 * b.1 - 2.0 * cov).max(0.0).sqrt(),
+    )
+}
+
+/// RMS of the Δp values and its error (from the error of the mean square).
+fn rms_and_err(dp: &[f64]) -> (f64, f64) {
+    let mse = mean_and_err(dp.iter().map(|d| d * d));
+    let rms = mse.0.sqrt();
+    (rms, if rms > 0.0 { 0.5 / rms * mse.1 } else { 0.0 })
+}
+
+/// Fraction of the `n` positions whose top tokens agree, with its binomial error.
+fn same_top_and_err(chunks: &[ChunkTokens], n: usize) -> (f64, f64) {
+    let same = chunks
+        .iter()
+        .flat_map(|c| c.same_top.iter())
+        .filter(|&&t| t)
+        .count() as f64
+        / n as f64;
+    let err = if n > 1 {
+        (same * (1.0 - same) / (n - 1) as f64).sqrt()
+    } else {
+        0.0
+    };
+    (same, err)
+}
+
 /// Covariance of the two means (llama.cpp's `covariance`): Σ(a−ā)(b−b̄)/n/(n−1); 0 for n < 10.
 pub fn cov_of_means(a: &[f64], b: &[f64]) -> f64 {
     let n = a.len().min(b.len());
@@ -266,32 +297,12 @@ pub fn kl_summary(chunks: &[ChunkTokens]) -> Result<Option<KlSummary>> {
     let cov = cov_of_means(&nll, &nb);
     let ppl_q = (q.0.exp(), q.0.exp() * q.1);
     let ppl_b = (b.0.exp(), b.0.exp() * b.1);
-    let ln_ratio = (
-        q.0 - b.0,
-        (q.1 * q.1 + b.1 * b.1 - 2.0 * cov).max(0.0).sqrt(),
-    );
+    let ln_ratio = paired_difference(q, b, cov);
     let ratio = (ln_ratio.0.exp(), ln_ratio.0.exp() * ln_ratio.1);
     let ppl_cov = ppl_q.0 * ppl_b.0 * cov;
-    let diff = (
-        ppl_q.0 - ppl_b.0,
-        (ppl_q.1 * ppl_q.1 + ppl_b.1 * ppl_b.1 - 2.0 * ppl_cov)
-            .max(0.0)
-            .sqrt(),
-    );
-    let mse = mean_and_err(dp.iter().map(|d| d * d));
-    let rms = mse.0.sqrt();
-    let rms_err = if rms > 0.0 { 0.5 / rms * mse.1 } else { 0.0 };
-    let same = chunks
-        .iter()
-        .flat_map(|c| c.same_top.iter())
-        .filter(|&&t| t)
-        .count() as f64
-        / n as f64;
-    let same_err = if n > 1 {
-        (same * (1.0 - same) / (n - 1) as f64).sqrt()
-    } else {
-        0.0
-    };
+    let diff = paired_difference(ppl_q, ppl_b, ppl_cov);
+    let (rms, rms_err) = rms_and_err(&dp);
+    let (same, same_err) = same_top_and_err(chunks, n);
     Ok(Some(KlSummary {
         tokens: n,
         ppl_q: Est::new(ppl_q),
@@ -508,26 +519,10 @@ pub fn chunk_line(chunks: &[ChunkTokens]) -> String {
         let dp = flat(chunks, |c| &c.dp);
         let b = mean_and_err(nb.iter().copied());
         let cov = cov_of_means(&nll, &nb);
-        let lr = (
-            q.0 - b.0,
-            (q.1 * q.1 + b.1 * b.1 - 2.0 * cov).max(0.0).sqrt(),
-        );
+        let lr = paired_difference(q, b, cov);
         let k = mean_and_err(kl.iter().copied());
-        let mse = mean_and_err(dp.iter().map(|d| d * d));
-        let rms = mse.0.sqrt();
-        let rms_err = if rms > 0.0 { 0.5 / rms * mse.1 } else { 0.0 };
-        let n = nll.len();
-        let same = chunks
-            .iter()
-            .flat_map(|c| c.same_top.iter())
-            .filter(|&&t| t)
-            .count() as f64
-            / n as f64;
-        let same_err = if n > 1 {
-            (same * (1.0 - same) / (n - 1) as f64).sqrt()
-        } else {
-            0.0
-        };
+        let (rms, rms_err) = rms_and_err(&dp);
+        let (same, same_err) = same_top_and_err(chunks, nll.len());
         line += &format!(
             "    {:10.5} ± {:10.5}    {:10.5} ± {:10.5}    {:6.3} ± {:6.3} %    {:6.3} ± {:6.3} %",
             lr.0,

@@ -9,8 +9,21 @@ use crate::nn::kernels::llm_f32::{self, KvHeads, RopePairs};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
-fn host(t: &Tensor) -> Result<Vec<f32>> {
+/// A tensor's values on the host, row-major.
+pub(super) fn host(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// The attention shapes and constants of a block, from the config (shared by the resumed
+/// forward pass here and the staged calibration pass).
+pub(super) struct AttnDims {
+    pub hs: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub hd: usize,
+    pub eps: f32,
+    pub scale: f32,
+    pub pairs: RopePairs,
 }
 
 /// Where a resumed forward pass starts: the input of one half of one block.
@@ -29,6 +42,22 @@ impl Stage {
 }
 
 impl Llama {
+    pub(super) fn attn_dims(&self) -> AttnDims {
+        let c = &self.cfg;
+        AttnDims {
+            hs: c.hidden_size,
+            nh: c.num_attention_heads,
+            nkv: c.num_key_value_heads,
+            hd: c.head_dim,
+            eps: c.rms_norm_eps as f32,
+            scale: (1.0 / (c.head_dim as f64).sqrt()) as f32,
+            pairs: match self.rope_layout {
+                RopeLayout::Interleaved => RopePairs::Adjacent,
+                RopeLayout::HalfSplit => RopePairs::Halves,
+            },
+        }
+    }
+
     /// `x += attention(norm(x))` for block `b` on `t` rows of `x` placed after `kv`'s
     /// `offset` cached positions (appended to `kv`).
     pub(super) fn attention_half(
@@ -39,19 +68,15 @@ impl Llama {
         kv: &mut KvHeads,
         offset: usize,
     ) -> Result<()> {
-        let c = &self.cfg;
-        let (hs, nh, nkv, hd) = (
-            c.hidden_size,
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            c.head_dim,
-        );
-        let eps = c.rms_norm_eps as f32;
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let pairs = match self.rope_layout {
-            RopeLayout::Interleaved => RopePairs::Adjacent,
-            RopeLayout::HalfSplit => RopePairs::Halves,
-        };
+        let AttnDims {
+            hs,
+            nh,
+            nkv,
+            hd,
+            eps,
+            scale,
+            pairs,
+        } = self.attn_dims();
         let dev = &self.device;
         let h = Tensor::from_vec(
             llm_f32::rms_norm(x, &host(&b.attn_norm)?, eps),

@@ -7,15 +7,12 @@
 //! are kept between blocks (samples × seqlen × hidden f32: 150 MB for 128 × 512 × 576), so
 //! every block runs once. The arithmetic is that of the CPU forward pass.
 
-use super::{add_in_place, Llama, RopeLayout};
-use crate::nn::kernels::llm_f32::{self, KvHeads, RopePairs};
+use super::partial::host;
+use super::{add_in_place, Llama};
+use crate::nn::kernels::llm_f32::{self, KvHeads};
 use crate::nn::{CalibrateInStages, StageSink};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
-
-fn host(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?)
-}
 
 impl CalibrateInStages for Llama {
     type Input = Vec<u32>;
@@ -29,18 +26,15 @@ impl CalibrateInStages for Llama {
             bail!("sequential calibration runs on the CPU with f32 embeddings: load the model on the CPU (--device cpu)");
         }
         let c = self.cfg.clone();
-        let (hs, nh, nkv, hd) = (
-            c.hidden_size,
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            c.head_dim,
-        );
-        let eps = c.rms_norm_eps as f32;
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let pairs = match self.rope_layout {
-            RopeLayout::Interleaved => RopePairs::Adjacent,
-            RopeLayout::HalfSplit => RopePairs::Halves,
-        };
+        let super::partial::AttnDims {
+            hs,
+            nh,
+            nkv,
+            hd,
+            eps,
+            scale,
+            pairs,
+        } = self.attn_dims();
         for w in windows {
             if w.is_empty() || w.len() > c.max_position_embeddings {
                 bail!(
