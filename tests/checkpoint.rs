@@ -61,6 +61,8 @@ fn llama_checkpoints_of_every_format_reload_bit_identical() {
         "*=rtn-signed-max:i4:g32",
         "*.mlp.*=rtn-clip:u3:affine:g16;*=rtn-clip:i4:sym:g64",
         "*=hqq:u4:g32",
+        "*=fp8",
+        "*.mlp.*=fp8:tensor;*=fp8:dyn",
         // Groups of 16 have no kernel layout: real zero points decode on the fallback path.
         "*.mlp.*=hqq:u2:g16;*=hqq:u3:ch0",
     ];

@@ -37,6 +37,7 @@ pub const ALGORITHMS: &[(&str, ParseFn)] = &[
     ),
     ("hqq:u<b>:g<size>|ch0 (e.g. hqq:u4:g64)", algo::hqq::parse),
     ("nf4|fp4[:b<block>][:dq]", algo::fourbit::parse),
+    ("fp8[:channel|:tensor][:dyn] (E4M3)", algo::fp8::parse),
     (
         "a GGML type (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k)",
         algo::ggml::parse,
@@ -59,6 +60,7 @@ pub const FORMATS: &[(&str, LoadFn)] = &[
     (format::llm_int8::ID, format::llm_int8::LlmInt8::load),
     (format::grouped::ID, format::grouped::Grouped::load),
     (format::fourbit::ID, format::fourbit::FourBitWeight::load),
+    (format::fp8::ID, format::fp8::Fp8::load),
     (format::ggml::ID, format::ggml::Ggml::load),
 ];
 

@@ -57,6 +57,12 @@ pub enum RowSource<'a> {
         absmax: &'a [f32],
         blocksize: usize,
     },
+    /// FP8 codes looked up in a 256-entry table, times one scale per row (or one for all).
+    Fp8 {
+        codes: &'a [u8],
+        table: &'a [f32; 256],
+        scale: &'a [f32],
+    },
 }
 
 impl RowSource<'_> {
@@ -108,6 +114,16 @@ impl RowSource<'_> {
                         *d = scaled[code as usize];
                     }
                     i = end;
+                }
+            }
+            RowSource::Fp8 {
+                codes,
+                table,
+                scale,
+            } => {
+                let s = scale[if scale.len() == 1 { 0 } else { o }];
+                for (d, &c) in out[..cols].iter_mut().zip(&codes[start..start + cols]) {
+                    *d = table[c as usize] * s;
                 }
             }
         }

@@ -3,6 +3,7 @@
 
 pub mod awq;
 pub mod codebook;
+pub mod fp8;
 pub mod gptq;
 pub mod histogram;
 pub mod hqq;

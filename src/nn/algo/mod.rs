@@ -5,6 +5,7 @@
 pub mod awq;
 pub mod cast;
 pub mod fourbit;
+pub mod fp8;
 pub mod ggml;
 pub mod gptq;
 pub mod hqq;

@@ -5,6 +5,7 @@
 
 pub mod dense;
 pub mod fourbit;
+pub mod fp8;
 pub mod ggml;
 pub mod grouped;
 pub mod half;
@@ -85,6 +86,8 @@ pub enum InputQuant {
     /// Symmetric int8 codes per row (token): `round(x · (1/absmax) · 127)` clamped to ±127,
     /// scale `absmax / 127` (bitsandbytes' vector-wise quantization).
     I8PerRow,
+    /// FP8 E4M3 per row (token) with scale `amax / 448` (vLLM's dynamic W8A8-FP8).
+    Fp8PerRow,
     /// Not described: the format has no emulation on other devices.
     Unknown,
 }

@@ -99,6 +99,19 @@ impl WeightFormat for Dequantized {
                 let scale = (safe * (1.0 / 127.0))?;
                 codes.broadcast_mul(&scale)?.to_dtype(x.dtype())?
             }
+            InputQuant::Fp8PerRow => {
+                // As `quant::fp8::fake_quantize_row`: scale amax/448 per row, saturating
+                // round-to-nearest-even cast (candle's E4M3 cast on the device).
+                let xf = x.to_dtype(DType::F32)?;
+                let amax = xf.abs()?.max_keepdim(candle_core::D::Minus1)?;
+                let max = Tensor::new(crate::quant::fp8::E4M3_MAX, xf.device())?;
+                let scale = amax
+                    .maximum(f32::MIN_POSITIVE as f64)?
+                    .broadcast_div(&max)?;
+                let codes = xf.broadcast_div(&scale)?.clamp(-448.0, 448.0)?;
+                let decoded = codes.to_dtype(DType::F8E4M3)?.to_dtype(DType::F32)?;
+                decoded.broadcast_mul(&scale)?.to_dtype(x.dtype())?
+            }
             InputQuant::U8PerTensor => {
                 let xf = x.to_dtype(DType::F32)?.flatten_all()?;
                 let lo = xf.min(0)?.to_scalar::<f32>()?;
