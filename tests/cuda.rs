@@ -105,3 +105,78 @@ fn bf16_activations_track_f32() {
         "bf16 run identical to f32: the dtype was not applied"
     );
 }
+
+/// The tensor-core products (cuBLASLt s8·s8→s32 and e4m3·e4m3→f32) against their CPU
+/// reference on ragged row counts and SmolLM2's shapes: int8 sums are exact integers
+/// (below 2^24 here, so exact in f32 too); FP8 products are exact in f32 and only the
+/// summation order differs (relative 1e-5 of the sum of |products|).
+#[test]
+fn tensor_core_products_match_the_cpu() {
+    use quantlab::nn::cuda_lt::{lt_matmul, LtInput};
+    let gpu = gpu();
+    for (m, k, n) in [(1, 576, 192), (37, 576, 1536), (130, 1536, 576)] {
+        let a: Vec<u8> = (0..m * k)
+            .map(|i| (i * 2654435761usize >> 7) as u8)
+            .collect();
+        let w: Vec<u8> = (0..n * k).map(|i| (i * 40503usize >> 3) as u8).collect();
+        let at = Tensor::from_vec(a, (m, k), &Device::Cpu).unwrap();
+        let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+        let cpu = lt_matmul(&at, &wt, LtInput::I8)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let dev = lt_matmul(
+            &at.to_device(&gpu).unwrap(),
+            &wt.to_device(&gpu).unwrap(),
+            LtInput::I8,
+        )
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+        assert_eq!(cpu, dev, "int8 {m}x{k}x{n}");
+        let f = |n_: usize, seed: f32| {
+            let v: Vec<f32> = (0..n_ * k)
+                .map(|i| ((i as f32 + seed) * 0.618).sin() * 100.0)
+                .collect();
+            Tensor::from_vec(v, (n_, k), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F8E4M3)
+                .unwrap()
+        };
+        let (af, wf) = (f(m, 0.5), f(n, 3.0));
+        let cpu = lt_matmul(&af, &wf, LtInput::Fp8)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let dev = lt_matmul(
+            &af.to_device(&gpu).unwrap(),
+            &wf.to_device(&gpu).unwrap(),
+            LtInput::Fp8,
+        )
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+        let scale = 100.0 * 100.0 * k as f32;
+        let d = max_diff(&cpu, &dev);
+        assert!(d <= 1e-5 * scale, "fp8 {m}x{k}x{n}: max diff {d}");
+    }
+}
+
+/// W8A8 layers (int8 and FP8 per token) run on tensor cores on the GPU and agree with the
+/// CPU kernels: same codes and scales; activation codes may differ by one on a rounding tie
+/// (the device rounds halves away from zero), hence the tolerance of the emulated rows.
+#[test]
+fn w8a8_layers_use_tensor_cores_and_agree_with_the_cpu() {
+    let gpu = gpu();
+    for (plan, tol) in [("*=w8a8:token", 2e-2), ("*=fp8:dyn", 5e-2)] {
+        let cpu = log_probs(&planned(plan, &Device::Cpu));
+        let m = planned(plan, &gpu);
+        let described: Vec<String> = m.linears().iter().map(|l| l.weight.describe()).collect();
+        assert!(
+            described.iter().all(|d| d.contains("tensor cores")),
+            "{plan}: {described:?}"
+        );
+        let d = max_diff(&cpu, &log_probs(&m));
+        assert!(d < tol, "{plan}: max |Δ log p| = {d} (tolerance {tol})");
+    }
+}

@@ -48,6 +48,21 @@ impl Fp8 {
         })
     }
 
+    /// E4M3 codes, row-major `[rows, cols]`.
+    pub fn codes(&self) -> &[u8] {
+        &self.codes
+    }
+
+    /// One scale per row, or one for the whole tensor.
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+
+    /// Whether activations are cast to E4M3 per row (W8A8-FP8).
+    pub fn dynamic_activations(&self) -> bool {
+        self.dynamic_activations
+    }
+
     pub fn scaling(&self) -> Fp8Scaling {
         if self.scales.len() == 1 && self.rows != 1 {
             Fp8Scaling::PerTensor
@@ -177,6 +192,9 @@ impl WeightFormat for Fp8 {
     }
 
     fn to_device(&self, device: &Device) -> Result<Arc<dyn WeightFormat>> {
+        if let Some(tc) = super::tensor_core::TensorCore::try_new(self, device)? {
+            return Ok(Arc::new(tc));
+        }
         keep_on_cpu(self, "fp8", device)
     }
 

@@ -359,6 +359,9 @@ impl WeightFormat for Int8 {
     }
 
     fn to_device(&self, device: &Device) -> Result<Arc<dyn WeightFormat>> {
+        if let Some(tc) = super::tensor_core::TensorCore::try_new(self, device)? {
+            return Ok(Arc::new(tc));
+        }
         keep_on_cpu(self, "int8", device)
     }
 
