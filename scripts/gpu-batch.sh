@@ -32,7 +32,8 @@ run() {
 ppl() { run $QL --quiet --format json --device "$1" --dtype "$2" perplexity --model "$M" "${@:3}"; }
 FORMATS=("keep" "lm_head=keep;*=w:i8:sym" "lm_head=keep;*=w:i4:sym:g64" "lm_head=keep;*=nf4" \
   "lm_head=keep;*=fp4" "lm_head=keep;*=dynamic-int8" "lm_head=keep;*=q8_0" "lm_head=keep;*=q4_0" \
-  "lm_head=keep;*=f16" "lm_head=keep;*=bf16")
+  "lm_head=keep;*=f16" "lm_head=keep;*=bf16" "lm_head=keep;*=fp8" "lm_head=keep;*=fp8:dyn" \
+  "lm_head=keep;*=w8a8:token")
 case "$1" in
   check)
     nvidia-smi -L | tee -a "$LOG"
@@ -99,6 +100,19 @@ case "$1" in
       --bits 8,4,3,2 --groups 64,128 --max-chunks 8 --kl --batch 8 --out $Q/runs/sweep-$d.jsonl \
       --plot $Q/runs/sweep-$d.svg > "$OUT/sweep-table-$d.jsonl" && echo "sweep done" | tee -a "$LOG"
     cp $Q/runs/sweep-$d.* "$OUT/" 2>/dev/null || true
+    ;;
+  tc)
+    # W8A8 on tensor cores (cuBLASLt int8 / FP8) before and after: the emulation
+    # (dequantized weight, fake-quantized activations) with QUANTLAB_TENSOR_CORES=0.
+    for tc in 0 1; do
+      run env QUANTLAB_TENSOR_CORES=$tc $QL --quiet --format json --device cuda --dtype bf16 bench \
+        --model "$M" -p 512 -n 128 -r 3 --plan "lm_head=keep;*=w8a8:token" \
+        --plan "lm_head=keep;*=fp8:dyn" --plan "lm_head=keep;*=bf16" > "$OUT/bench-tc$tc.jsonl"
+      for p in "lm_head=keep;*=w8a8:token" "lm_head=keep;*=fp8:dyn"; do
+        run env QUANTLAB_TENSOR_CORES=$tc $QL --quiet --format json --device cuda --dtype bf16 \
+          perplexity --model "$M" --batch 32 --plan "$p" >> "$OUT/ppl-tc$tc.jsonl"
+      done
+    done
     ;;
   *) echo "unknown batch '$1'" >&2; exit 2 ;;
 esac
