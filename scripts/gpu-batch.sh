@@ -11,6 +11,7 @@
 #   scripts/gpu-batch.sh agree      # CPU/CUDA agreement tests, Marian translations, MNIST on CPU
 #   scripts/gpu-batch.sh profile    # time per forward section (QUANTLAB_PROFILE=1)
 #   scripts/gpu-batch.sh bnb        # bitsandbytes' own LLM.int8()/NF4/FP4 on the whole model
+#   scripts/gpu-batch.sh fused      # fused kernels: tests, perplexity and decode on/off, profile
 #   scripts/gpu-batch.sh sweep      # the weight-only method sweep (8/4/3/2 bits, g64/g128, KL);
 #                                   # resumable: call again until it prints "sweep done"
 set -uo pipefail
@@ -99,6 +100,30 @@ case "$1" in
       --bits 8,4,3,2 --groups 64,128 --max-chunks 8 --kl --batch 8 --out $Q/runs/sweep-$d.jsonl \
       --plot $Q/runs/sweep-$d.svg > "$OUT/sweep-table-$d.jsonl" && echo "sweep done" | tee -a "$LOG"
     cp $Q/runs/sweep-$d.* "$OUT/" 2>/dev/null || true
+    ;;
+  fused)
+    # The fused kernels (kernels/cuda/fused.cu): their tests, then full-test perplexity and
+    # decode with them on and off (QUANTLAB_FUSED=0) in the same run, a profile, and
+    # transformers bf16 on the same text.
+    run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1 --nocapture
+    for f in 1 0; do
+      for d in bf16 f32; do
+        QUANTLAB_FUSED=$f ppl cuda $d --batch 64 >> "$OUT/fused-ppl.jsonl"
+      done
+    done
+    QUANTLAB_FUSED=1 ppl cuda bf16 --batch 64 >> "$OUT/fused-ppl.jsonl"
+    run env QUANTLAB_PROFILE=1 $QL --quiet --device cuda --dtype bf16 perplexity --model "$M" --batch 64 --max-chunks 128
+    args=()
+    for p in "lm_head=keep;*=w:i8:sym" "lm_head=keep;*=w:i4:sym:g64"; do args+=(--plan "$p"); done
+    for f in 1 0; do
+      QUANTLAB_FUSED=$f run $QL --quiet --format json --device cuda --dtype bf16 bench --model "$M" \
+        -p 512 -n 128 -r 3 "${args[@]}" >> "$OUT/fused-bench.jsonl"
+    done
+    if [ -z "${SKIP_HF:-}" ]; then
+      export PYTHONPATH=/tmp/site
+      run python3 scripts/transformers_gpu_reference.py --gguf "$M" \
+        --text $Q/data/wikitext-2/test.txt --dtype bf16 --batch 64 --out "$OUT/transformers.jsonl"
+    fi
     ;;
   *) echo "unknown batch '$1'" >&2; exit 2 ;;
 esac

@@ -100,3 +100,143 @@ fn bf16_activations_track_f32() {
         "bf16 run identical to f32: the dtype was not applied"
     );
 }
+
+/// Largest |a − b| of two tensors, in f32 on the host.
+fn tensor_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    let b = b
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The fused CUDA kernels (`kernels/cuda/fused.cu`) against the ops' CPU versions on the
+/// same inputs, on ragged shapes (columns not a multiple of the warp, one query position
+/// as in decoding, stacked heads). Causal softmax: f32 within 1e-5 (probabilities ≤ 1,
+/// `__expf` is within a few ulp); bf16/f16 outputs within one rounding of the value
+/// (2^-8 and 2^-11 below 1, so 4e-3 and 1e-3). NLL: f32 sums of 49152 exps against f64
+/// sums, within 1e-3 on values around 10–20.
+#[test]
+fn fused_kernels_match_their_cpu_reference() {
+    let gpu = gpu();
+    for (batch, heads, t, total) in [
+        (2, 3, 5, 37),
+        (1, 9, 1, 513),
+        (3, 2, 130, 130),
+        (1, 1, 33, 40),
+    ] {
+        let s = Tensor::randn(0f32, 4., (batch, heads * t, total), &Device::Cpu).unwrap();
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 4e-3), (DType::F16, 1e-3)] {
+            let s = s.to_dtype(dtype).unwrap();
+            let want = quantlab::nn::cuda::causal_softmax(&s, t, 0.125).unwrap();
+            let got =
+                quantlab::nn::cuda::causal_softmax(&s.to_device(&gpu).unwrap(), t, 0.125).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            let d = tensor_diff(&want, &got);
+            assert!(
+                d <= tol,
+                "softmax {dtype:?} {batch}×{heads}×{t}×{total}: {d}"
+            );
+        }
+    }
+    for (rows, vocab) in [(5, 49152), (3, 1001), (1, 31)] {
+        let x = Tensor::randn(0f32, 3., (rows, vocab), &Device::Cpu).unwrap();
+        let targets: Vec<u32> = (0..rows as u32)
+            .map(|i| (i * 7919) % vocab as u32)
+            .collect();
+        let targets = Tensor::from_vec(targets, rows, &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let x = x.to_dtype(dtype).unwrap();
+            let want = quantlab::nn::cuda::nll_rows(&x, &targets).unwrap();
+            let got = quantlab::nn::cuda::nll_rows(
+                &x.to_device(&gpu).unwrap(),
+                &targets.to_device(&gpu).unwrap(),
+            )
+            .unwrap();
+            let d = tensor_diff(&want, &got);
+            assert!(d <= 1e-3, "nll {dtype:?} {rows}×{vocab}: {d}");
+        }
+    }
+}
+
+/// The model with fused attention (the GPU default) against the composed candle ops
+/// (`QUANTLAB_FUSED=0`) on the same device, and the fused NLL against −log_softmax at
+/// the target. f32: only summation order differs (1e-4 on log-probs near −12). bf16: the
+/// composed path rounds the scaled scores to bf16 once more than the fused one, which
+/// keeps them in f32 (same reasoning as `bf16_activations_track_f32`: 0.3).
+#[test]
+fn fused_attention_and_nll_match_the_composed_ops() {
+    use quantlab::eval::perplexity::{perplexity_of_windows, windows, Protocol};
+    let gpu = gpu();
+    let ids: Vec<u32> = (0..200u32).map(|i| (i * 37 + 11) % 384).collect();
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 0.3)] {
+        let mut m = planned("keep", &gpu);
+        m.set_dtype(dtype).unwrap();
+        std::env::set_var("QUANTLAB_FUSED", "0");
+        let composed = log_probs(&m);
+        std::env::remove_var("QUANTLAB_FUSED");
+        assert!(quantlab::nn::cuda::enabled(&gpu));
+        let fused = log_probs(&m);
+        let d = max_diff(&composed, &fused);
+        eprintln!("{dtype:?}: fused vs composed attention max |Δ log p| = {d}");
+        assert!(d < tol, "{dtype:?}: fused vs composed attention {d}");
+        // Perplexity NLLs: from log-probs (log_probs = true) and from the fused kernel.
+        let ws = windows(
+            &ids,
+            Protocol::LlamaCpp {
+                ctx: 32,
+                bos: false,
+            },
+            None,
+            None,
+        )
+        .unwrap();
+        let bar = indicatif::ProgressBar::hidden();
+        let mut seen = [0usize; 2];
+        let mut run = |lp: bool, k: usize| {
+            perplexity_of_windows(
+                &m,
+                &ws,
+                Protocol::LlamaCpp {
+                    ctx: 32,
+                    bos: false,
+                },
+                4,
+                lp,
+                &bar,
+                |_, _, l, _| {
+                    assert_eq!(l.is_some(), lp);
+                    seen[k] += 1;
+                    Ok(None)
+                },
+            )
+            .unwrap()
+        };
+        let (a, b) = (run(true, 0), run(false, 1));
+        assert_eq!(seen, [ws.len(), ws.len()]);
+        let d = a
+            .token_nll
+            .iter()
+            .flatten()
+            .zip(b.token_nll.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        eprintln!("{dtype:?}: fused vs log_softmax NLL max Δ = {d}");
+        assert!(d < 1e-4, "{dtype:?}: fused NLL differs by {d}");
+    }
+}

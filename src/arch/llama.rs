@@ -792,6 +792,26 @@ impl Llama {
         *cache = Some((k.clone(), v.clone()));
         let total = k.dim(2)?;
         let rep = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        if crate::nn::cuda::enabled(dev) {
+            // Fused: the query heads that share a key head stacked as rows (no repeated
+            // keys and values), scale + causal mask + softmax in one kernel.
+            let q = q.reshape((bsz, nkv, rep * t, hd))?;
+            let att = profile::section(dev, "scores", || -> Result<Tensor> {
+                Ok(q.matmul(&k.t()?)?.to_dtype(self.score_dtype())?)
+            })?;
+            let att = profile::section(dev, "softmax", || -> Result<Tensor> {
+                Ok(crate::nn::cuda::causal_softmax(&att, t, scale as f32)?.to_dtype(v.dtype())?)
+            })?;
+            let y = profile::section(dev, "att x v", || -> Result<Tensor> {
+                Ok(att
+                    .matmul(&v)?
+                    .reshape((bsz, nh, t, hd))?
+                    .transpose(1, 2)?
+                    .reshape((bsz, t, nh * hd))?)
+            })?;
+            return profile::section(dev, "o", || b.o.forward(&y));
+        }
         let expand = |z: Tensor| -> Result<Tensor> {
             if rep == 1 {
                 return Ok(z);
@@ -803,7 +823,6 @@ impl Llama {
         let (k, v) = profile::section(dev, "kv expand", || -> Result<_> {
             Ok((expand(k)?, expand(v)?))
         })?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let mut att = profile::section(dev, "scores", || -> Result<Tensor> {
             Ok((q.matmul(&k.t()?)? * scale)?.to_dtype(self.score_dtype())?)
         })?;
@@ -869,7 +888,12 @@ impl Llama {
         let eps = self.cfg.rms_norm_eps as f32;
         cache.len = offset + t;
         let dev = &self.device;
-        let mask = self.causal_mask(t, offset)?;
+        // The fused attention (GPU) masks inside its softmax kernel.
+        let mask = if crate::nn::cuda::enabled(dev) {
+            None
+        } else {
+            self.causal_mask(t, offset)?
+        };
         for (b, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             let h = profile::section(dev, "norm", || {
                 candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)

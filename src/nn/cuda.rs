@@ -1,0 +1,397 @@
+//! Fused kernels for the GPU forward pass and perplexity scoring, as candle custom ops.
+//!
+//! candle composes attention from generic ops: a broadcast mask add over the whole
+//! `[batch, heads, t, t]` score tensor, a softmax, and key/value heads repeated for
+//! grouped-query attention; perplexity takes a full log-softmax over `[rows, vocab]`
+//! logits to read one value per row. On a GPU each of these is a pass over hundreds of
+//! megabytes. The ops here do the same arithmetic in one pass each:
+//!
+//! - [`causal_softmax`]: scale, causal mask and softmax of attention scores in one
+//!   kernel, rows of query heads that share a key head stacked (no repeated keys);
+//! - [`nll_rows`]: `logsumexp(row) − row[target]` per row, in f32, without the
+//!   log-probability tensor.
+//!
+//! The CUDA code is `kernels/cuda/fused.cu`, compiled to PTX by `build.rs` under the
+//! `cuda` feature. Every op also has a plain CPU implementation (the reference the CUDA
+//! kernels are tested against, in `tests/cuda.rs`; the CPU forward pass keeps its own
+//! fused path and does not use these). `QUANTLAB_FUSED=0` turns the fused GPU path off
+//! (the composed candle ops run instead), for A/B measurements.
+
+use anyhow::{bail, Result};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use half::{bf16, f16};
+
+/// Whether the forward pass uses the fused kernels on `device`: a CUDA device in a
+/// build with the `cuda` feature, unless `QUANTLAB_FUSED=0`.
+pub fn enabled(device: &candle_core::Device) -> bool {
+    cfg!(feature = "cuda")
+        && device.is_cuda()
+        && std::env::var("QUANTLAB_FUSED").map_or(true, |v| v != "0")
+}
+
+/// Softmax over the last dimension of `scores` `[.., rows, total]` after multiplying by
+/// `scale`, with a causal mask: within the last two dimensions, row `r` is the query at
+/// position `r % t + (total − t)` and sees the columns up to it (so `rows` may stack
+/// several query heads of `t` positions each). Masked columns get probability 0. Output
+/// in the scores' dtype, computed in f32.
+pub fn causal_softmax(scores: &Tensor, t: usize, scale: f32) -> Result<Tensor> {
+    let dims = scores.dims();
+    if dims.len() < 2 {
+        bail!("causal softmax of a tensor of shape {dims:?}");
+    }
+    let (rows, total) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    if t == 0 || t > total || rows % t != 0 {
+        bail!("causal softmax of {rows} × {total} scores for {t} query positions");
+    }
+    let op = CausalSoftmax {
+        t,
+        offset: total - t,
+        scale,
+    };
+    Ok(scores.contiguous()?.apply_op1_no_bwd(&op)?)
+}
+
+/// `logsumexp(logits[n]) − logits[n][targets[n]]` for each row `n` of `logits`
+/// `[rows, vocab]` (f32, bf16 or f16), in f32 (`[rows]`). A target outside the
+/// vocabulary gives NaN.
+pub fn nll_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (rows, _) = logits.dims2()?;
+    if targets.dims() != [rows] || targets.dtype() != DType::U32 {
+        bail!(
+            "{rows} rows of logits need {rows} u32 targets, got {:?} {:?}",
+            targets.dims(),
+            targets.dtype()
+        );
+    }
+    Ok(logits
+        .contiguous()?
+        .apply_op2_no_bwd(&targets.contiguous()?, &NllRows)?)
+}
+
+struct CausalSoftmax {
+    t: usize,
+    offset: usize,
+    scale: f32,
+}
+
+/// The rows × columns of the last two dimensions of a contiguous layout.
+fn last_two(layout: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    let dims = layout.dims();
+    if layout.contiguous_offsets().is_none() || dims.len() < 2 {
+        candle_core::bail!("fused op needs a contiguous tensor of rank ≥ 2, got {dims:?}");
+    }
+    let cols = dims[dims.len() - 1];
+    let el = layout.shape().elem_count();
+    Ok((el / cols.max(1), cols, layout.start_offset()))
+}
+
+/// The CPU version: plain loops in f32 (the reference for the CUDA kernel).
+fn softmax_rows<T: Copy>(
+    x: &[T],
+    cols: usize,
+    op: &CausalSoftmax,
+    to: impl Fn(T) -> f32,
+    from: impl Fn(f32) -> T,
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(x.len());
+    for (r, row) in x.chunks(cols).enumerate() {
+        let n = (r % op.t + op.offset + 1).min(cols);
+        let v: Vec<f32> = row[..n].iter().map(|&a| to(a) * op.scale).collect();
+        let m = v.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let s: f32 = v.iter().map(|&a| (a - m).exp()).sum();
+        out.extend(v.iter().map(|&a| from((a - m).exp() / s)));
+        out.extend((n..cols).map(|_| from(0.0)));
+    }
+    out
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, cols, start) = last_two(layout)?;
+        let n = rows * cols;
+        let out = match storage {
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(softmax_rows(&x[start..start + n], cols, self, |a| a, |a| a))
+            }
+            CpuStorage::BF16(x) => CpuStorage::BF16(softmax_rows(
+                &x[start..start + n],
+                cols,
+                self,
+                bf16::to_f32,
+                bf16::from_f32,
+            )),
+            CpuStorage::F16(x) => CpuStorage::F16(softmax_rows(
+                &x[start..start + n],
+                cols,
+                self,
+                f16::to_f32,
+                f16::from_f32,
+            )),
+            s => candle_core::bail!("causal softmax of {:?} scores", s.dtype()),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let slice = gpu::causal_softmax(self, storage, layout)?;
+        let device = storage.device.clone();
+        Ok((
+            candle_core::CudaStorage { slice, device },
+            layout.shape().clone(),
+        ))
+    }
+}
+
+struct NllRows;
+
+/// The CPU version: per row, max, Σ exp in f64 (the reference for the CUDA kernel).
+fn nll_cpu<T: Copy>(x: &[T], cols: usize, targets: &[u32], to: impl Fn(T) -> f32) -> Vec<f32> {
+    x.chunks(cols)
+        .zip(targets)
+        .map(|(row, &k)| {
+            let m = row
+                .iter()
+                .fold(f64::NEG_INFINITY, |a, &b| a.max(to(b) as f64));
+            let s: f64 = row.iter().map(|&a| (to(a) as f64 - m).exp()).sum();
+            match row.get(k as usize) {
+                Some(&v) => (m + s.ln() - to(v) as f64) as f32,
+                None => f32::NAN,
+            }
+        })
+        .collect()
+}
+
+impl CustomOp2 for NllRows {
+    fn name(&self) -> &'static str {
+        "nll-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, cols, start) = last_two(l1)?;
+        let n = rows * cols;
+        let CpuStorage::U32(targets) = s2 else {
+            candle_core::bail!("nll targets must be u32");
+        };
+        let targets = &targets[l2.start_offset()..l2.start_offset() + rows];
+        let out = match s1 {
+            CpuStorage::F32(x) => nll_cpu(&x[start..start + n], cols, targets, |a| a),
+            CpuStorage::BF16(x) => nll_cpu(&x[start..start + n], cols, targets, bf16::to_f32),
+            CpuStorage::F16(x) => nll_cpu(&x[start..start + n], cols, targets, f16::to_f32),
+            s => candle_core::bail!("nll of {:?} logits", s.dtype()),
+        };
+        Ok((CpuStorage::F32(out), Shape::from(rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, slice) = gpu::nll_rows(s1, l1, s2, l2)?;
+        let device = s1.device.clone();
+        Ok((
+            candle_core::CudaStorage { slice, device },
+            Shape::from(rows),
+        ))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    //! Launches of the kernels in `kernels/cuda/fused.cu`.
+    use super::{last_two, CausalSoftmax};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
+    use candle_core::{CudaDevice, CudaStorage, Layout, Result};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+    const MODULE: &str = "quantlab_fused";
+
+    fn i32_of(v: usize, what: &str) -> Result<i32> {
+        i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} {v} too large")))
+    }
+
+    fn softmax_t<T: DeviceRepr>(
+        op: &CausalSoftmax,
+        x: &CudaSlice<T>,
+        dev: &CudaDevice,
+        layout: &Layout,
+        name: &str,
+    ) -> Result<CudaSlice<T>> {
+        let (rows, cols, start) = last_two(layout)?;
+        let x = x.slice(start..start + rows * cols);
+        let func = dev.get_or_load_custom_func(&format!("causal_softmax_{name}"), MODULE, PTX)?;
+        // SAFETY: every element is written by the kernel (each row's columns, masked ones
+        // as 0) before the tensor is read.
+        let y = unsafe { dev.alloc::<T>(rows * cols)? };
+        const ROWS_PER_BLOCK: usize = 4;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
+            block_dim: (32, ROWS_PER_BLOCK as u32, 1),
+            shared_mem_bytes: 0,
+        };
+        let (r, t, c, o) = (
+            i32_of(rows, "rows")?,
+            i32_of(op.t, "positions")?,
+            i32_of(cols, "columns")?,
+            i32_of(op.offset, "offset")?,
+        );
+        let mut b = func.builder();
+        b.arg(&x);
+        b.arg(&y);
+        b.arg(&r);
+        b.arg(&t);
+        b.arg(&c);
+        b.arg(&o);
+        b.arg(&op.scale);
+        // SAFETY: the argument list matches the kernel's signature (two pointers to
+        // `rows × cols` elements of T, four i32, one f32); the kernel bounds its reads
+        // and writes by rows and cols.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(y)
+    }
+
+    pub(super) fn causal_softmax(
+        op: &CausalSoftmax,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> Result<S> {
+        let dev = &storage.device;
+        Ok(match &storage.slice {
+            S::F32(x) => S::F32(softmax_t(op, x, dev, layout, "f32")?),
+            S::BF16(x) => S::BF16(softmax_t(op, x, dev, layout, "bf16")?),
+            S::F16(x) => S::F16(softmax_t(op, x, dev, layout, "f16")?),
+            _ => candle_core::bail!("causal softmax of {:?} scores", storage.dtype()),
+        })
+    }
+
+    fn nll_t<T: DeviceRepr>(
+        x: &CudaSlice<T>,
+        l1: &Layout,
+        targets: &CudaSlice<u32>,
+        l2: &Layout,
+        dev: &CudaDevice,
+        name: &str,
+    ) -> Result<(usize, CudaSlice<f32>)> {
+        let (rows, cols, start) = last_two(l1)?;
+        let x = x.slice(start..start + rows * cols);
+        let targets = targets.slice(l2.start_offset()..l2.start_offset() + rows);
+        let func = dev.get_or_load_custom_func(&format!("nll_rows_{name}"), MODULE, PTX)?;
+        // SAFETY: the kernel writes one value per row.
+        let y = unsafe { dev.alloc::<f32>(rows)? };
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let c = i32_of(cols, "vocabulary")?;
+        let mut b = func.builder();
+        b.arg(&x);
+        b.arg(&targets);
+        b.arg(&y);
+        b.arg(&c);
+        // SAFETY: the argument list matches the kernel's signature (logits `rows × cols`
+        // of T, `rows` u32 targets, `rows` f32 outputs, one i32); reads of a target's
+        // logit are bounds-checked in the kernel.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((rows, y))
+    }
+
+    pub(super) fn nll_rows(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(usize, S)> {
+        let dev = &s1.device;
+        let S::U32(targets) = &s2.slice else {
+            candle_core::bail!("nll targets must be u32");
+        };
+        let (rows, y) = match &s1.slice {
+            S::F32(x) => nll_t(x, l1, targets, l2, dev, "f32")?,
+            S::BF16(x) => nll_t(x, l1, targets, l2, dev, "bf16")?,
+            S::F16(x) => nll_t(x, l1, targets, l2, dev, "f16")?,
+            _ => candle_core::bail!("nll of {:?} logits", s1.dtype()),
+        };
+        Ok((rows, S::F32(y)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The op's CPU version equals the composed path (scale, −∞ mask, softmax) that the
+    /// forward pass runs without fused kernels, with query heads stacked as the GPU
+    /// forward pass stacks them.
+    #[test]
+    fn causal_softmax_matches_mask_then_softmax() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(heads, t, offset) in &[(3usize, 5usize, 0usize), (2, 1, 6), (1, 7, 3)] {
+            let total = t + offset;
+            let s = Tensor::randn(0f32, 3., (2, heads * t, total), &dev)?;
+            let got = causal_softmax(&s, t, 0.25)?;
+            let mut mask = vec![0f32; t * total];
+            for i in 0..t {
+                for j in i + offset + 1..total {
+                    mask[i * total + j] = f32::NEG_INFINITY;
+                }
+            }
+            let mask = Tensor::from_vec(mask, (t, total), &dev)?;
+            let want = (s.reshape((2, heads, t, total))? * 0.25)?.broadcast_add(&mask)?;
+            let want = candle_nn::ops::softmax_last_dim(&want)?.reshape((2, heads * t, total))?;
+            let d = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(d < 1e-6, "heads {heads} t {t} offset {offset}: {d}");
+        }
+        assert!(causal_softmax(&Tensor::zeros((4, 5), DType::F32, &dev)?, 3, 1.0).is_err());
+        Ok(())
+    }
+
+    /// The op's CPU version equals −log_softmax at the target.
+    #[test]
+    fn nll_rows_matches_log_softmax() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 4., (6, 37), &dev)?;
+        let targets = Tensor::from_vec(vec![0u32, 36, 5, 17, 2, 9], 6, &dev)?;
+        let got = nll_rows(&x, &targets)?.to_vec1::<f32>()?;
+        let lp = candle_nn::ops::log_softmax(&x, 1)?;
+        let want = lp.gather(&targets.unsqueeze(1)?, 1)?.flatten_all()?;
+        for (g, w) in got.iter().zip(want.to_vec1::<f32>()?) {
+            assert!((g + w).abs() < 1e-5, "{g} vs {}", -w);
+        }
+        let bad = Tensor::from_vec(vec![0u32, 37, 0, 0, 0, 0], 6, &dev)?;
+        assert!(nll_rows(&x, &bad)?.to_vec1::<f32>()?[1].is_nan());
+        Ok(())
+    }
+}
