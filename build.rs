@@ -79,20 +79,20 @@ fn cuda_ptx() {
     ] {
         println!("cargo:rerun-if-env-changed={v}");
     }
-    for name in ["fused"] {
-        let src = format!("kernels/cuda/{name}.cu");
-        println!("cargo:rerun-if-changed={src}");
-        let status = Command::new(&nvcc)
-            .args(["--ptx", "-O3", &format!("-arch=sm_{cap}"), "-o"])
-            .arg(out.join(format!("{name}.ptx")))
-            .arg(&src)
-            .status();
-        match status {
-            Ok(s) if s.success() => {}
-            Ok(s) => panic!("{nvcc} failed on {src} ({s})"),
-            Err(e) => panic!(
-                "cannot run {nvcc} for {src} ({e}): put nvcc on PATH or set NVCC / CUDA_TOOLKIT_ROOT"
-            ),
-        }
+    // One module: every kernel file is listed here.
+    let name = "fused";
+    let src = format!("kernels/cuda/{name}.cu");
+    println!("cargo:rerun-if-changed={src}");
+    let status = Command::new(&nvcc)
+        .args(["--ptx", "-O3", &format!("-arch=sm_{cap}"), "-o"])
+        .arg(out.join(format!("{name}.ptx")))
+        .arg(&src)
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => panic!("{nvcc} failed on {src} ({s})"),
+        Err(e) => panic!(
+            "cannot run {nvcc} for {src} ({e}): put nvcc on PATH or set NVCC / CUDA_TOOLKIT_ROOT"
+        ),
     }
 }

@@ -12,6 +12,7 @@
 #   scripts/gpu-batch.sh profile    # time per forward section (QUANTLAB_PROFILE=1)
 #   scripts/gpu-batch.sh bnb        # bitsandbytes' own LLM.int8()/NF4/FP4 on the whole model
 #   scripts/gpu-batch.sh fused      # fused kernels: tests, perplexity and decode on/off, profile
+#   scripts/gpu-batch.sh calib      # GPTQ/AWQ calibrated on the GPU; dynamic int8 on the device
 #   scripts/gpu-batch.sh sweep      # the weight-only method sweep (8/4/3/2 bits, g64/g128, KL);
 #                                   # resumable: call again until it prints "sweep done"
 set -uo pipefail
@@ -124,6 +125,20 @@ case "$1" in
       run python3 scripts/transformers_gpu_reference.py --gguf "$M" \
         --text $Q/data/wikitext-2/test.txt --dtype bf16 --batch 64 --out "$OUT/transformers.jsonl"
     fi
+    ;;
+  calib)
+    # Sequential calibration on the GPU: GPTQ calibrated on the CPU and on CUDA (16
+    # samples, agreement), then a GPTQ + AWQ sweep on CUDA at the default 128 × 512
+    # (time); dynamic int8 with its range kept on the device (full test) and, for the
+    # same-run comparison, the host round trip (QUANTLAB_FUSED=0, 64 chunks).
+    mkdir -p $Q/runs
+    for d in cpu cuda; do
+      ppl $d f32 --max-chunks 8 --batch 8 --plan "lm_head=keep;*=gptq:i4:sym:g64" --calib-samples 16 >> "$OUT/calib-agree.jsonl"
+    done
+    run timeout 300 $QL --quiet --format json --device cuda --dtype f32 sweep --model "$M" --methods gptq,awq \
+      --bits 4 --groups 64 --max-chunks 8 --batch 8 --out $Q/runs/sweep-calib.jsonl > "$OUT/calib-sweep.jsonl"
+    ppl cuda bf16 --batch 32 --plan "lm_head=keep;*=dynamic-int8" >> "$OUT/dyn-int8.jsonl"
+    QUANTLAB_FUSED=0 ppl cuda bf16 --batch 32 --max-chunks 64 --plan "lm_head=keep;*=dynamic-int8" >> "$OUT/dyn-int8.jsonl"
     ;;
   *) echo "unknown batch '$1'" >&2; exit 2 ;;
 esac

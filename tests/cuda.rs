@@ -174,6 +174,28 @@ fn fused_kernels_match_their_cpu_reference() {
     }
 }
 
+/// Dynamic u8 activation fake-quantization with its range kept on the device, against
+/// the op's CPU version (the CPU int8 kernel's rule): the same f32 operations in the same
+/// order (IEEE division and products, round half to even), so bit-identical. Sizes from
+/// one element to more blocks than the partial-range buffer holds.
+#[test]
+fn device_fake_quant_is_bit_identical_to_the_cpu_rule() {
+    let gpu = gpu();
+    for n in [1usize, 37, 4099, 3_000_001] {
+        let x = Tensor::randn(0.3f32, 2., n, &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let x = x.to_dtype(dtype).unwrap();
+            let want = quantlab::nn::cuda::fake_quant_u8_dynamic(&x).unwrap();
+            let got =
+                quantlab::nn::cuda::fake_quant_u8_dynamic(&x.to_device(&gpu).unwrap()).unwrap();
+            assert_eq!(tensor_diff(&want, &got), 0.0, "{dtype:?} n={n}");
+        }
+    }
+    let bad = Tensor::from_vec(vec![1f32, f32::INFINITY, 2.0], 3, &gpu).unwrap();
+    let out = quantlab::nn::cuda::fake_quant_u8_dynamic(&bad).unwrap();
+    assert!(out.to_vec1::<f32>().unwrap().iter().all(|v| v.is_nan()));
+}
+
 /// The model with fused attention (the GPU default) against the composed candle ops
 /// (`QUANTLAB_FUSED=0`) on the same device, and the fused NLL against −log_softmax at
 /// the target. f32: only summation order differs (1e-4 on log-probs near −12). bf16: the
@@ -239,4 +261,26 @@ fn fused_attention_and_nll_match_the_composed_ops() {
         eprintln!("{dtype:?}: fused vs log_softmax NLL max Δ = {d}");
         assert!(d < 1e-4, "{dtype:?}: fused NLL differs by {d}");
     }
+}
+
+/// Sequential calibration (GPTQ) runs on a CUDA model: the staged pass and the Hessian
+/// sums stay on the device. Against the same plan calibrated on the CPU: the Hessians
+/// differ by f32 summation order, which can move a few GPTQ rounding decisions, so the
+/// log-probs are compared loosely (0.3, as for bf16); a missing or wrong calibration
+/// (RTN, or Hessians of other inputs) moves them by more on this model.
+#[test]
+fn gptq_calibrates_on_the_gpu() {
+    use quantlab::nn::apply_plan_in_stages;
+    let windows: Vec<Vec<u32>> = (0..6u32)
+        .map(|s| (0..48u32).map(|i| (i * 31 + s * 7 + 3) % 384).collect())
+        .collect();
+    let plan: quantlab::nn::Plan = "lm_head=keep;*=gptq:i4:sym:g32".parse().unwrap();
+    let mut on_cpu = Llama::from_hf_dir(&dir(), &Device::Cpu).unwrap();
+    apply_plan_in_stages(&mut on_cpu, &plan, &windows, |_| Ok(())).unwrap();
+    let mut on_gpu = Llama::from_hf_dir(&dir(), &gpu()).unwrap();
+    apply_plan_in_stages(&mut on_gpu, &plan, &windows, |_| Ok(())).unwrap();
+    assert!(on_gpu.linears().iter().all(|l| l.weight.device().is_cuda()));
+    let d = max_diff(&log_probs(&on_cpu), &log_probs(&on_gpu));
+    eprintln!("GPTQ calibrated on the GPU vs the CPU: max |Δ log p| = {d}");
+    assert!(d < 0.3, "GPTQ on the GPU vs the CPU: {d}");
 }

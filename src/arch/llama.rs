@@ -765,6 +765,20 @@ impl Llama {
         mask: Option<&Tensor>,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
+        let y = self.attention_heads(b, x, offset, mask, cache)?;
+        profile::section(&self.device, "o", || b.o.forward(&y))
+    }
+
+    /// Attention up to the output projection: the heads' outputs `[batch, t, heads ×
+    /// head_dim]` (what `o` reads).
+    fn attention_heads(
+        &self,
+        b: &Block,
+        x: &Tensor,
+        offset: usize,
+        mask: Option<&Tensor>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
         let (bsz, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (
             self.cfg.num_attention_heads,
@@ -810,7 +824,7 @@ impl Llama {
                     .transpose(1, 2)?
                     .reshape((bsz, t, nh * hd))?)
             })?;
-            return profile::section(dev, "o", || b.o.forward(&y));
+            return Ok(y);
         }
         let expand = |z: Tensor| -> Result<Tensor> {
             if rep == 1 {
@@ -841,7 +855,7 @@ impl Llama {
                 .transpose(1, 2)?
                 .reshape((bsz, t, nh * hd))?)
         })?;
-        profile::section(dev, "o", || b.o.forward(&y))
+        Ok(y)
     }
 
     /// Logits `[batch, seq, vocab]` for `ids` `[batch, seq]` placed after the cache's

@@ -9,7 +9,10 @@
 //! - [`causal_softmax`]: scale, causal mask and softmax of attention scores in one
 //!   kernel, rows of query heads that share a key head stacked (no repeated keys);
 //! - [`nll_rows`]: `logsumexp(row) − row[target]` per row, in f32, without the
-//!   log-probability tensor.
+//!   log-probability tensor;
+//! - [`fake_quant_u8_dynamic`]: dynamic per-tensor u8 activation quantization with its
+//!   range reduced on the device (the composed version read min and max back to the host
+//!   once per layer).
 //!
 //! The CUDA code is `kernels/cuda/fused.cu`, compiled to PTX by `build.rs` under the
 //! `cuda` feature. Every op also has a plain CPU implementation (the reference the CUDA
@@ -67,6 +70,73 @@ pub fn nll_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     Ok(logits
         .contiguous()?
         .apply_op2_no_bwd(&targets.contiguous()?, &NllRows)?)
+}
+
+/// Dynamic per-tensor u8 activation quantization, emulated (quantized and dequantized,
+/// same dtype out): the range is the whole tensor's min and max, scale and zero point as
+/// the CPU kernel's `activation_qparams_u8`, codes `round_half_even(x / scale) + zp`
+/// clamped to 0..=255. On the GPU the range never leaves the device (two kernels, no
+/// host round trip). A NaN or infinite input gives NaN everywhere.
+pub fn fake_quant_u8_dynamic(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1_no_bwd(&FakeQuantU8Dyn)?)
+}
+
+struct FakeQuantU8Dyn;
+
+/// The CPU version (the reference for the CUDA kernels): the CPU int8 kernel's rule.
+fn fake_quant_cpu<T: Copy>(x: &[T], to: impl Fn(T) -> f32, from: impl Fn(f32) -> T) -> Vec<T> {
+    let v: Vec<f32> = x.iter().map(|&a| to(a)).collect();
+    if v.iter().any(|a| !a.is_finite()) {
+        return v.iter().map(|_| from(f32::NAN)).collect();
+    }
+    let lo = v.iter().copied().fold(f32::INFINITY, f32::min);
+    let hi = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let (scale, zp) = crate::nn::kernels::activation_qparams_u8(lo, hi);
+    let (inv, zp) = (1.0 / scale, zp as f32);
+    v.iter()
+        .map(|&a| from((((a * inv).round_ties_even() + zp).clamp(0.0, 255.0) - zp) * scale))
+        .collect()
+}
+
+impl CustomOp1 for FakeQuantU8Dyn {
+    fn name(&self) -> &'static str {
+        "fake-quant-u8-dynamic"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (o1, o2) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("fake quant needs a contiguous tensor".into())
+        })?;
+        let out = match storage {
+            CpuStorage::F32(x) => CpuStorage::F32(fake_quant_cpu(&x[o1..o2], |a| a, |a| a)),
+            CpuStorage::BF16(x) => {
+                CpuStorage::BF16(fake_quant_cpu(&x[o1..o2], bf16::to_f32, bf16::from_f32))
+            }
+            CpuStorage::F16(x) => {
+                CpuStorage::F16(fake_quant_cpu(&x[o1..o2], f16::to_f32, f16::from_f32))
+            }
+            s => candle_core::bail!("fake quant of {:?} activations", s.dtype()),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let slice = gpu::fake_quant_u8_dynamic(storage, layout)?;
+        let device = storage.device.clone();
+        Ok((
+            candle_core::CudaStorage { slice, device },
+            layout.shape().clone(),
+        ))
+    }
 }
 
 struct CausalSoftmax {
@@ -323,6 +393,67 @@ mod gpu {
         Ok((rows, y))
     }
 
+    fn fake_quant_t<T: DeviceRepr>(
+        x: &CudaSlice<T>,
+        dev: &CudaDevice,
+        layout: &Layout,
+        name: &str,
+    ) -> Result<CudaSlice<T>> {
+        let (o1, o2) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("fake quant needs a contiguous tensor".into())
+        })?;
+        let n = o2 - o1;
+        let x = x.slice(o1..o2);
+        const THREADS: usize = 256;
+        let parts = n.div_ceil(THREADS * 8).clamp(1, 1024);
+        let minmax = dev.get_or_load_custom_func(&format!("minmax_partial_{name}"), MODULE, PTX)?;
+        let quant =
+            dev.get_or_load_custom_func(&format!("fake_quant_u8_dyn_{name}"), MODULE, PTX)?;
+        // SAFETY: pass 1 writes both values of every block's pair before pass 2 (same
+        // stream) reads them; pass 2 writes every element of y.
+        let part = unsafe { dev.alloc::<f32>(2 * parts)? };
+        let y = unsafe { dev.alloc::<T>(n.max(1))? };
+        let n64 = n as i64;
+        let p32 = parts as i32;
+        let mut b = minmax.builder();
+        b.arg(&x);
+        b.arg(&n64);
+        b.arg(&part);
+        let cfg = LaunchConfig {
+            grid_dim: (parts as u32, 1, 1),
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match `minmax_partial_T(const T*, long long, float*)`; the
+        // kernel reads x below n and writes part[0..2 * gridDim).
+        unsafe { b.launch(cfg) }.w()?;
+        let mut b = quant.builder();
+        b.arg(&x);
+        b.arg(&y);
+        b.arg(&n64);
+        b.arg(&part);
+        b.arg(&p32);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(THREADS).clamp(1, 8192) as u32, 1, 1),
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match `fake_quant_u8_dyn_T(const T*, T*, long long, const
+        // float*, int)`; the kernel reads x and writes y below n, reads part[0..2 * parts).
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(y)
+    }
+
+    pub(super) fn fake_quant_u8_dynamic(storage: &CudaStorage, layout: &Layout) -> Result<S> {
+        let dev = &storage.device;
+        Ok(match &storage.slice {
+            S::F32(x) => S::F32(fake_quant_t(x, dev, layout, "f32")?),
+            S::BF16(x) => S::BF16(fake_quant_t(x, dev, layout, "bf16")?),
+            S::F16(x) => S::F16(fake_quant_t(x, dev, layout, "f16")?),
+            _ => candle_core::bail!("fake quant of {:?} activations", storage.dtype()),
+        })
+    }
+
     pub(super) fn nll_rows(
         s1: &CudaStorage,
         l1: &Layout,
@@ -375,6 +506,27 @@ mod tests {
             assert!(d < 1e-6, "heads {heads} t {t} offset {offset}: {d}");
         }
         assert!(causal_softmax(&Tensor::zeros((4, 5), DType::F32, &dev)?, 3, 1.0).is_err());
+        Ok(())
+    }
+
+    /// The op's CPU version equals the CPU int8 kernel's quantize/dequantize.
+    #[test]
+    fn fake_quant_matches_the_int8_kernel_rule() -> Result<()> {
+        let x = Tensor::randn(0.5f32, 2., (3, 41), &Device::Cpu)?;
+        let got = fake_quant_u8_dynamic(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let v = x.flatten_all()?.to_vec1::<f32>()?;
+        let lo = v.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let (scale, zp) = crate::nn::kernels::activation_qparams_u8(lo, hi);
+        let codes = crate::nn::kernels::quantize_u8(&v, scale, zp);
+        for (g, c) in got.iter().zip(codes) {
+            assert_eq!(*g, (c as i32 - zp) as f32 * scale);
+        }
+        let bad = Tensor::from_vec(vec![1f32, f32::NAN, 2.0], 3, &Device::Cpu)?;
+        assert!(fake_quant_u8_dynamic(&bad)?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|v| v.is_nan()));
         Ok(())
     }
 

@@ -99,6 +99,9 @@ impl WeightFormat for Dequantized {
                 let scale = (safe * (1.0 / 127.0))?;
                 codes.broadcast_mul(&scale)?.to_dtype(x.dtype())?
             }
+            InputQuant::U8PerTensor if crate::nn::cuda::enabled(x.device()) => {
+                crate::nn::cuda::fake_quant_u8_dynamic(&x)?
+            }
             InputQuant::U8PerTensor => {
                 let xf = x.to_dtype(DType::F32)?.flatten_all()?;
                 let lo = xf.min(0)?.to_scalar::<f32>()?;
