@@ -120,6 +120,8 @@ case "$1" in
       QUANTLAB_FUSED=$f run $QL --quiet --format json --device cuda --dtype bf16 bench --model "$M" \
         -p 512 -n 128 -r 3 "${args[@]}" >> "$OUT/fused-bench.jsonl"
     done
+    # Where decode time goes (sections synchronised, so slower than unprofiled).
+    run env QUANTLAB_PROFILE=1 $QL --quiet --device cuda --dtype bf16 bench --model "$M" -p 0 -n 128 -r 1
     if [ -z "${SKIP_HF:-}" ]; then
       export PYTHONPATH=/tmp/site
       run python3 scripts/transformers_gpu_reference.py --gguf "$M" \
@@ -137,6 +139,12 @@ case "$1" in
     done
     run timeout 300 $QL --quiet --format json --device cuda --dtype f32 sweep --model "$M" --methods gptq,awq \
       --bits 4 --groups 64 --max-chunks 8 --batch 8 --out $Q/runs/sweep-calib.jsonl > "$OUT/calib-sweep.jsonl"
+    # GPTQ's sensitivity to float-level differences: the composed attention on the GPU.
+    QUANTLAB_FUSED=0 ppl cuda f32 --max-chunks 8 --batch 8 --plan "lm_head=keep;*=gptq:i4:sym:g64" --calib-samples 16 >> "$OUT/calib-agree.jsonl"
+    # dynamic int8 at batch 1 (the per-tensor range is per forward pass): CPU vs CUDA.
+    for d in cpu cuda; do
+      ppl $d f32 --max-chunks 4 --plan "lm_head=keep;*=dynamic-int8" >> "$OUT/dyn-int8.jsonl"
+    done
     ppl cuda bf16 --batch 32 --plan "lm_head=keep;*=dynamic-int8" >> "$OUT/dyn-int8.jsonl"
     QUANTLAB_FUSED=0 ppl cuda bf16 --batch 32 --max-chunks 64 --plan "lm_head=keep;*=dynamic-int8" >> "$OUT/dyn-int8.jsonl"
     ;;

@@ -127,7 +127,8 @@ fn tensor_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 /// The fused CUDA kernels (`kernels/cuda/fused.cu`) against the ops' CPU versions on the
 /// same inputs, on ragged shapes (columns not a multiple of the warp, one query position
-/// as in decoding, stacked heads). Causal softmax: f32 within 1e-5 (probabilities ≤ 1,
+/// as in decoding, stacked heads) and rows of whole 16-byte vectors (the register-resident
+/// softmax kernel). Causal softmax: f32 within 1e-5 (probabilities ≤ 1,
 /// `__expf` is within a few ulp); bf16/f16 outputs within one rounding of the value
 /// (2^-8 and 2^-11 below 1, so 4e-3 and 1e-3). NLL: f32 sums of 49152 exps against f64
 /// sums, within 1e-3 on values around 10–20.
@@ -139,6 +140,10 @@ fn fused_kernels_match_their_cpu_reference() {
         (1, 9, 1, 513),
         (3, 2, 130, 130),
         (1, 1, 33, 40),
+        (2, 3, 64, 512),
+        (1, 2, 7, 2048),
+        (1, 1, 3, 1000),
+        (2, 9, 1, 640),
     ] {
         let s = Tensor::randn(0f32, 4., (batch, heads * t, total), &Device::Cpu).unwrap();
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 4e-3), (DType::F16, 1e-3)] {
@@ -152,6 +157,28 @@ fn fused_kernels_match_their_cpu_reference() {
                 d <= tol,
                 "softmax {dtype:?} {batch}×{heads}×{t}×{total}: {d}"
             );
+        }
+    }
+    // Rotary embedding with the head transpose, both pair layouts, at an offset. Outputs
+    // reach about 10 (random tables): within one rounding there (f32 1e-5 allows a fused
+    // multiply-add; bf16 2^-4, f16 2^-7 between 8 and 16).
+    let (b, t, heads, hd) = (2, 9, 3, 64);
+    let x = Tensor::randn(0f32, 1., (b, t, heads * hd), &Device::Cpu).unwrap();
+    let cos = Tensor::randn(0f32, 1., (32, hd / 2), &Device::Cpu).unwrap();
+    let sin = Tensor::randn(0f32, 1., (32, hd / 2), &Device::Cpu).unwrap();
+    for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 0.07), (DType::F16, 0.01)] {
+        let (x, c, s) = (
+            x.to_dtype(dtype).unwrap(),
+            cos.to_dtype(dtype).unwrap(),
+            sin.to_dtype(dtype).unwrap(),
+        );
+        for il in [false, true] {
+            let want = quantlab::nn::cuda::rope_heads(&x, &c, &s, heads, 5, il).unwrap();
+            let g = |v: &Tensor| v.to_device(&gpu).unwrap();
+            let got = quantlab::nn::cuda::rope_heads(&g(&x), &g(&c), &g(&s), heads, 5, il).unwrap();
+            assert_eq!(got.dims(), [b, heads, t, hd]);
+            let d = tensor_diff(&want, &got);
+            assert!(d <= tol, "rope {dtype:?} interleaved {il}: {d}");
         }
     }
     for (rows, vocab) in [(5, 49152), (3, 1001), (1, 31)] {

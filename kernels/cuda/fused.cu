@@ -57,6 +57,95 @@ __device__ void causal_softmax(const T* __restrict__ x, T* __restrict__ y, int r
   }
 }
 
+// The same causal softmax with 16-byte loads and the row held in registers (one read of
+// the scores instead of two): for rows of at most 32 * NV 16-byte vectors (total a multiple
+// of 16 / sizeof(T), rows 16-byte aligned; the caller checks). Lane l holds vectors
+// l, l + 32, ..., so each load instruction of the warp reads 512 contiguous bytes.
+template <typename T, int NV>
+__device__ void causal_softmax_vec(const T* __restrict__ x, T* __restrict__ y, int rows,
+                                   int t, int total, int offset, float scale) {
+  constexpr int E = 16 / sizeof(T);
+  int row = blockIdx.x * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
+  int lane = threadIdx.x;
+  int n = min(row % t + offset + 1, total);
+  int nvec = total / E;
+  const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)row * total);
+  uint4* yr = reinterpret_cast<uint4*>(y + (size_t)row * total);
+  float v[NV][E];
+  float m = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    int c = k * 32 + lane;
+    if (c < nvec && c * E < n) {
+      uint4 raw = xr[c];
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < E; ++j) {
+        float s = c * E + j < n ? to_f(e[j]) * scale : -INFINITY;
+        v[k][j] = s;
+        m = fmaxf(m, s);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < E; ++j) v[k][j] = -INFINITY;
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      float p = __expf(v[k][j] - m);
+      v[k][j] = p;
+      sum += p;
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  float inv = 1.f / sum;
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    int c = k * 32 + lane;
+    if (c < nvec) {
+      uint4 out;
+      T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+      for (int j = 0; j < E; ++j) from_f(v[k][j] * inv, &o[j]);
+      yr[c] = out;
+    }
+  }
+}
+
+// Rotary position embedding fused with the head transpose: x [b, t, heads * hd] (the
+// projection's output) to y [b, heads, t, hd], rotated at positions offset + 0..t by the
+// tables cos/sin [positions, hd / 2]. Pairs (2i, 2i + 1) when interleaved (GGUF's q/k
+// layout), else (i, i + hd / 2). In f32; one thread per pair.
+template <typename T>
+__device__ void rope_heads(const T* __restrict__ x, const T* __restrict__ cos,
+                           const T* __restrict__ sin, T* __restrict__ y, int b, int t,
+                           int heads, int hd, int offset, int interleaved) {
+  int half = hd / 2;
+  long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  long long total = (long long)b * t * heads * half;
+  if (i >= total) return;
+  int p = i % half;
+  long long r = i / half;
+  int h = r % heads;
+  r /= heads;
+  int pos = r % t;
+  int bi = r / t;
+  int a0 = interleaved ? 2 * p : p;
+  int a1 = interleaved ? 2 * p + 1 : p + half;
+  const T* xr = x + (((long long)bi * t + pos) * heads + h) * hd;
+  T* yr = y + (((long long)bi * heads + h) * t + pos) * hd;
+  float c = to_f(cos[(long long)(offset + pos) * half + p]);
+  float s = to_f(sin[(long long)(offset + pos) * half + p]);
+  float x0 = to_f(xr[a0]), x1 = to_f(xr[a1]);
+  from_f(x0 * c - x1 * s, &yr[a0]);
+  from_f(x0 * s + x1 * c, &yr[a1]);
+}
+
 // Negative log-likelihood of one target per row: logsumexp(row) - row[target], without
 // a log-softmax tensor. One block (blockDim.x a multiple of 32, at most 1024) per row.
 // A target outside 0..cols gives NaN (the caller reports it).
@@ -170,6 +259,27 @@ __device__ void fake_quant_u8_dyn(const T* __restrict__ x, T* __restrict__ y, lo
   extern "C" __global__ void nll_rows_##NAME(const T* x, const uint32_t* target,          \
                                              float* out, int cols) {                      \
     nll_rows<T>(x, target, out, cols);                                                    \
+  }                                                                                       \
+  extern "C" __global__ void causal_softmax_v1_##NAME(const T* x, T* y, int rows, int t,  \
+                                                      int total, int offset, float scale) { \
+    causal_softmax_vec<T, 1>(x, y, rows, t, total, offset, scale);                        \
+  }                                                                                       \
+  extern "C" __global__ void causal_softmax_v2_##NAME(const T* x, T* y, int rows, int t,  \
+                                                      int total, int offset, float scale) { \
+    causal_softmax_vec<T, 2>(x, y, rows, t, total, offset, scale);                        \
+  }                                                                                       \
+  extern "C" __global__ void causal_softmax_v4_##NAME(const T* x, T* y, int rows, int t,  \
+                                                      int total, int offset, float scale) { \
+    causal_softmax_vec<T, 4>(x, y, rows, t, total, offset, scale);                        \
+  }                                                                                       \
+  extern "C" __global__ void causal_softmax_v8_##NAME(const T* x, T* y, int rows, int t,  \
+                                                      int total, int offset, float scale) { \
+    causal_softmax_vec<T, 8>(x, y, rows, t, total, offset, scale);                        \
+  }                                                                                       \
+  extern "C" __global__ void rope_heads_##NAME(const T* x, const T* cos, const T* sin, T* y, \
+                                               int b, int t, int heads, int hd, int offset, \
+                                               int interleaved) {                          \
+    rope_heads<T>(x, cos, sin, y, b, t, heads, hd, offset, interleaved);                  \
   }                                                                                       \
   extern "C" __global__ void minmax_partial_##NAME(const T* x, long long n, float* part) {  \
     minmax_partial<T>(x, n, part);                                                        \

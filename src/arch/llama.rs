@@ -792,7 +792,16 @@ impl Llama {
         let (q, k, v) = profile::section(dev, "qkv", || -> Result<_> {
             Ok((b.q.forward(x)?, b.k.forward(x)?, b.v.forward(x)?))
         })?;
+        let fused = crate::nn::cuda::enabled(dev);
         let (q, k, v) = profile::section(dev, "rope", || -> Result<_> {
+            if fused {
+                // Rotation and head transpose in one kernel (the tables hold every position).
+                let il = matches!(self.rope_layout, RopeLayout::Interleaved);
+                let rope = |y: &Tensor, n: usize| {
+                    crate::nn::cuda::rope_heads(y, &self.cos, &self.sin, n, offset, il)
+                };
+                return Ok((rope(&q, nh)?, rope(&k, nkv)?, heads(v, nkv)?.contiguous()?));
+            }
             Ok((
                 self.rope(&heads(q, nh)?, offset)?,
                 self.rope(&heads(k, nkv)?, offset)?,
@@ -807,7 +816,7 @@ impl Llama {
         let total = k.dim(2)?;
         let rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        if crate::nn::cuda::enabled(dev) {
+        if fused {
             // Fused: the query heads that share a key head stacked as rows (no repeated
             // keys and values), scale + causal mask + softmax in one kernel.
             let q = q.reshape((bsz, nkv, rep * t, hd))?;

@@ -10,6 +10,7 @@
 //!   kernel, rows of query heads that share a key head stacked (no repeated keys);
 //! - [`nll_rows`]: `logsumexp(row) − row[target]` per row, in f32, without the
 //!   log-probability tensor;
+//! - [`rope_heads`]: rotary embedding and the head transpose in one pass;
 //! - [`fake_quant_u8_dynamic`]: dynamic per-tensor u8 activation quantization with its
 //!   range reduced on the device (the composed version read min and max back to the host
 //!   once per layer).
@@ -22,7 +23,7 @@
 
 use anyhow::{bail, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
 /// Whether the forward pass uses the fused kernels on `device`: a CUDA device in a
@@ -136,6 +137,159 @@ impl CustomOp1 for FakeQuantU8Dyn {
             candle_core::CudaStorage { slice, device },
             layout.shape().clone(),
         ))
+    }
+}
+
+/// Rotary position embedding fused with the head transpose: `x` `[b, t, heads · hd]` (a
+/// projection's output) to `[b, heads, t, hd]`, rotated at positions `offset..offset + t`
+/// by `cos`/`sin` `[positions, hd / 2]` (same dtype as `x`); pairs `(2i, 2i + 1)` when
+/// `interleaved`, else `(i, i + hd/2)`. Computed in f32. Replaces a transpose copy and
+/// candle's rope kernel (two passes) with one.
+pub fn rope_heads(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    offset: usize,
+    interleaved: bool,
+) -> Result<Tensor> {
+    let (b, t, width) = x.dims3()?;
+    let (positions, half) = cos.dims2()?;
+    if heads == 0 || width != heads * 2 * half || sin.dims() != cos.dims() {
+        bail!(
+            "rope of {:?} in {heads} heads with tables {:?} / {:?}",
+            x.dims(),
+            cos.dims(),
+            sin.dims()
+        );
+    }
+    if offset + t > positions {
+        bail!("rope at positions up to {} of {positions}", offset + t);
+    }
+    if cos.dtype() != x.dtype() || sin.dtype() != x.dtype() {
+        bail!("rope tables must be in the activations' dtype");
+    }
+    let op = RopeHeads {
+        b,
+        t,
+        heads,
+        hd: 2 * half,
+        offset,
+        interleaved,
+    };
+    Ok(x.contiguous()?
+        .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &op)?)
+}
+
+struct RopeHeads {
+    b: usize,
+    t: usize,
+    heads: usize,
+    hd: usize,
+    offset: usize,
+    interleaved: bool,
+}
+
+impl RopeHeads {
+    /// The CPU version (the reference for the CUDA kernel).
+    fn cpu<T: Copy>(
+        &self,
+        x: &[T],
+        cos: &[T],
+        sin: &[T],
+        to: impl Fn(T) -> f32,
+        from: impl Fn(f32) -> T,
+    ) -> Vec<T> {
+        let (b, t, heads, hd) = (self.b, self.t, self.heads, self.hd);
+        let half = hd / 2;
+        let mut y = vec![from(0.0); b * t * heads * hd];
+        for bi in 0..b {
+            for pos in 0..t {
+                for h in 0..heads {
+                    let src = ((bi * t + pos) * heads + h) * hd;
+                    let dst = ((bi * heads + h) * t + pos) * hd;
+                    for p in 0..half {
+                        let (a0, a1) = if self.interleaved {
+                            (2 * p, 2 * p + 1)
+                        } else {
+                            (p, p + half)
+                        };
+                        let k = (self.offset + pos) * half + p;
+                        let (c, s) = (to(cos[k]), to(sin[k]));
+                        let (x0, x1) = (to(x[src + a0]), to(x[src + a1]));
+                        y[dst + a0] = from(x0 * c - x1 * s);
+                        y[dst + a1] = from(x0 * s + x1 * c);
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn out_shape(&self) -> Shape {
+        Shape::from((self.b, self.heads, self.t, self.hd))
+    }
+}
+
+impl CustomOp3 for RopeHeads {
+    fn name(&self) -> &'static str {
+        "rope-heads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let part = |l: &Layout| {
+            l.contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("rope needs contiguous tensors".into()))
+        };
+        let ((a1, b1), (a2, b2), (a3, b3)) = (part(l1)?, part(l2)?, part(l3)?);
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(s)) => {
+                CpuStorage::F32(self.cpu(&x[a1..b1], &c[a2..b2], &s[a3..b3], |a| a, |a| a))
+            }
+            (CpuStorage::BF16(x), CpuStorage::BF16(c), CpuStorage::BF16(s)) => {
+                CpuStorage::BF16(self.cpu(
+                    &x[a1..b1],
+                    &c[a2..b2],
+                    &s[a3..b3],
+                    bf16::to_f32,
+                    bf16::from_f32,
+                ))
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(c), CpuStorage::F16(s)) => {
+                CpuStorage::F16(self.cpu(
+                    &x[a1..b1],
+                    &c[a2..b2],
+                    &s[a3..b3],
+                    f16::to_f32,
+                    f16::from_f32,
+                ))
+            }
+            _ => candle_core::bail!("rope of {:?} activations", s1.dtype()),
+        };
+        Ok((out, self.out_shape()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let slice = gpu::rope_heads(self, (s1, l1), (s2, l2), (s3, l3))?;
+        let device = s1.device.clone();
+        Ok((candle_core::CudaStorage { slice, device }, self.out_shape()))
     }
 }
 
@@ -292,10 +446,10 @@ impl CustomOp2 for NllRows {
 #[cfg(feature = "cuda")]
 mod gpu {
     //! Launches of the kernels in `kernels/cuda/fused.cu`.
-    use super::{last_two, CausalSoftmax};
+    use super::{last_two, CausalSoftmax, RopeHeads};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, Layout, Result};
@@ -316,7 +470,17 @@ mod gpu {
     ) -> Result<CudaSlice<T>> {
         let (rows, cols, start) = last_two(layout)?;
         let x = x.slice(start..start + rows * cols);
-        let func = dev.get_or_load_custom_func(&format!("causal_softmax_{name}"), MODULE, PTX)?;
+        // Rows of at most 256 16-byte vectors, 16-byte aligned: the register-resident
+        // kernel (one read of the scores); otherwise the two-pass one.
+        let e = 16 / std::mem::size_of::<T>();
+        let vec = (cols % e == 0 && start % e == 0)
+            .then(|| [1usize, 2, 4, 8].into_iter().find(|nv| 32 * nv * e >= cols))
+            .flatten();
+        let kernel = match vec {
+            Some(nv) => format!("causal_softmax_v{nv}_{name}"),
+            None => format!("causal_softmax_{name}"),
+        };
+        let func = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
         // SAFETY: every element is written by the kernel (each row's columns, masked ones
         // as 0) before the tensor is read.
         let y = unsafe { dev.alloc::<T>(rows * cols)? };
@@ -391,6 +555,74 @@ mod gpu {
         // logit are bounds-checked in the kernel.
         unsafe { b.launch(cfg) }.w()?;
         Ok((rows, y))
+    }
+
+    type Arg<'a> = (&'a CudaStorage, &'a Layout);
+
+    fn rope_t<T: DeviceRepr>(
+        op: &RopeHeads,
+        x: (&CudaSlice<T>, &Layout),
+        cos: (&CudaSlice<T>, &Layout),
+        sin: (&CudaSlice<T>, &Layout),
+        dev: &CudaDevice,
+        name: &str,
+    ) -> Result<CudaSlice<T>> {
+        fn part<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>> {
+            let (a, b) = l
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("rope needs contiguous tensors".into()))?;
+            Ok(s.slice(a..b))
+        }
+        let (xs, cs, ss) = (part(x.0, x.1)?, part(cos.0, cos.1)?, part(sin.0, sin.1)?);
+        let half = op.hd / 2;
+        let n = op.b * op.t * op.heads * op.hd;
+        if xs.len() < n || cs.len() < (op.offset + op.t) * half || ss.len() < cs.len() {
+            candle_core::bail!("rope: tensors smaller than their shapes say");
+        }
+        let func = dev.get_or_load_custom_func(&format!("rope_heads_{name}"), MODULE, PTX)?;
+        // SAFETY: the kernel writes both elements of every pair, i.e. all n elements.
+        let y = unsafe { dev.alloc::<T>(n.max(1))? };
+        let pairs = n / 2;
+        let cfg = LaunchConfig {
+            grid_dim: (pairs.div_ceil(256).max(1) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = [op.b, op.t, op.heads, op.hd, op.offset]
+            .map(|v| i32_of(v, "rope dimension"))
+            .into_iter()
+            .collect::<Result<Vec<i32>>>()?;
+        let il = op.interleaved as i32;
+        let mut b = func.builder();
+        b.arg(&xs);
+        b.arg(&cs);
+        b.arg(&ss);
+        b.arg(&y);
+        for a in &args {
+            b.arg(a);
+        }
+        b.arg(&il);
+        // SAFETY: arguments match `rope_heads_T(const T*, const T*, const T*, T*, int b,
+        // int t, int heads, int hd, int offset, int interleaved)`; sizes were checked above
+        // and the kernel returns for indices past b·t·heads·hd/2.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(y)
+    }
+
+    pub(super) fn rope_heads(op: &RopeHeads, x: Arg, cos: Arg, sin: Arg) -> Result<S> {
+        let dev = &x.0.device;
+        Ok(match (&x.0.slice, &cos.0.slice, &sin.0.slice) {
+            (S::F32(a), S::F32(c), S::F32(s)) => {
+                S::F32(rope_t(op, (a, x.1), (c, cos.1), (s, sin.1), dev, "f32")?)
+            }
+            (S::BF16(a), S::BF16(c), S::BF16(s)) => {
+                S::BF16(rope_t(op, (a, x.1), (c, cos.1), (s, sin.1), dev, "bf16")?)
+            }
+            (S::F16(a), S::F16(c), S::F16(s)) => {
+                S::F16(rope_t(op, (a, x.1), (c, cos.1), (s, sin.1), dev, "f16")?)
+            }
+            _ => candle_core::bail!("rope of {:?} activations", x.0.dtype()),
+        })
     }
 
     fn fake_quant_t<T: DeviceRepr>(
@@ -506,6 +738,38 @@ mod tests {
             assert!(d < 1e-6, "heads {heads} t {t} offset {offset}: {d}");
         }
         assert!(causal_softmax(&Tensor::zeros((4, 5), DType::F32, &dev)?, 3, 1.0).is_err());
+        Ok(())
+    }
+
+    /// The op's CPU version equals candle's rope (both layouts) on the transposed heads.
+    #[test]
+    fn rope_heads_matches_transpose_then_rope() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, heads, hd, offset) = (2, 5, 3, 8, 4);
+        let x = Tensor::randn(0f32, 1., (b, t, heads * hd), &dev)?;
+        let cos = Tensor::randn(0f32, 1., (16, hd / 2), &dev)?;
+        let sin = Tensor::randn(0f32, 1., (16, hd / 2), &dev)?;
+        for interleaved in [false, true] {
+            let got = rope_heads(&x, &cos, &sin, heads, offset, interleaved)?;
+            let xt = x
+                .reshape((b, t, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let (c, s) = (cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?);
+            let want = if interleaved {
+                candle_nn::rotary_emb::rope_i(&xt, &c, &s)?
+            } else {
+                candle_nn::rotary_emb::rope(&xt, &c, &s)?
+            };
+            let d = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(d < 1e-5, "interleaved {interleaved}: {d}");
+        }
+        assert!(rope_heads(&x, &cos, &sin, heads, 12, false).is_err());
+        assert!(rope_heads(&x, &cos, &sin, 2, 0, false).is_err());
         Ok(())
     }
 
