@@ -11,6 +11,8 @@
 #   scripts/gpu-batch.sh agree      # CPU/CUDA agreement tests, Marian translations, MNIST on CPU
 #   scripts/gpu-batch.sh profile    # time per forward section (QUANTLAB_PROFILE=1)
 #   scripts/gpu-batch.sh bnb        # bitsandbytes' own LLM.int8()/NF4/FP4 on the whole model
+#   scripts/gpu-batch.sh fused      # fused kernels: tests, perplexity and decode on/off, profile
+#   scripts/gpu-batch.sh calib      # GPTQ/AWQ calibrated on the GPU; dynamic int8 on the device
 #   scripts/gpu-batch.sh sweep      # the weight-only method sweep (8/4/3/2 bits, g64/g128, KL);
 #                                   # resumable: call again until it prints "sweep done"
 set -uo pipefail
@@ -113,6 +115,51 @@ case "$1" in
           perplexity --model "$M" --batch 32 --plan "$p" >> "$OUT/ppl-tc$tc.jsonl"
       done
     done
+  fused)
+    # The fused kernels (kernels/cuda/fused.cu): their tests, then full-test perplexity and
+    # decode with them on and off (QUANTLAB_FUSED=0) in the same run, a profile, and
+    # transformers bf16 on the same text.
+    run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1 --nocapture
+    for f in 1 0; do
+      for d in bf16 f32; do
+        QUANTLAB_FUSED=$f ppl cuda $d --batch 64 >> "$OUT/fused-ppl.jsonl"
+      done
+    done
+    QUANTLAB_FUSED=1 ppl cuda bf16 --batch 64 >> "$OUT/fused-ppl.jsonl"
+    run env QUANTLAB_PROFILE=1 $QL --quiet --device cuda --dtype bf16 perplexity --model "$M" --batch 64 --max-chunks 128
+    args=()
+    for p in "lm_head=keep;*=w:i8:sym" "lm_head=keep;*=w:i4:sym:g64"; do args+=(--plan "$p"); done
+    for f in 1 0; do
+      QUANTLAB_FUSED=$f run $QL --quiet --format json --device cuda --dtype bf16 bench --model "$M" \
+        -p 512 -n 128 -r 3 "${args[@]}" >> "$OUT/fused-bench.jsonl"
+    done
+    # Where decode time goes (sections synchronised, so slower than unprofiled).
+    run env QUANTLAB_PROFILE=1 $QL --quiet --device cuda --dtype bf16 bench --model "$M" -p 0 -n 128 -r 1
+    if [ -z "${SKIP_HF:-}" ]; then
+      export PYTHONPATH=/tmp/site
+      run python3 scripts/transformers_gpu_reference.py --gguf "$M" \
+        --text $Q/data/wikitext-2/test.txt --dtype bf16 --batch 64 --out "$OUT/transformers.jsonl"
+    fi
+    ;;
+  calib)
+    # Sequential calibration on the GPU: GPTQ calibrated on the CPU and on CUDA (16
+    # samples, agreement), then a GPTQ + AWQ sweep on CUDA at the default 128 × 512
+    # (time); dynamic int8 with its range kept on the device (full test) and, for the
+    # same-run comparison, the host round trip (QUANTLAB_FUSED=0, 64 chunks).
+    mkdir -p $Q/runs
+    for d in cpu cuda; do
+      ppl $d f32 --max-chunks 8 --batch 8 --plan "lm_head=keep;*=gptq:i4:sym:g64" --calib-samples 16 >> "$OUT/calib-agree.jsonl"
+    done
+    run timeout 300 $QL --quiet --format json --device cuda --dtype f32 sweep --model "$M" --methods gptq,awq \
+      --bits 4 --groups 64 --max-chunks 8 --batch 8 --out $Q/runs/sweep-calib.jsonl > "$OUT/calib-sweep.jsonl"
+    # GPTQ's sensitivity to float-level differences: the composed attention on the GPU.
+    QUANTLAB_FUSED=0 ppl cuda f32 --max-chunks 8 --batch 8 --plan "lm_head=keep;*=gptq:i4:sym:g64" --calib-samples 16 >> "$OUT/calib-agree.jsonl"
+    # dynamic int8 at batch 1 (the per-tensor range is per forward pass): CPU vs CUDA.
+    for d in cpu cuda; do
+      ppl $d f32 --max-chunks 4 --plan "lm_head=keep;*=dynamic-int8" >> "$OUT/dyn-int8.jsonl"
+    done
+    ppl cuda bf16 --batch 32 --plan "lm_head=keep;*=dynamic-int8" >> "$OUT/dyn-int8.jsonl"
+    QUANTLAB_FUSED=0 ppl cuda bf16 --batch 32 --max-chunks 64 --plan "lm_head=keep;*=dynamic-int8" >> "$OUT/dyn-int8.jsonl"
     ;;
   *) echo "unknown batch '$1'" >&2; exit 2 ;;
 esac

@@ -765,6 +765,20 @@ impl Llama {
         mask: Option<&Tensor>,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
+        let y = self.attention_heads(b, x, offset, mask, cache)?;
+        profile::section(&self.device, "o", || b.o.forward(&y))
+    }
+
+    /// Attention up to the output projection: the heads' outputs `[batch, t, heads ×
+    /// head_dim]` (what `o` reads).
+    fn attention_heads(
+        &self,
+        b: &Block,
+        x: &Tensor,
+        offset: usize,
+        mask: Option<&Tensor>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
         let (bsz, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (
             self.cfg.num_attention_heads,
@@ -778,7 +792,16 @@ impl Llama {
         let (q, k, v) = profile::section(dev, "qkv", || -> Result<_> {
             Ok((b.q.forward(x)?, b.k.forward(x)?, b.v.forward(x)?))
         })?;
+        let fused = crate::nn::cuda::enabled(dev);
         let (q, k, v) = profile::section(dev, "rope", || -> Result<_> {
+            if fused {
+                // Rotation and head transpose in one kernel (the tables hold every position).
+                let il = matches!(self.rope_layout, RopeLayout::Interleaved);
+                let rope = |y: &Tensor, n: usize| {
+                    crate::nn::cuda::rope_heads(y, &self.cos, &self.sin, n, offset, il)
+                };
+                return Ok((rope(&q, nh)?, rope(&k, nkv)?, heads(v, nkv)?.contiguous()?));
+            }
             Ok((
                 self.rope(&heads(q, nh)?, offset)?,
                 self.rope(&heads(k, nkv)?, offset)?,
@@ -792,6 +815,26 @@ impl Llama {
         *cache = Some((k.clone(), v.clone()));
         let total = k.dim(2)?;
         let rep = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        if fused {
+            // Fused: the query heads that share a key head stacked as rows (no repeated
+            // keys and values), scale + causal mask + softmax in one kernel.
+            let q = q.reshape((bsz, nkv, rep * t, hd))?;
+            let att = profile::section(dev, "scores", || -> Result<Tensor> {
+                Ok(q.matmul(&k.t()?)?.to_dtype(self.score_dtype())?)
+            })?;
+            let att = profile::section(dev, "softmax", || -> Result<Tensor> {
+                Ok(crate::nn::cuda::causal_softmax(&att, t, scale as f32)?.to_dtype(v.dtype())?)
+            })?;
+            let y = profile::section(dev, "att x v", || -> Result<Tensor> {
+                Ok(att
+                    .matmul(&v)?
+                    .reshape((bsz, nh, t, hd))?
+                    .transpose(1, 2)?
+                    .reshape((bsz, t, nh * hd))?)
+            })?;
+            return Ok(y);
+        }
         let expand = |z: Tensor| -> Result<Tensor> {
             if rep == 1 {
                 return Ok(z);
@@ -803,7 +846,6 @@ impl Llama {
         let (k, v) = profile::section(dev, "kv expand", || -> Result<_> {
             Ok((expand(k)?, expand(v)?))
         })?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let mut att = profile::section(dev, "scores", || -> Result<Tensor> {
             Ok((q.matmul(&k.t()?)? * scale)?.to_dtype(self.score_dtype())?)
         })?;
@@ -822,7 +864,7 @@ impl Llama {
                 .transpose(1, 2)?
                 .reshape((bsz, t, nh * hd))?)
         })?;
-        profile::section(dev, "o", || b.o.forward(&y))
+        Ok(y)
     }
 
     /// Logits `[batch, seq, vocab]` for `ids` `[batch, seq]` placed after the cache's
@@ -869,7 +911,12 @@ impl Llama {
         let eps = self.cfg.rms_norm_eps as f32;
         cache.len = offset + t;
         let dev = &self.device;
-        let mask = self.causal_mask(t, offset)?;
+        // The fused attention (GPU) masks inside its softmax kernel.
+        let mask = if crate::nn::cuda::enabled(dev) {
+            None
+        } else {
+            self.causal_mask(t, offset)?
+        };
         for (b, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             let h = profile::section(dev, "norm", || {
                 candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)

@@ -104,6 +104,12 @@ pub fn report(
             results,
         });
     }
+    if crate::profile::enabled() {
+        eprint!(
+            "time per section (QUANTLAB_PROFILE, all tests and plans):\n{}",
+            crate::profile::report()
+        );
+    }
     Ok(table(a, &rows, device))
 }
 

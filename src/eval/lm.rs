@@ -302,17 +302,19 @@ pub fn score_with(
         &ws,
         protocol,
         batch,
+        !matches!(sink, Sink::None),
         progress,
         |_, win, lp, nll| {
             let mut chunk = ChunkTokens::default();
+            let lp = || lp.context("log-probabilities of the window");
             match &mut sink {
                 Sink::None => nll.iter().for_each(|&v| chunk.push(v, None)),
                 Sink::Save(w) => {
-                    w.add_window(win, lp)?;
+                    w.add_window(win, lp()?)?;
                     nll.iter().for_each(|&v| chunk.push(v, None));
                 }
                 Sink::Compare(rows, stats, next) => {
-                    for (r, &v) in kl::rows(lp)?.iter().zip(nll) {
+                    for (r, &v) in kl::rows(lp()?)?.iter().zip(nll) {
                         let base = &rows[*next];
                         let (d, agree) = kl::compare_row(base, r);
                         stats.add(d, agree);

@@ -2,7 +2,7 @@
 //! the second half of each scored) or Hugging Face's strided sliding window.
 
 use crate::arch::llama::Llama;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use std::fmt;
 use std::time::Instant;
@@ -208,6 +208,54 @@ pub fn batch_log_probs(model: &Llama, ws: &[&Window]) -> Result<Vec<Tensor>> {
     (0..b).map(|i| Ok(lp.narrow(0, i * r, r)?)).collect()
 }
 
+/// −log p(target) at each scored position of `ws` (windows of equal length and equal
+/// first scored position, as for [`batch_log_probs`]) with the fused NLL kernel: per row
+/// a logsumexp and the target's logit, no log-probability tensor. `None` where the fused
+/// kernels do not run (the CPU, `QUANTLAB_FUSED=0`).
+pub fn batch_nll_fused(model: &Llama, ws: &[&Window]) -> Result<Option<Vec<Vec<f64>>>> {
+    let Some(first) = ws.first() else {
+        return Ok(Some(Vec::new()));
+    };
+    if !crate::nn::cuda::enabled(&model.device) {
+        return Ok(None);
+    }
+    let (t, f) = (first.tokens.len(), first.first_scored);
+    if ws
+        .iter()
+        .any(|w| w.tokens.len() != t || w.first_scored != f)
+    {
+        bail!("windows of one batch must have the same length and scored positions");
+    }
+    let ids: Vec<u32> = ws.iter().flat_map(|w| w.tokens.iter().copied()).collect();
+    let ids = Tensor::from_vec(ids, (ws.len(), t), &model.device)?;
+    let mut cache = model.new_cache();
+    let rows = t - f;
+    let logits = model.forward_tail(&ids, &mut cache, rows)?;
+    let (b, r, v) = logits.dims3()?;
+    // Every row of the tail, so the logits need no copy; the last row of each window has
+    // no target (a dummy 0, dropped below).
+    let targets: Vec<u32> = ws
+        .iter()
+        .flat_map(|w| (0..rows).map(move |k| w.tokens.get(f + 1 + k).copied().unwrap_or(0)))
+        .collect();
+    let targets = Tensor::from_vec(targets, b * r, &model.device)?;
+    let nll = crate::profile::section(&model.device, "nll fused", || {
+        crate::nn::cuda::nll_rows(&logits.reshape((b * r, v))?, &targets)
+    })?;
+    let nll = nll.to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(b);
+    for (i, w) in ws.iter().enumerate() {
+        let row = &nll[i * r..i * r + w.scored()];
+        if let Some(bad) = row.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "the model produced a non-finite log-probability at scored position {bad}; its weights or activations overflowed"
+            );
+        }
+        out.push(row.iter().map(|&v| v as f64).collect());
+    }
+    Ok(Some(out))
+}
+
 /// Perplexity of `model` on `ids`, `batch` windows per forward pass where they have the
 /// same shape (the numbers do not depend on `batch`, up to float summation order). `each`
 /// is called with every window's log-prob rows, in order (for KL divergence and agreement
@@ -224,20 +272,32 @@ pub fn perplexity(
     mut each: impl FnMut(usize, &Window, &Tensor) -> Result<()>,
 ) -> Result<PerplexityResult> {
     let ws = windows(ids, protocol, bos_id, max_windows)?;
-    perplexity_of_windows(model, &ws, protocol, batch, progress, |i, w, lp, _| {
-        each(i, w, lp).map(|_| None)
-    })
+    perplexity_of_windows(
+        model,
+        &ws,
+        protocol,
+        batch,
+        true,
+        progress,
+        |i, w, lp, _| {
+            let lp = lp.context("log-probabilities were asked for")?;
+            each(i, w, lp).map(|_| None)
+        },
+    )
 }
 
 /// [`perplexity`] over given windows; `each` also gets the window's per-token NLLs and
-/// returns `Some(reason)` to stop the run after the current batch of windows.
+/// returns `Some(reason)` to stop the run after the current batch of windows. Without
+/// `log_probs`, `each` may get `None` for the log-prob rows: the NLLs then come from the
+/// fused kernel where it runs (a GPU), without a log-softmax over the vocabulary.
 pub fn perplexity_of_windows(
     model: &Llama,
     ws: &[Window],
     protocol: Protocol,
     batch: usize,
+    log_probs: bool,
     progress: &indicatif::ProgressBar,
-    mut each: impl FnMut(usize, &Window, &Tensor, &[f64]) -> Result<Option<String>>,
+    mut each: impl FnMut(usize, &Window, Option<&Tensor>, &[f64]) -> Result<Option<String>>,
 ) -> Result<PerplexityResult> {
     if batch == 0 {
         bail!("--batch must be at least 1");
@@ -262,19 +322,30 @@ pub fn perplexity_of_windows(
         }
         let t = Instant::now();
         let group: Vec<&Window> = ws[i..j].iter().collect();
-        let lps = batch_log_probs(model, &group)?;
-        let mut nlls = Vec::with_capacity(group.len());
-        crate::profile::section(&model.device, "nll", || -> Result<()> {
-            for (w, lp) in group.iter().zip(&lps) {
-                nlls.push(token_nll(w, lp)?);
+        let fused = if log_probs {
+            None
+        } else {
+            batch_nll_fused(model, &group)?
+        };
+        let (lps, nlls) = match fused {
+            Some(nlls) => (Vec::new(), nlls),
+            None => {
+                let lps = batch_log_probs(model, &group)?;
+                let mut nlls = Vec::with_capacity(group.len());
+                crate::profile::section(&model.device, "nll", || -> Result<()> {
+                    for (w, lp) in group.iter().zip(&lps) {
+                        nlls.push(token_nll(w, lp)?);
+                    }
+                    Ok(())
+                })?;
+                (lps, nlls)
             }
-            Ok(())
-        })?;
+        };
         let per_window = t.elapsed().as_secs_f64() / group.len() as f64;
-        for (k, ((w, lp), nll)) in group.iter().zip(&lps).zip(nlls).enumerate() {
+        for (k, (w, nll)) in group.iter().zip(nlls).enumerate() {
             window_nll_sums.push(nll.iter().sum());
             window_seconds.push(per_window);
-            if let Some(why) = each(i + k, w, lp, &nll)? {
+            if let Some(why) = each(i + k, w, lps.get(k), &nll)? {
                 stopped_early.get_or_insert(why);
             }
             token_nlls.push(nll);

@@ -87,6 +87,10 @@ pub struct Collector {
     absmax: Option<Vec<f32>>,
     /// Σ |x| per channel, in f64.
     abssum: Option<Vec<f64>>,
+    /// Inputs on a GPU: the same sums kept on the device (XᵀX and Σ |x| in f64, the
+    /// channel maxima in f32), added into the host ones once, in `finish`. Copying a
+    /// k × k Gram matrix back per batch would cost more than computing it.
+    on_device: [Option<Tensor>; 3],
 }
 
 impl Collector {
@@ -98,6 +102,7 @@ impl Collector {
             xtx: None,
             absmax: None,
             abssum: None,
+            on_device: [None, None, None],
         };
         for s in needs {
             match *s {
@@ -129,6 +134,9 @@ impl Collector {
         if let Some(o) = &mut self.observer {
             o.observe(x)?;
         }
+        if !x.device().is_cpu() {
+            return self.observe_on_device(x, m);
+        }
         if let Some(acc) = &mut self.xtx {
             // One f32 GEMM per batch, summed in f64 across batches.
             let x = x.to_dtype(DType::F32)?;
@@ -157,7 +165,50 @@ impl Collector {
         Ok(())
     }
 
-    pub fn finish(self) -> Result<Calibration> {
+    /// [`Collector::observe`] for inputs on a GPU: the same per-batch f32 GEMM and sums,
+    /// accumulated on the device.
+    fn observe_on_device(&mut self, x: &Tensor, m: usize) -> Result<()> {
+        let x = x.to_dtype(DType::F32)?;
+        let add = |acc: &mut Option<Tensor>, v: Tensor, max: bool| -> Result<()> {
+            *acc = Some(match acc.take() {
+                None => v,
+                Some(a) if max => a.maximum(&v)?,
+                Some(a) => (a + v)?,
+            });
+            Ok(())
+        };
+        if self.xtx.is_some() {
+            let g = x.t()?.matmul(&x)?.to_dtype(DType::F64)?;
+            add(&mut self.on_device[0], g, false)?;
+        }
+        if self.absmax.is_some() {
+            add(&mut self.on_device[1], x.abs()?.max(D::Minus2)?, true)?;
+        }
+        if self.abssum.is_some() {
+            let s = x.abs()?.to_dtype(DType::F64)?.sum(D::Minus2)?;
+            add(&mut self.on_device[2], s, false)?;
+        }
+        self.rows += m;
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<Calibration> {
+        let [xtx, absmax, abssum] = std::mem::take(&mut self.on_device);
+        if let (Some(acc), Some(d)) = (&mut self.xtx, xtx) {
+            for (a, v) in acc.iter_mut().zip(d.flatten_all()?.to_vec1::<f64>()?) {
+                *a += v;
+            }
+        }
+        if let (Some(acc), Some(d)) = (&mut self.absmax, absmax) {
+            for (a, v) in acc.iter_mut().zip(d.to_vec1::<f32>()?) {
+                *a = a.max(v);
+            }
+        }
+        if let (Some(acc), Some(d)) = (&mut self.abssum, abssum) {
+            for (a, v) in acc.iter_mut().zip(d.to_vec1::<f64>()?) {
+                *a += v;
+            }
+        }
         if self.rows == 0 {
             bail!("calibration saw no inputs: give at least one non-empty calibration sample");
         }

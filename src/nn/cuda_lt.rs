@@ -212,6 +212,33 @@ mod cuda {
         }
     }
 
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+    /// The module name `nn::cuda` loads the same PTX under.
+    const MODULE: &str = "quantlab_fused";
+
+    /// The accumulators as f32, by `i32_to_f32` in kernels/cuda/fused.cu.
+    fn i32_to_f32(dev: &CudaDevice, x: &CudaSlice<i32>, n: usize) -> Result<CudaSlice<f32>> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let func = dev.get_or_load_custom_func("i32_to_f32", MODULE, PTX)?;
+        // SAFETY: the kernel writes all n elements before the buffer is read.
+        let y = unsafe { dev.alloc::<f32>(n)? };
+        let len = n as i64;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = func.builder();
+        b.arg(x);
+        b.arg(&y);
+        b.arg(&len);
+        // SAFETY: the arguments match the kernel's signature (an i32 and an f32 pointer to n
+        // elements each, and n as a 64-bit integer); the kernel's grid-stride loop stays below n.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(y)
+    }
+
     pub(super) fn matmul(
         kind: LtInput,
         s1: &CudaStorage,
@@ -340,9 +367,10 @@ mod cuda {
                     let (yp, _gy) = y.device_ptr_mut(&stream);
                     launch(wp, xp, yp)?;
                 }
-                let y = CudaStorage::wrap_cuda_slice(y, dev.clone());
-                let y = y.to_dtype(&Layout::contiguous((m, n)), candle_core::DType::F32)?;
-                Ok((y, Shape::from((m, n))))
+                Ok((
+                    CudaStorage::wrap_cuda_slice(i32_to_f32(&dev, &y, m * n)?, dev.clone()),
+                    Shape::from((m, n)),
+                ))
             }
             LtInput::Fp8 => {
                 let xs = s1.as_cuda_slice::<float8::F8E4M3>()?;

@@ -5,6 +5,7 @@
 pub mod algo;
 pub mod calib;
 pub mod checkpoint;
+pub mod cuda;
 pub mod cuda_lt;
 pub mod format;
 pub mod kernels;

@@ -22,9 +22,6 @@ impl CalibrateInStages for Llama {
         windows: &[Vec<u32>],
         sink: &mut dyn StageSink,
     ) -> Result<()> {
-        if !self.device.is_cpu() || self.embed.dtype() != DType::F32 {
-            bail!("sequential calibration runs on the CPU with f32 embeddings: load the model on the CPU (--device cpu)");
-        }
         let c = self.cfg.clone();
         let super::partial::AttnDims {
             hs,
@@ -65,6 +62,9 @@ impl CalibrateInStages for Llama {
                 None => return Ok(()),
             }
         };
+        if !self.device.is_cpu() || self.embed.dtype() != DType::F32 {
+            return self.calibrate_on_device(windows, sink, last, head_wanted);
+        }
         let dev = Device::Cpu;
         let mut xs: Vec<Vec<f32>> = windows
             .iter()
@@ -163,6 +163,116 @@ impl CalibrateInStages for Llama {
     }
 }
 
+impl Llama {
+    /// The staged pass with tensor ops on the model's device (a GPU, or activations other
+    /// than f32): the same stages as the host pass, each computed as the forward pass
+    /// computes it on that device ([`Llama::attention_heads`], candle's RMSNorm and SiLU).
+    /// The hidden states of every window stay on the device between blocks; the statistics
+    /// collectors accumulate there too (`nn::calib`), so nothing returns to the host until
+    /// a stage's layers are converted.
+    fn calibrate_on_device(
+        &mut self,
+        windows: &[Vec<u32>],
+        sink: &mut dyn StageSink,
+        last: usize,
+        head_wanted: bool,
+    ) -> Result<()> {
+        let dev = self.device.clone();
+        let hs = self.cfg.hidden_size;
+        let mut xs = windows
+            .iter()
+            .map(|w| {
+                let ids = Tensor::from_slice(w, w.len(), &dev)?;
+                Ok(self
+                    .embed
+                    .index_select(&ids, 0)?
+                    .reshape((1, w.len(), hs))?)
+            })
+            .collect::<Result<Vec<Tensor>>>()?;
+        // The blocks are converted while `self` runs attention: take them out meanwhile
+        // (attention reads only the configuration, rotary tables and device).
+        let mut blocks = std::mem::take(&mut self.blocks);
+        let r = self.device_blocks(&mut blocks[..last], &mut xs, sink, windows.len());
+        self.blocks = blocks;
+        r?;
+        if head_wanted {
+            let eps = self.cfg.rms_norm_eps as f32;
+            for x in &xs {
+                let h = candle_nn::ops::rms_norm(x, &self.norm, eps)?;
+                sink.observe(&[&self.lm_head], &h.squeeze(0)?)?;
+            }
+            sink.convert(&mut [&mut self.lm_head])?;
+        }
+        Ok(())
+    }
+
+    fn device_blocks(
+        &self,
+        blocks: &mut [super::Block],
+        xs: &mut [Tensor],
+        sink: &mut dyn StageSink,
+        n: usize,
+    ) -> Result<()> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        let fused = crate::nn::cuda::enabled(&self.device);
+        let nblocks = self.cfg.num_hidden_layers;
+        let start = std::time::Instant::now();
+        let norm = |x: &Tensor, w: &Tensor| candle_nn::ops::rms_norm(x, w, eps);
+        for (bi, b) in blocks.iter_mut().enumerate() {
+            let bar =
+                crate::progress::bar(4 * n as u64, &format!("block {}/{nblocks}", bi + 1), true);
+            // q, k, v: the attention norm's output.
+            for x in xs.iter() {
+                sink.observe(&[&b.q, &b.k, &b.v], &norm(x, &b.attn_norm)?.squeeze(0)?)?;
+                bar.inc(1);
+            }
+            sink.convert(&mut [&mut b.q, &mut b.k, &mut b.v])?;
+            // o: the attention output with the quantized q, k, v.
+            let mut ys = Vec::with_capacity(xs.len());
+            for x in xs.iter() {
+                let t = x.dim(1)?;
+                let mask = if fused { None } else { self.causal_mask(t, 0)? };
+                let h = norm(x, &b.attn_norm)?;
+                let y = self.attention_heads(b, &h, 0, mask.as_ref(), &mut None)?;
+                sink.observe(&[&b.o], &y.squeeze(0)?)?;
+                ys.push(y);
+                bar.inc(1);
+            }
+            sink.convert(&mut [&mut b.o])?;
+            for (x, y) in xs.iter_mut().zip(ys.drain(..)) {
+                *x = (&*x + b.o.forward(&y)?)?;
+            }
+            // gate, up: the second norm's output after the quantized attention.
+            for x in xs.iter() {
+                sink.observe(&[&b.gate, &b.up], &norm(x, &b.ffn_norm)?.squeeze(0)?)?;
+                bar.inc(1);
+            }
+            sink.convert(&mut [&mut b.gate, &mut b.up])?;
+            // down: silu(gate) · up of the quantized gate and up.
+            let mut acts = Vec::with_capacity(xs.len());
+            for x in xs.iter() {
+                let h = norm(x, &b.ffn_norm)?;
+                let a = (candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?;
+                sink.observe(&[&b.down], &a.squeeze(0)?)?;
+                acts.push(a);
+                bar.inc(1);
+            }
+            sink.convert(&mut [&mut b.down])?;
+            for (x, a) in xs.iter_mut().zip(acts.drain(..)) {
+                *x = (&*x + b.down.forward(&a)?)?;
+            }
+            bar.finish_and_clear();
+            eprintln!(
+                "calibrated block {}/{nblocks} on {:?} ({:.0} s)",
+                bi + 1,
+                self.device.location(),
+                start.elapsed().as_secs_f64()
+            );
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,6 +354,36 @@ mod tests {
                     .fold(0f64, |a, (x, y)| a.max((x - y).abs()));
                 assert!(diff <= 1e-5 * scale, "{name}: {diff} of {scale}");
             }
+        }
+    }
+
+    /// The tensor pass (what a GPU runs), forced on the CPU, feeds every stage what the
+    /// host pass feeds it (the same arithmetic up to summation order and `exp`), in the
+    /// same order.
+    #[test]
+    fn the_device_pass_matches_the_host_pass() {
+        let mut host_rec = Recorder::default();
+        tiny()
+            .calibrate_in_stages(&windows(), &mut host_rec)
+            .unwrap();
+        let mut m = tiny();
+        let mut dev_rec = Recorder::default();
+        let last = m.blocks.len();
+        m.calibrate_on_device(&windows(), &mut dev_rec, last, true)
+            .unwrap();
+        assert_eq!(dev_rec.order, host_rec.order);
+        assert_eq!(dev_rec.seen.len(), host_rec.seen.len());
+        for ((names, a), (names2, b)) in dev_rec.seen.into_iter().zip(host_rec.seen) {
+            assert_eq!(names, names2);
+            let (a, b) = (a.finish().unwrap(), b.finish().unwrap());
+            assert_eq!(a.rows, b.rows);
+            let (a, b) = (a.hessian.unwrap(), b.hessian.unwrap());
+            let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let diff = a
+                .iter()
+                .zip(&b)
+                .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(diff <= 1e-5 * scale, "{names:?}: {diff} of {scale}");
         }
     }
 

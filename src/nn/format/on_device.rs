@@ -112,6 +112,9 @@ impl WeightFormat for Dequantized {
                 let decoded = codes.to_dtype(DType::F8E4M3)?.to_dtype(DType::F32)?;
                 decoded.broadcast_mul(&scale)?.to_dtype(x.dtype())?
             }
+            InputQuant::U8PerTensor if crate::nn::cuda::enabled(x.device()) => {
+                crate::nn::cuda::fake_quant_u8_dynamic(&x)?
+            }
             InputQuant::U8PerTensor => {
                 let xf = x.to_dtype(DType::F32)?.flatten_all()?;
                 let lo = xf.min(0)?.to_scalar::<f32>()?;
