@@ -117,9 +117,9 @@ fn tensor_core_products_match_the_cpu() {
     let gpu = gpu();
     for (m, k, n) in [(1, 576, 192), (37, 576, 1536), (130, 1536, 576)] {
         let a: Vec<u8> = (0..m * k)
-            .map(|i| (i * 2654435761usize >> 7) as u8)
+            .map(|i| ((i * 2654435761usize) >> 7) as u8)
             .collect();
-        let w: Vec<u8> = (0..n * k).map(|i| (i * 40503usize >> 3) as u8).collect();
+        let w: Vec<u8> = (0..n * k).map(|i| ((i * 40503usize) >> 3) as u8).collect();
         let at = Tensor::from_vec(a, (m, k), &Device::Cpu).unwrap();
         let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
         let cpu = lt_matmul(&at, &wt, LtInput::I8)
@@ -136,13 +136,10 @@ fn tensor_core_products_match_the_cpu() {
         .unwrap();
         assert_eq!(cpu, dev, "int8 {m}x{k}x{n}");
         let f = |n_: usize, seed: f32| {
-            let v: Vec<f32> = (0..n_ * k)
-                .map(|i| ((i as f32 + seed) * 0.618).sin() * 100.0)
+            let v: Vec<u8> = (0..n_ * k)
+                .map(|i| quantlab::quant::fp8::encode(((i as f32 + seed) * 0.618).sin() * 100.0))
                 .collect();
-            Tensor::from_vec(v, (n_, k), &Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::F8E4M3)
-                .unwrap()
+            Tensor::from_vec(v, (n_, k), &Device::Cpu).unwrap()
         };
         let (af, wf) = (f(m, 0.5), f(n, 3.0));
         let cpu = lt_matmul(&af, &wf, LtInput::Fp8)
@@ -157,15 +154,30 @@ fn tensor_core_products_match_the_cpu() {
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();
-        let scale = 100.0 * 100.0 * k as f32;
-        let d = max_diff(&cpu, &dev);
-        assert!(d <= 1e-5 * scale, "fp8 {m}x{k}x{n}: max diff {d}");
+        // Σ|products| bounds the rounding of any summation order: f32 accumulation gives
+        // about 1e-6 of it; the bound allows 1e-4 (Hopper's FP8 MMA accumulates with fewer
+        // bits between promotions to f32).
+        let (a8, w8) = (af.to_vec2::<u8>().unwrap(), wf.to_vec2::<u8>().unwrap());
+        let dec = quantlab::quant::fp8::decode;
+        let mut worst = 0f64;
+        for r in 0..m {
+            for j in 0..n {
+                let abs: f64 = (0..k)
+                    .map(|t| (dec(a8[r][t]) as f64 * dec(w8[j][t]) as f64).abs())
+                    .sum();
+                let d = (cpu[r][j] - dev[r][j]).abs() as f64;
+                worst = worst.max(d / abs.max(1.0));
+            }
+        }
+        eprintln!("fp8 {m}x{k}x{n}: max |Δ| / Σ|products| = {worst:e}");
+        assert!(worst <= 1e-4, "fp8 {m}x{k}x{n}: {worst:e}");
     }
 }
 
 /// W8A8 layers (int8 and FP8 per token) run on tensor cores on the GPU and agree with the
-/// CPU kernels: same codes and scales; activation codes may differ by one on a rounding tie
-/// (the device rounds halves away from zero), hence the tolerance of the emulated rows.
+/// CPU kernels: same codes and scales (the row quantizers follow the CPU rules bit for bit),
+/// so the layers differ only
+/// in the f32 products' summation order, hence the tolerance of the emulated rows.
 #[test]
 fn w8a8_layers_use_tensor_cores_and_agree_with_the_cpu() {
     let gpu = gpu();

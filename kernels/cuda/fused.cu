@@ -3,6 +3,7 @@
 // candle's CUDA device (src/nn/cuda.rs). Every kernel accumulates in f32.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <stdint.h>
 
 __device__ __forceinline__ float to_f(float x) { return x; }
@@ -300,5 +301,58 @@ extern "C" __global__ void i32_to_f32(const int32_t* __restrict__ x, float* __re
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)blockDim.x * gridDim.x) {
     y[i] = (float)x[i];
+  }
+}
+
+// Per-row activation quantization for the tensor-core W8A8 products (src/nn/cuda_lt.rs),
+// one warp per row of k f32 values, given each row's absolute maximum `amax`:
+//   int8: code = rint(x * ((1 / amax) * 127)) clamped to +-127 (round half to even, as the
+//         CPU kernels and bitsandbytes), written as a two's complement byte; amax 0 -> 0;
+//   e4m3: the FP8 E4M3 byte of x / (amax / 448), rounded to nearest even and saturated
+//         (the __nv_fp8_e4m3 conversion); amax 0 -> 0.
+extern "C" __global__ void quantize_rows_i8(const float* __restrict__ x,
+                                            const float* __restrict__ amax,
+                                            uint8_t* __restrict__ y, int rows, int k) {
+  int row = blockIdx.x * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
+  float a = amax[row];
+  float mul = a > 0.f ? (1.0f / a) * 127.0f : 0.f;
+  const float* xr = x + (size_t)row * k;
+  uint8_t* yr = y + (size_t)row * k;
+  for (int j = threadIdx.x; j < k; j += 32) {
+    float q = fminf(fmaxf(rintf(xr[j] * mul), -127.f), 127.f);
+    yr[j] = (uint8_t)(int8_t)(int)q;
+  }
+}
+
+extern "C" __global__ void quantize_rows_e4m3(const float* __restrict__ x,
+                                              const float* __restrict__ amax,
+                                              uint8_t* __restrict__ y, int rows, int k) {
+  int row = blockIdx.x * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
+  float a = amax[row];
+  float s = a > 0.f ? a / 448.0f : 1.f;
+  const float* xr = x + (size_t)row * k;
+  uint8_t* yr = y + (size_t)row * k;
+  for (int j = threadIdx.x; j < k; j += 32) {
+    __nv_fp8_e4m3 q(xr[j] / s);
+    yr[j] = q.__x;
+  }
+}
+
+// The e4m3 per-row quantization above, decoded again (x -> e4m3 -> f32, times the scale):
+// the emulation of W8A8-FP8 where the tensor-core product does not take the shapes.
+extern "C" __global__ void fake_quant_rows_e4m3(const float* __restrict__ x,
+                                                const float* __restrict__ amax,
+                                                float* __restrict__ y, int rows, int k) {
+  int row = blockIdx.x * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
+  float a = amax[row];
+  float s = a > 0.f ? a / 448.0f : 1.f;
+  const float* xr = x + (size_t)row * k;
+  float* yr = y + (size_t)row * k;
+  for (int j = threadIdx.x; j < k; j += 32) {
+    __nv_fp8_e4m3 q(xr[j] / s);
+    yr[j] = a > 0.f ? (float)q * s : 0.f;
   }
 }

@@ -18,16 +18,117 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 pub enum LtInput {
     /// Signed int8 codes, held in a U8 tensor as two's complement bytes.
     I8,
-    /// FP8 E4M3 values (an F8E4M3 tensor).
+    /// FP8 E4M3 values, held in a U8 tensor as their bytes (candle 0.11's CUDA casts to
+    /// and from F8E4M3 look for kernels under other names, so E4M3 data never goes through
+    /// candle's F8E4M3 type here).
     Fp8,
 }
 
 impl LtInput {
     fn dtype(self) -> DType {
-        match self {
-            LtInput::I8 => DType::U8,
-            LtInput::Fp8 => DType::F8E4M3,
+        DType::U8
+    }
+}
+
+/// Activation rows `x` (f32 `[m, k]`) as codes of `kind` (U8 bytes), given each row's
+/// absolute maximum `amax` (`[m, 1]`): int8 `round_half_even(x · (1/amax) · 127)` clamped
+/// to ±127 (the CPU kernels' rule, bit for bit); E4M3 of `x / (amax / 448)` rounded to
+/// nearest even with saturation. Rows with `amax` 0 give zero codes.
+pub fn quantize_rows(x: &Tensor, amax: &Tensor, kind: LtInput) -> Result<Tensor> {
+    let op = RowQuant { kind, fake: false };
+    Ok(x.contiguous()?.apply_op2_no_bwd(&amax.contiguous()?, &op)?)
+}
+
+/// `x` through the E4M3 per-row quantization and back (f32): W8A8-FP8's emulation.
+pub fn fake_quant_rows_e4m3(x: &Tensor, amax: &Tensor) -> Result<Tensor> {
+    let op = RowQuant {
+        kind: LtInput::Fp8,
+        fake: true,
+    };
+    Ok(x.contiguous()?.apply_op2_no_bwd(&amax.contiguous()?, &op)?)
+}
+
+struct RowQuant {
+    kind: LtInput,
+    /// Decode the codes again (f32 output) instead of returning them.
+    fake: bool,
+}
+
+impl RowQuant {
+    fn cpu_row(&self, x: &[f32], amax: f32, codes: &mut [u8], out: &mut [f32]) {
+        use crate::quant::fp8;
+        match self.kind {
+            LtInput::I8 => {
+                let mul = if amax > 0.0 {
+                    (1.0f32 / amax) * 127.0
+                } else {
+                    0.0
+                };
+                for (c, &v) in codes.iter_mut().zip(x) {
+                    *c = (v * mul).round_ties_even().clamp(-127.0, 127.0) as i8 as u8;
+                }
+            }
+            LtInput::Fp8 => {
+                let s = if amax > 0.0 {
+                    amax / fp8::E4M3_MAX
+                } else {
+                    1.0
+                };
+                for ((c, o), &v) in codes.iter_mut().zip(out.iter_mut()).zip(x) {
+                    *c = fp8::encode(v / s);
+                    *o = if amax > 0.0 { fp8::decode(*c) * s } else { 0.0 };
+                }
+            }
         }
+    }
+}
+
+impl CustomOp2 for RowQuant {
+    fn name(&self) -> &'static str {
+        "quantlab-row-quant"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k, o1) = dims(l1)?;
+        let (_, _, o2) = dims(l2)?;
+        let (CpuStorage::F32(x), CpuStorage::F32(a)) = (s1, s2) else {
+            return Err(candle_core::Error::Msg(
+                "row quantization takes f32 rows and f32 absolute maxima".into(),
+            ));
+        };
+        let mut codes = vec![0u8; m * k];
+        let mut out = vec![0f32; if self.fake { m * k } else { k }];
+        for r in 0..m {
+            let o = if self.fake { r * k } else { 0 };
+            self.cpu_row(
+                &x[o1 + r * k..o1 + (r + 1) * k],
+                a[o2 + r],
+                &mut codes[r * k..(r + 1) * k],
+                &mut out[o..o + k],
+            );
+        }
+        Ok(if self.fake {
+            (CpuStorage::F32(out), Shape::from((m, k)))
+        } else {
+            (CpuStorage::U8(codes), Shape::from((m, k)))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::row_quant(self.kind, self.fake, s1, l1, s2, l2)
     }
 }
 
@@ -99,13 +200,9 @@ fn cpu_values(s: &CpuStorage, start: usize, len: usize) -> candle_core::Result<V
             .iter()
             .map(|&b| b as i8 as f32)
             .collect(),
-        CpuStorage::F8E4M3(v) => v[start..start + len]
-            .iter()
-            .map(|c| crate::quant::fp8::decode(c.to_bits()))
-            .collect(),
         _ => {
             return Err(candle_core::Error::Msg(
-                "tensor-core product takes u8 (int8 codes) or f8e4m3 operands".into(),
+                "tensor-core product takes u8 operands (int8 or E4M3 bytes)".into(),
             ))
         }
     })
@@ -125,8 +222,13 @@ impl CustomOp2 for LtMatmul {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, k, o1) = dims(l1)?;
         let (n, _, o2) = dims(l2)?;
-        let a = cpu_values(s1, o1, m * k)?;
-        let w = cpu_values(s2, o2, n * k)?;
+        let (mut a, mut w) = (cpu_values(s1, o1, m * k)?, cpu_values(s2, o2, n * k)?);
+        if self.0 == LtInput::Fp8 {
+            // The bytes read as i8 above; E4M3 decodes them instead.
+            for v in a.iter_mut().chain(w.iter_mut()) {
+                *v = crate::quant::fp8::decode(*v as i8 as u8);
+            }
+        }
         let y = cpu_product(&a, &w, m, n, k, self.0 == LtInput::I8);
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
@@ -355,10 +457,10 @@ mod cuda {
             }
             .map_err(err("matmul"))
         };
+        let x = s1.as_cuda_slice::<u8>()?.slice(o1..o1 + m * k);
+        let w = s2.as_cuda_slice::<u8>()?.slice(o2..o2 + n * k);
         match kind {
             LtInput::I8 => {
-                let x = s1.as_cuda_slice::<u8>()?.slice(o1..o1 + m * k);
-                let w = s2.as_cuda_slice::<u8>()?.slice(o2..o2 + n * k);
                 // SAFETY: every element is written by the product before it is read.
                 let mut y = unsafe { stream.alloc::<i32>(m * n) }.map_err(err("output"))?;
                 {
@@ -373,11 +475,6 @@ mod cuda {
                 ))
             }
             LtInput::Fp8 => {
-                let xs = s1.as_cuda_slice::<float8::F8E4M3>()?;
-                let ws = s2.as_cuda_slice::<float8::F8E4M3>()?;
-                debug_assert!(xs.len() >= o1 + m * k && ws.len() >= o2 + n * k);
-                let x = xs.slice(o1..o1 + m * k);
-                let w = ws.slice(o2..o2 + n * k);
                 // SAFETY: every element is written by the product before it is read.
                 let mut y = unsafe { stream.alloc::<f32>(m * n) }.map_err(err("output"))?;
                 {
@@ -388,6 +485,74 @@ mod cuda {
                 }
                 Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, n))))
             }
+        }
+    }
+
+    /// `quantize_rows_*` / `fake_quant_rows_e4m3` of kernels/cuda/fused.cu, one warp a row.
+    pub(super) fn row_quant(
+        kind: LtInput,
+        fake: bool,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let (m, k, o1) = dims(l1)?;
+        let (ma, _, o2) = dims(l2)?;
+        if ma != m {
+            return Err(candle_core::Error::Msg(format!(
+                "row quantization: {ma} maxima for {m} rows"
+            )));
+        }
+        let dev = s1.device().clone();
+        let x = s1.as_cuda_slice::<f32>()?.slice(o1..o1 + m * k);
+        let a = s2.as_cuda_slice::<f32>()?.slice(o2..o2 + m);
+        let name = match (kind, fake) {
+            (LtInput::I8, false) => "quantize_rows_i8",
+            (LtInput::Fp8, false) => "quantize_rows_e4m3",
+            (LtInput::Fp8, true) => "fake_quant_rows_e4m3",
+            (LtInput::I8, true) => {
+                return Err(candle_core::Error::Msg(
+                    "int8 fake quantization is not a row-quant kernel".into(),
+                ))
+            }
+        };
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let (rows, cols) = (
+            i32::try_from(m).map_err(|_| candle_core::Error::Msg("too many rows".into()))?,
+            i32::try_from(k).map_err(|_| candle_core::Error::Msg("rows too long".into()))?,
+        );
+        const ROWS_PER_BLOCK: usize = 4;
+        let cfg = LaunchConfig {
+            grid_dim: (m.div_ceil(ROWS_PER_BLOCK).max(1) as u32, 1, 1),
+            block_dim: (32, ROWS_PER_BLOCK as u32, 1),
+            shared_mem_bytes: 0,
+        };
+        macro_rules! go {
+            ($t:ty) => {{
+                // SAFETY: the kernel writes every element of its m × k output.
+                let y = unsafe { dev.alloc::<$t>(m * k)? };
+                let mut b = func.builder();
+                b.arg(&x);
+                b.arg(&a);
+                b.arg(&y);
+                b.arg(&rows);
+                b.arg(&cols);
+                // SAFETY: the arguments match the kernel (f32 rows, f32 maxima, an output of
+                // m × k elements, two i32); it bounds rows by `rows` and columns by `cols`.
+                unsafe { b.launch(cfg) }.w()?;
+                Ok((
+                    CudaStorage::wrap_cuda_slice(y, dev.clone()),
+                    Shape::from((m, k)),
+                ))
+            }};
+        }
+        if fake {
+            go!(f32)
+        } else {
+            go!(u8)
         }
     }
 }
@@ -425,10 +590,8 @@ mod tests {
         let x: Vec<f32> = (0..m * k).map(|i| (i as f32 - 10.0) / 4.0).collect();
         let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.37).sin() * 30.0).collect();
         let cast = |v: &[f32], r: usize| {
-            Tensor::from_vec(v.to_vec(), (r, k), &Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::F8E4M3)
-                .unwrap()
+            let bytes: Vec<u8> = v.iter().map(|&x| crate::quant::fp8::encode(x)).collect();
+            Tensor::from_vec(bytes, (r, k), &Device::Cpu).unwrap()
         };
         let y = lt_matmul(&cast(&x, m), &cast(&w, n), LtInput::Fp8)
             .unwrap()
@@ -443,7 +606,53 @@ mod tests {
         }
         let f = Tensor::zeros((2, 16), DType::F32, &Device::Cpu).unwrap();
         let e = lt_matmul(&f, &f, LtInput::Fp8).unwrap_err().to_string();
-        assert!(e.contains("F8E4M3"), "{e}");
+        assert!(e.contains("U8"), "{e}");
         assert!(shapes_fit(576, 1536) && !shapes_fit(784, 10));
+    }
+
+    /// The row quantizers against the CPU kernels' own rules: int8 codes equal
+    /// `format::int8::quantize_row_symmetric`'s (which stores code + 128), E4M3 codes equal
+    /// `quant::fp8::encode` of `x / (amax / 448)`, and the fake-quantized rows equal
+    /// `quant::fp8::fake_quantize_row`.
+    #[test]
+    fn row_quantizers_follow_the_cpu_rules() {
+        let (m, k) = (3, 40);
+        let mut x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.77).sin() * 5.0).collect();
+        x[k..2 * k].fill(0.0);
+        x[5] = 2.5 * 5.0 / 127.0; // a tie candidate
+        let amax: Vec<f32> = x
+            .chunks(k)
+            .map(|r| r.iter().fold(0f32, |a, v| a.max(v.abs())))
+            .collect();
+        let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+        let at = Tensor::from_vec(amax.clone(), (m, 1), &Device::Cpu).unwrap();
+        let i8c = quantize_rows(&xt, &at, LtInput::I8)
+            .unwrap()
+            .to_vec2::<u8>()
+            .unwrap();
+        let f8c = quantize_rows(&xt, &at, LtInput::Fp8)
+            .unwrap()
+            .to_vec2::<u8>()
+            .unwrap();
+        let fake = fake_quant_rows_e4m3(&xt, &at)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for r in 0..m {
+            let row = &x[r * k..(r + 1) * k];
+            let mut cpu = vec![0u8; k];
+            crate::nn::format::int8::quantize_row_symmetric(row, amax[r], &mut cpu);
+            let cpu: Vec<u8> = cpu.iter().map(|&c| (c as i32 - 128) as i8 as u8).collect();
+            assert_eq!(i8c[r], cpu, "int8 row {r}");
+            let s = if amax[r] > 0.0 { amax[r] / 448.0 } else { 1.0 };
+            let want: Vec<u8> = row
+                .iter()
+                .map(|&v| crate::quant::fp8::encode(v / s))
+                .collect();
+            assert_eq!(f8c[r], want, "e4m3 row {r}");
+            let mut fq = row.to_vec();
+            crate::quant::fp8::fake_quantize_row(&mut fq);
+            assert_eq!(fake[r], fq, "fake e4m3 row {r}");
+        }
     }
 }

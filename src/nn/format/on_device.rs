@@ -101,16 +101,10 @@ impl WeightFormat for Dequantized {
             }
             InputQuant::Fp8PerRow => {
                 // As `quant::fp8::fake_quantize_row`: scale amax/448 per row, saturating
-                // round-to-nearest-even cast (candle's E4M3 cast on the device).
+                // round-to-nearest-even cast, in one kernel (kernels/cuda/fused.cu).
                 let xf = x.to_dtype(DType::F32)?;
                 let amax = xf.abs()?.max_keepdim(candle_core::D::Minus1)?;
-                let max = Tensor::new(crate::quant::fp8::E4M3_MAX, xf.device())?;
-                let scale = amax
-                    .maximum(f32::MIN_POSITIVE as f64)?
-                    .broadcast_div(&max)?;
-                let codes = xf.broadcast_div(&scale)?.clamp(-448.0, 448.0)?;
-                let decoded = codes.to_dtype(DType::F8E4M3)?.to_dtype(DType::F32)?;
-                decoded.broadcast_mul(&scale)?.to_dtype(x.dtype())?
+                crate::nn::cuda_lt::fake_quant_rows_e4m3(&xf, &amax)?.to_dtype(x.dtype())?
             }
             InputQuant::U8PerTensor if crate::nn::cuda::enabled(x.device()) => {
                 crate::nn::cuda::fake_quant_u8_dynamic(&x)?

@@ -21,7 +21,7 @@ use std::sync::Arc;
 pub struct TensorCore {
     host: Arc<dyn WeightFormat>,
     kind: LtInput,
-    /// `[out, in]` codes on the device (U8 two's complement int8, or F8E4M3).
+    /// `[out, in]` codes on the device as bytes (two's complement int8, or E4M3).
     codes: Tensor,
     /// `[1, out]` f32 weight scales on the device.
     scale: Tensor,
@@ -63,14 +63,7 @@ impl TensorCore {
             if !f.dynamic_activations() {
                 return Ok(None);
             }
-            let codes = Tensor::from_vec(f.codes().to_vec(), (n, k), &Device::Cpu)?;
-            // Reinterpret the bytes as E4M3 on the host (no rounding: they are codes).
-            let codes = Tensor::from_raw_buffer(
-                codes.flatten_all()?.to_vec1::<u8>()?.as_slice(),
-                DType::F8E4M3,
-                &[n, k],
-                device,
-            )?;
+            let codes = Tensor::from_vec(f.codes().to_vec(), (n, k), device)?;
             let s = f.scales();
             let scales = if s.len() == 1 {
                 vec![s[0]; n]
@@ -91,28 +84,18 @@ impl TensorCore {
     }
 
     /// Activation rows as codes of `self.kind` and their `[m, 1]` scales, by the CPU
-    /// kernels' rules: int8 `round(x · (1/absmax) · 127)` with scale `absmax / 127`
-    /// (the device rounds halves away from zero, the CPU to even: a tie may differ by one
-    /// code); FP8 `x / (amax / 448)` cast with saturation, scale `amax / 448`.
+    /// kernels' rules ([`crate::nn::cuda_lt::quantize_rows`]): int8 with scale
+    /// `absmax / 127`, FP8 with scale `amax / 448` (zero rows have zero codes, so their
+    /// scale does not matter).
     fn quantize_rows(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let absmax = x.abs()?.max_keepdim(D::Minus1)?;
-        let safe = absmax.maximum(f32::MIN_POSITIVE as f64)?;
-        match self.kind {
-            LtInput::I8 => {
-                let mul = (safe.recip()? * 127.0)?;
-                let codes = x.broadcast_mul(&mul)?.round()?.clamp(-127.0, 127.0)?;
-                // Two's complement bytes: negative codes + 256.
-                let wrap = (codes.lt(0.0)?.to_dtype(DType::F32)? * 256.0)?;
-                let bytes = (codes + wrap)?.to_dtype(DType::U8)?;
-                Ok((bytes, (safe / 127.0)?))
-            }
-            LtInput::Fp8 => {
-                let max = Tensor::new(crate::quant::fp8::E4M3_MAX, x.device())?;
-                let scale = safe.broadcast_div(&max)?;
-                let codes = x.broadcast_div(&scale)?.clamp(-448.0, 448.0)?;
-                Ok((codes.to_dtype(DType::F8E4M3)?, scale))
-            }
-        }
+        let codes = crate::nn::cuda_lt::quantize_rows(x, &absmax, self.kind)?;
+        let per = match self.kind {
+            LtInput::I8 => 127f32,
+            LtInput::Fp8 => crate::quant::fp8::E4M3_MAX,
+        };
+        let scale = absmax.broadcast_div(&Tensor::new(per, x.device())?)?;
+        Ok((codes, scale))
     }
 }
 
