@@ -115,6 +115,13 @@ case "$1" in
           perplexity --model "$M" --batch 32 --plan "$p" >> "$OUT/ppl-tc$tc.jsonl"
       done
     done
+    # CPU/CUDA agreement at batch 1-style windows, 8 chunks (compare with the CPU run here).
+    for d in cpu cuda; do
+      for p in "lm_head=keep;*=w8a8:token" "lm_head=keep;*=fp8:dyn"; do
+        ppl $d f32 --max-chunks 8 --plan "$p" >> "$OUT/tc-agree-$d.jsonl"
+      done
+    done
+    ;;
   fused)
     # The fused kernels (kernels/cuda/fused.cu): their tests, then full-test perplexity and
     # decode with them on and off (QUANTLAB_FUSED=0) in the same run, a profile, and

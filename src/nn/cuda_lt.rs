@@ -14,7 +14,7 @@ use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 /// The element type of both operands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LtInput {
     /// Signed int8 codes, held in a U8 tensor as two's complement bytes.
     I8,
@@ -261,7 +261,27 @@ mod cuda {
     struct Lt {
         blas: CudaBlasLT,
         workspace: CudaSlice<u8>,
+        /// Descriptors and the chosen kernel per (type, m, n, k): building them and asking
+        /// cuBLASLt's heuristic costs more than a small product itself.
+        plans: Mutex<HashMap<PlanKey, Arc<Plan>>>,
     }
+
+    /// Operand type, m, n, k.
+    type PlanKey = (LtInput, usize, usize, usize);
+
+    /// A product's cuBLASLt descriptors and kernel choice.
+    struct Plan {
+        g: Guard,
+        algo: sys::cublasLtMatmulAlgo_t,
+    }
+
+    // SAFETY: the descriptors are host-side cuBLASLt objects that are only read after they
+    // are built (by cublasLtMatmul, which does not modify them); the algorithm is plain data.
+    unsafe impl Send for Plan {}
+    unsafe impl Sync for Plan {}
+
+    /// Plans kept per GPU before the cache starts over (each is a few hundred bytes).
+    const MAX_PLANS: usize = 1024;
 
     const WORKSPACE: usize = 32 << 20;
 
@@ -284,7 +304,11 @@ mod cuda {
         let workspace = stream
             .alloc_zeros::<u8>(WORKSPACE)
             .map_err(err("workspace"))?;
-        let h = Arc::new(Lt { blas, workspace });
+        let h = Arc::new(Lt {
+            blas,
+            workspace,
+            plans: Mutex::new(HashMap::new()),
+        });
         map.insert(gpu, h.clone());
         Ok(h)
     }
@@ -341,23 +365,7 @@ mod cuda {
         Ok(y)
     }
 
-    pub(super) fn matmul(
-        kind: LtInput,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (m, k, o1) = dims(l1)?;
-        let (n, k2, o2) = dims(l2)?;
-        if k != k2 || !super::shapes_fit(k, n) {
-            return Err(candle_core::Error::Msg(format!(
-                "tensor-core product of [{m}, {k}] by [{n}, {k2}]ᵀ: k and n must match and be multiples of 16"
-            )));
-        }
-        let dev = s1.device().clone();
-        let lt = handle(&dev)?;
-        let stream = dev.cuda_stream();
+    fn build_plan(lt: &Lt, kind: LtInput, m: usize, n: usize, k: usize) -> Result<Plan> {
         use sys::cudaDataType_t as T;
         let (compute, scale, ab, cd) = match kind {
             LtInput::I8 => (
@@ -416,7 +424,44 @@ mod cuda {
             lt::get_matmul_algo_heuristic(*lt.blas.handle(), g.desc, la, lb, lc, lc, g.pref)
         }
         .map_err(err("no kernel for these types and shapes"))?;
+        Ok(Plan {
+            g,
+            algo: heuristic.algo,
+        })
+    }
 
+    pub(super) fn matmul(
+        kind: LtInput,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (m, k, o1) = dims(l1)?;
+        let (n, k2, o2) = dims(l2)?;
+        if k != k2 || !super::shapes_fit(k, n) {
+            return Err(candle_core::Error::Msg(format!(
+                "tensor-core product of [{m}, {k}] by [{n}, {k2}]ᵀ: k and n must match and be multiples of 16"
+            )));
+        }
+        let dev = s1.device().clone();
+        let lt = handle(&dev)?;
+        let stream = dev.cuda_stream();
+        let plan = {
+            let mut plans = lt.plans.lock().unwrap();
+            match plans.get(&(kind, m, n, k)) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = Arc::new(build_plan(&lt, kind, m, n, k)?);
+                    if plans.len() >= MAX_PLANS {
+                        plans.clear();
+                    }
+                    plans.insert((kind, m, n, k), p.clone());
+                    p
+                }
+            }
+        };
+        let (la, lb, lc) = (plan.g.layouts[0], plan.g.layouts[1], plan.g.layouts[2]);
         let (alpha_i, beta_i) = (1i32, 0i32);
         let (alpha_f, beta_f) = (1f32, 0f32);
         let (alpha, beta): (*const c_void, *const c_void) = match kind {
@@ -438,7 +483,7 @@ mod cuda {
             unsafe {
                 lt::matmul(
                     *lt.blas.handle(),
-                    g.desc,
+                    plan.g.desc,
                     alpha,
                     beta,
                     a as *const c_void,
@@ -449,7 +494,7 @@ mod cuda {
                     lc,
                     d as *mut c_void,
                     lc,
-                    &heuristic.algo,
+                    &plan.algo,
                     wsp as *mut c_void,
                     WORKSPACE,
                     stream.cu_stream() as _,
