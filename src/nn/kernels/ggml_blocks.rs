@@ -29,7 +29,7 @@ use super::{Isa, SendPtr};
 use anyhow::{bail, Result};
 use std::sync::OnceLock;
 
-mod panels;
+pub mod panels;
 use half::f16;
 pub use panels::PanelBlocks;
 use rayon::prelude::*;

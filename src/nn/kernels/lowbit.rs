@@ -25,8 +25,10 @@
 //! activation row; tiles are spread over threads. Only float summation order differs from
 //! `x · Ŵᵀ` with `Ŵ` the exact dequantized weights.
 
+use super::ggml_blocks::{panels, BlockKind, PanelBlocks};
 use super::Isa;
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 /// Columns per chunk (the unit of the code layout and of scale groups).
 pub const CHUNK: usize = 32;
@@ -76,6 +78,9 @@ pub struct LowBit {
     /// `SplitTable` only, per chunk: the scale of lanes `split..32` and `split`.
     scale2: Vec<f32>,
     split: Vec<u8>,
+    /// The opt-in integer-activation prefill's panel copy (`kernels::prefill`), built on
+    /// first use; `None` inside where the codes do not fit it (code books, affine zeros).
+    a8: OnceLock<Option<PanelBlocks>>,
 }
 
 impl std::fmt::Debug for LowBit {
@@ -228,6 +233,7 @@ impl LowBit {
             table: [0.0; 16],
             scale2: Vec::new(),
             split: Vec::new(),
+            a8: OnceLock::new(),
         })
     }
 
@@ -290,6 +296,7 @@ impl LowBit {
             table: *table,
             scale2: Vec::new(),
             split: Vec::new(),
+            a8: OnceLock::new(),
         })
     }
 
@@ -339,6 +346,7 @@ impl LowBit {
             table: *table,
             scale2,
             split,
+            a8: OnceLock::new(),
         }
     }
 
@@ -410,6 +418,11 @@ impl LowBit {
         let isa = isa.min(Isa::detected());
         // Measured (576×576, one thread): m activation rows through the GEMV cost about m
         // times one row; the GEMM's panel decoding costs about as much as 8–16 such rows.
+        if m > GEMV_ROWS && super::prefill::q8_activations() && panels::use_panels(isa, m) {
+            if let Some(p) = self.a8_panels() {
+                return panels::matmul_f32(isa, p, x, m, self.cols);
+            }
+        }
         if m <= GEMV_ROWS {
             let mut y = vec![0f32; m * self.rows];
             for r in 0..m {
@@ -423,6 +436,44 @@ impl LowBit {
         } else {
             self.gemm(isa, x, m)
         }
+    }
+
+    /// The weight as GGML-style panels for the integer-activation prefill: int-N codes
+    /// whose every group has the same integer zero point `z'` (symmetric schemes), as
+    /// Q4_0-like nibbles (≤ 4 bits) or Q8_0-like bytes with offset `z'` and each 32-column
+    /// block's group scale. `None` for code books and per-group (affine or real) zeros.
+    pub fn a8_panels(&self) -> Option<&PanelBlocks> {
+        self.a8
+            .get_or_init(|| {
+                let kind = match self.kind {
+                    Codes::Nibble => BlockKind::Q4_0,
+                    Codes::Byte => BlockKind::Q8_0,
+                    _ => return None,
+                };
+                let z = *self.zero.first()?;
+                let uniform = self.zero.iter().all(|&v| v == z);
+                if !uniform || z.fract() != 0.0 || !(0.0..=255.0).contains(&z) {
+                    return None;
+                }
+                Some(PanelBlocks::from_codes(
+                    kind,
+                    self.rows,
+                    self.nch * CHUNK,
+                    z as i32,
+                    |o, row| {
+                        for (p, c) in row.iter_mut().enumerate() {
+                            // Padding columns: the zero code (their activations are 0).
+                            *c = if p < self.cols {
+                                self.code(o, p)
+                            } else {
+                                z as u8
+                            };
+                        }
+                    },
+                    |o, b| self.scale[o * self.gpr + b / self.cpg],
+                ))
+            })
+            .as_ref()
     }
 
     /// One activation row: `y[o] = Σ_p x[p]·W[o, p]`, rows split over threads when large.

@@ -45,6 +45,8 @@ pub struct PanelBlocks {
     pub kind: BlockKind,
     pub n: usize,
     pub k: usize,
+    /// What each unsigned code exceeds its signed value by (GGML: the kind's offset).
+    offset: i32,
     /// `panels × kb × block_bytes()` code bytes.
     codes: Vec<u8>,
     /// `panels × kb × 16` scales.
@@ -75,13 +77,58 @@ impl PanelBlocks {
 
     /// Repacks the row layout into panels.
     pub fn from_rows(w: &PackedBlocks) -> Self {
-        let (n, k, kind) = (w.n, w.k, w.kind);
+        let kb = w.k / QK;
+        Self::build(
+            w.kind,
+            w.n,
+            w.k,
+            w.kind.offset(),
+            |ch, row| w.unpack_row(ch, row),
+            |ch, b| {
+                let m = if w.kind == BlockKind::Q4_1 {
+                    w.m[ch * kb + b]
+                } else {
+                    0.0
+                };
+                (w.d[ch * kb + b], m)
+            },
+        )
+    }
+
+    /// A weight given by unsigned codes with value `(code − offset)·scale` per block of
+    /// 32: `row(ch, codes)` fills channel `ch`'s `k` codes in element order (each below 16
+    /// for the nibble kinds), `scale(ch, b)` is block `b`'s scale. For weight-only int-N
+    /// codes with one integer zero point (symmetric schemes); `k` a multiple of 32.
+    pub fn from_codes(
+        kind: BlockKind,
+        n: usize,
+        k: usize,
+        offset: i32,
+        row: impl Fn(usize, &mut [u8]),
+        scale: impl Fn(usize, usize) -> f32,
+    ) -> Self {
+        assert!(
+            kind != BlockKind::Q4_1,
+            "no minima in a code-and-scale weight"
+        );
+        Self::build(kind, n, k, offset, row, |ch, b| (scale(ch, b), 0.0))
+    }
+
+    /// The shared constructor: `params(ch, b)` = (scale, Q4_1 minimum).
+    fn build(
+        kind: BlockKind,
+        n: usize,
+        k: usize,
+        offset: i32,
+        row_of: impl Fn(usize, &mut [u8]),
+        params: impl Fn(usize, usize) -> (f32, f32),
+    ) -> Self {
+        assert!(k.is_multiple_of(QK), "whole blocks");
         let kb = k / QK;
         let panels = n.div_ceil(PANEL);
         let bb = Self::block_bytes(kind);
-        // Padding channels: the code of value 0 (offset) with scale 0.
-        let pad = if kind.nibbles() { 0x88 } else { 0x80 };
-        let mut codes = vec![pad; panels * kb * bb];
+        // Padding channels: zero codes with scale 0 (their outputs are never stored).
+        let mut codes = vec![0u8; panels * kb * bb];
         let mut d = vec![0f32; panels * kb * PANEL];
         let mut m = if kind == BlockKind::Q4_1 {
             vec![0f32; panels * kb * PANEL]
@@ -91,12 +138,12 @@ impl PanelBlocks {
         let mut row = vec![0u8; k];
         for ch in 0..n {
             let (p, c) = (ch / PANEL, ch % PANEL);
-            w.unpack_row(ch, &mut row);
+            row_of(ch, &mut row);
             for b in 0..kb {
                 let at = (p * kb + b) * PANEL + c;
-                d[at] = w.d[ch * kb + b];
+                (d[at], _) = params(ch, b);
                 if kind == BlockKind::Q4_1 {
-                    m[at] = w.m[ch * kb + b];
+                    (_, m[at]) = params(ch, b);
                 }
                 let blk = &row[b * QK..][..QK];
                 let dst = &mut codes[(p * kb + b) * bb..][..bb];
@@ -104,7 +151,7 @@ impl PanelBlocks {
                     for j in 0..4 {
                         for t in 0..4 {
                             let (lo, hi) = (blk[4 * j + t], blk[16 + 4 * j + t]);
-                            dst[j * 64 + c * 4 + t] = lo | (hi << 4);
+                            dst[j * 64 + c * 4 + t] = (lo & 0x0F) | (hi << 4);
                         }
                     }
                 } else {
@@ -120,6 +167,7 @@ impl PanelBlocks {
             kind,
             n,
             k,
+            offset,
             codes,
             d,
             m,
@@ -151,8 +199,7 @@ impl PanelBlocks {
 }
 
 /// `−offset·Σ_{j<32} q[j]` per activation block (`m × kb`): each block sum's start value.
-fn block_starts(kind: BlockKind, a: &ActBlocks) -> Vec<i32> {
-    let off = kind.offset();
+fn block_starts(off: i32, a: &ActBlocks) -> Vec<i32> {
     a.q.chunks_exact(QK)
         .map(|q| -off * q.iter().map(|&v| v as i32).sum::<i32>())
         .collect()
@@ -174,7 +221,7 @@ pub fn matmul_with(isa: Isa, w: &PanelBlocks, a: &ActBlocks, out: &mut [f32]) {
     if m == 0 || n == 0 {
         return;
     }
-    let starts = block_starts(w.kind, a);
+    let starts = block_starts(w.offset, a);
     let panels = w.panels();
     let threads = rayon::current_num_threads();
     let out_ptr = SendPtr(out.as_mut_ptr());
@@ -193,6 +240,25 @@ pub fn matmul_with(isa: Isa, w: &PanelBlocks, a: &ActBlocks, out: &mut [f32]) {
     (0..panels.div_ceil(per))
         .into_par_iter()
         .for_each(|t| run(t * per, ((t + 1) * per).min(panels)));
+}
+
+/// `x [m, cols] · Wᵀ` → `[m, w.n]` with `x` quantized to llama.cpp's q8 blocks first
+/// (rows zero-padded from `cols` to `w.k`): the opt-in integer-activation prefill of
+/// weight-only formats (see `kernels::prefill`).
+pub fn matmul_f32(isa: Isa, w: &PanelBlocks, x: &[f32], m: usize, cols: usize) -> Vec<f32> {
+    assert!(cols <= w.k && x.len() == m * cols, "activation size");
+    let a = if cols == w.k {
+        ActBlocks::quantize(isa, w.kind, x, m, w.k)
+    } else {
+        let mut xp = vec![0f32; m * w.k];
+        for (d, s) in xp.chunks_exact_mut(w.k).zip(x.chunks_exact(cols.max(1))) {
+            d[..cols].copy_from_slice(s);
+        }
+        ActBlocks::quantize(isa, w.kind, &xp, m, w.k)
+    };
+    let mut out = vec![0f32; m * w.n];
+    matmul_with(isa, w, &a, &mut out);
+    out
 }
 
 /// Rows per cache block: their activation codes (≤ 128 × k bytes) stay in L2 while every
@@ -627,5 +693,88 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// llama.cpp's q8 block rounding written out: (stored d, codes).
+    fn ref_q8(x: &[f32]) -> (f64, Vec<i64>) {
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+        let q = x
+            .iter()
+            .map(|&v| {
+                let t = (v * id) as f64;
+                (t.abs() + 0.5).floor().copysign(t) as i64
+            })
+            .collect();
+        (f16::from_f32(d).to_f64(), q)
+    }
+
+    #[test]
+    fn int_n_q8_activation_prefill_matches_the_reference() {
+        use crate::nn::kernels::lowbit::LowBit;
+        let mut g = Lcg(29);
+        // (bits, group, m, n, k): 784 is not a whole 32- or 64-column block (MNIST).
+        for (bits, group, m, n, k) in [
+            (4u8, 64usize, 13usize, 37usize, 784usize),
+            (4, 32, 20, 50, 96),
+            (8, 0, 17, 33, 160),
+            (8, 64, 9, 20, 200),
+            (2, 32, 16, 17, 64),
+            (3, 128, 130, 40, 576),
+        ] {
+            let (lo, hi) = (-(1i32 << (bits - 1)), (1i32 << (bits - 1)) - 1);
+            let codes: Vec<i32> = (0..n * k)
+                .map(|i| match i % 7 {
+                    0 => lo,
+                    1 => hi,
+                    _ => lo + (g.next() % (hi - lo + 1) as u32) as i32,
+                })
+                .collect();
+            let bytes: Vec<u8> = codes.iter().map(|&c| c as i8 as u8).collect();
+            let gs = if group == 0 { k } else { group };
+            let gpr = k.div_ceil(gs);
+            let scale: Vec<f32> = (0..n * gpr).map(|_| 0.01 + g.unif().abs()).collect();
+            let zero = vec![0i32; n * gpr];
+            let group_arg = if group == 0 { k } else { group };
+            let lb = LowBit::from_int(n, k, &bytes, true, bits, &scale, &zero, group_arg).unwrap();
+            let pan = lb.a8_panels().expect("symmetric codes fit the panels");
+            let x: Vec<f32> = (0..m * k).map(|_| g.unif() * 2.0).collect();
+            let kp = k.next_multiple_of(QK);
+            for isa in paths() {
+                let y = matmul_f32(isa, pan, &x, m, k);
+                for r in 0..m {
+                    let mut xr = x[r * k..][..k].to_vec();
+                    xr.resize(kp, 0.0);
+                    for c in 0..n {
+                        let (mut want, mut mag) = (0f64, 0f64);
+                        for b in 0..kp / QK {
+                            let (dx, qx) = ref_q8(&xr[b * QK..][..QK]);
+                            let mut i = 0i64;
+                            for (j, &q) in qx.iter().enumerate() {
+                                let e = b * QK + j;
+                                if e < k {
+                                    i += codes[c * k + e] as i64 * q;
+                                }
+                            }
+                            // The group of block b (groups are whole blocks here).
+                            let t = scale[c * gpr + b * QK / gs] as f64 * dx * i as f64;
+                            want += t;
+                            mag += t.abs();
+                        }
+                        let tol = (3 * kp / QK + 4) as f64 * 2f64.powi(-23) * mag + 1e-30;
+                        let got = y[r * n + c] as f64;
+                        assert!(
+                            (got - want).abs() <= tol,
+                            "{bits}b g{group} {isa:?} m{m} n{n} k{k} @({r},{c}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+        // Affine codes (a zero point per group) do not fit: the f32 path stays.
+        let lb =
+            LowBit::from_int(2, 64, &[3u8; 128], false, 4, &[1.0; 4], &[1, 2, 3, 4], 32).unwrap();
+        assert!(lb.a8_panels().is_none());
     }
 }
