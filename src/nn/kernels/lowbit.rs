@@ -616,7 +616,7 @@ impl LowBit {
     ) {
         assert!(p0.is_multiple_of(CHUNK) && panel.len() >= kc * nr);
         #[cfg(target_arch = "x86_64")]
-        let simd = isa == Isa::Avx512 && self.kind != Codes::Byte;
+        let simd = isa == Isa::Avx512;
         #[cfg(not(target_arch = "x86_64"))]
         let simd = false;
         let mut vals = [0f32; CHUNK];
@@ -993,16 +993,33 @@ mod x86 {
         }
     }
 
-    /// Chunk `c` of row `o` (nibble codes or a code book) as f32 weights: one permute per
-    /// 16 weights from the group's table of weights (same products as `decode_chunk`).
+    /// Chunk `c` of row `o` as f32 weights: nibble codes and code books by one permute per
+    /// 16 weights from the group's table of weights, bytes by `(n − z')·s` per lane (the
+    /// same products as `decode_chunk`).
     ///
     /// # Safety
     /// The CPU must have AVX-512 F.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn decode_chunk_avx512(lb: &LowBit, o: usize, c: usize, out: &mut [f32; CHUNK]) {
-        assert!(o < lb.rows && c < lb.nch && lb.kind != Codes::Byte);
+        assert!(o < lb.rows && c < lb.nch);
         let g = o * lb.gpr + c / lb.cpg;
         let s = _mm512_set1_ps(lb.scale[g]);
+        if lb.kind == Codes::Byte {
+            // (n − z')·s per lane, the scalar decode's two roundings.
+            let base = (o * lb.nch + c) * CHUNK;
+            let bytes = &lb.codes[base..base + CHUNK];
+            let z = _mm512_set1_ps(lb.zero[g]);
+            for h in 0..2 {
+                // SAFETY: `bytes` holds 32 bytes, `out` 32 floats; h·16 + 16 <= 32.
+                let n = unsafe {
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.as_ptr().add(16 * h) as *const _))
+                };
+                let v = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(n), z), s);
+                // SAFETY: as above.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), v) };
+            }
+            return;
+        }
         let base = (o * lb.nch + c) * 16;
         let bytes = &lb.codes[base..base + 16];
         // SAFETY: `bytes` holds 16 bytes and `out` 32 floats.
@@ -1046,7 +1063,7 @@ mod x86 {
     /// registers ([`transpose16`]) and stored a panel row (16 floats) at a time.
     ///
     /// # Safety
-    /// The CPU must have AVX-512 F; `lb.kind` is not `Byte` (asserted with the bounds).
+    /// The CPU must have AVX-512 F (the bounds are asserted).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn decode16_avx512(
         lb: &LowBit,
