@@ -126,7 +126,11 @@ fn table(a: &BenchArgs, rows: &[Measured], device: &Device) -> Report {
     let threads = rayon::current_num_threads();
     let dtype = crate::device::dtype_name(crate::device::activation_dtype(device));
     let backend = if device.is_cpu() {
-        format!("cpu {} {dtype}", isa::Isa::selected().name())
+        format!(
+            "cpu {} {dtype}{}",
+            isa::Isa::selected().name(),
+            crate::nn::kernels::prefill::label()
+        )
     } else {
         format!("{} {dtype}", crate::device::describe(device))
     };

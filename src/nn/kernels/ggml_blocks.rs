@@ -27,7 +27,11 @@
 
 use super::{Isa, SendPtr};
 use anyhow::{bail, Result};
+use std::sync::OnceLock;
+
+pub mod panels;
 use half::f16;
+pub use panels::PanelBlocks;
 use rayon::prelude::*;
 
 /// Elements per GGML block (all three types).
@@ -98,6 +102,9 @@ pub struct PackedBlocks {
     d: Vec<f32>,
     /// Q4_1's minimum per block (empty otherwise).
     m: Vec<f32>,
+    /// The prefill GEMM's panel copy, built on the first many-row product that uses it
+    /// (decode-only runs never pay for it).
+    panel: OnceLock<PanelBlocks>,
 }
 
 impl std::fmt::Debug for PackedBlocks {
@@ -186,6 +193,7 @@ impl PackedBlocks {
             codes: lines,
             d,
             m,
+            panel: OnceLock::new(),
         })
     }
 
@@ -927,7 +935,12 @@ pub fn matmul(w: &PackedBlocks, x: &[f32], m: usize) -> Vec<f32> {
     let isa = Isa::selected();
     let a = ActBlocks::quantize(isa, w.kind, x, m, w.k);
     let mut out = vec![0f32; m * w.n];
-    matmul_with(isa, w, &a, &mut out);
+    if panels::use_panels(isa, m) {
+        let p = w.panel.get_or_init(|| PanelBlocks::from_rows(w));
+        panels::matmul_with(isa, p, &a, &mut out);
+    } else {
+        matmul_with(isa, w, &a, &mut out);
+    }
     out
 }
 

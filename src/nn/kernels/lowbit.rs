@@ -25,13 +25,31 @@
 //! activation row; tiles are spread over threads. Only float summation order differs from
 //! `x · Ŵᵀ` with `Ŵ` the exact dequantized weights.
 
+use super::ggml_blocks::{panels, BlockKind, PanelBlocks};
 use super::Isa;
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 /// Columns per chunk (the unit of the code layout and of scale groups).
 pub const CHUNK: usize = 32;
-/// Output rows per prefill tile (the width of the decoded f32 panel).
+/// Output rows per prefill tile (the width of the decoded f32 panel) on the AVX2 and
+/// portable paths.
 const NR: usize = 32;
+/// The same on AVX-512: a 6 × 64 register tile (24 accumulators, four weight loads per six
+/// broadcasts) as the dense f32 GEMM's; the 6 × 32 tile was bound by its loads.
+const NR512: usize = 64;
+
+/// Fewest activation rows per part when a GEMM's rows are split between threads.
+const PART_ROWS: usize = 128;
+
+/// The prefill tile width of path `isa`.
+fn tile_width(isa: Isa) -> usize {
+    if isa == Isa::Avx512 {
+        NR512
+    } else {
+        NR
+    }
+}
 /// Columns per prefill panel (32 × 256 f32 = 32 KiB, in L1/L2).
 const KC: usize = 256;
 /// Up to this many activation rows, one GEMV per row beats decoding panels.
@@ -76,6 +94,9 @@ pub struct LowBit {
     /// `SplitTable` only, per chunk: the scale of lanes `split..32` and `split`.
     scale2: Vec<f32>,
     split: Vec<u8>,
+    /// The opt-in integer-activation prefill's panel copy (`kernels::prefill`), built on
+    /// first use; `None` inside where the codes do not fit it (code books, affine zeros).
+    a8: OnceLock<Option<PanelBlocks>>,
 }
 
 impl std::fmt::Debug for LowBit {
@@ -228,6 +249,7 @@ impl LowBit {
             table: [0.0; 16],
             scale2: Vec::new(),
             split: Vec::new(),
+            a8: OnceLock::new(),
         })
     }
 
@@ -290,6 +312,7 @@ impl LowBit {
             table: *table,
             scale2: Vec::new(),
             split: Vec::new(),
+            a8: OnceLock::new(),
         })
     }
 
@@ -339,6 +362,7 @@ impl LowBit {
             table: *table,
             scale2,
             split,
+            a8: OnceLock::new(),
         }
     }
 
@@ -410,6 +434,11 @@ impl LowBit {
         let isa = isa.min(Isa::detected());
         // Measured (576×576, one thread): m activation rows through the GEMV cost about m
         // times one row; the GEMM's panel decoding costs about as much as 8–16 such rows.
+        if m > GEMV_ROWS && super::prefill::q8_activations() && panels::use_panels(isa, m) {
+            if let Some(p) = self.a8_panels() {
+                return panels::matmul_f32(isa, p, x, m, self.cols);
+            }
+        }
         if m <= GEMV_ROWS {
             let mut y = vec![0f32; m * self.rows];
             for r in 0..m {
@@ -423,6 +452,44 @@ impl LowBit {
         } else {
             self.gemm(isa, x, m)
         }
+    }
+
+    /// The weight as GGML-style panels for the integer-activation prefill: int-N codes
+    /// whose every group has the same integer zero point `z'` (symmetric schemes), as
+    /// Q4_0-like nibbles (≤ 4 bits) or Q8_0-like bytes with offset `z'` and each 32-column
+    /// block's group scale. `None` for code books and per-group (affine or real) zeros.
+    pub fn a8_panels(&self) -> Option<&PanelBlocks> {
+        self.a8
+            .get_or_init(|| {
+                let kind = match self.kind {
+                    Codes::Nibble => BlockKind::Q4_0,
+                    Codes::Byte => BlockKind::Q8_0,
+                    _ => return None,
+                };
+                let z = *self.zero.first()?;
+                let uniform = self.zero.iter().all(|&v| v == z);
+                if !uniform || z.fract() != 0.0 || !(0.0..=255.0).contains(&z) {
+                    return None;
+                }
+                Some(PanelBlocks::from_codes(
+                    kind,
+                    self.rows,
+                    self.nch * CHUNK,
+                    z as i32,
+                    |o, row| {
+                        for (p, c) in row.iter_mut().enumerate() {
+                            // Padding columns: the zero code (their activations are 0).
+                            *c = if p < self.cols {
+                                self.code(o, p)
+                            } else {
+                                z as u8
+                            };
+                        }
+                    },
+                    |o, b| self.scale[o * self.gpr + b / self.cpg],
+                ))
+            })
+            .as_ref()
     }
 
     /// One activation row: `y[o] = Σ_p x[p]·W[o, p]`, rows split over threads when large.
@@ -475,61 +542,102 @@ impl LowBit {
     /// micro-kernel over all activation rows; output tiles in parallel.
     pub fn gemm(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols);
-        let tiles = self.rows.div_ceil(NR);
-        let parts: Vec<Vec<f32>> = (0..tiles)
-            .into_par_iter()
-            .map(|t| {
-                let mut panel = vec![0f32; KC * NR];
-                let mut out = vec![0f32; m * NR];
-                let mut p0 = 0;
-                while p0 < self.cols {
-                    let kc = (self.cols - p0).min(KC);
-                    self.decode_panel(isa, t * NR, p0, kc, &mut panel);
-                    let mut r0 = 0;
-                    while r0 < m {
-                        let mr = (m - r0).min(MR);
-                        micro(
-                            isa,
-                            mr,
-                            &x[r0 * self.cols + p0..],
-                            self.cols,
-                            kc,
-                            &panel,
-                            &mut out[r0 * NR..(r0 + mr) * NR],
-                            p0 == 0,
-                        );
-                        r0 += mr;
-                    }
-                    p0 += kc;
-                }
-                out
-            })
-            .collect();
+        let nr = tile_width(isa);
+        let tiles = self.rows.div_ceil(nr);
+        // Few tiles (a 192-row projection is 3 tiles of 64): split the activation rows too,
+        // each part decoding its own panels; only parts of at least PART_ROWS rows, over
+        // which the decoding (scalar transposed stores) is repaid.
+        let threads = rayon::current_num_threads().max(1);
+        let parts = if tiles >= 4 * threads {
+            1
+        } else {
+            (4 * threads).div_ceil(tiles).min(m / PART_ROWS).max(1)
+        };
+        let rb = m.div_ceil(parts).next_multiple_of(MR);
+        let parts = m.div_ceil(rb);
         let mut y = vec![0f32; m * self.rows];
-        for (t, part) in parts.iter().enumerate() {
-            let (first, width) = (t * NR, (self.rows - t * NR).min(NR));
-            for r in 0..m {
-                y[r * self.rows + first..r * self.rows + first + width]
-                    .copy_from_slice(&part[r * NR..r * NR + width]);
+        let yp = super::SendPtr(y.as_mut_ptr());
+        (0..tiles * parts).into_par_iter().for_each(|item| {
+            let (t, b) = (item % tiles, item / tiles);
+            let (r0, r1) = (b * rb, ((b + 1) * rb).min(m));
+            let mut panel = vec![0f32; KC * nr];
+            let mut out = vec![0f32; (r1 - r0) * nr];
+            let mut p0 = 0;
+            while p0 < self.cols {
+                let kc = (self.cols - p0).min(KC);
+                self.decode_panel(isa, nr, t * nr, p0, kc, &mut panel);
+                let mut r = r0;
+                while r < r1 {
+                    let mr = (r1 - r).min(MR);
+                    micro(
+                        isa,
+                        nr,
+                        mr,
+                        &x[r * self.cols + p0..],
+                        self.cols,
+                        kc,
+                        &panel,
+                        &mut out[(r - r0) * nr..(r - r0 + mr) * nr],
+                        p0 == 0,
+                    );
+                    r += mr;
+                }
+                p0 += kc;
             }
-        }
+            let (first, width) = (t * nr, (self.rows - t * nr).min(nr));
+            let ldy = self.rows;
+            for r in r0..r1 {
+                let src = &out[(r - r0) * nr..(r - r0) * nr + width];
+                // SAFETY: row r < m and columns first..first + width <= rows of the m × rows
+                // output: this item alone writes rows r0..r1 × these columns (items
+                // partition tiles × row parts); `y` outlives the parallel loop.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        src.as_ptr(),
+                        yp.get().add(r * ldy + first),
+                        width,
+                    )
+                };
+            }
+        });
         y
     }
 
     /// `panel[p][j] = W[o0 + j, p0 + p]` for `p < kc` (`p0` a multiple of [`CHUNK`]); rows
     /// past the matrix are zero.
-    fn decode_panel(&self, isa: Isa, o0: usize, p0: usize, kc: usize, panel: &mut [f32]) {
-        assert!(p0.is_multiple_of(CHUNK) && panel.len() >= kc * NR);
+    fn decode_panel(
+        &self,
+        isa: Isa,
+        nr: usize,
+        o0: usize,
+        p0: usize,
+        kc: usize,
+        panel: &mut [f32],
+    ) {
+        assert!(p0.is_multiple_of(CHUNK) && panel.len() >= kc * nr);
         #[cfg(target_arch = "x86_64")]
-        let simd = isa == Isa::Avx512 && self.kind != Codes::Byte;
+        let simd = isa == Isa::Avx512;
         #[cfg(not(target_arch = "x86_64"))]
         let simd = false;
         let mut vals = [0f32; CHUNK];
-        for j in 0..NR {
+        let mut j = 0;
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // Whole groups of 16 rows: decoded in registers and transposed 16 × 16 there,
+            // so the panel gets whole-vector stores instead of one scalar store a weight.
+            while j + 16 <= nr && o0 + j + 16 <= self.rows {
+                // SAFETY: AVX-512 path (as below); o0 + j + 16 <= rows, j + 16 <= nr,
+                // panel.len() >= kc·nr and p0 + kc <= cols (a caller's KC cut), all
+                // re-checked in the callee.
+                unsafe { x86::decode16_avx512(self, o0 + j, p0, kc, nr, j, panel) };
+                j += 16;
+            }
+        }
+        for j in j..nr {
             let o = o0 + j;
             if o >= self.rows {
                 for p in 0..kc {
-                    panel[p * NR + j] = 0.0;
+                    panel[p * nr + j] = 0.0;
                 }
                 continue;
             }
@@ -549,7 +657,7 @@ impl LowBit {
                 }
                 let n = (kc - p).min(CHUNK);
                 for (i, v) in vals[..n].iter().enumerate() {
-                    panel[(p + i) * NR + j] = *v;
+                    panel[(p + i) * nr + j] = *v;
                 }
                 p += n;
             }
@@ -675,6 +783,7 @@ fn gemv_portable(lb: &LowBit, xp: &[f32], o0: usize, ys: &mut [f32]) {
 #[allow(clippy::too_many_arguments)]
 fn micro(
     isa: Isa,
+    nr: usize,
     mr: usize,
     a: &[f32],
     lda: usize,
@@ -683,15 +792,16 @@ fn micro(
     out: &mut [f32],
     first: bool,
 ) {
-    assert!((1..=MR).contains(&mr) && out.len() >= mr * NR && panel.len() >= kc * NR);
+    assert!((1..=MR).contains(&mr) && out.len() >= mr * nr && panel.len() >= kc * nr);
     assert!(a.len() >= (mr - 1) * lda + kc);
+    assert!(nr == tile_width(isa) || (isa != Isa::Avx512 && nr == NR));
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
             // SAFETY: the CPU has AVX-512 (path capped at the detected one); the asserts above
-            // bound every read of `a`, `panel` and write of `out`.
+            // bound every read of `a`, `panel` and write of `out` (nr = 64 here).
             unsafe {
-                x86::micro_avx512(
+                x86::micro64_avx512(
                     mr,
                     a.as_ptr(),
                     lda,
@@ -719,13 +829,13 @@ fn micro(
         }
         _ => {
             for r in 0..mr {
-                let o = &mut out[r * NR..(r + 1) * NR];
+                let o = &mut out[r * nr..(r + 1) * nr];
                 if first {
                     o.fill(0.0);
                 }
                 for p in 0..kc {
                     let av = a[r * lda + p];
-                    for (d, &b) in o.iter_mut().zip(&panel[p * NR..(p + 1) * NR]) {
+                    for (d, &b) in o.iter_mut().zip(&panel[p * nr..(p + 1) * nr]) {
                         *d += av * b;
                     }
                 }
@@ -736,7 +846,7 @@ fn micro(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{chunk_bytes, Codes, LowBit, CHUNK, MR, NR};
+    use super::{chunk_bytes, Codes, LowBit, CHUNK, MR, NR, NR512};
     use std::arch::x86_64::*;
 
     /// AVX-512 GEMV for rows `o0 .. o0 + ys.len()` (at most 4).
@@ -883,16 +993,33 @@ mod x86 {
         }
     }
 
-    /// Chunk `c` of row `o` (nibble codes or a code book) as f32 weights: one permute per
-    /// 16 weights from the group's table of weights (same products as `decode_chunk`).
+    /// Chunk `c` of row `o` as f32 weights: nibble codes and code books by one permute per
+    /// 16 weights from the group's table of weights, bytes by `(n − z')·s` per lane (the
+    /// same products as `decode_chunk`).
     ///
     /// # Safety
     /// The CPU must have AVX-512 F.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn decode_chunk_avx512(lb: &LowBit, o: usize, c: usize, out: &mut [f32; CHUNK]) {
-        assert!(o < lb.rows && c < lb.nch && lb.kind != Codes::Byte);
+        assert!(o < lb.rows && c < lb.nch);
         let g = o * lb.gpr + c / lb.cpg;
         let s = _mm512_set1_ps(lb.scale[g]);
+        if lb.kind == Codes::Byte {
+            // (n − z')·s per lane, the scalar decode's two roundings.
+            let base = (o * lb.nch + c) * CHUNK;
+            let bytes = &lb.codes[base..base + CHUNK];
+            let z = _mm512_set1_ps(lb.zero[g]);
+            for h in 0..2 {
+                // SAFETY: `bytes` holds 32 bytes, `out` 32 floats; h·16 + 16 <= 32.
+                let n = unsafe {
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.as_ptr().add(16 * h) as *const _))
+                };
+                let v = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(n), z), s);
+                // SAFETY: as above.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), v) };
+            }
+            return;
+        }
         let base = (o * lb.nch + c) * 16;
         let bytes = &lb.codes[base..base + 16];
         // SAFETY: `bytes` holds 16 bytes and `out` 32 floats.
@@ -928,6 +1055,93 @@ mod x86 {
             out.as_mut_ptr().add(16),
             _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e), tab),
         );
+    }
+
+    /// Rows `o .. o + 16` of columns `p0 .. p0 + kc` into panel columns `j0 .. j0 + 16`
+    /// (`panel[p][j0 + r] = W[o + r, p0 + p]`, rows `nr` apart): each chunk of the 16 rows
+    /// decoded as in [`decode_chunk_avx512`], then each 16 × 16 block transposed in
+    /// registers ([`transpose16`]) and stored a panel row (16 floats) at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F (the bounds are asserted).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn decode16_avx512(
+        lb: &LowBit,
+        o: usize,
+        p0: usize,
+        kc: usize,
+        nr: usize,
+        j0: usize,
+        panel: &mut [f32],
+    ) {
+        assert!(o + 16 <= lb.rows && j0 + 16 <= nr && panel.len() >= kc * nr);
+        assert!(p0.is_multiple_of(CHUNK) && (p0 + kc).div_ceil(CHUNK) <= lb.nch);
+        let mut vals = [[0f32; CHUNK]; 16];
+        let mut p = 0;
+        while p < kc {
+            let c = (p0 + p) / CHUNK;
+            for (r, v) in vals.iter_mut().enumerate() {
+                // SAFETY: o + r < rows and c < nch (asserted above); AVX-512 per caller.
+                unsafe { decode_chunk_avx512(lb, o + r, c, v) };
+            }
+            let n = (kc - p).min(CHUNK);
+            for h in 0..2 {
+                if 16 * h >= n {
+                    break;
+                }
+                // SAFETY: each vals row holds 32 floats; 16·h + 16 <= 32.
+                let mut v: [__m512; 16] =
+                    std::array::from_fn(|r| unsafe { _mm512_loadu_ps(vals[r][16 * h..].as_ptr()) });
+                transpose16(&mut v);
+                for (i, col) in v.iter().enumerate().take((n - 16 * h).min(16)) {
+                    let at = (p + 16 * h + i) * nr + j0;
+                    // SAFETY: p + 16h + i < kc and j0 + 16 <= nr, so at + 16 <= kc·nr
+                    // <= panel.len() (asserted).
+                    unsafe { _mm512_storeu_ps(panel.as_mut_ptr().add(at), *col) };
+                }
+            }
+            p += n;
+        }
+    }
+
+    /// In-register transpose of a 16 × 16 f32 block: `v[i][j]` becomes `v[j][i]`.
+    /// Four stages (pairs of floats, pairs of doubles, then 128-bit lanes twice).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn transpose16(v: &mut [__m512; 16]) {
+        // t[2i] / t[2i+1]: rows 2i, 2i+1 interleaved, low / high pairs of each lane.
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+        }
+        // r[4q + d]: column 4l + d of rows 4q..4q+4 in lane l.
+        let mut r = [_mm512_setzero_ps(); 16];
+        for q in 0..4 {
+            let (a0, a1, b0, b1) = (
+                _mm512_castps_pd(t[4 * q]),
+                _mm512_castps_pd(t[4 * q + 1]),
+                _mm512_castps_pd(t[4 * q + 2]),
+                _mm512_castps_pd(t[4 * q + 3]),
+            );
+            r[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, b0));
+            r[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, b0));
+            r[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, b1));
+            r[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, b1));
+        }
+        // Rows 0–7 (h = 0) and 8–15 (h = 1): lanes (l0, l2) and (l1, l3) of row blocks 4 apart.
+        for h in 0..2 {
+            for d in 0..4 {
+                let (a, b) = (r[8 * h + d], r[8 * h + 4 + d]);
+                t[8 * h + d] = _mm512_shuffle_f32x4::<0x88>(a, b);
+                t[8 * h + 4 + d] = _mm512_shuffle_f32x4::<0xdd>(a, b);
+            }
+        }
+        // Column c < 8: lanes (0, 2) of t[c] and t[8 + c]; c >= 8: lanes (1, 3) of the same.
+        for c in 0..8 {
+            v[c] = _mm512_shuffle_f32x4::<0x88>(t[c], t[8 + c]);
+            v[8 + c] = _mm512_shuffle_f32x4::<0xdd>(t[c], t[8 + c]);
+        }
     }
 
     /// AVX2 GEMV for rows `o0 .. o0 + ys.len()` (at most 4).
@@ -1114,13 +1328,14 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// AVX-512 micro-kernel: `mr ≤ 6` activation rows × 32 outputs, 12 accumulators.
+    /// AVX-512 micro-kernel on a 64-wide panel: `mr ≤ 6` activation rows × 64 outputs,
+    /// up to 24 accumulators; `out` rows are 64 apart.
     ///
     /// # Safety
-    /// AVX-512 F; `a` readable at `r·lda + p` (r < mr, p < kc), `panel` at `kc·32`
-    /// floats, `out` writable at `mr·32` floats.
+    /// The CPU must have AVX-512 F; `a` holds `(mr − 1)·lda + kc` values, `panel`
+    /// `kc · 64`, `out` `mr · 64`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn micro_avx512(
+    pub unsafe fn micro64_avx512(
         mr: usize,
         a: *const f32,
         lda: usize,
@@ -1131,25 +1346,33 @@ mod x86 {
     ) {
         macro_rules! run {
             ($m:literal) => {{
-                let mut acc = [[_mm512_setzero_ps(); 2]; $m];
+                let mut acc = [[_mm512_setzero_ps(); 4]; $m];
                 if !first {
                     for r in 0..$m {
-                        acc[r][0] = _mm512_loadu_ps(out.add(r * NR));
-                        acc[r][1] = _mm512_loadu_ps(out.add(r * NR + 16));
+                        for v in 0..4 {
+                            acc[r][v] = _mm512_loadu_ps(out.add(r * NR512 + 16 * v));
+                        }
                     }
                 }
                 for p in 0..kc {
-                    let b0 = _mm512_loadu_ps(panel.add(p * NR));
-                    let b1 = _mm512_loadu_ps(panel.add(p * NR + 16));
+                    let bp = panel.add(p * NR512);
+                    let b = [
+                        _mm512_loadu_ps(bp),
+                        _mm512_loadu_ps(bp.add(16)),
+                        _mm512_loadu_ps(bp.add(32)),
+                        _mm512_loadu_ps(bp.add(48)),
+                    ];
                     for r in 0..$m {
                         let av = _mm512_set1_ps(*a.add(r * lda + p));
-                        acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
-                        acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+                        for v in 0..4 {
+                            acc[r][v] = _mm512_fmadd_ps(av, b[v], acc[r][v]);
+                        }
                     }
                 }
                 for r in 0..$m {
-                    _mm512_storeu_ps(out.add(r * NR), acc[r][0]);
-                    _mm512_storeu_ps(out.add(r * NR + 16), acc[r][1]);
+                    for v in 0..4 {
+                        _mm512_storeu_ps(out.add(r * NR512 + 16 * v), acc[r][v]);
+                    }
                 }
             }};
         }
@@ -1168,7 +1391,7 @@ mod x86 {
     /// the 32-wide panel), 12 accumulators.
     ///
     /// # Safety
-    /// As [`micro_avx512`], with AVX2 and FMA.
+    /// As [`micro64_avx512`] on a 32-wide panel, with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn micro_avx2(
         mr: usize,

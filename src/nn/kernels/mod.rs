@@ -7,6 +7,7 @@ pub mod int8;
 pub mod isa;
 pub mod llm_f32;
 pub mod lowbit;
+pub mod prefill;
 
 pub use int8::*;
 pub use isa::Isa;
