@@ -6,6 +6,10 @@ use quantlab::nn::kernels::{gemv_q8, Isa};
 use std::hint::black_box;
 
 fn cpu_ns() -> u64 {
+    if std::env::var("WALL").is_ok_and(|v| v == "1") {
+        static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        return T0.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64;
+    }
     let mut ts = std::mem::MaybeUninit::<[i64; 2]>::uninit();
     extern "C" {
         fn clock_gettime(clk: i32, ts: *mut [i64; 2]) -> i32;
@@ -19,8 +23,14 @@ fn cpu_ns() -> u64 {
 }
 
 /// Runs on a pool thread (as the Llama forward pass does), so a kernel's split is a `join`.
+/// `OUTSIDE=1`: from the main thread instead (each split injected into the pool).
+/// `WALL=1`: wall-clock time instead of process CPU time (for `THREADS=2`).
 fn time(f: impl FnMut() + Send) -> (f64, f64) {
-    rayon::scope(|_| time_here(f))
+    if std::env::var("OUTSIDE").is_ok_and(|v| v == "1") {
+        time_here(f)
+    } else {
+        rayon::scope(|_| time_here(f))
+    }
 }
 
 fn time_here(mut f: impl FnMut()) -> (f64, f64) {
