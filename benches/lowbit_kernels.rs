@@ -1,6 +1,6 @@
 //! Weight-only low-bit kernels (nn::kernels::lowbit through `QLinear`) against candle's
 //! f32 matmul (also what a cached dequantized matrix costs) and candle's `QMatMul` on
-//! Q4_0, on SmolLM2-135M's shapes (`out × in`) for decoding (m = 1) and prefill (m = 512),
+//! Q4_0 (and the kernel alone, with f32 or q8 decode activations), on SmolLM2-135M's shapes (`out × in`) for decoding (m = 1) and prefill (m = 512),
 //! and the MNIST MLP's first layer. Compare rows of one run: the machine is shared.
 //!
 //! `cargo bench --bench lowbit_kernels` (about a minute); `QUANTLAB_KERNEL=avx2` or
@@ -9,6 +9,7 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Module;
 use criterion::{criterion_group, criterion_main, Criterion};
+use quantlab::nn::kernels::gemv_q8;
 use quantlab::nn::kernels::lowbit::LowBit;
 use quantlab::nn::kernels::Isa;
 use quantlab::nn::QLinear;
@@ -68,6 +69,10 @@ fn bench(c: &mut Criterion) {
             for isa in Isa::available() {
                 g.bench_function(format!("kernel_i4_g64_{}", isa.name()), |b| {
                     b.iter(|| lb.gemv(isa, black_box(&xs), &mut y))
+                });
+                // The decode path with activations quantized to q8 blocks (`gemv_q8`).
+                g.bench_function(format!("kernel_i4_g64_q8_{}", isa.name()), |b| {
+                    b.iter(|| gemv_q8::gemv(&lb, isa, black_box(&xs), &mut y))
                 });
             }
         }

@@ -58,6 +58,13 @@ plans=('*=q8_0' '*=q4_0' '*=dynamic-int8' '*=w:i8:sym:ch0' '*=w:i4:sym:g64' '*=w
 args=()
 for p in "${plans[@]}"; do args+=(--plan "$p"); done
 RAYON_NUM_THREADS="$threads" "$ql" --format json bench --model "$model" -r "$reps" "${args[@]}" >"$out/quantlab.jsonl"
+# The 4-bit weight-only plans again with q8 decode activations (llama.cpp's approach; prefill
+# is unchanged by the flag, so only tg is measured). Rows say "decode a:q8" in their backend.
+q8plans=('*=w:i4:sym:g64' '*=w:i4:sym:g32' '*=nf4')
+args=()
+for p in "${q8plans[@]}"; do args+=(--plan "$p"); done
+RAYON_NUM_THREADS="$threads" "$ql" --format json --decode-activations q8 bench --model "$model" -r "$reps" -p 0 "${args[@]}" \
+    | grep -v '"f32 (baseline)"' >>"$out/quantlab.jsonl" || true
 
 python3 - "$out" "$flags" <<'PY'
 import json, sys
@@ -84,7 +91,8 @@ for r in rows:
     ref = llama.get((a, r["test"]))
     ratio = f"{r['t_s'] / ref[0]:.2f}" if ref else "-"
     lt = f"{ref[0]:.1f} ± {ref[1]:.1f}" if ref else "-"
-    lines.append(f"| {r['plan']} | {r['weights']} | {r['test']} | {r['t_s']:.1f} ± {r['std']:.1f} | {a} | {lt} | {ratio} |")
+    plan = r["plan"] + (" (decode a:q8)" if "a:q8" in r.get("backend", "") else "")
+    lines.append(f"| {plan} | {r['weights']} | {r['test']} | {r['t_s']:.1f} ± {r['std']:.1f} | {a} | {lt} | {ratio} |")
 text = "\n".join(lines) + "\n"
 open(f"{out}/side-by-side.md", "w").write(text)
 print(text)

@@ -946,7 +946,16 @@ impl Llama {
     /// repeated key/value heads, no concatenation), the elementwise steps fused on slices.
     /// The same arithmetic as the tensor path, up to summation order and `exp` (see
     /// `llm_f32`). `x` is the embedded sequence `[t, hidden]`.
+    ///
+    /// The pass runs on a rayon worker thread: the kernels split each matrix product over
+    /// the pool, and a split started from a thread outside the pool is injected, its caller
+    /// put to sleep and woken again (two futex round trips per product, 211 products per
+    /// decoded token), while one started on a worker is a `join` whose other half the idle
+    /// worker steals while still spinning.
     fn forward_cpu(&self, x: Tensor, cache: &mut KvCache, rows: usize) -> Result<Tensor> {
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.forward_cpu(x, cache, rows));
+        }
         let c = &self.cfg;
         let (t, hs) = x.dims2()?;
         let offset = cache.len();

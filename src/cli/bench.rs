@@ -126,9 +126,13 @@ fn table(a: &BenchArgs, rows: &[Measured], device: &Device) -> Report {
     let threads = rayon::current_num_threads();
     let dtype = crate::device::dtype_name(crate::device::activation_dtype(device));
     let backend = if device.is_cpu() {
+        // `decode a:q8`: one-token steps through 4-bit weight-only layers quantize their
+        // activations (`--decode-activations q8`); plans without such layers are unaffected.
+        let decode = crate::nn::kernels::gemv_q8::decode_activations();
         format!(
-            "cpu {} {dtype}{}",
+            "cpu {} {dtype} decode a:{}{}",
             isa::Isa::selected().name(),
+            decode.name(),
             crate::nn::kernels::prefill::label()
         )
     } else {

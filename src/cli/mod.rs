@@ -39,6 +39,17 @@ pub struct Cli {
     /// Hide progress bars.
     #[arg(long, global = true)]
     pub quiet: bool,
+    /// Activations of one-row products (decode steps) through 4-bit weight-only layers (int-N
+    /// nibbles, NF4/FP4): f32 (exact, the default) or q8 (quantized to 8 bits per 32 values,
+    /// integer dot products, as llama.cpp does: faster, slightly different numbers).
+    /// Multi-row products (prefill, perplexity and KL windows) always use f32 activations.
+    #[arg(
+        long,
+        global = true,
+        default_value = "f32",
+        env = "QUANTLAB_DECODE_ACTIVATIONS"
+    )]
+    pub decode_activations: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -317,6 +328,7 @@ pub struct QuantizeArgs {
 pub fn run(cli: Cli) -> Result<()> {
     let device = crate::device::parse(&cli.device)?;
     crate::device::set_activation_dtype(crate::device::parse_dtype(&cli.dtype)?);
+    crate::nn::kernels::gemv_q8::set_decode_activations(cli.decode_activations.parse()?);
     let progress = !cli.quiet;
     let cpu_only = |what: &str| -> Result<()> {
         if !device.is_cpu() {

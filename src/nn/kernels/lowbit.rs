@@ -75,22 +75,22 @@ pub enum Codes {
 /// A `[rows, cols]` weight matrix in the kernel layout.
 #[derive(Clone)]
 pub struct LowBit {
-    rows: usize,
-    cols: usize,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
     /// Chunks per row (`cols` rounded up to [`CHUNK`]).
-    nch: usize,
+    pub(super) nch: usize,
     /// Chunks per scale group.
-    cpg: usize,
+    pub(super) cpg: usize,
     /// Groups per row.
-    gpr: usize,
-    kind: Codes,
-    codes: Vec<u8>,
+    pub(super) gpr: usize,
+    pub(super) kind: Codes,
+    pub(super) codes: Vec<u8>,
     /// `[rows, gpr]`.
-    scale: Vec<f32>,
+    pub(super) scale: Vec<f32>,
     /// `[rows, gpr]` unsigned zero points `z'` (integers as f32, or HQQ's real ones);
     /// empty for code books.
-    zero: Vec<f32>,
-    table: [f32; 16],
+    pub(super) zero: Vec<f32>,
+    pub(super) table: [f32; 16],
     /// `SplitTable` only, per chunk: the scale of lanes `split..32` and `split`.
     scale2: Vec<f32>,
     split: Vec<u8>,
@@ -424,7 +424,19 @@ impl LowBit {
     }
 
     /// `x [m, cols] · Wᵀ` → `[m, rows]` on the path [`Isa::selected`] picks.
+    /// A decode step (one row) takes the q8-activation GEMV when the process asked for it
+    /// ([`super::gemv_q8`]; an approximation, off by default).
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        use super::gemv_q8::{self, DecodeActivations};
+        if m == 1
+            && gemv_q8::decode_activations() == DecodeActivations::Q8
+            && gemv_q8::supports(self)
+            && x.len() == self.cols
+        {
+            let mut y = vec![0f32; self.rows];
+            gemv_q8::gemv(self, Isa::selected(), x, &mut y);
+            return y;
+        }
         self.matmul_with(Isa::selected(), x, m)
     }
 

@@ -2,6 +2,7 @@
 //! at run time (`isa`), so one binary runs at its best on AVX2-only and AVX-512 machines.
 
 pub mod gemm_f32;
+pub mod gemv_q8;
 pub mod ggml_blocks;
 pub mod int8;
 pub mod isa;

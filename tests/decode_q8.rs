@@ -1,0 +1,69 @@
+//! End to end: decoding the tiny Llama (`tests/fixtures/llama-tiny`) one token at a time
+//! with 4-bit weight-only layers, with q8 decode activations (`--decode-activations q8`)
+//! against f32 ones. Its own test binary: the choice is process-wide.
+//!
+//! Tolerance: q8 activations round each input to within `max|x|/254` of its chunk (an
+//! 8-bit error), while the weights themselves carry 4-bit rounding error (16× coarser
+//! steps). So the logits must move far less under q8 activations than under the weight
+//! quantization itself: here at most a quarter of it, measured as the largest logit change
+//! over all decoded positions (and not by zero: the path must actually run).
+
+use candle_core::{Device, Tensor};
+use quantlab::arch::llama::Llama;
+use quantlab::nn::kernels::gemv_q8::{set_decode_activations, DecodeActivations};
+use quantlab::nn::{apply_plan, Plan};
+use std::path::PathBuf;
+
+fn model(plan: Option<&str>) -> Llama {
+    let dir = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/llama-tiny"
+    ));
+    let mut m = Llama::from_hf_dir(&dir, &Device::Cpu).unwrap();
+    if let Some(p) = plan {
+        let plan: Plan = p.parse().unwrap();
+        apply_plan(&mut m, &plan, |_| Ok(())).unwrap();
+    }
+    m
+}
+
+/// Logits of every position, fed one token at a time through one cache.
+fn decode(m: &Llama, ids: &[u32]) -> Vec<f32> {
+    let mut cache = m.new_cache();
+    let mut out = Vec::new();
+    for &id in ids {
+        let x = Tensor::from_vec(vec![id], (1, 1), &Device::Cpu).unwrap();
+        let l = m.forward(&x, &mut cache, true).unwrap();
+        out.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    out
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn q8_decode_activations_move_logits_far_less_than_4_bit_weights() {
+    let ids: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % 200).collect();
+    let base = decode(&model(None), &ids);
+    for plan in ["*=w:i4:sym:g32", "*=w:i4:asym:g32", "*=nf4"] {
+        let m = model(Some(plan));
+        set_decode_activations(DecodeActivations::F32);
+        let exact = decode(&m, &ids);
+        set_decode_activations(DecodeActivations::Q8);
+        let q8 = decode(&m, &ids);
+        set_decode_activations(DecodeActivations::F32);
+        let (weights, acts) = (max_diff(&base, &exact), max_diff(&exact, &q8));
+        assert!(acts > 0.0, "{plan}: the q8 path did not run");
+        assert!(
+            acts <= 0.25 * weights,
+            "{plan}: q8 activations moved logits by {acts}, 4-bit weights by {weights}"
+        );
+        eprintln!("{plan}: weights {weights:.4}, q8 activations {acts:.4}");
+    }
+}
