@@ -423,11 +423,16 @@ pub fn plan_report(
         approx
     ));
     t.note(format!(
-        "sensitivities from {} ({} units, {} tokens of {}); predicted KL = sum of the units' KL measured alone (additivity assumed; the measured column checks it). Bits per weight over the {} planned weights (lm_head and embeddings stay f32, as `sweep --layers all`).",
+        "sensitivities from {} ({} units, {} tokens of {}); {} Bits per weight over the {} planned weights (lm_head and embeddings stay f32, as `sweep --layers all`).",
         a.sensitivity.display(),
         problem.items.len(),
         problem.tokens,
         problem.text,
+        if problem.background.is_none() {
+            "predicted KL = sum of the units' KL measured alone (additivity assumed; the measured column checks it)."
+        } else {
+            "the changes are assumed to add up (the measured column checks it)."
+        },
         params
     ));
     if let Some(b) = &problem.background {
