@@ -36,7 +36,8 @@ pub struct SensitivityArgs {
     #[arg(long, default_value = super::llm::DEFAULT_LLM, env = "QUANTLAB_LLM")]
     pub model: String,
     /// Methods as `sweep --methods` names them (`rtn`, `rtn-signed-max`, `rtn-clip`, `hqq`,
-    /// `nf4`...) or single methods (`q8_0`, `f16`, `w:i8:sym:g64`); calibration-free only.
+    /// `nf4`, `gptq`...) or single methods (`q8_0`, `f16`, `w:i8:sym:g64`); per-layer
+    /// methods only (AWQ and SmoothQuant fold scales across layers).
     #[arg(long, value_delimiter = ',', default_value = "rtn")]
     pub methods: Vec<String>,
     /// Bit widths for the methods that take them.
@@ -80,6 +81,15 @@ pub struct SensitivityArgs {
     /// Only report and plot the rows already in --out (measure nothing).
     #[arg(long)]
     pub report_only: bool,
+    /// In-context sensitivity: quantize every layer with this plan first (e.g.
+    /// `*=gptq:i3:sym:g64`) and measure each unit × setting as a change of that unit alone
+    /// from it (the KL *with* the background; `plan` then sums the changes).
+    #[arg(long)]
+    pub background: Option<String>,
+    /// Calibration for settings that need statistics (GPTQ): gathered once on the f32
+    /// model (default 128 × 512 tokens of WikiText-2 validation, seed 0).
+    #[command(flatten)]
+    pub calibration: super::llm::CalibrationArgs,
 }
 
 /// WikiText-2 validation from the data folder unless `text` is given.
@@ -90,6 +100,28 @@ fn text_or_wikitext_valid(text: Option<PathBuf>, data: Option<&Path>) -> Result<
             "wikitext-2/valid.txt",
             "sensitivity defaults to WikiText-2 validation; pass --text FILE",
         ),
+    }
+}
+
+/// Whether a setting or the background plan needs statistics of the layers' inputs.
+fn needs_calibration(
+    settings: &[crate::lab::sweep::Config],
+    background: Option<&str>,
+) -> Result<bool> {
+    for c in settings {
+        let m: crate::nn::Method = c.method.parse()?;
+        if !m.algorithm().needs().is_empty() {
+            return Ok(true);
+        }
+    }
+    match background {
+        Some(b) => {
+            let p: crate::nn::Plan = b
+                .parse()
+                .map_err(|e| anyhow::anyhow!("in --background '{b}': {e}"))?;
+            Ok(crate::nn::plan_needs_calibration(&p))
+        }
+        None => Ok(false),
     }
 }
 
@@ -117,6 +149,12 @@ pub fn sensitivity_report(
         out: a.out.clone(),
         measure: !a.report_only,
         progress,
+        calibration: if needs_calibration(&settings, a.background.as_deref())? {
+            Some(a.calibration.source(data).text_spec()?)
+        } else {
+            None
+        },
+        background: a.background.clone(),
     };
     let start = std::time::Instant::now();
     let (rows, timing) = sensitivity::run(&spec)?;
@@ -168,12 +206,13 @@ pub fn sensitivity_report(
         ));
     }
     t.note(format!(
-        "{} measured, {} resumed from {}; {:.1} s in all: load {:.1} s, f32 pass caching every half-block's input {:.1} s, resumed forward passes + KL {:.1} s, quantizing and restoring {:.1} s",
+        "{} measured, {} resumed from {}; {:.1} s in all: load {:.1} s, calibration statistics {:.1} s, f32 (and background) pass caching every half-block's input {:.1} s, resumed forward passes + KL {:.1} s, quantizing and restoring {:.1} s",
         timing.measured,
         timing.resumed,
         a.out.display(),
         total,
         timing.load_s,
+        timing.calibrate_s,
         timing.base_s,
         timing.forward_s,
         timing.quantize_s
@@ -245,6 +284,10 @@ pub struct PlanArgs {
     /// (top 256) when absent.
     #[arg(long)]
     pub kl_base: Option<PathBuf>,
+    /// Calibration for --verify of plans with calibrated methods (GPTQ: applied
+    /// sequentially, as `perplexity --plan` does).
+    #[command(flatten)]
+    pub calibration: super::llm::CalibrationArgs,
 }
 
 pub fn plan_report(
@@ -294,7 +337,7 @@ pub fn plan_report(
                 problem.plan_text(&s),
                 t,
                 s.bytes,
-                s.cost,
+                s.cost + problem.offset,
             )),
             Err(e) => eprintln!("budget {t}: {e}"),
         }
@@ -305,9 +348,18 @@ pub fn plan_report(
             format!("lm_head=keep;*={m}"),
             bpw(bytes),
             bytes,
-            cost,
+            cost + problem.offset,
         ));
     }
+    let calibration = {
+        let plans: Vec<crate::nn::Plan> =
+            plans.iter().map(|p| p.1.parse()).collect::<Result<_>>()?;
+        if a.verify && plans.iter().any(crate::nn::plan_needs_calibration) {
+            Some(a.calibration.source(data).text_spec()?)
+        } else {
+            None
+        }
+    };
     let verified = if a.verify {
         let model = a.model.clone().unwrap_or_else(|| problem.model.clone());
         let text = super::llm::text_or_wikitext_test(a.text.clone(), data)?;
@@ -318,6 +370,7 @@ pub fn plan_report(
             a.max_chunks,
             a.kl_base.as_deref(),
             &plans.iter().map(|p| p.1.clone()).collect::<Vec<_>>(),
+            calibration.as_ref(),
             device,
             progress,
         )?)
@@ -362,21 +415,32 @@ pub fn plan_report(
         a.budget.map_or_else(|| format!("{:.3}", bpw(budget_bytes)), |b| format!("{b:.3}")),
         budget_bytes,
         bpw(chosen.bytes),
-        chosen.cost,
-        chosen.lower_bound,
+        chosen.cost + problem.offset,
+        chosen.lower_bound + problem.offset,
         chosen.lambda,
         a.out.display(),
         a.tensor_types.display(),
         approx
     ));
     t.note(format!(
-        "sensitivities from {} ({} units, {} tokens of {}); predicted KL = sum of the units' KL measured alone (additivity assumed; the measured column checks it). Bits per weight over the {} planned weights (lm_head and embeddings stay f32, as `sweep --layers all`).",
+        "sensitivities from {} ({} units, {} tokens of {}); {} Bits per weight over the {} planned weights (lm_head and embeddings stay f32, as `sweep --layers all`).",
         a.sensitivity.display(),
         problem.items.len(),
         problem.tokens,
         problem.text,
+        if problem.background.is_none() {
+            "predicted KL = sum of the units' KL measured alone (additivity assumed; the measured column checks it)."
+        } else {
+            "the changes are assumed to add up (the measured column checks it)."
+        },
         params
     ));
+    if let Some(b) = &problem.background {
+        t.note(format!(
+            "in-context sensitivities: every unit's KL was measured with all other layers at the background `{b}` (KL {:.5} alone); predicted KL = background KL + Σ (unit's KL − background KL), a linearisation around the background rather than around f32",
+            problem.offset
+        ));
+    }
     if !estimates.is_empty() {
         t.note(format!(
             "estimated (not measured) settings offered: {} — KL of the measured setting × 4^-(bits difference); the measured column is the check",
@@ -392,7 +456,7 @@ pub fn plan_report(
     // Pareto plot.
     let front: Vec<(f64, f64)> = budget::front(&problem.items)?
         .into_iter()
-        .map(|(b, c)| (bpw(b), c))
+        .map(|(b, c)| (bpw(b), c + problem.offset))
         .filter(|p| p.0 <= 9.0 && p.1 > 0.0)
         .collect();
     let mut series = vec![crate::report::plot::Series {

@@ -260,6 +260,13 @@ pub struct Problem {
     pub model: String,
     pub text: String,
     pub tokens: usize,
+    /// Added to every summed cost to give the predicted KL: 0 for sensitivities around
+    /// f32; for in-context rows (`sensitivity --background`) the background's own KL, the
+    /// choices' costs being each unit's change from it (`KL(unit changed) − KL(background)`,
+    /// negative for an upgrade).
+    pub offset: f64,
+    /// The background plan of in-context rows.
+    pub background: Option<String>,
 }
 
 impl Problem {
@@ -298,12 +305,27 @@ impl Problem {
                 first.model, first.tokens, first.tokens_hash, r.model, r.tokens, r.tokens_hash
             );
         }
+        if let Some(r) = rows
+            .iter()
+            .find(|r| (&r.background, &r.calibration) != (&first.background, &first.calibration))
+        {
+            bail!(
+                "the sensitivity file mixes passes with different backgrounds or calibration ({:?} vs {:?}): keep one pass per file",
+                first.background,
+                r.background
+            );
+        }
+        let offset = match (&first.background, first.background_kl) {
+            (None, _) => 0.0,
+            (Some(_), Some(kl)) if kl.is_finite() => kl,
+            (Some(b), _) => bail!("in-context rows (background {b}) without the background's KL"),
+        };
         let mut items: Vec<Item> = Vec::new();
         for r in rows {
             let c = Choice {
                 method: r.method.clone(),
                 bytes: r.bytes,
-                cost: r.mean_kl,
+                cost: r.mean_kl - offset,
             };
             match items.iter_mut().find(|i| i.unit == r.unit) {
                 Some(i) => {
@@ -324,6 +346,9 @@ impl Problem {
                     choices: vec![c],
                 }),
             }
+        }
+        if !estimates.is_empty() && first.background.is_some() {
+            bail!("--estimate scales a KL measured around f32; in-context rows (--background) hold changes from the background: measure the setting instead");
         }
         for (to, from) in estimates {
             let (bt, rest_t) = rtn_bits(to)?;
@@ -346,7 +371,9 @@ impl Problem {
                 });
             }
         }
-        if keep {
+        // Around a background, f32 for a unit is a change like any other and must be
+        // measured; its KL is not 0.
+        if keep && first.background.is_none() {
             for i in &mut items {
                 i.choices.push(Choice {
                     method: "keep".into(),
@@ -360,6 +387,8 @@ impl Problem {
             model: first.model.clone(),
             text: first.text.clone(),
             tokens: first.tokens,
+            offset,
+            background: first.background.clone(),
         })
     }
 
@@ -524,6 +553,7 @@ pub fn verify(
     max_chunks: usize,
     kl_base: Option<&std::path::Path>,
     plans: &[String],
+    calibration: Option<&crate::eval::lm::CalibrationSpec>,
     device: &candle_core::Device,
     progress: bool,
 ) -> Result<Verification> {
@@ -551,7 +581,7 @@ pub fn verify(
             model,
             crate::arch::llama::LoadAs::F32,
             Some(plan),
-            None,
+            calibration,
             device,
         )?;
         let bar = crate::progress::bar(0, "verify", progress);

@@ -14,12 +14,16 @@
 
 use crate::arch::llama::{Llama, LoadAs, Stage};
 use crate::eval::kl::{self, BaseRow};
+use crate::eval::lm::CalibrationSpec;
 use crate::eval::perplexity::{self, Protocol, Window};
 use crate::lab::sweep::Config;
-use crate::nn::{HasLinears, LayerSummary, Method};
+use crate::nn::calib::{Calibration, Statistic};
+use crate::nn::{HasLinears, LayerSummary, Method, Plan};
+use crate::report::provenance::CalibrationRecord;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -139,6 +143,28 @@ impl BaseCache {
         })
     }
 
+    /// Replaces the cached stage inputs with those of `model` (the base rows stay the f32
+    /// model's), so that later [`Self::evaluate_from`] calls measure changes *around*
+    /// `model` — a background plan — rather than around the f32 model. Returns `model`'s
+    /// own evaluation (the background's KL to f32).
+    pub fn restate(&mut self, model: &Llama) -> Result<Eval> {
+        let stages = 2 * model.num_blocks();
+        if self.states.len() != stages + 1 {
+            bail!("the cached states are of another model");
+        }
+        let mut sink = EvalSink::default();
+        for (i, w) in self.windows.iter().enumerate() {
+            let mut x = model.embed_window(&w.tokens)?;
+            for s in 0..stages {
+                self.states[s][i].clone_from(&x);
+                model.run_stage(stage(s), &mut x)?;
+            }
+            sink.add(&self.rows[i], w, &head(model, w, &x)?)?;
+            self.states[stages][i] = x;
+        }
+        Ok(sink.finish(self.positions()))
+    }
+
     /// Mean next-token NLL of the f32 model.
     pub fn base_nll(&self) -> f64 {
         self.base_nll
@@ -223,15 +249,19 @@ impl EvalSink {
 
 /// Converts `unit`'s layers with `method`, runs `f` on the model, and restores the layers
 /// as they were (also when `f` or a conversion fails). Returns `f`'s result and the
-/// converted layers' summaries (stored bytes of the real format).
+/// converted layers' summaries (stored bytes of the real format). Methods that need
+/// statistics of their inputs (GPTQ) take them from `stats` (see [`gather_statistics`]).
 pub fn with_unit_quantized<R>(
     model: &mut Llama,
     unit: &Unit,
     method: &Method,
+    stats: Option<&Statistics>,
     f: impl FnOnce(&Llama) -> Result<R>,
 ) -> Result<(R, Vec<LayerSummary>)> {
-    if !method.algorithm().needs().is_empty() {
-        bail!("{method} needs calibration statistics; sensitivity measures calibration-free methods (rtn, rtn-signed-max, rtn-clip, hqq, nf4/fp4, GGML types, f16)");
+    check_per_layer(method)?;
+    let needs = !method.algorithm().needs().is_empty();
+    if needs && stats.is_none() {
+        bail!("{method} needs calibration statistics: sensitivity gathers them when a setting asks for them (--calib-samples, --calibration)");
     }
     let mut saved = Vec::new();
     let mut summaries = Vec::new();
@@ -239,7 +269,20 @@ pub fn with_unit_quantized<R>(
     for l in model.linears_mut() {
         if unit.layers.contains(&l.name) {
             saved.push((l.name.clone(), l.weight.clone(), l.method.clone()));
-            if let Err(e) = l.convert(method, None) {
+            let c = match stats.filter(|_| needs) {
+                Some(s) => match s.get(&l.name) {
+                    Some(c) => Some(c),
+                    None => {
+                        result = Err(anyhow::anyhow!(
+                            "no calibration statistics for layer {}",
+                            l.name
+                        ));
+                        break;
+                    }
+                },
+                None => None,
+            };
+            if let Err(e) = l.convert(method, c) {
                 result = Err(e.context(format!("quantizing {} with {method}", l.name)));
                 break;
             }
@@ -254,6 +297,74 @@ pub fn with_unit_quantized<R>(
         }
     }
     Ok((out?, summaries))
+}
+
+/// Statistics of every layer's inputs, by layer name.
+pub type Statistics = HashMap<String, Calibration>;
+
+/// Refuses methods that cannot be measured one layer at a time: activation-aware scaling
+/// (AWQ, SmoothQuant) folds a scale into the layers that share an input and the norm
+/// before them, which a single-layer conversion cannot do.
+fn check_per_layer(method: &Method) -> Result<()> {
+    if method.algorithm().group_scaling().is_some() {
+        bail!("{method} folds scales across a group of layers (and their norm), so it cannot be measured one layer at a time; sensitivity takes per-layer methods (rtn, rtn-signed-max, rtn-clip, hqq, gptq, nf4/fp4, GGML types, f16)");
+    }
+    Ok(())
+}
+
+/// Runs the calibration windows through `model` as it stands (the f32 model: GPTQ's
+/// statistics for a single-layer change are those of the unquantized inputs) and returns
+/// each layer's statistics `needs`. One pass for all layers, instead of the sequential
+/// pass the final plan gets (`apply_plan_in_stages`): a measurement changes one layer,
+/// so the inputs it sees are the f32 model's up to that layer.
+pub fn gather_statistics(
+    llm: &crate::model::LoadedLlm,
+    needs: &[Statistic],
+    spec: &CalibrationSpec,
+    progress: bool,
+) -> Result<Statistics> {
+    let ids = llm
+        .tokenizer
+        .encode(&crate::eval::lm::read_text(&spec.text)?)?;
+    if spec.seqlen > llm.model.cfg.max_position_embeddings {
+        bail!(
+            "--calib-seqlen {} is longer than the model's context ({} positions)",
+            spec.seqlen,
+            llm.model.cfg.max_position_embeddings
+        );
+    }
+    let windows = crate::eval::lm::calibration_windows(&ids, spec.samples, spec.seqlen, spec.seed)
+        .with_context(|| format!("calibration text {}", spec.text.display()))?;
+    statistics_of(&llm.model, needs, &windows, progress)
+}
+
+/// [`gather_statistics`] on given windows of token ids.
+pub fn statistics_of(
+    m: &Llama,
+    needs: &[Statistic],
+    windows: &[Vec<u32>],
+    progress: bool,
+) -> Result<Statistics> {
+    if windows.is_empty() {
+        bail!("calibration needs at least one window");
+    }
+    for l in m.linears() {
+        l.start_calibration(needs);
+    }
+    let bar = crate::progress::bar(windows.len() as u64, "calibrate", progress);
+    for w in windows {
+        let ids = Tensor::from_vec(w.clone(), (1, w.len()), &m.device)?;
+        m.forward(&ids, &mut m.new_cache(), true)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let mut out = HashMap::new();
+    for l in m.linears() {
+        if let Some(c) = l.take_calibration()? {
+            out.insert(l.name.clone(), c);
+        }
+    }
+    Ok(out)
 }
 
 /// One measurement, as stored in the JSON-lines file.
@@ -283,10 +394,33 @@ pub struct Row {
     pub base_perplexity: f64,
     pub perplexity: f64,
     pub seconds: f64,
+    /// The background plan every other layer was quantized with (in-context sensitivity:
+    /// the row's KL is that of the background with this unit changed); absent: f32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub background: Option<String>,
+    /// The background plan's own KL on the same tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub background_kl: Option<f64>,
+    /// Calibration data of the statistics (GPTQ's Hessians), where the setting or the
+    /// background needed them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationRecord>,
 }
 
+type RowKey = (
+    String,
+    String,
+    usize,
+    usize,
+    usize,
+    String,
+    String,
+    Option<String>,
+    Option<CalibrationRecord>,
+);
+
 impl Row {
-    fn key(&self) -> (String, String, usize, usize, usize, String, String) {
+    fn key(&self) -> RowKey {
         (
             self.model.clone(),
             self.tokens_hash.clone(),
@@ -295,6 +429,8 @@ impl Row {
             self.kl_top_k,
             self.unit.clone(),
             self.method.clone(),
+            self.background.clone(),
+            self.calibration.clone(),
         )
     }
 
@@ -339,12 +475,21 @@ pub struct SensitivitySpec {
     /// Measure what the file lacks (false: report only what it holds).
     pub measure: bool,
     pub progress: bool,
+    /// Calibration windows for settings (or a background) that need statistics (GPTQ),
+    /// gathered once on the f32 model.
+    pub calibration: Option<CalibrationSpec>,
+    /// In-context sensitivity: quantize every layer with this plan first, then measure each
+    /// unit × setting as a change of that one unit from the background (linearised around
+    /// the operating point instead of around f32).
+    pub background: Option<String>,
 }
 
 /// Where the time of a pass went.
 #[derive(Debug, Clone, Default)]
 pub struct Timing {
     pub load_s: f64,
+    /// Gathering calibration statistics (GPTQ's Hessians) on the f32 model.
+    pub calibrate_s: f64,
     pub base_s: f64,
     pub quantize_s: f64,
     pub forward_s: f64,
@@ -398,6 +543,35 @@ pub fn run(spec: &SensitivitySpec) -> Result<(Vec<Row>, Timing)> {
     let model_name = llm.source.display().to_string();
     timing.load_s = t0.elapsed().as_secs_f64();
     let units = units(&llm.model, spec.granularity);
+    let background: Option<Plan> = spec
+        .background
+        .as_deref()
+        .map(|b| b.parse().with_context(|| format!("in --background '{b}'")))
+        .transpose()?;
+    // Statistics every setting (and the background) needs, gathered once.
+    let mut needs: Vec<Statistic> = Vec::new();
+    let bg_methods: Vec<Method> = background
+        .as_ref()
+        .map(|p| p.rules.iter().map(|r| r.method.clone()).collect())
+        .unwrap_or_default();
+    for m in methods.iter().chain(&bg_methods) {
+        check_per_layer(m)?;
+        for s in m.algorithm().needs() {
+            if !needs.contains(&s) {
+                needs.push(s);
+            }
+        }
+    }
+    let calibration = match (&spec.calibration, needs.is_empty()) {
+        (_, true) => None,
+        (Some(c), false) => Some(c),
+        (None, false) => {
+            bail!("a setting or the background needs calibration statistics: give calibration data")
+        }
+    };
+    let record = calibration
+        .map(|c| CalibrationRecord::of(&c.text, c.samples, c.seqlen, c.seed))
+        .transpose()?;
     let key_of = |unit: &str, method: &str| {
         (
             model_name.clone(),
@@ -407,6 +581,8 @@ pub fn run(spec: &SensitivitySpec) -> Result<(Vec<Row>, Timing)> {
             spec.kl_top_k,
             unit.to_string(),
             method.to_string(),
+            spec.background.clone(),
+            record.clone(),
         )
     };
     let old: Vec<Row> = read_rows(&spec.out)?;
@@ -427,9 +603,35 @@ pub fn run(spec: &SensitivitySpec) -> Result<(Vec<Row>, Timing)> {
     if todo.is_empty() || !spec.measure {
         return Ok((rows, timing));
     }
+    let stats = match calibration {
+        Some(c) => {
+            let t = Instant::now();
+            let s = gather_statistics(&llm, &needs, c, spec.progress)?;
+            timing.calibrate_s = t.elapsed().as_secs_f64();
+            Some(s)
+        }
+        None => None,
+    };
     let t0 = Instant::now();
-    let base = BaseCache::build(&llm.model, &windows, spec.kl_top_k)?;
+    let mut base = BaseCache::build(&llm.model, &windows, spec.kl_top_k)?;
     timing.base_s = t0.elapsed().as_secs_f64();
+    // The background: every layer converted by its plan (statistics of the f32 model's
+    // inputs, in one pass), then the cached stage inputs recomputed through it.
+    let mut background_eval = None;
+    if let Some(plan) = &background {
+        let t = Instant::now();
+        for l in llm.model.linears_mut() {
+            let m = plan.method_for(&l.name);
+            let c = stats
+                .as_ref()
+                .filter(|_| !m.algorithm().needs().is_empty())
+                .and_then(|s| s.get(&l.name));
+            l.convert(&m, c)
+                .with_context(|| format!("background plan on layer {}", l.name))?;
+        }
+        background_eval = Some(base.restate(&llm.model)?);
+        timing.base_s += t.elapsed().as_secs_f64();
+    }
     if let Some(dir) = spec.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create folder {}", dir.display()))?;
@@ -443,7 +645,17 @@ pub fn run(spec: &SensitivitySpec) -> Result<(Vec<Row>, Timing)> {
     for (u, c, m) in todo {
         let t = Instant::now();
         let mut forward_s = 0.0;
-        let (e, layers) = with_unit_quantized(&mut llm.model, u, m, |model| {
+        // A unit already at this setting in the background changes nothing: its KL is
+        // the background's (measured once by `restate`).
+        let unchanged = background.as_ref().is_some_and(|p| {
+            u.layers
+                .iter()
+                .all(|l| p.method_for(l).to_string() == m.to_string())
+        });
+        let (e, layers) = with_unit_quantized(&mut llm.model, u, m, stats.as_ref(), |model| {
+            if unchanged {
+                return Ok(background_eval.expect("a background was measured"));
+            }
             let t = Instant::now();
             let e = base.evaluate_from(model, u.start);
             forward_s = t.elapsed().as_secs_f64();
@@ -474,6 +686,9 @@ pub fn run(spec: &SensitivitySpec) -> Result<(Vec<Row>, Timing)> {
             base_perplexity: base.base_nll().exp(),
             perplexity: e.mean_nll.exp(),
             seconds,
+            background: spec.background.clone(),
+            background_kl: background_eval.map(|e| e.mean_kl),
+            calibration: record.clone(),
         };
         writeln!(file, "{}", serde_json::to_string(&row)?)?;
         file.flush()?;

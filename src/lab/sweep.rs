@@ -552,6 +552,13 @@ pub fn run(spec: &SweepSpec) -> Result<Vec<Row>> {
         }
         planned.push((plan, calibrated));
     }
+    // Every configuration against the model's layer shapes, before the first measurement
+    // (a group that does not divide a row must not stop a sweep halfway).
+    {
+        let m = crate::model::load_llm(&spec.model, spec.load_as, &candle_core::Device::Cpu)?;
+        let plans: Vec<String> = planned.iter().map(|(p, _)| p.clone()).collect();
+        check_shapes(&m.model, &plans)?;
+    }
     let mut provenance = Provenance::here(&device);
     provenance.dtype = Some(key.dtype.clone());
     provenance.dataset = Some(crate::report::provenance::DataFile {
@@ -644,6 +651,79 @@ pub fn run(spec: &SweepSpec) -> Result<Vec<Row>> {
         }
     }
     Ok(rows)
+}
+
+/// Applies every plan's method to a small synthetic weight of each layer's row length
+/// (a few rows: groups run along rows), with stand-in statistics for calibrated methods,
+/// so that a method that cannot take a layer's shape is refused before anything is
+/// measured, naming the configuration and the layer.
+pub fn check_shapes(model: &impl crate::nn::HasLinears, plans: &[String]) -> Result<()> {
+    use crate::nn::algo::LayerInput;
+    use crate::nn::format::{dense::Dense, WeightFormat};
+    let mut checked: Vec<(String, usize, usize)> = Vec::new();
+    for plan in plans {
+        let parsed: crate::nn::Plan = plan.parse()?;
+        for l in model.linears() {
+            let method = parsed.method_for(&l.name);
+            let alg = method.algorithm();
+            if alg.keeps_layer() {
+                continue;
+            }
+            let (rows, cols) = (l.out_features.min(4), l.in_features);
+            let key = (method.to_string(), rows, cols);
+            if checked.contains(&key) {
+                continue;
+            }
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 7919 % 101) as f32 - 50.0) / 500.0)
+                .collect();
+            let weight: std::sync::Arc<dyn WeightFormat> = std::sync::Arc::new(Dense::new(
+                candle_core::Tensor::from_vec(w, (rows, cols), &candle_core::Device::Cpu)?,
+            )?);
+            let needs = alg.needs();
+            let calibration = (!needs.is_empty()).then(|| stand_in_statistics(&needs, cols));
+            alg.apply(&LayerInput {
+                name: &l.name,
+                weight: &weight,
+                calibration: calibration.as_ref(),
+            })
+            .with_context(|| {
+                format!(
+                    "sweep configuration '{plan}' cannot quantize layer {} ([{}, {cols}]); nothing was measured",
+                    l.name, l.out_features
+                )
+            })?;
+            checked.push(key);
+        }
+    }
+    Ok(())
+}
+
+/// Statistics of unit-variance, uncorrelated inputs, for [`check_shapes`].
+fn stand_in_statistics(
+    needs: &[crate::nn::calib::Statistic],
+    cols: usize,
+) -> crate::nn::calib::Calibration {
+    use crate::nn::calib::Statistic;
+    let mut c = crate::nn::calib::Calibration {
+        rows: cols.max(1),
+        ..Default::default()
+    };
+    for s in needs {
+        match s {
+            Statistic::InputRange(_) => c.input_range = Some((-1.0, 1.0)),
+            Statistic::InputHessian => {
+                let mut h = vec![0.0; cols * cols];
+                for i in 0..cols {
+                    h[i * cols + i] = 2.0;
+                }
+                c.hessian = Some(h);
+            }
+            Statistic::InputChannelAbsMax => c.channel_absmax = Some(vec![1.0; cols]),
+            Statistic::InputChannelAbsMean => c.channel_absmean = Some(vec![0.8; cols]),
+        }
+    }
+    c
 }
 
 fn describe_calibration(c: Option<&CalibrationRecord>) -> String {
@@ -843,6 +923,32 @@ mod tests {
             e.contains("runs/x.jsonl") && e.contains("another --out"),
             "{e}"
         );
+    }
+
+    /// HQQ g48 cannot take the tiny Llama's 64-wide rows (as g128 cannot take SmolLM2's
+    /// 576): refused before any measuring,
+    /// naming the configuration and a layer; calibrated methods are checked with stand-in
+    /// statistics; plans that fit pass.
+    #[test]
+    fn configurations_are_checked_against_the_layer_shapes_first() {
+        let dir = std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/llama-tiny"
+        ));
+        let m = crate::arch::llama::Llama::from_hf_dir(&dir, &candle_core::Device::Cpu).unwrap();
+        let ok = [
+            "keep",
+            "lm_head=keep;*=w:i4:sym:g64",
+            "lm_head=keep;*=hqq:u4:g64",
+            "lm_head=keep;*=gptq:i3:sym:g64:f16-scales",
+            "lm_head=keep;*=awq:i4:sym:g64",
+        ]
+        .map(String::from);
+        check_shapes(&m, &ok).unwrap();
+        let bad = ["lm_head=keep;*=w:i4:sym:g64", "lm_head=keep;*=hqq:u4:g48"].map(String::from);
+        let e = format!("{:#}", check_shapes(&m, &bad).unwrap_err());
+        assert!(e.contains("hqq:u4:g48") && e.contains("self_attn"), "{e}");
+        assert!(e.contains("divides"), "{e}");
     }
 
     #[test]

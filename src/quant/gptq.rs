@@ -39,6 +39,9 @@ pub struct GptqConfig {
     pub block: usize,
     /// Quantize columns in order of descending `H_ii` (with static groups).
     pub act_order: bool,
+    /// Round every scale to f16 when it is fitted (before any weight is rounded with it),
+    /// for the grouped format's f16 scales (`quant::half_scale`).
+    pub f16_scales: bool,
 }
 
 pub const DEFAULT_DAMP: f64 = 0.01;
@@ -51,6 +54,7 @@ impl GptqConfig {
             damp: DEFAULT_DAMP,
             block: DEFAULT_BLOCK,
             act_order: false,
+            f16_scales: false,
         }
     }
 }
@@ -132,8 +136,9 @@ pub fn gptq(
         scale: vec![0.0; rows * ngroups],
         zero_point: vec![0; rows * ngroups],
     };
+    let f16 = cfg.f16_scales;
     if per_row {
-        fit_group(&w, cols, 0, cols, &scheme, |r, s, z| {
+        fit_group(&w, cols, 0, cols, &scheme, f16, |r, s, z| {
             params.scale[r] = s;
             params.zero_point[r] = z;
         })?;
@@ -155,10 +160,18 @@ pub fn gptq(
     if static_groups {
         for g in 0..ngroups {
             let c0 = g * group;
-            fit_group(&w, cols, c0, (c0 + group).min(cols), &scheme, |r, s, z| {
-                params.scale[r * ngroups + g] = s;
-                params.zero_point[r * ngroups + g] = z;
-            })?;
+            fit_group(
+                &w,
+                cols,
+                c0,
+                (c0 + group).min(cols),
+                &scheme,
+                f16,
+                |r, s, z| {
+                    params.scale[r * ngroups + g] = s;
+                    params.zero_point[r * ngroups + g] = z;
+                },
+            )?;
         }
     }
 
@@ -202,6 +215,7 @@ pub fn gptq(
         static_params: (static_groups || per_row).then_some(&params),
         qmin,
         qmax,
+        f16_scales: cfg.f16_scales,
     };
     const TILE: usize = 8;
     let results: Vec<Result<TileOut>> = w
@@ -244,6 +258,7 @@ fn fit_group(
     c0: usize,
     c1: usize,
     scheme: &Scheme,
+    f16_scales: bool,
     mut set: impl FnMut(usize, f32, i32),
 ) -> Result<()> {
     let rows = w.len() / cols;
@@ -254,7 +269,10 @@ fn fit_group(
         mins.push(lo);
         maxs.push(hi);
     }
-    let p = QParams::from_ranges(scheme, &mins, &maxs)?;
+    let mut p = QParams::from_ranges(scheme, &mins, &maxs)?;
+    if f16_scales {
+        super::half_scale::round_scales(&mut p.scale)?;
+    }
     for r in 0..rows {
         set(r, p.scale[r], p.zero_point[r]);
     }
@@ -303,6 +321,7 @@ struct Pass<'a> {
     static_params: Option<&'a QParams>,
     qmin: i32,
     qmax: i32,
+    f16_scales: bool,
 }
 
 impl Pass<'_> {
@@ -331,7 +350,10 @@ impl Pass<'_> {
                         mins.push(a);
                         maxs.push(b);
                     }
-                    let p = QParams::from_ranges(self.scheme, &mins, &maxs)?;
+                    let mut p = QParams::from_ranges(self.scheme, &mins, &maxs)?;
+                    if self.f16_scales {
+                        super::half_scale::round_scales(&mut p.scale)?;
+                    }
                     let v: Vec<(f32, i32)> = p.scale.into_iter().zip(p.zero_point).collect();
                     for (r, &sz) in v.iter().enumerate() {
                         fitted[r * self.ngroups + gs / self.group] = sz;
@@ -711,6 +733,7 @@ mod tests {
                 damp: meta["damp"].parse().unwrap(),
                 block: meta["block"].parse().unwrap(),
                 act_order: c["act_order"].as_bool().unwrap(),
+                f16_scales: false,
             };
             let g = gptq(&w, rows, cols, &h, &cfg).unwrap();
             let codes = g.q.codes_i32().unwrap();

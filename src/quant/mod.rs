@@ -5,6 +5,7 @@ pub mod awq;
 pub mod codebook;
 pub mod fp8;
 pub mod gptq;
+pub mod half_scale;
 pub mod histogram;
 pub mod hqq;
 pub mod io;

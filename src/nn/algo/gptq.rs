@@ -1,5 +1,7 @@
-//! `gptq:<scheme>[:act-order][:damp=<f>][:block=<n>]`: GPTQ (`quant::gptq`) on the layer's
-//! input Hessian, stored in the grouped int-N format (`gptq:i4:sym:g64:act-order`).
+//! `gptq:<scheme>[:act-order][:damp=<f>][:block=<n>][:f16-scales]`: GPTQ (`quant::gptq`) on
+//! the layer's input Hessian, stored in the grouped int-N format (`gptq:i4:sym:g64:act-order`);
+//! `:f16-scales` fits and stores the group scales as f16 (2 bytes a group, as GPTQ
+//! checkpoints store them).
 //! Its Hessians are gathered sequentially: each layer's inputs flow through the layers
 //! quantized before it (GPTQ's `true_sequential`), where the model supports it.
 
@@ -21,12 +23,15 @@ pub fn parse(s: &str) -> Option<Result<Arc<dyn Algorithm>>> {
 }
 
 fn parse_rest(rest: &str) -> Result<GptqConfig> {
-    let help = "expected gptq:<scheme>[:act-order][:damp=<fraction>][:block=<columns>], e.g. gptq:i4:sym:g64:act-order";
+    let help = "expected gptq:<scheme>[:act-order][:damp=<fraction>][:block=<columns>][:f16-scales], e.g. gptq:i4:sym:g64:act-order";
     let mut scheme_parts = Vec::new();
     let (mut act_order, mut damp, mut block) = (false, DEFAULT_DAMP, DEFAULT_BLOCK);
+    let mut f16_scales = false;
     for p in rest.split(':') {
         if p == "act-order" || p == "actorder" {
             act_order = true;
+        } else if p == crate::nn::format::grouped::F16_SCALES {
+            f16_scales = true;
         } else if let Some(v) = p.strip_prefix("damp=") {
             damp = v
                 .parse()
@@ -55,6 +60,7 @@ fn parse_rest(rest: &str) -> Result<GptqConfig> {
         damp,
         block,
         act_order,
+        f16_scales,
     })
 }
 
@@ -70,6 +76,10 @@ impl Algorithm for Gptq {
         }
         if c.block != DEFAULT_BLOCK {
             s.push_str(&format!(":block={}", c.block));
+        }
+        if c.f16_scales {
+            s.push(':');
+            s.push_str(crate::nn::format::grouped::F16_SCALES);
         }
         s
     }
@@ -110,7 +120,13 @@ impl Algorithm for Gptq {
         let data = w.flatten_all()?.to_vec1::<f32>()?;
         let out = gptq(&data, rows, cols, h, &self.0)
             .with_context(|| format!("GPTQ on layer {}", layer.name))?;
-        Ok(Arc::new(Grouped::new(out.q)))
+        let g = Grouped::new(out.q);
+        Ok(Arc::new(if self.0.f16_scales {
+            g.with_f16_scales()
+                .with_context(|| format!("layer {}", layer.name))?
+        } else {
+            g
+        }))
     }
 }
 
@@ -124,6 +140,7 @@ mod tests {
             "gptq:i4:sym:g64",
             "gptq:u3:affine:g128:act-order",
             "gptq:i4:sym:ch0:damp=0.05:block=64",
+            "gptq:i3:sym:g64:f16-scales",
         ] {
             assert_eq!(s.parse::<Method>().unwrap().to_string(), s);
         }

@@ -22,6 +22,10 @@ use std::sync::Arc;
 
 pub const ID: &str = "intn";
 
+/// The plan suffix (`w:i3:sym:g64:f16-scales`, `gptq:i3:sym:g64:f16-scales`) and the
+/// metadata value (`"scale": "f16"`) of f16 group scales.
+pub const F16_SCALES: &str = "f16-scales";
+
 #[derive(Debug, Clone)]
 pub struct Grouped {
     /// The codes (read-only after construction: the kernel layout is built from them).
@@ -36,6 +40,9 @@ pub struct Grouped {
     /// The codes repacked for the low-bit kernels (built with the format; `None` where the
     /// layout does not fit them, e.g. groups that are not a multiple of 32 columns).
     kernel: Option<Arc<LowBit>>,
+    /// The scales are f16 values, stored as f16 (2 bytes each); they are held as f32 here
+    /// and the kernels read them as f32, so the arithmetic is the f32 path's, exactly.
+    f16_scales: bool,
 }
 
 impl Grouped {
@@ -74,9 +81,49 @@ impl Grouped {
             float_zero: None,
             ties: None,
             kernel: None,
+            f16_scales: false,
         };
         g.build_kernel();
         g
+    }
+
+    /// Round-to-nearest with the scales rounded to f16 first (the codes are rounded with
+    /// the f16 scale that is stored), marked to store them as f16.
+    pub fn quantize_f16_scales(w: &Tensor, scheme: &Scheme, layer: &str) -> Result<Self> {
+        scheme
+            .validate_for_shape(w.dims())
+            .with_context(|| format!("layer {layer} cannot use {scheme}"))?;
+        let w = w.to_device(&Device::Cpu)?;
+        let mut params = crate::quant::uniform::qparams_for(&w, scheme)?;
+        crate::quant::half_scale::round_scales(&mut params.scale)
+            .with_context(|| format!("layer {layer}"))?;
+        let q = crate::quant::quantize_with(&w, scheme, params)?;
+        let ties = Self::count_ties(&w, &q.params.scale, &zero_points_f32(&q.params), scheme)?;
+        Grouped::new(q).with_ties(ties).with_f16_scales()
+    }
+
+    /// Marks the scales to be stored as f16; refused unless every scale is an f16 value
+    /// (the quantizer must round them before it rounds the weights).
+    pub fn with_f16_scales(mut self) -> Result<Self> {
+        if self.float_zero.is_some() {
+            bail!("f16 scales with real zero points are not a stored form");
+        }
+        if let Some(s) = self
+            .q
+            .params
+            .scale
+            .iter()
+            .find(|s| !crate::quant::half_scale::is_f16(**s))
+        {
+            bail!("scale {s} is not an f16 value: the quantizer must round its scales to f16");
+        }
+        self.f16_scales = true;
+        Ok(self)
+    }
+
+    /// Whether the scales are stored as f16.
+    pub fn has_f16_scales(&self) -> bool {
+        self.f16_scales
     }
 
     /// Unsigned affine codes with a real zero point per group (HQQ).
@@ -102,6 +149,7 @@ impl Grouped {
             float_zero: Some(zero),
             ties: None,
             kernel: None,
+            f16_scales: false,
         };
         g.build_kernel();
         Ok(g)
@@ -230,7 +278,28 @@ impl Grouped {
             safetensors::Dtype::U8,
             crate::quant::pack::packed_len(n, scheme.bits),
         )?;
-        let scale = parts.f32("weight_scale", groups)?;
+        let f16_scales = match meta.get("scale").map(|v| v.as_str()) {
+            None => false,
+            Some(Some("f16")) => true,
+            Some(other) => bail!(
+                "layer {}: unknown scale kind {other:?} in the format metadata (this build reads \"f16\"; no key means f32)",
+                parts.layer
+            ),
+        };
+        let scale = if f16_scales {
+            let what = parts.what("weight_scale");
+            let raw = parts.get("weight_scale")?;
+            if raw.dtype != safetensors::Dtype::F16 || raw.numel() != groups {
+                bail!(
+                    "{what}: expected {groups} f16 scales, found {:?} of shape {:?}",
+                    raw.dtype,
+                    raw.shape
+                );
+            }
+            crate::quant::half_scale::from_bytes(&raw.bytes)
+        } else {
+            parts.f32("weight_scale", groups)?
+        };
         crate::load::ensure_finite_values(&scale, &parts.what("weight_scale"))?;
         let ties = match meta.get("ties") {
             None => None,
@@ -281,7 +350,8 @@ impl Grouped {
         };
         let params = QParams { scale, zero_point };
         let q = QTensor::from_packed(scheme, &dims, &packed, params, &Device::Cpu)?;
-        Ok(Arc::new(Grouped::new(q).with_ties(ties)))
+        let g = Grouped::new(q).with_ties(ties);
+        Ok(Arc::new(if f16_scales { g.with_f16_scales()? } else { g }))
     }
 }
 
@@ -306,9 +376,10 @@ impl WeightFormat for Grouped {
     }
 
     fn describe(&self) -> String {
-        match self.float_zero {
-            Some(_) => format!("{} real zero", self.q.scheme),
-            None => self.q.scheme.to_string(),
+        match (&self.float_zero, self.f16_scales) {
+            (Some(_), _) => format!("{} real zero", self.q.scheme),
+            (None, true) => format!("{} f16 scales", self.q.scheme),
+            (None, false) => self.q.scheme.to_string(),
         }
     }
 
@@ -374,6 +445,9 @@ impl WeightFormat for Grouped {
         if self.float_zero.is_some() {
             m["zero"] = "f32".into();
         }
+        if self.f16_scales {
+            m["scale"] = "f16".into();
+        }
         if let Some(t) = self.ties {
             m["ties"] = t.into();
         }
@@ -384,7 +458,17 @@ impl WeightFormat for Grouped {
         let q = &self.q;
         let mut out = vec![
             named(prefix, "weight_packed", RawTensor::u8s(q.packed_codes()?)),
-            named(prefix, "weight_scale", RawTensor::f32s(&q.params.scale)),
+            if self.f16_scales {
+                let b = crate::quant::half_scale::to_bytes(&q.params.scale)?;
+                let n = q.params.scale.len();
+                named(
+                    prefix,
+                    "weight_scale",
+                    RawTensor::new(safetensors::Dtype::F16, vec![n], b),
+                )
+            } else {
+                named(prefix, "weight_scale", RawTensor::f32s(&q.params.scale))
+            },
         ];
         if let Some(z) = &self.float_zero {
             out.push(named(prefix, "weight_zero", RawTensor::f32s(z)));
@@ -411,6 +495,8 @@ impl WeightFormat for Grouped {
                 crate::quant::pack::packed_len(self.q.codes.elem_count(), self.q.scheme.bits)
                     + 4 * (self.q.params.len() + z.len())
             }
+            // The f32 form less 2 bytes per scale.
+            None if self.f16_scales => self.q.nbytes() - 2 * self.q.params.scale.len(),
             None => self.q.nbytes(),
         }
     }
