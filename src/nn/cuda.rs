@@ -444,7 +444,7 @@ impl CustomOp2 for NllRows {
 }
 
 #[cfg(feature = "cuda")]
-mod gpu {
+pub(crate) mod gpu {
     //! Launches of the kernels in `kernels/cuda/fused.cu`.
     use super::{last_two, CausalSoftmax, RopeHeads};
     use candle_core::backend::BackendStorage;
@@ -454,8 +454,10 @@ mod gpu {
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
-    const MODULE: &str = "quantlab_fused";
+    /// The PTX of `kernels/cuda/fused.cu` and the module name it is loaded under (shared
+    /// with `nn::cuda_lt`, whose kernels live in the same file).
+    pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+    pub(crate) const MODULE: &str = "quantlab_fused";
 
     fn i32_of(v: usize, what: &str) -> Result<i32> {
         i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} {v} too large")))

@@ -24,12 +24,6 @@ pub enum LtInput {
     Fp8,
 }
 
-impl LtInput {
-    fn dtype(self) -> DType {
-        DType::U8
-    }
-}
-
 /// Activation rows `x` (f32 `[m, k]`) as codes of `kind` (U8 bytes), given each row's
 /// absolute maximum `amax` (`[m, 1]`): int8 `round_half_even(x · (1/amax) · 127)` clamped
 /// to ±127 (the CPU kernels' rule, bit for bit); E4M3 of `x / (amax / 448)` rounded to
@@ -141,10 +135,9 @@ pub fn shapes_fit(k: usize, n: usize) -> bool {
 /// `a [m, k] · wᵀ` (`w` is `[n, k]`) → f32 `[m, n]`, both operands of type `kind`.
 pub fn lt_matmul(a: &Tensor, w: &Tensor, kind: LtInput) -> Result<Tensor> {
     for (t, what) in [(a, "activations"), (w, "weight")] {
-        if t.dtype() != kind.dtype() || t.rank() != 2 {
+        if t.dtype() != DType::U8 || t.rank() != 2 {
             bail!(
-                "tensor-core {kind:?} product: {what} must be a {:?} matrix, got {:?} {:?}",
-                kind.dtype(),
+                "tensor-core {kind:?} product: {what} must be a U8 matrix, got {:?} {:?}",
                 t.dtype(),
                 t.dims()
             );
@@ -338,9 +331,7 @@ mod cuda {
         }
     }
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
-    /// The module name `nn::cuda` loads the same PTX under.
-    const MODULE: &str = "quantlab_fused";
+    use crate::nn::cuda::gpu::{MODULE, PTX};
 
     /// The accumulators as f32, by `i32_to_f32` in kernels/cuda/fused.cu.
     fn i32_to_f32(dev: &CudaDevice, x: &CudaSlice<i32>, n: usize) -> Result<CudaSlice<f32>> {

@@ -185,24 +185,7 @@ fn int_codes_match_f64_of_the_quantized_operands() {
 /// with the bound above (`t8 + 128` as the magnitude: the AVX-512 path's offset codes).
 #[test]
 fn nf4_matches_f64_of_the_quantized_operands() {
-    const NF4: [f32; 16] = [
-        -1.0,
-        -0.696_192_8,
-        -0.525_073_05,
-        -0.394_917_5,
-        -0.284_441_38,
-        -0.184_773_43,
-        -0.091_050_036,
-        0.0,
-        0.079_580_3,
-        0.160_930_2,
-        0.246_112_3,
-        0.337_915_24,
-        0.440_709_83,
-        0.562_617,
-        0.722_956_84,
-        1.0,
-    ];
+    const NF4: [f32; 16] = crate::quant::codebook::NF4_CODE;
     let mut rng = rand::rngs::StdRng::seed_from_u64(14);
     for &(rows, cols) in SHAPES.iter().filter(|s| s.1 % 32 == 0) {
         let (len, bs) = (rows * cols, 64);
