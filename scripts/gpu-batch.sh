@@ -15,6 +15,9 @@
 #   scripts/gpu-batch.sh calib      # GPTQ/AWQ calibrated on the GPU; dynamic int8 on the device
 #   scripts/gpu-batch.sh sweep      # the weight-only method sweep (8/4/3/2 bits, g64/g128, KL);
 #                                   # resumable: call again until it prints "sweep done"
+#   scripts/gpu-batch.sh big        # decode where weights are the traffic: a random-weight Llama
+#                                   # with 70B-sized layers (scripts/synthetic_llama.py), quantlab
+#                                   # per format and transformers bf16 on the same folder
 set -uo pipefail
 Q=/tmp/ql
 QL=$Q/bin/quantlab
@@ -167,6 +170,23 @@ case "$1" in
     done
     ppl cuda bf16 --batch 32 --plan "lm_head=keep;*=dynamic-int8" >> "$OUT/dyn-int8.jsonl"
     QUANTLAB_FUSED=0 ppl cuda bf16 --batch 32 --max-chunks 64 --plan "lm_head=keep;*=dynamic-int8" >> "$OUT/dyn-int8.jsonl"
+    ;;
+  big)
+    # SmolLM2-135M cannot show what 4-bit weights do to decode speed on this card: its bf16
+    # weights take ~75 µs a token to read, its launches milliseconds. This model's weights
+    # are the traffic: BIG_LAYERS (default 4) layers of hidden 8192 / intermediate 28672 /
+    # 64 heads / 8 KV heads, SmolLM2's tokenizer and vocabulary, random N(0, 0.02²) weights.
+    tok=$Q/tok
+    big=$Q/big-${BIG_LAYERS:-4}
+    [ -d $tok ] || run $QL --quiet quantize --model "$M" --plan '*=bf16' --out $tok
+    [ -d $big ] || run python3 scripts/synthetic_llama.py --out $big --tokenizer-dir $tok \
+      --layers "${BIG_LAYERS:-4}" --hidden 8192 --intermediate 28672 --heads 64 --kv-heads 8 \
+      --bench-decode --bench-out "$OUT/big-transformers.jsonl"
+    args=()
+    IFS='|' read -ra plans <<< "${BIG_PLANS:-lm_head=keep;*=w:i8:sym|lm_head=keep;*=w:i4:sym:g64|lm_head=keep;*=nf4}"
+    for p in "${plans[@]}"; do args+=(--plan "$p"); done
+    run $QL --quiet --format json --device cuda --dtype bf16 bench --model $big -p 0 -n 128 -r 3 \
+      "${args[@]}" >> "$OUT/big-bench.jsonl"
     ;;
   *) echo "unknown batch '$1'" >&2; exit 2 ;;
 esac
