@@ -27,7 +27,6 @@
 
 use super::{Isa, SendPtr};
 use anyhow::{bail, Result};
-use std::sync::OnceLock;
 
 pub mod panels;
 use half::f16;
@@ -102,9 +101,6 @@ pub struct PackedBlocks {
     d: Vec<f32>,
     /// Q4_1's minimum per block (empty otherwise).
     m: Vec<f32>,
-    /// The prefill GEMM's panel copy, built on the first many-row product that uses it
-    /// (decode-only runs never pay for it).
-    panel: OnceLock<PanelBlocks>,
 }
 
 impl std::fmt::Debug for PackedBlocks {
@@ -193,7 +189,6 @@ impl PackedBlocks {
             codes: lines,
             d,
             m,
-            panel: OnceLock::new(),
         })
     }
 
@@ -930,16 +925,77 @@ mod x86 {
     }
 }
 
-/// `x` (`m × k` f32) times the packed weight's transpose: `m × n` f32, on `Isa::selected()`.
-pub fn matmul(w: &PackedBlocks, x: &[f32], m: usize) -> Vec<f32> {
+/// A GGML weight in the one layout the selected kernel path runs, built once at load: the
+/// panel layout on AVX-512 VNNI (decode and prefill alike: one `vpdpbusd` serves 16 output
+/// rows, see [`panels`]), the row layout elsewhere. Only one copy is kept.
+#[derive(Debug, Clone)]
+pub enum Packed {
+    Rows(PackedBlocks),
+    Panels(PanelBlocks),
+}
+
+impl Packed {
+    /// Repacks GGML blocks for `isa` (`Isa::selected()` in models).
+    pub fn from_ggml(isa: Isa, kind: BlockKind, bytes: &[u8], n: usize, k: usize) -> Result<Self> {
+        let rows = PackedBlocks::from_ggml(kind, bytes, n, k)?;
+        Ok(if panels::panel_layout(isa) {
+            Packed::Panels(PanelBlocks::from_rows(&rows))
+        } else {
+            Packed::Rows(rows)
+        })
+    }
+
+    /// Output features.
+    pub fn n(&self) -> usize {
+        match self {
+            Packed::Rows(w) => w.n,
+            Packed::Panels(w) => w.n,
+        }
+    }
+
+    /// Input features.
+    pub fn k(&self) -> usize {
+        match self {
+            Packed::Rows(w) => w.k,
+            Packed::Panels(w) => w.k,
+        }
+    }
+
+    pub fn kind(&self) -> BlockKind {
+        match self {
+            Packed::Rows(w) => w.kind,
+            Packed::Panels(w) => w.kind,
+        }
+    }
+
+    /// Bytes this copy holds.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Packed::Rows(w) => w.bytes(),
+            Packed::Panels(w) => w.bytes(),
+        }
+    }
+}
+
+/// `x` (`m × k` f32) times the packed weight's transpose: `m × n` f32, on `Isa::selected()`
+/// (falling back to the best path the CPU has if the layout was built for another).
+pub fn matmul(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
     let isa = Isa::selected();
-    let a = ActBlocks::quantize(isa, w.kind, x, m, w.k);
-    let mut out = vec![0f32; m * w.n];
-    if panels::use_panels(isa, m) {
-        let p = w.panel.get_or_init(|| PanelBlocks::from_rows(w));
-        panels::matmul_with(isa, p, &a, &mut out);
-    } else {
-        matmul_with(isa, w, &a, &mut out);
+    let mut out = vec![0f32; m * w.n()];
+    match w {
+        Packed::Panels(p) => {
+            let isa = if panels::panel_layout(isa) {
+                isa
+            } else {
+                Isa::Portable
+            };
+            let a = ActBlocks::quantize(isa, p.kind, x, m, p.k);
+            panels::matmul_with(isa, p, &a, &mut out);
+        }
+        Packed::Rows(r) => {
+            let a = ActBlocks::quantize(isa, r.kind, x, m, r.k);
+            matmul_with(isa, r, &a, &mut out);
+        }
     }
     out
 }

@@ -30,13 +30,20 @@ use rayon::prelude::*;
 /// Output channels per panel (one zmm of i32 lanes).
 pub const PANEL: usize = 16;
 
-/// Fewest activation rows for which the panel GEMM is used (below: the row kernels, which
-/// stream the weight once without the panel's per-row-tile reloads).
+/// Fewest activation rows for which weight-only formats (`kernels::lowbit`) take the panel
+/// GEMM; GGML weights held in the panel layout take it for every row count.
 pub const MIN_ROWS: usize = 8;
 
-/// Whether `matmul` takes the panel GEMM for `m` rows on path `isa`.
+/// Whether `lowbit`'s opt-in q8-activation prefill takes the panel GEMM for `m` rows.
 pub fn use_panels(isa: Isa, m: usize) -> bool {
-    isa == Isa::Avx512 && m >= MIN_ROWS
+    panel_layout(isa) && m >= MIN_ROWS
+}
+
+/// Whether GGML weights are held in the panel layout on path `isa` (for every row count:
+/// at m = 1 too the panel kernel does a quarter of the row kernel's float work per code,
+/// and only one copy of the weight is kept).
+pub fn panel_layout(isa: Isa) -> bool {
+    isa == Isa::Avx512
 }
 
 /// A GGML weight in the panel layout (module doc).
