@@ -1151,7 +1151,10 @@ mod tests {
         out
     }
 
-    const SHAPES: [(usize, usize, usize); 10] = [
+    /// Ragged shapes: m = 1..5 (decode) and past the panel kernel's 8-row switch and 4-row
+    /// tile; n off the 4-row tile, the 16-channel panel and the 3-panel tile; k with every
+    /// nibble-group tail; work below and above the threading threshold.
+    const SHAPES: [(usize, usize, usize); 14] = [
         (1, 1, 32),
         (1, 5, 64),
         (3, 7, 96),
@@ -1162,7 +1165,41 @@ mod tests {
         (5, 4, 128),
         (17, 33, 576),
         (1, 300, 576),
+        (2, 49, 160),
+        (4, 1, 32),
+        (5, 83, 96),
+        (1, 1201, 576),
     ];
+
+    /// `x · Wᵀ` by every kernel this CPU has, each called directly: the row kernels on
+    /// every path, the panel kernel on its paths (portable and AVX-512), and `matmul`'s
+    /// dispatch on the selected path's layout. Labels name the path and layout.
+    fn every_kernel(
+        kind: BlockKind,
+        bytes: &[u8],
+        x: &[f32],
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Vec<(String, Vec<f32>)> {
+        let rows = PackedBlocks::from_ggml(kind, bytes, n, k).unwrap();
+        let pan = PanelBlocks::from_rows(&rows);
+        let mut out = Vec::new();
+        for isa in Isa::available() {
+            let a = ActBlocks::quantize(isa, kind, x, m, k);
+            let mut y = vec![0f32; m * n];
+            matmul_with(isa, &rows, &a, &mut y);
+            out.push((format!("{isa:?}/rows"), y));
+            if isa == Isa::Portable || panels::panel_layout(isa) {
+                let mut y = vec![0f32; m * n];
+                panels::matmul_with(isa, &pan, &a, &mut y);
+                out.push((format!("{isa:?}/panels"), y));
+            }
+        }
+        let sel = Packed::from_ggml(Isa::selected(), kind, bytes, n, k).unwrap();
+        out.push(("selected/matmul".into(), matmul(&sel, x, m)));
+        out
+    }
 
     #[test]
     fn every_path_matches_the_f64_reference() {
@@ -1170,20 +1207,16 @@ mod tests {
         for kind in KINDS {
             for (m, n, k) in SHAPES {
                 let bytes = random_blocks(kind, n, k, false, &mut g);
-                let w = PackedBlocks::from_ggml(kind, &bytes, n, k).unwrap();
                 let x: Vec<f32> = (0..m * k).map(|_| g.unif() * 3.0).collect();
                 let want = reference(kind, &bytes, &x, m, n, k);
-                for isa in Isa::available() {
-                    let a = ActBlocks::quantize(isa, kind, &x, m, k);
-                    let mut y = vec![0f32; m * n];
-                    matmul_with(isa, &w, &a, &mut y);
+                for (isa, y) in every_kernel(kind, &bytes, &x, m, n, k) {
                     for (i, (&got, &(y0, mag, _))) in y.iter().zip(&want).enumerate() {
                         // f32: each product d·d·I and each sum rounds by ≤ 2^-24 relative;
                         // k/32 + 8 roundings on terms of total size `mag`.
                         let tol = (k / QK + 8) as f64 * 2f64.powi(-23) * mag + 1e-30;
                         assert!(
                             (got as f64 - y0).abs() <= tol,
-                            "{kind:?} {isa:?} m{m} n{n} k{k} @{i}: {got} vs {y0} (tol {tol})"
+                            "{kind:?} {isa} m{m} n{n} k{k} @{i}: {got} vs {y0} (tol {tol})"
                         );
                     }
                 }
@@ -1197,7 +1230,6 @@ mod tests {
         for kind in KINDS {
             for (m, n, k) in SHAPES {
                 let bytes = random_blocks(kind, n, k, true, &mut g);
-                let w = PackedBlocks::from_ggml(kind, &bytes, n, k).unwrap();
                 // Integer activations with a ±127 in every block: d = 1, q = x exactly.
                 let x: Vec<f32> = (0..m * k)
                     .map(|i| match (i % QK, g.next() % 4) {
@@ -1209,13 +1241,10 @@ mod tests {
                     })
                     .collect();
                 let want = reference(kind, &bytes, &x, m, n, k);
-                for isa in Isa::available() {
-                    let a = ActBlocks::quantize(isa, kind, &x, m, k);
-                    let mut y = vec![0f32; m * n];
-                    matmul_with(isa, &w, &a, &mut y);
+                for (isa, y) in every_kernel(kind, &bytes, &x, m, n, k) {
                     for (i, (&got, &(_, _, isum))) in y.iter().zip(&want).enumerate() {
                         // |Σ I| <= k·128·127 < 2^24: every partial sum is exact in f32.
-                        assert_eq!(got as i64, isum, "{kind:?} {isa:?} m{m} n{n} k{k} @{i}");
+                        assert_eq!(got as i64, isum, "{kind:?} {isa} m{m} n{n} k{k} @{i}");
                         assert_eq!(got.fract(), 0.0);
                     }
                 }
@@ -1275,12 +1304,8 @@ mod tests {
                     .unwrap()
                     .to_vec1::<f32>()
                     .unwrap();
-                let w = PackedBlocks::from_ggml(kind, &bytes, n, k).unwrap();
                 let reff = reference(kind, &bytes, &xf, m, n, k);
-                for isa in Isa::available() {
-                    let a = ActBlocks::quantize(isa, kind, &xf, m, k);
-                    let mut y = vec![0f32; m * n];
-                    matmul_with(isa, &w, &a, &mut y);
+                for (isa, y) in every_kernel(kind, &bytes, &xf, m, n, k) {
                     for ((&got, &c), &(_, mag, _)) in y.iter().zip(&want).zip(&reff) {
                         // Summation order; for Q4_1 also its s, which candle rounds as
                         // f16(f16(Σq)·f16(d)) and llama.cpp (and we) as f16(Σq·d): up to
@@ -1293,7 +1318,7 @@ mod tests {
                         let tol = (1e-5 + s_tol) * mag + 1e-6;
                         assert!(
                             ((got - c) as f64).abs() <= tol,
-                            "{kind:?} {isa:?} m{m} n{n} k{k}: {got} vs candle {c}"
+                            "{kind:?} {isa} m{m} n{n} k{k}: {got} vs candle {c}"
                         );
                     }
                 }
