@@ -369,7 +369,11 @@ mod x86 {
             let m1 = (m0 + MC).min(m);
             let mut p = p0;
             while p < p1 {
-                let np = P.min(p1 - p);
+                // Decode (one row) walks one panel at a time: the weight is then read in
+                // strictly ascending addresses (codes and scales, two streams), which
+                // measured 1.5-2x faster from memory than three panels' interleaved streams
+                // (examples/ggml_gemv_cpu_time, "streamed token").
+                let np = if m == 1 { 1 } else { P.min(p1 - p) };
                 let mut r0 = m0;
                 while r0 < m1 {
                     let nr = R.min(m1 - r0);
