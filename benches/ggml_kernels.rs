@@ -1,9 +1,10 @@
 //! quantlab's own GGML block kernels (`kernels::ggml_blocks`, through the `Ggml` format's
 //! forward) against candle's `QMatMul` on the same quantized tensor, for Q8_0, Q4_0 and
 //! Q4_1 on SmolLM2-135M's shapes (`out × in`) at decode (m = 1) and a 512-token prefill
-//! (m = 512; the 49152-row output layer only at m = 1). At m = 512 `quantlab` is the panel
-//! GEMM (`ggml_blocks::panels`, on AVX-512) and `quantlab-rows` the row kernels it replaced
-//! there (activation quantization included in both). About a minute:
+//! (m = 512; the 49152-row output layer only at m = 1). On AVX-512 `quantlab` is the panel
+//! kernel (`ggml_blocks::panels`, decode and prefill) and `quantlab-rows` the row kernels it
+//! replaced (activation quantization included in both). The weights here stay in cache at
+//! decode; `examples/ggml_gemv_cpu_time` also streams a whole token's weights from memory. About a minute:
 //! `cargo bench --bench ggml_kernels` (filter e.g. `-- q4_0`). Compare rows of one run.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -62,7 +63,7 @@ fn bench(c: &mut Criterion) {
                 g.bench_function(format!("{out}x{inp}/m{m}/{name}/quantlab"), |b| {
                     b.iter(|| ours.forward(black_box(&x), None).unwrap())
                 });
-                if m > 1 {
+                {
                     let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                     let isa = Isa::selected();
                     g.bench_function(format!("{out}x{inp}/m{m}/{name}/quantlab-rows"), |b| {

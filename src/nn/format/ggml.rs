@@ -7,7 +7,8 @@
 
 use super::{meta_str, named, StoredParts, WeightFormat};
 use crate::load::{NamedTensor, RawTensor};
-use crate::nn::kernels::ggml_blocks::{self, BlockKind, PackedBlocks};
+use crate::nn::kernels::ggml_blocks::{self, BlockKind, Packed};
+use crate::nn::kernels::Isa;
 use anyhow::{bail, Result};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
@@ -63,8 +64,9 @@ pub struct Ggml {
     pub q: Arc<QTensor>,
     /// Built once: candle's matmul over the quantized tensor.
     matmul: QMatMul,
-    /// Built once for Q8_0/Q4_0/Q4_1 on the CPU: the blocks in `ggml_blocks`' layout.
-    packed: Option<Arc<PackedBlocks>>,
+    /// Built once for Q8_0/Q4_0/Q4_1 on the CPU: the blocks in the layout of the selected
+    /// kernel path (`ggml_blocks::Packed`).
+    packed: Option<Arc<Packed>>,
 }
 
 /// Environment switch: `QUANTLAB_GGML_KERNEL=candle` keeps candle's `QMatMul` for every type.
@@ -89,7 +91,13 @@ impl Ggml {
         let packed = match block_kind(q.dtype()) {
             Some(kind) if q.device().is_cpu() && own_kernels() => {
                 let (n, k) = q.shape().dims2()?;
-                Some(Arc::new(PackedBlocks::from_ggml(kind, &q.data()?, n, k)?))
+                Some(Arc::new(Packed::from_ggml(
+                    Isa::selected(),
+                    kind,
+                    &q.data()?,
+                    n,
+                    k,
+                )?))
             }
             _ => None,
         };
@@ -111,19 +119,19 @@ impl Ggml {
     }
 
     /// `x · Wᵀ` through `ggml_blocks` (f32 input on the CPU with the packed weight).
-    fn forward_packed(&self, w: &PackedBlocks, x: &Tensor) -> Result<Tensor> {
+    fn forward_packed(&self, w: &Packed, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
         let Some((&k, lead)) = dims.split_last() else {
             bail!("ggml forward: a scalar input");
         };
-        if k != w.k {
-            bail!("ggml forward: input has {k} features, the weight {}", w.k);
+        if k != w.k() {
+            bail!("ggml forward: input has {k} features, the weight {}", w.k());
         }
         let m: usize = lead.iter().product();
         let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let y = ggml_blocks::matmul(w, &xs, m);
         let mut shape = lead.to_vec();
-        shape.push(w.n);
+        shape.push(w.n());
         Ok(Tensor::from_vec(y, shape, &Device::Cpu)?)
     }
 

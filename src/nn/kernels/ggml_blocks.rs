@@ -24,10 +24,14 @@
 //! Paths (`Isa`): portable (scalar), AVX2 (`vpmaddubsw` + `vpmaddwd`, one block per ymm),
 //! AVX-512 VNNI (`vpdpbusd`, two blocks per zmm). The integer block sums `I` are exact in
 //! every path; tiles of several activation rows × several weight rows share each load.
+//!
+//! Models hold a weight as [`Packed`]: on AVX-512 VNNI only the 16-channel panel layout of
+//! [`panels`] (decode and prefill: its one `vpdpbusd` per 16 channels × 4 codes does a
+//! quarter of the row kernel's float work, 2-3x less CPU time per decode token), elsewhere
+//! the row layout above.
 
 use super::{Isa, SendPtr};
 use anyhow::{bail, Result};
-use std::sync::OnceLock;
 
 pub mod panels;
 use half::f16;
@@ -102,9 +106,6 @@ pub struct PackedBlocks {
     d: Vec<f32>,
     /// Q4_1's minimum per block (empty otherwise).
     m: Vec<f32>,
-    /// The prefill GEMM's panel copy, built on the first many-row product that uses it
-    /// (decode-only runs never pay for it).
-    panel: OnceLock<PanelBlocks>,
 }
 
 impl std::fmt::Debug for PackedBlocks {
@@ -193,7 +194,6 @@ impl PackedBlocks {
             codes: lines,
             d,
             m,
-            panel: OnceLock::new(),
         })
     }
 
@@ -930,16 +930,77 @@ mod x86 {
     }
 }
 
-/// `x` (`m × k` f32) times the packed weight's transpose: `m × n` f32, on `Isa::selected()`.
-pub fn matmul(w: &PackedBlocks, x: &[f32], m: usize) -> Vec<f32> {
+/// A GGML weight in the one layout the selected kernel path runs, built once at load: the
+/// panel layout on AVX-512 VNNI (decode and prefill alike: one `vpdpbusd` serves 16 output
+/// rows, see [`panels`]), the row layout elsewhere. Only one copy is kept.
+#[derive(Debug, Clone)]
+pub enum Packed {
+    Rows(PackedBlocks),
+    Panels(PanelBlocks),
+}
+
+impl Packed {
+    /// Repacks GGML blocks for `isa` (`Isa::selected()` in models).
+    pub fn from_ggml(isa: Isa, kind: BlockKind, bytes: &[u8], n: usize, k: usize) -> Result<Self> {
+        let rows = PackedBlocks::from_ggml(kind, bytes, n, k)?;
+        Ok(if panels::panel_layout(isa) {
+            Packed::Panels(PanelBlocks::from_rows(&rows))
+        } else {
+            Packed::Rows(rows)
+        })
+    }
+
+    /// Output features.
+    pub fn n(&self) -> usize {
+        match self {
+            Packed::Rows(w) => w.n,
+            Packed::Panels(w) => w.n,
+        }
+    }
+
+    /// Input features.
+    pub fn k(&self) -> usize {
+        match self {
+            Packed::Rows(w) => w.k,
+            Packed::Panels(w) => w.k,
+        }
+    }
+
+    pub fn kind(&self) -> BlockKind {
+        match self {
+            Packed::Rows(w) => w.kind,
+            Packed::Panels(w) => w.kind,
+        }
+    }
+
+    /// Bytes this copy holds.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Packed::Rows(w) => w.bytes(),
+            Packed::Panels(w) => w.bytes(),
+        }
+    }
+}
+
+/// `x` (`m × k` f32) times the packed weight's transpose: `m × n` f32, on `Isa::selected()`
+/// (falling back to the best path the CPU has if the layout was built for another).
+pub fn matmul(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
     let isa = Isa::selected();
-    let a = ActBlocks::quantize(isa, w.kind, x, m, w.k);
-    let mut out = vec![0f32; m * w.n];
-    if panels::use_panels(isa, m) {
-        let p = w.panel.get_or_init(|| PanelBlocks::from_rows(w));
-        panels::matmul_with(isa, p, &a, &mut out);
-    } else {
-        matmul_with(isa, w, &a, &mut out);
+    let mut out = vec![0f32; m * w.n()];
+    match w {
+        Packed::Panels(p) => {
+            let isa = if panels::panel_layout(isa) {
+                isa
+            } else {
+                Isa::Portable
+            };
+            let a = ActBlocks::quantize(isa, p.kind, x, m, p.k);
+            panels::matmul_with(isa, p, &a, &mut out);
+        }
+        Packed::Rows(r) => {
+            let a = ActBlocks::quantize(isa, r.kind, x, m, r.k);
+            matmul_with(isa, r, &a, &mut out);
+        }
     }
     out
 }
@@ -1095,7 +1156,10 @@ mod tests {
         out
     }
 
-    const SHAPES: [(usize, usize, usize); 10] = [
+    /// Ragged shapes: m = 1..5 (decode) and past the panel kernel's 8-row switch and 4-row
+    /// tile; n off the 4-row tile, the 16-channel panel and the 3-panel tile; k with every
+    /// nibble-group tail; work below and above the threading threshold.
+    const SHAPES: [(usize, usize, usize); 14] = [
         (1, 1, 32),
         (1, 5, 64),
         (3, 7, 96),
@@ -1106,7 +1170,41 @@ mod tests {
         (5, 4, 128),
         (17, 33, 576),
         (1, 300, 576),
+        (2, 49, 160),
+        (4, 1, 32),
+        (5, 83, 96),
+        (1, 1201, 576),
     ];
+
+    /// `x · Wᵀ` by every kernel this CPU has, each called directly: the row kernels on
+    /// every path, the panel kernel on its paths (portable and AVX-512), and `matmul`'s
+    /// dispatch on the selected path's layout. Labels name the path and layout.
+    fn every_kernel(
+        kind: BlockKind,
+        bytes: &[u8],
+        x: &[f32],
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Vec<(String, Vec<f32>)> {
+        let rows = PackedBlocks::from_ggml(kind, bytes, n, k).unwrap();
+        let pan = PanelBlocks::from_rows(&rows);
+        let mut out = Vec::new();
+        for isa in Isa::available() {
+            let a = ActBlocks::quantize(isa, kind, x, m, k);
+            let mut y = vec![0f32; m * n];
+            matmul_with(isa, &rows, &a, &mut y);
+            out.push((format!("{isa:?}/rows"), y));
+            if isa == Isa::Portable || panels::panel_layout(isa) {
+                let mut y = vec![0f32; m * n];
+                panels::matmul_with(isa, &pan, &a, &mut y);
+                out.push((format!("{isa:?}/panels"), y));
+            }
+        }
+        let sel = Packed::from_ggml(Isa::selected(), kind, bytes, n, k).unwrap();
+        out.push(("selected/matmul".into(), matmul(&sel, x, m)));
+        out
+    }
 
     #[test]
     fn every_path_matches_the_f64_reference() {
@@ -1114,20 +1212,16 @@ mod tests {
         for kind in KINDS {
             for (m, n, k) in SHAPES {
                 let bytes = random_blocks(kind, n, k, false, &mut g);
-                let w = PackedBlocks::from_ggml(kind, &bytes, n, k).unwrap();
                 let x: Vec<f32> = (0..m * k).map(|_| g.unif() * 3.0).collect();
                 let want = reference(kind, &bytes, &x, m, n, k);
-                for isa in Isa::available() {
-                    let a = ActBlocks::quantize(isa, kind, &x, m, k);
-                    let mut y = vec![0f32; m * n];
-                    matmul_with(isa, &w, &a, &mut y);
+                for (isa, y) in every_kernel(kind, &bytes, &x, m, n, k) {
                     for (i, (&got, &(y0, mag, _))) in y.iter().zip(&want).enumerate() {
                         // f32: each product d·d·I and each sum rounds by ≤ 2^-24 relative;
                         // k/32 + 8 roundings on terms of total size `mag`.
                         let tol = (k / QK + 8) as f64 * 2f64.powi(-23) * mag + 1e-30;
                         assert!(
                             (got as f64 - y0).abs() <= tol,
-                            "{kind:?} {isa:?} m{m} n{n} k{k} @{i}: {got} vs {y0} (tol {tol})"
+                            "{kind:?} {isa} m{m} n{n} k{k} @{i}: {got} vs {y0} (tol {tol})"
                         );
                     }
                 }
@@ -1141,7 +1235,6 @@ mod tests {
         for kind in KINDS {
             for (m, n, k) in SHAPES {
                 let bytes = random_blocks(kind, n, k, true, &mut g);
-                let w = PackedBlocks::from_ggml(kind, &bytes, n, k).unwrap();
                 // Integer activations with a ±127 in every block: d = 1, q = x exactly.
                 let x: Vec<f32> = (0..m * k)
                     .map(|i| match (i % QK, g.next() % 4) {
@@ -1153,13 +1246,10 @@ mod tests {
                     })
                     .collect();
                 let want = reference(kind, &bytes, &x, m, n, k);
-                for isa in Isa::available() {
-                    let a = ActBlocks::quantize(isa, kind, &x, m, k);
-                    let mut y = vec![0f32; m * n];
-                    matmul_with(isa, &w, &a, &mut y);
+                for (isa, y) in every_kernel(kind, &bytes, &x, m, n, k) {
                     for (i, (&got, &(_, _, isum))) in y.iter().zip(&want).enumerate() {
                         // |Σ I| <= k·128·127 < 2^24: every partial sum is exact in f32.
-                        assert_eq!(got as i64, isum, "{kind:?} {isa:?} m{m} n{n} k{k} @{i}");
+                        assert_eq!(got as i64, isum, "{kind:?} {isa} m{m} n{n} k{k} @{i}");
                         assert_eq!(got.fract(), 0.0);
                     }
                 }
@@ -1219,12 +1309,8 @@ mod tests {
                     .unwrap()
                     .to_vec1::<f32>()
                     .unwrap();
-                let w = PackedBlocks::from_ggml(kind, &bytes, n, k).unwrap();
                 let reff = reference(kind, &bytes, &xf, m, n, k);
-                for isa in Isa::available() {
-                    let a = ActBlocks::quantize(isa, kind, &xf, m, k);
-                    let mut y = vec![0f32; m * n];
-                    matmul_with(isa, &w, &a, &mut y);
+                for (isa, y) in every_kernel(kind, &bytes, &xf, m, n, k) {
                     for ((&got, &c), &(_, mag, _)) in y.iter().zip(&want).zip(&reff) {
                         // Summation order; for Q4_1 also its s, which candle rounds as
                         // f16(f16(Σq)·f16(d)) and llama.cpp (and we) as f16(Σq·d): up to
@@ -1237,7 +1323,7 @@ mod tests {
                         let tol = (1e-5 + s_tol) * mag + 1e-6;
                         assert!(
                             ((got - c) as f64).abs() <= tol,
-                            "{kind:?} {isa:?} m{m} n{n} k{k}: {got} vs candle {c}"
+                            "{kind:?} {isa} m{m} n{n} k{k}: {got} vs candle {c}"
                         );
                     }
                 }
