@@ -15,8 +15,11 @@ use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
 
+mod fused;
 mod partial;
 mod staged;
+
+pub use fused::FUSE_ENV;
 
 pub use partial::Stage;
 
@@ -402,6 +405,17 @@ struct Block {
     gate: QLinear,
     up: QLinear,
     down: QLinear,
+    /// q/k/v and gate/up stacked for the CPU forward pass (see `fused`).
+    qkv_fused: fused::Fusion,
+    gate_up_fused: fused::Fusion,
+}
+
+impl Block {
+    /// Drops the stacked weights (a layer is about to change).
+    fn clear_fused(&mut self) {
+        self.qkv_fused.clear();
+        self.gate_up_fused.clear();
+    }
 }
 
 /// Cached keys and values per layer: on the CPU one growing `[seq, head_dim]` buffer per
@@ -438,6 +452,8 @@ pub struct Llama {
     cos_host: Vec<f32>,
     sin_host: Vec<f32>,
     pub device: Device,
+    /// Whether the CPU forward pass multiplies q/k/v, and gate/up, as one stacked weight.
+    fuse: bool,
 }
 
 /// GGUF tensors read under Hugging Face names (`model.layers.0.self_attn.q_proj.weight`).
@@ -589,6 +605,8 @@ impl Llama {
                 gate: src.linear(&p("mlp.gate_proj"))?,
                 up: src.linear(&p("mlp.up_proj"))?,
                 down: src.linear(&p("mlp.down_proj"))?,
+                qkv_fused: Default::default(),
+                gate_up_fused: Default::default(),
             };
             let (hd, nh, nkv) = (
                 cfg.head_dim,
@@ -653,7 +671,45 @@ impl Llama {
             norm,
             lm_head,
             device: device.clone(),
+            fuse: fused::fuse_by_default(),
         })
+    }
+
+    /// Whether the CPU forward pass runs q/k/v, and gate/up, as one product each over
+    /// their stacked weights (on by default; `QUANTLAB_FUSE=off` turns it off at load).
+    /// The numbers are the same either way.
+    pub fn set_fused_projections(&mut self, on: bool) {
+        self.fuse = on;
+        for b in &mut self.blocks {
+            b.clear_fused();
+        }
+    }
+
+    /// The layer groups the CPU forward pass now runs as one stacked product each (names
+    /// in order; empty when fusion is off): q/k/v and gate/up of each block whose parts
+    /// share a format that stacks. Builds the stacked weights not yet built.
+    pub fn fused_groups(&self) -> Vec<Vec<String>> {
+        if !self.fuse {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for b in &self.blocks {
+            let groups: [(&fused::Fusion, Vec<&QLinear>); 2] = [
+                (&b.qkv_fused, vec![&b.q, &b.k, &b.v]),
+                (&b.gate_up_fused, vec![&b.gate, &b.up]),
+            ];
+            for (f, layers) in groups {
+                if f.get(&layers).is_some() {
+                    out.push(layers.iter().map(|l| l.name.clone()).collect());
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether [`Self::set_fused_projections`] is on.
+    pub fn fused_projections(&self) -> bool {
+        self.fuse
     }
 
     /// Runs activations in `dtype` (f32, bf16 or f16), as transformers runs a model loaded
@@ -1113,6 +1169,7 @@ impl HasLinears for Llama {
             }),
             site => self.blocks.iter_mut().find_map(|b| {
                 let p = b.q.name.trim_end_matches("self_attn.q_proj").to_string();
+                b.clear_fused();
                 let Block {
                     attn_norm,
                     q,
@@ -1123,6 +1180,7 @@ impl HasLinears for Llama {
                     gate,
                     up,
                     down,
+                    ..
                 } = b;
                 match site {
                     ScaleSite::Norm(n) if *n == format!("{p}input_layernorm") => Some(GroupMut {
@@ -1173,6 +1231,7 @@ impl HasLinears for Llama {
             .blocks
             .iter_mut()
             .flat_map(|b| {
+                b.clear_fused();
                 [
                     &mut b.q,
                     &mut b.k,

@@ -219,6 +219,14 @@ impl QLinear {
         Ok(())
     }
 
+    /// Whether [`Self::forward`] of an f32 input is now exactly `weight.forward(x, bias)`:
+    /// no statistics are being gathered and no dequantized copy stands in. Only then may a
+    /// forward engine multiply with a weight that stacks this layer's rows with others'.
+    pub fn forwards_through_format(&self) -> bool {
+        let cached = self.dequant_cache.is_some() && self.weight.forward_is_dequantized_matmul();
+        !cached && self.collector.lock().unwrap().is_none()
+    }
+
     /// `y = x Wᵀ + b` for `x` of shape `[..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut dims = x.dims().to_vec();

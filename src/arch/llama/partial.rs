@@ -4,7 +4,7 @@
 //! One window at a time, f32 on the CPU; the arithmetic is exactly that of
 //! [`Llama::forward`] on the CPU.
 
-use super::{add_in_place, Block, Llama, RopeLayout};
+use super::{add_in_place, fused, Block, Llama, RopeLayout};
 use crate::nn::kernels::llm_f32::{self, KvHeads, RopePairs};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
@@ -83,9 +83,10 @@ impl Llama {
             (t, hs),
             dev,
         )?;
-        let mut q = host(&b.q.forward(&h)?)?;
-        let mut k = host(&b.k.forward(&h)?)?;
-        let v = host(&b.v.forward(&h)?)?;
+        let [mut q, mut k, v]: [Vec<f32>; 3] =
+            fused::project(&b.qkv_fused, self.fuse, &[&b.q, &b.k, &b.v], &h, t)?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("q/k/v projection gave the wrong part count"))?;
         llm_f32::rope(
             &mut q,
             nh,
@@ -120,8 +121,10 @@ impl Llama {
             (t, c.hidden_size),
             dev,
         )?;
-        let mut g = host(&b.gate.forward(&h)?)?;
-        let u = host(&b.up.forward(&h)?)?;
+        let [mut g, u]: [Vec<f32>; 2] =
+            fused::project(&b.gate_up_fused, self.fuse, &[&b.gate, &b.up], &h, t)?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("gate/up projection gave the wrong part count"))?;
         llm_f32::silu_mul(&mut g, &u);
         let d = host(
             &b.down

@@ -87,6 +87,8 @@ impl CalibrateInStages for Llama {
         } = self;
         let start = std::time::Instant::now();
         for (bi, b) in blocks.iter_mut().enumerate().take(last) {
+            // Its layers are converted below: a stacked copy of the old ones is stale.
+            b.clear_fused();
             let bar = crate::progress::bar(4 * n, &format!("block {}/{nblocks}", bi + 1), true);
             let attn_norm = host(&b.attn_norm)?;
             let ffn_norm = host(&b.ffn_norm)?;

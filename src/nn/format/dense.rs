@@ -135,4 +135,13 @@ impl WeightFormat for Dense {
     fn as_any(&self) -> &dyn Any {
         self
     }
+
+    /// The weight tensors stacked (f32 products are per row: the same sums in the same
+    /// order for every row, whatever the number of rows around it).
+    fn concat_rows(&self, rest: &[&dyn WeightFormat]) -> Option<Arc<dyn WeightFormat>> {
+        let parts = super::same_format(self, rest, self.shape().1)?;
+        let ws: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+        let w = Tensor::cat(&ws, 0).ok()?;
+        Some(Arc::new(Dense::new(w).ok()?))
+    }
 }

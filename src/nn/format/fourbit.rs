@@ -261,4 +261,34 @@ impl WeightFormat for FourBitWeight {
     fn as_any(&self) -> &dyn Any {
         self
     }
+
+    /// Codes and block absmax values stacked, for parts of one code book and block size
+    /// whose blocks end with the part (so no block straddles two parts). Double-quantized
+    /// absmax values are decoded, as the kernels read them: the stacked weight holds the
+    /// same values as plain absmax, for the forward pass only.
+    fn concat_rows(&self, rest: &[&dyn WeightFormat]) -> Option<Arc<dyn WeightFormat>> {
+        let parts = super::same_format(self, rest, self.in_features)?;
+        let (kind, bs) = (self.q.kind, self.q.blocksize);
+        let fits = |p: &FourBitWeight| {
+            p.q.kind == kind
+                && p.q.blocksize == bs
+                && p.q.len.is_multiple_of(bs)
+                && p.q.len.is_multiple_of(2)
+        };
+        if !parts.iter().all(|p| fits(p)) {
+            return None;
+        }
+        let o = parts.iter().map(|p| p.out_features).sum();
+        let q = FourBit {
+            kind,
+            len: parts.iter().map(|p| p.q.len).sum(),
+            blocksize: bs,
+            packed: parts
+                .iter()
+                .flat_map(|p| p.q.packed.iter().copied())
+                .collect(),
+            absmax: Absmax::Plain(parts.iter().flat_map(|p| p.q.absmax.values()).collect()),
+        };
+        Some(Arc::new(FourBitWeight::new(o, self.in_features, q)))
+    }
 }

@@ -248,4 +248,31 @@ impl WeightFormat for Ggml {
     fn as_any(&self) -> &dyn Any {
         self
     }
+
+    /// The parts' blocks stacked, for parts of one GGML type on the CPU (a row is a whole
+    /// number of blocks, so rows concatenate as bytes).
+    fn concat_rows(&self, rest: &[&dyn WeightFormat]) -> Option<Arc<dyn WeightFormat>> {
+        let (_, i) = self.shape();
+        let parts = super::same_format(self, rest, i)?;
+        let t = self.q.dtype();
+        if parts
+            .iter()
+            .any(|p| p.q.dtype() != t || !p.q.device().is_cpu())
+        {
+            return None;
+        }
+        let mut bytes = Vec::new();
+        for p in &parts {
+            bytes.extend_from_slice(&p.q.data().ok()?);
+        }
+        let o = parts.iter().map(|p| p.shape().0).sum();
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            t,
+            &bytes,
+            vec![o, i],
+            &Device::Cpu,
+        )
+        .ok()?;
+        Some(Arc::new(Ggml::new(q).ok()?))
+    }
 }

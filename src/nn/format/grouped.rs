@@ -504,4 +504,68 @@ impl WeightFormat for Grouped {
     fn as_any(&self) -> &dyn Any {
         self
     }
+
+    /// Codes and (scale, zero point) pairs stacked, for parts of one scheme and scale kind
+    /// whose pairs run along rows (per output channel or per group of columns; one pair
+    /// for the whole tensor only where every part has the same one).
+    fn concat_rows(&self, rest: &[&dyn WeightFormat]) -> Option<Arc<dyn WeightFormat>> {
+        let (_, i) = self.shape();
+        let parts = super::same_format(self, rest, i)?;
+        let scheme = &self.q.scheme;
+        let same = |p: &Grouped| {
+            p.q.scheme == *scheme
+                && p.f16_scales == self.f16_scales
+                && p.float_zero.is_some() == self.float_zero.is_some()
+        };
+        if !parts.iter().all(|p| same(p)) {
+            return None;
+        }
+        let params = match scheme.granularity {
+            Granularity::PerChannel { axis: 0 } | Granularity::PerGroup { .. } => QParams {
+                scale: parts
+                    .iter()
+                    .flat_map(|p| p.q.params.scale.clone())
+                    .collect(),
+                zero_point: parts
+                    .iter()
+                    .flat_map(|p| p.q.params.zero_point.clone())
+                    .collect(),
+            },
+            Granularity::PerTensor
+                if parts.iter().all(|p| {
+                    p.q.params.scale == self.q.params.scale
+                        && p.q.params.zero_point == self.q.params.zero_point
+                        && p.float_zero == self.float_zero
+                }) =>
+            {
+                self.q.params.clone()
+            }
+            _ => return None,
+        };
+        let codes: Vec<&Tensor> = parts.iter().map(|p| &p.q.codes).collect();
+        let q = QTensor {
+            scheme: *scheme,
+            codes: Tensor::cat(&codes, 0).ok()?,
+            params,
+        };
+        let g = match &self.float_zero {
+            None => Grouped::new(q),
+            Some(z) => {
+                let zero = match scheme.granularity {
+                    Granularity::PerTensor => z.clone(),
+                    _ => parts
+                        .iter()
+                        .flat_map(|p| p.float_zero.clone().unwrap_or_default())
+                        .collect(),
+                };
+                Grouped::with_float_zero(q, zero).ok()?
+            }
+        };
+        let g = if self.f16_scales {
+            g.with_f16_scales().ok()?
+        } else {
+            g
+        };
+        Some(Arc::new(g))
+    }
 }

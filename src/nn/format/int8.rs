@@ -405,6 +405,27 @@ impl WeightFormat for Int8 {
     fn as_any(&self) -> &dyn Any {
         self
     }
+
+    /// Codes and per-row scales stacked, for parts with the same activation scheme: the
+    /// input is then quantized once for all of them, to the same codes each part would
+    /// have computed from the same input (a per-call range, per-row ranges or a fixed one
+    /// all depend on the input only).
+    fn concat_rows(&self, rest: &[&dyn WeightFormat]) -> Option<Arc<dyn WeightFormat>> {
+        let parts = super::same_format(self, rest, self.in_features)?;
+        if parts.iter().any(|p| p.act != self.act) {
+            return None;
+        }
+        let o = parts.iter().map(|p| p.out_features).sum();
+        let codes = parts.iter().flat_map(|p| p.codes.iter().copied()).collect();
+        let scale = parts.iter().flat_map(|p| p.scale.iter().copied()).collect();
+        Some(Arc::new(Self::from_parts(
+            o,
+            self.in_features,
+            codes,
+            scale,
+            self.act,
+        )))
+    }
 }
 
 /// Activation (scale, zero point) from a calibrated input range; an error naming the layer

@@ -73,6 +73,32 @@ pub trait WeightFormat: Debug + Send + Sync {
     /// Bytes of those tensors, by arithmetic (equal to what [`Self::tensors`] writes).
     fn stored_bytes(&self) -> usize;
     fn as_any(&self) -> &dyn Any;
+    /// This weight's output rows followed by those of `rest`, as one weight whose
+    /// `forward` gives every output element exactly the number the part holding that row
+    /// gives (rows are independent): the forward engine multiplies q/k/v, and gate/up, in
+    /// one product. `None` (the default) where the parts do not all share this format and
+    /// its parameters, or the format does not concatenate. The result is for the forward
+    /// pass only: what is saved and reported stays the separate layers.
+    fn concat_rows(&self, _rest: &[&dyn WeightFormat]) -> Option<Arc<dyn WeightFormat>> {
+        None
+    }
+}
+
+/// `first` and `rest` as the concrete format `F`, all with the same input width, for
+/// [`WeightFormat::concat_rows`]; `None` if one is another format or width.
+pub fn same_format<'a, F: 'static>(
+    first: &'a F,
+    rest: &[&'a dyn WeightFormat],
+    in_features: usize,
+) -> Option<Vec<&'a F>> {
+    let mut out = vec![first];
+    for w in rest {
+        if w.shape().1 != in_features {
+            return None;
+        }
+        out.push(w.as_any().downcast_ref::<F>()?);
+    }
+    Some(out)
 }
 
 /// A format's activation quantization, as a device emulating it must reproduce it.
