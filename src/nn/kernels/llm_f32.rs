@@ -334,6 +334,48 @@ pub fn log_softmax(x: &[f32], cols: usize) -> Vec<f32> {
     out
 }
 
+/// The log-probability of each row's target, `log_softmax(x)[r, targets[r]]`, without the
+/// `rows × cols` log-softmax tensor (perplexity needs one value per row of the 257 × 49152
+/// logits). Bit-identical to [`log_softmax`] at the target: the same maximum, the same
+/// `exp`, the sum of exponentials taken in the same eight lanes in the same order, the same
+/// final subtraction. A target outside the row gives NaN (the caller checks finiteness).
+pub fn target_log_probs(x: &[f32], cols: usize, targets: &[u32]) -> Vec<f32> {
+    assert!(
+        cols > 0 && x.len() == targets.len() * cols,
+        "target_log_probs: {} rows of {cols}",
+        targets.len()
+    );
+    let row = |(src, &t): (&[f32], &u32)| -> f32 {
+        let Some(&at) = src.get(t as usize) else {
+            return f32::NAN;
+        };
+        let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // `sum` of the exponentials, lane by lane as it adds them.
+        let mut acc = [0f32; 8];
+        let chunks = src.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += exp(v - max);
+            }
+        }
+        let mut tail = [0f32; 8];
+        for (d, &v) in tail.iter_mut().zip(rest) {
+            *d = exp(v - max);
+        }
+        let total = acc.iter().sum::<f32>() + tail[..rest.len()].iter().sum::<f32>();
+        (at - max) - total.ln()
+    };
+    if x.len() >= 1 << 15 {
+        x.par_chunks(cols)
+            .zip(targets.par_iter())
+            .map(row)
+            .collect()
+    } else {
+        x.chunks(cols).zip(targets).map(row).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,6 +508,46 @@ mod tests {
                 assert!((ls[r * 50 + c] as f64 - e).abs() < 1e-5 * e.abs().max(1.0));
             }
         }
+    }
+
+    #[test]
+    fn target_log_probs_equal_log_softmax_bit_for_bit() {
+        for (i, &cols) in [1usize, 7, 8, 9, 31, 1000, 4099].iter().enumerate() {
+            let rows = 13;
+            let x: Vec<f32> = lcg(rows * cols, 40 + i as u64)
+                .iter()
+                .map(|v| v * 12.0)
+                .collect();
+            let targets: Vec<u32> = (0..rows).map(|r| ((r * 7919) % cols) as u32).collect();
+            let lp = log_softmax(&x, cols);
+            let got = target_log_probs(&x, cols, &targets);
+            for (r, (&g, &t)) in got.iter().zip(&targets).enumerate() {
+                let want = lp[r * cols + t as usize];
+                assert_eq!(
+                    g.to_bits(),
+                    want.to_bits(),
+                    "cols {cols} row {r}: {g} vs {want}"
+                );
+                // And against f64, so the pair cannot be wrong together.
+                let row = &x[r * cols..(r + 1) * cols];
+                let m = row.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
+                let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+                let exact = row[t as usize] as f64 - lse;
+                assert!(
+                    (g as f64 - exact).abs() < 1e-5 * (1.0 + exact.abs()),
+                    "{g} vs {exact}"
+                );
+            }
+        }
+        // Large enough to take the parallel branch.
+        let (rows, cols) = (9, 5000);
+        let x = lcg(rows * cols, 3);
+        let targets: Vec<u32> = (0..rows as u32).map(|r| r * 555).collect();
+        let lp = log_softmax(&x, cols);
+        for (r, g) in target_log_probs(&x, cols, &targets).iter().enumerate() {
+            assert_eq!(g.to_bits(), lp[r * cols + targets[r] as usize].to_bits());
+        }
+        assert!(target_log_probs(&[0.0, 1.0], 2, &[2])[0].is_nan());
     }
 
     #[test]
