@@ -29,14 +29,19 @@ pub fn exp(x: f32) -> f32 {
     let xc = x.clamp(LO, HI);
     // Round to nearest with the 1.5·2²³ trick (exact for |t| < 2²²; vectorises, unlike round()).
     let t = xc * std::f32::consts::LOG2_E;
-    let n = (t + 12_582_912.0) - 12_582_912.0;
+    let big = t + 12_582_912.0;
+    let n = big - 12_582_912.0;
     let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
         + 0.5;
     let e = p * (r * r) + r + 1.0;
-    let scaled = e * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `n` as an integer, read from the low mantissa bits of `big` (1.5·2²³ + n has the bits
+    // 0x4B40_0000 + n for |n| < 2²²; here |n| ≤ 128): the same value as `n as i32`, whose
+    // saturating conversion the compiler would not vectorise (a scalar convert per lane).
+    let ni = (big.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let scaled = e * f32::from_bits((ni.wrapping_add(127) as u32) << 23);
     if x > HI {
         f32::INFINITY
     } else if x < LO {
@@ -355,8 +360,12 @@ pub fn target_log_probs(x: &[f32], cols: usize, targets: &[u32]) -> Vec<f32> {
         let chunks = src.chunks_exact(8);
         let rest = chunks.remainder();
         for c in chunks {
-            for (a, &v) in acc.iter_mut().zip(c) {
-                *a += exp(v - max);
+            let mut e = [0f32; 8];
+            for (d, &v) in e.iter_mut().zip(c) {
+                *d = exp(v - max);
+            }
+            for (a, &d) in acc.iter_mut().zip(&e) {
+                *a += d;
             }
         }
         let mut tail = [0f32; 8];
@@ -387,6 +396,58 @@ mod tests {
                 .abs()
                 .max(f64::MIN_POSITIVE))
         .abs()
+    }
+
+    /// `exp` before its integer conversion was made vectorisable (`n as i32`): the values
+    /// must not change by a bit.
+    fn exp_with_cast(x: f32) -> f32 {
+        const HI: f32 = 88.376_26;
+        const LO: f32 = -87.336_55;
+        let xc = x.clamp(LO, HI);
+        let t = xc * std::f32::consts::LOG2_E;
+        let n = (t + 12_582_912.0) - 12_582_912.0;
+        let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
+        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+            * r
+            + 1.666_666_5e-1)
+            * r
+            + 0.5;
+        let e = p * (r * r) + r + 1.0;
+        let scaled = e * f32::from_bits(((n as i32 + 127) as u32) << 23);
+        if x > HI {
+            f32::INFINITY
+        } else if x < LO {
+            0.0
+        } else if x.is_nan() {
+            x
+        } else {
+            scaled
+        }
+    }
+
+    #[test]
+    fn exp_is_bit_identical_to_its_cast_form() {
+        let mut x = -100.0f32;
+        while x < 100.0 {
+            assert_eq!(exp(x).to_bits(), exp_with_cast(x).to_bits(), "x = {x}");
+            x += 0.000_377;
+        }
+        for x in [
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            f32::MAX,
+            f32::MIN,
+            88.376_26,
+            88.376_27,
+            -87.336_55,
+            -87.336_56,
+            0.0,
+            -0.0,
+            1e-30,
+        ] {
+            assert_eq!(exp(x).to_bits(), exp_with_cast(x).to_bits(), "x = {x}");
+        }
+        assert!(exp(f32::NAN).is_nan());
     }
 
     #[test]
