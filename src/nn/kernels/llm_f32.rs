@@ -139,7 +139,7 @@ pub fn rope(
     assert!(hd.is_multiple_of(2) && width > 0 && x.len().is_multiple_of(width));
     let rows = x.len() / width;
     assert!(cos.len() >= (pos0 + rows) * half && sin.len() >= (pos0 + rows) * half);
-    for (r, row) in x.chunks_exact_mut(width).enumerate() {
+    let rotate = |(r, row): (usize, &mut [f32])| {
         let c = &cos[(pos0 + r) * half..(pos0 + r + 1) * half];
         let s = &sin[(pos0 + r) * half..(pos0 + r + 1) * half];
         for h in row.chunks_exact_mut(hd) {
@@ -153,6 +153,12 @@ pub fn rope(
                 h[b] = x0 * s[i] + x1 * c[i];
             }
         }
+    };
+    // A prefill's rows in parallel (each row is rotated independently).
+    if x.len() >= 1 << 15 {
+        x.par_chunks_exact_mut(width).enumerate().for_each(rotate);
+    } else {
+        x.chunks_exact_mut(width).enumerate().for_each(rotate);
     }
 }
 
