@@ -15,6 +15,7 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
+    quantlab::nn::kernels::prefill::keep_freed_memory();
     let cli = quantlab::cli::Cli::parse();
     if let Err(e) = quantlab::cli::run(cli) {
         eprintln!("error: {e:#}");

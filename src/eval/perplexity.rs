@@ -211,12 +211,16 @@ pub fn batch_log_probs(model: &Llama, ws: &[&Window]) -> Result<Vec<Tensor>> {
 /// −log p(target) at each scored position of `ws` (windows of equal length and equal
 /// first scored position, as for [`batch_log_probs`]) with the fused NLL kernel: per row
 /// a logsumexp and the target's logit, no log-probability tensor. `None` where the fused
-/// kernels do not run (the CPU, `QUANTLAB_FUSED=0`).
+/// kernels do not run (a GPU with `QUANTLAB_FUSED=0`). On the CPU the values are
+/// bit-identical to [`batch_log_probs`] + [`token_nll`] (`llm_f32::target_log_probs`);
+/// skipping the log-probability tensor saves a pass over the logits and 50 MB written per
+/// SmolLM2 chunk.
 pub fn batch_nll_fused(model: &Llama, ws: &[&Window]) -> Result<Option<Vec<Vec<f64>>>> {
     let Some(first) = ws.first() else {
         return Ok(Some(Vec::new()));
     };
-    if !crate::nn::cuda::enabled(&model.device) {
+    let cuda = crate::nn::cuda::enabled(&model.device);
+    if !cuda && !model.device.is_cpu() {
         return Ok(None);
     }
     let (t, f) = (first.tokens.len(), first.first_scored);
@@ -238,11 +242,14 @@ pub fn batch_nll_fused(model: &Llama, ws: &[&Window]) -> Result<Option<Vec<Vec<f
         .iter()
         .flat_map(|w| (0..rows).map(move |k| w.tokens.get(f + 1 + k).copied().unwrap_or(0)))
         .collect();
-    let targets = Tensor::from_vec(targets, b * r, &model.device)?;
-    let nll = crate::profile::section(&model.device, "nll fused", || {
-        crate::nn::cuda::nll_rows(&logits.reshape((b * r, v))?, &targets)
+    let nll = crate::profile::section(&model.device, "nll fused", || -> Result<Vec<f32>> {
+        if !cuda {
+            return cpu_nll_rows(&logits, v, &targets);
+        }
+        let targets = Tensor::from_vec(targets.clone(), b * r, &model.device)?;
+        let nll = crate::nn::cuda::nll_rows(&logits.reshape((b * r, v))?, &targets)?;
+        Ok(nll.to_vec1::<f32>()?)
     })?;
-    let nll = nll.to_vec1::<f32>()?;
     let mut out = Vec::with_capacity(b);
     for (i, w) in ws.iter().enumerate() {
         let row = &nll[i * r..i * r + w.scored()];
@@ -254,6 +261,22 @@ pub fn batch_nll_fused(model: &Llama, ws: &[&Window]) -> Result<Option<Vec<Vec<f
         out.push(row.iter().map(|&v| v as f64).collect());
     }
     Ok(Some(out))
+}
+
+/// −log p(target) per row of CPU logits (`[.., v]`, converted to f32 as
+/// [`Llama::log_softmax`] does), as `f32` like the fused GPU kernel's output.
+fn cpu_nll_rows(logits: &Tensor, v: usize, targets: &[u32]) -> Result<Vec<f32>> {
+    use crate::nn::kernels::llm_f32;
+    let logits = logits.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    let n = logits.elem_count();
+    let lp = crate::nn::rows::with_cpu_slice(
+        &logits,
+        n,
+        candle_core::CpuStorage::as_slice::<f32>,
+        |x| llm_f32::target_log_probs(x, v, targets),
+    )
+    .ok_or_else(|| anyhow::anyhow!("logits are not a CPU f32 buffer"))?;
+    Ok(lp.iter().map(|&l| -l).collect())
 }
 
 /// Perplexity of `model` on `ids`, `batch` windows per forward pass where they have the

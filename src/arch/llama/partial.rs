@@ -14,6 +14,29 @@ pub(super) fn host(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
+/// Runs `f` on a tensor's values on the host: borrowed when the tensor is a contiguous f32
+/// CPU buffer (the linear layers' outputs are), copied otherwise. Read-only uses of a
+/// layer's output borrow it, so a 512-token prefill does not copy 6 MB per block on one
+/// thread while the other waits.
+fn with_host<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let mut f = Some(f);
+    if t.dtype() == DType::F32 {
+        let n = t.elem_count();
+        let r =
+            crate::nn::rows::with_cpu_slice(t, n, candle_core::CpuStorage::as_slice::<f32>, |v| {
+                f.take().map(|f| f(v))
+            });
+        if let Some(Some(r)) = r {
+            return Ok(r);
+        }
+    }
+    let v = host(t)?;
+    let f = f
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("with_host: the closure already ran"))?;
+    Ok(f(&v))
+}
+
 /// The attention shapes and constants of a block, from the config (shared by the resumed
 /// forward pass here and the staged calibration pass).
 pub(super) struct AttnDims {
@@ -107,8 +130,8 @@ impl Llama {
         );
         kv.append(&k, &v, nkv, hd);
         let y = llm_f32::causal_attention(&q, t, nh, hd, kv, offset, scale);
-        let y = host(&b.o.forward(&Tensor::from_vec(y, (t, nh * hd), dev)?)?)?;
-        add_in_place(x, &y);
+        let y = b.o.forward(&Tensor::from_vec(y, (t, nh * hd), dev)?)?;
+        with_host(&y, |y| add_in_place(x, y))?;
         Ok(())
     }
 
@@ -126,11 +149,10 @@ impl Llama {
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("gate/up projection gave the wrong part count"))?;
         llm_f32::silu_mul(&mut g, &u);
-        let d = host(
-            &b.down
-                .forward(&Tensor::from_vec(g, (t, c.intermediate_size), dev)?)?,
-        )?;
-        add_in_place(x, &d);
+        let d = b
+            .down
+            .forward(&Tensor::from_vec(g, (t, c.intermediate_size), dev)?)?;
+        with_host(&d, |d| add_in_place(x, d))?;
         Ok(())
     }
 

@@ -29,14 +29,19 @@ pub fn exp(x: f32) -> f32 {
     let xc = x.clamp(LO, HI);
     // Round to nearest with the 1.5·2²³ trick (exact for |t| < 2²²; vectorises, unlike round()).
     let t = xc * std::f32::consts::LOG2_E;
-    let n = (t + 12_582_912.0) - 12_582_912.0;
+    let big = t + 12_582_912.0;
+    let n = big - 12_582_912.0;
     let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
         + 0.5;
     let e = p * (r * r) + r + 1.0;
-    let scaled = e * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `n` as an integer, read from the low mantissa bits of `big` (1.5·2²³ + n has the bits
+    // 0x4B40_0000 + n for |n| < 2²²; here |n| ≤ 128): the same value as `n as i32`, whose
+    // saturating conversion the compiler would not vectorise (a scalar convert per lane).
+    let ni = (big.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let scaled = e * f32::from_bits((ni.wrapping_add(127) as u32) << 23);
     if x > HI {
         f32::INFINITY
     } else if x < LO {
@@ -134,7 +139,7 @@ pub fn rope(
     assert!(hd.is_multiple_of(2) && width > 0 && x.len().is_multiple_of(width));
     let rows = x.len() / width;
     assert!(cos.len() >= (pos0 + rows) * half && sin.len() >= (pos0 + rows) * half);
-    for (r, row) in x.chunks_exact_mut(width).enumerate() {
+    let rotate = |(r, row): (usize, &mut [f32])| {
         let c = &cos[(pos0 + r) * half..(pos0 + r + 1) * half];
         let s = &sin[(pos0 + r) * half..(pos0 + r + 1) * half];
         for h in row.chunks_exact_mut(hd) {
@@ -148,6 +153,12 @@ pub fn rope(
                 h[b] = x0 * s[i] + x1 * c[i];
             }
         }
+    };
+    // A prefill's rows in parallel (each row is rotated independently).
+    if x.len() >= 1 << 15 {
+        x.par_chunks_exact_mut(width).enumerate().for_each(rotate);
+    } else {
+        x.chunks_exact_mut(width).enumerate().for_each(rotate);
     }
 }
 
@@ -334,6 +345,52 @@ pub fn log_softmax(x: &[f32], cols: usize) -> Vec<f32> {
     out
 }
 
+/// The log-probability of each row's target, `log_softmax(x)[r, targets[r]]`, without the
+/// `rows × cols` log-softmax tensor (perplexity needs one value per row of the 257 × 49152
+/// logits). Bit-identical to [`log_softmax`] at the target: the same maximum, the same
+/// `exp`, the sum of exponentials taken in the same eight lanes in the same order, the same
+/// final subtraction. A target outside the row gives NaN (the caller checks finiteness).
+pub fn target_log_probs(x: &[f32], cols: usize, targets: &[u32]) -> Vec<f32> {
+    assert!(
+        cols > 0 && x.len() == targets.len() * cols,
+        "target_log_probs: {} rows of {cols}",
+        targets.len()
+    );
+    let row = |(src, &t): (&[f32], &u32)| -> f32 {
+        let Some(&at) = src.get(t as usize) else {
+            return f32::NAN;
+        };
+        let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // `sum` of the exponentials, lane by lane as it adds them.
+        let mut acc = [0f32; 8];
+        let chunks = src.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            let mut e = [0f32; 8];
+            for (d, &v) in e.iter_mut().zip(c) {
+                *d = exp(v - max);
+            }
+            for (a, &d) in acc.iter_mut().zip(&e) {
+                *a += d;
+            }
+        }
+        let mut tail = [0f32; 8];
+        for (d, &v) in tail.iter_mut().zip(rest) {
+            *d = exp(v - max);
+        }
+        let total = acc.iter().sum::<f32>() + tail[..rest.len()].iter().sum::<f32>();
+        (at - max) - total.ln()
+    };
+    if x.len() >= 1 << 15 {
+        x.par_chunks(cols)
+            .zip(targets.par_iter())
+            .map(row)
+            .collect()
+    } else {
+        x.chunks(cols).zip(targets).map(row).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,6 +402,58 @@ mod tests {
                 .abs()
                 .max(f64::MIN_POSITIVE))
         .abs()
+    }
+
+    /// `exp` before its integer conversion was made vectorisable (`n as i32`): the values
+    /// must not change by a bit.
+    fn exp_with_cast(x: f32) -> f32 {
+        const HI: f32 = 88.376_26;
+        const LO: f32 = -87.336_55;
+        let xc = x.clamp(LO, HI);
+        let t = xc * std::f32::consts::LOG2_E;
+        let n = (t + 12_582_912.0) - 12_582_912.0;
+        let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
+        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+            * r
+            + 1.666_666_5e-1)
+            * r
+            + 0.5;
+        let e = p * (r * r) + r + 1.0;
+        let scaled = e * f32::from_bits(((n as i32 + 127) as u32) << 23);
+        if x > HI {
+            f32::INFINITY
+        } else if x < LO {
+            0.0
+        } else if x.is_nan() {
+            x
+        } else {
+            scaled
+        }
+    }
+
+    #[test]
+    fn exp_is_bit_identical_to_its_cast_form() {
+        let mut x = -100.0f32;
+        while x < 100.0 {
+            assert_eq!(exp(x).to_bits(), exp_with_cast(x).to_bits(), "x = {x}");
+            x += 0.000_377;
+        }
+        for x in [
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            f32::MAX,
+            f32::MIN,
+            88.376_26,
+            88.376_27,
+            -87.336_55,
+            -87.336_56,
+            0.0,
+            -0.0,
+            1e-30,
+        ] {
+            assert_eq!(exp(x).to_bits(), exp_with_cast(x).to_bits(), "x = {x}");
+        }
+        assert!(exp(f32::NAN).is_nan());
     }
 
     #[test]
@@ -466,6 +575,46 @@ mod tests {
                 assert!((ls[r * 50 + c] as f64 - e).abs() < 1e-5 * e.abs().max(1.0));
             }
         }
+    }
+
+    #[test]
+    fn target_log_probs_equal_log_softmax_bit_for_bit() {
+        for (i, &cols) in [1usize, 7, 8, 9, 31, 1000, 4099].iter().enumerate() {
+            let rows = 13;
+            let x: Vec<f32> = lcg(rows * cols, 40 + i as u64)
+                .iter()
+                .map(|v| v * 12.0)
+                .collect();
+            let targets: Vec<u32> = (0..rows).map(|r| ((r * 7919) % cols) as u32).collect();
+            let lp = log_softmax(&x, cols);
+            let got = target_log_probs(&x, cols, &targets);
+            for (r, (&g, &t)) in got.iter().zip(&targets).enumerate() {
+                let want = lp[r * cols + t as usize];
+                assert_eq!(
+                    g.to_bits(),
+                    want.to_bits(),
+                    "cols {cols} row {r}: {g} vs {want}"
+                );
+                // And against f64, so the pair cannot be wrong together.
+                let row = &x[r * cols..(r + 1) * cols];
+                let m = row.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
+                let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+                let exact = row[t as usize] as f64 - lse;
+                assert!(
+                    (g as f64 - exact).abs() < 1e-5 * (1.0 + exact.abs()),
+                    "{g} vs {exact}"
+                );
+            }
+        }
+        // Large enough to take the parallel branch.
+        let (rows, cols) = (9, 5000);
+        let x = lcg(rows * cols, 3);
+        let targets: Vec<u32> = (0..rows as u32).map(|r| r * 555).collect();
+        let lp = log_softmax(&x, cols);
+        for (r, g) in target_log_probs(&x, cols, &targets).iter().enumerate() {
+            assert_eq!(g.to_bits(), lp[r * cols + targets[r] as usize].to_bits());
+        }
+        assert!(target_log_probs(&[0.0, 1.0], 2, &[2])[0].is_nan());
     }
 
     #[test]

@@ -1,0 +1,62 @@
+//! Throughput of the f32 prefill GEMM (`gemm_f32`) on SmolLM2's prefill shapes, in GFLOP/s
+//! of process CPU time (a loaded machine's descheduling does not count), one rayon thread
+//! unless `THREADS` says otherwise: the best and the median of 7 repetitions.
+//! `cargo run --release --example gemm_f32_rate`.
+use quantlab::nn::kernels::gemm_f32::{matmul_with, panel_width, PackedWeight};
+use quantlab::nn::kernels::Isa;
+use std::hint::black_box;
+
+fn cpu_ns() -> u64 {
+    let mut ts = std::mem::MaybeUninit::<[i64; 2]>::uninit();
+    extern "C" {
+        fn clock_gettime(clk: i32, ts: *mut [i64; 2]) -> i32;
+    }
+    // SAFETY: CLOCK_PROCESS_CPUTIME_ID (2) writes a timespec (two i64 on x86-64 Linux).
+    unsafe {
+        clock_gettime(2, ts.as_mut_ptr());
+        let t = ts.assume_init();
+        t[0] as u64 * 1_000_000_000 + t[1] as u64
+    }
+}
+
+fn main() {
+    let threads = std::env::var("THREADS").map_or(1, |v| v.parse().unwrap());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .unwrap();
+    let isa = Isa::selected();
+    println!("kernel path {isa:?}, {threads} thread(s)");
+    for &(m, k, n) in &[
+        (512usize, 576usize, 576usize),
+        (512, 576, 192),
+        (512, 576, 1536),
+        (512, 1536, 576),
+        (257, 576, 49152),
+    ] {
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
+            .collect();
+        let pw = PackedWeight::new(&w, n, k, panel_width(isa));
+        let reps = (2e10 / (2.0 * (m * n * k) as f64)).clamp(1.0, 50.0) as usize;
+        let mut v = Vec::new();
+        for _ in 0..7 {
+            let t0 = cpu_ns();
+            rayon::scope(|_| {
+                for _ in 0..reps {
+                    black_box(matmul_with(isa, black_box(&x), m, &pw));
+                }
+            });
+            let s = (cpu_ns() - t0) as f64 / 1e9 / reps as f64;
+            v.push(2.0 * (m * n * k) as f64 / s / 1e9);
+        }
+        v.sort_by(|a, b| b.partial_cmp(a).unwrap());
+        println!(
+            "m {m:4} k {k:5} n {n:6}: {:6.1} GFLOP/s per CPU-second (best), {:6.1} (median)",
+            v[0], v[3]
+        );
+    }
+}
