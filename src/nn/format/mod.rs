@@ -12,6 +12,7 @@ pub mod half;
 pub mod int8;
 pub mod llm_int8;
 pub mod on_device;
+pub mod packed_cuda;
 pub mod tensor_core;
 
 use crate::load::{NamedTensor, RawTensor, TensorSource};
