@@ -67,26 +67,20 @@ __device__ __forceinline__ void codes8(const uint32_t* w, int sub, float* q) {
   }
 }
 
+// Adds row `row`'s products with the m activation rows into acc (this lane's share; the
+// warp's lanes are summed by the caller).
 template <typename T, int BITS, bool TAB>
-__device__ void gemv_packed(const T* __restrict__ x, const uint8_t* __restrict__ codes,
-                            const float* __restrict__ params, T* __restrict__ y, int m, int n,
-                            int k, int ld, int group, int gpr, int tab_off, int xvec) {
-  __shared__ float tab[16];
-  if (TAB) {
-    if (threadIdx.y == 0 && threadIdx.x < 16) tab[threadIdx.x] = params[tab_off + threadIdx.x];
-    __syncthreads();
-  }
-  const int row = blockIdx.x * GEMV_ROWS_PER_BLOCK + threadIdx.y;
-  if (row >= n) return;
+__device__ __forceinline__ void row_dot(const T* __restrict__ x, const uint8_t* __restrict__ codes,
+                                        const float* __restrict__ params, const float* tab,
+                                        int m, int k, int ld, int group, int gpr, int xvec,
+                                        int row, float* acc) {
   const int lane = threadIdx.x;
   constexpr int VPC = BITS == 4 ? 32 : 16;  // values per 16-byte chunk
   const int chunks = ld / 16;
   const uint4* wrow = reinterpret_cast<const uint4*>(codes + (size_t)row * ld);
   const float2* prow = reinterpret_cast<const float2*>(params) + (size_t)row * gpr;
   const bool whole8 = group % 8 == 0;  // a run of 8 columns never straddles two groups
-  float acc[GEMV_MAX_M];
-#pragma unroll
-  for (int i = 0; i < GEMV_MAX_M; i++) acc[i] = 0.f;
+  const int gshift = (group & (group - 1)) == 0 ? __ffs(group) - 1 : -1;  // log2 where exact
 #pragma unroll 2
   for (int ch = lane; ch < chunks; ch += 32) {
     uint4 wv = __ldg(wrow + ch);
@@ -105,7 +99,7 @@ __device__ void gemv_packed(const T* __restrict__ x, const uint8_t* __restrict__
       }
       const bool full = col + 8 <= k;
       if (whole8 && full) {
-        const float2 sz = prow[col / group];
+        const float2 sz = prow[gshift >= 0 ? col >> gshift : col / group];
 #pragma unroll
         for (int i = 0; i < GEMV_MAX_M; i++) {
           if (i >= m) break;
@@ -142,29 +136,79 @@ __device__ void gemv_packed(const T* __restrict__ x, const uint8_t* __restrict__
       }
     }
   }
+}
+
+__device__ __forceinline__ float warp_sum(float a) {
 #pragma unroll
-  for (int i = 0; i < GEMV_MAX_M; i++) {
-    if (i >= m) break;
-    float a = acc[i];
+  for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+  return a;
+}
+
+// Where output (i, r) goes: rows split at n1 <= n2 into up to three blocks [m, n_s] stored
+// one after the other (stacked q, k, v); n1 = n2 = n is one plain [m, n] output.
+__device__ __forceinline__ size_t out_index(int i, int r, int m, int n, int n1, int n2) {
+  if (r < n1) return (size_t)i * n1 + r;
+  if (r < n2) return (size_t)m * n1 + (size_t)i * (n2 - n1) + (r - n1);
+  return (size_t)m * n2 + (size_t)i * (n - n2) + (r - n2);
+}
+
+// n outputs. GLU: the matrix stacks 2n rows (gate rows 0..n, up rows n..2n) and output r
+// is silu(gate_r · x) · (up_r · x) (the Llama MLP's first half in one launch).
+template <typename T, int BITS, bool TAB, bool GLU>
+__device__ void gemv_packed(const T* __restrict__ x, const uint8_t* __restrict__ codes,
+                            const float* __restrict__ params, T* __restrict__ y, int m, int n,
+                            int k, int ld, int group, int gpr, int tab_off, int xvec, int n1,
+                            int n2) {
+  __shared__ float tab[16];
+  if (TAB) {
+    if (threadIdx.y == 0 && threadIdx.x < 16) tab[threadIdx.x] = params[tab_off + threadIdx.x];
+    __syncthreads();
+  }
+  const int row = blockIdx.x * GEMV_ROWS_PER_BLOCK + threadIdx.y;
+  if (row >= n) return;
+  float acc[GEMV_MAX_M];
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
-    if (lane == 0) from_f(a, &y[(size_t)i * n + row]);
+  for (int i = 0; i < GEMV_MAX_M; i++) acc[i] = 0.f;
+  row_dot<T, BITS, TAB>(x, codes, params, tab, m, k, ld, group, gpr, xvec, row, acc);
+  if (GLU) {
+    float up[GEMV_MAX_M];
+#pragma unroll
+    for (int i = 0; i < GEMV_MAX_M; i++) up[i] = 0.f;
+    row_dot<T, BITS, TAB>(x, codes, params, tab, m, k, ld, group, gpr, xvec, row + n, up);
+#pragma unroll
+    for (int i = 0; i < GEMV_MAX_M; i++) {
+      if (i >= m) break;
+      const float g = warp_sum(acc[i]), u = warp_sum(up[i]);
+      if (threadIdx.x == 0) from_f(g / (1.f + __expf(-g)) * u, &y[(size_t)i * n + row]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < GEMV_MAX_M; i++) {
+      if (i >= m) break;
+      const float a = warp_sum(acc[i]);
+      if (threadIdx.x == 0) from_f(a, &y[out_index(i, row, m, n, n1, n2)]);
+    }
   }
 }
 
-#define GEMV_KERNEL(NAME, T, BITS, TAB)                                                     \
+#define GEMV_KERNEL(NAME, T, BITS, TAB, GLU)                                                \
   extern "C" __global__ void __launch_bounds__(32 * GEMV_ROWS_PER_BLOCK)                    \
       NAME(const T* x, const uint8_t* codes, const float* params, T* y, int m, int n, int k, \
-           int ld, int group, int gpr, int tab_off, int xvec) {                              \
-    gemv_packed<T, BITS, TAB>(x, codes, params, y, m, n, k, ld, group, gpr, tab_off, xvec);  \
+           int ld, int group, int gpr, int tab_off, int xvec, int n1, int n2) {              \
+    gemv_packed<T, BITS, TAB, GLU>(x, codes, params, y, m, n, k, ld, group, gpr, tab_off,    \
+                                   xvec, n1, n2);                                            \
   }
 
-GEMV_KERNEL(gemv_q4_int_f32, float, 4, false)
-GEMV_KERNEL(gemv_q4_int_bf16, __nv_bfloat16, 4, false)
-GEMV_KERNEL(gemv_q4_int_f16, __half, 4, false)
-GEMV_KERNEL(gemv_q8_int_f32, float, 8, false)
-GEMV_KERNEL(gemv_q8_int_bf16, __nv_bfloat16, 8, false)
-GEMV_KERNEL(gemv_q8_int_f16, __half, 8, false)
-GEMV_KERNEL(gemv_q4_tab_f32, float, 4, true)
-GEMV_KERNEL(gemv_q4_tab_bf16, __nv_bfloat16, 4, true)
-GEMV_KERNEL(gemv_q4_tab_f16, __half, 4, true)
+#define GEMV_KERNELS(SUFFIX, GLU)                                         \
+  GEMV_KERNEL(gemv_q4_int_f32##SUFFIX, float, 4, false, GLU)              \
+  GEMV_KERNEL(gemv_q4_int_bf16##SUFFIX, __nv_bfloat16, 4, false, GLU)     \
+  GEMV_KERNEL(gemv_q4_int_f16##SUFFIX, __half, 4, false, GLU)             \
+  GEMV_KERNEL(gemv_q8_int_f32##SUFFIX, float, 8, false, GLU)              \
+  GEMV_KERNEL(gemv_q8_int_bf16##SUFFIX, __nv_bfloat16, 8, false, GLU)     \
+  GEMV_KERNEL(gemv_q8_int_f16##SUFFIX, __half, 8, false, GLU)             \
+  GEMV_KERNEL(gemv_q4_tab_f32##SUFFIX, float, 4, true, GLU)               \
+  GEMV_KERNEL(gemv_q4_tab_bf16##SUFFIX, __nv_bfloat16, 4, true, GLU)      \
+  GEMV_KERNEL(gemv_q4_tab_f16##SUFFIX, __half, 4, true, GLU)
+
+GEMV_KERNELS(, false)
+GEMV_KERNELS(_glu, true)

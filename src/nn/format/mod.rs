@@ -74,6 +74,11 @@ pub trait WeightFormat: Debug + Send + Sync {
     /// Bytes of those tensors, by arithmetic (equal to what [`Self::tensors`] writes).
     fn stored_bytes(&self) -> usize;
     fn as_any(&self) -> &dyn Any;
+    /// The packed codes on a GPU for the fused decode GEMV, where this weight keeps them
+    /// (`on_device::Dequantized`), so a model can stack layers that read the same input.
+    fn packed_gemv(&self) -> Option<Arc<packed_cuda::PackedWeight>> {
+        None
+    }
 }
 
 /// A format's activation quantization, as a device emulating it must reproduce it.

@@ -229,6 +229,10 @@ impl WeightFormat for Dequantized {
     fn as_any(&self) -> &dyn Any {
         self.host.as_any()
     }
+
+    fn packed_gemv(&self) -> Option<Arc<PackedWeight>> {
+        self.packed.clone()
+    }
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use super::grouped::Grouped;
 use super::WeightFormat;
 use crate::quant::codebook::Absmax;
 use crate::quant::Granularity;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use half::{bf16, f16};
@@ -346,14 +346,43 @@ pub struct PackedWeight {
     codes: Tensor,
     /// The parameters (F32).
     params: Tensor,
+    /// The code book (Table decode), kept on the host to check stacking.
+    table: Option<[f32; 16]>,
+    /// Rows per stacked layer ([`Self::stack`]); one entry for a single layer.
+    parts: Vec<usize>,
+}
+
+/// What one launch computes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Output {
+    /// `[m, n]`.
+    Plain,
+    /// Up to three stacked layers' products, each `[m, n_s]` stored one after the other
+    /// (the rows split at `n1` and `n2`), so each is a contiguous tensor.
+    Split(usize, usize),
+    /// `silu(first half) ⊙ second half` of the rows: `[m, n / 2]`.
+    Glu,
 }
 
 impl PackedWeight {
     pub fn upload(layout: &PackedLayout, device: &Device) -> Result<Self> {
+        let s = &layout.shape;
+        let table = match s.decode {
+            Decode::Int => None,
+            Decode::Table => {
+                let t = layout.params.get(s.tab_off..s.tab_off + 16);
+                Some(
+                    t.and_then(|t| t.try_into().ok())
+                        .context("packed layout without its table")?,
+                )
+            }
+        };
         Ok(PackedWeight {
             shape: layout.shape,
             codes: Tensor::from_slice(&layout.codes, layout.codes.len(), device)?,
             params: Tensor::from_slice(&layout.params, layout.params.len(), device)?,
+            table,
+            parts: vec![s.n],
         })
     }
 
@@ -362,9 +391,107 @@ impl PackedWeight {
         self.codes.elem_count() + 4 * self.params.elem_count()
     }
 
+    /// The rows of several layers that read the same input (q, k, v; gate, up) as one
+    /// matrix, concatenated on the device: one launch for their products. `None` where
+    /// their columns or layouts differ.
+    pub fn stack(layers: &[&PackedWeight]) -> Result<Option<PackedWeight>> {
+        let Some(first) = layers.first() else {
+            return Ok(None);
+        };
+        let sa = &first.shape;
+        let same = |w: &&PackedWeight| {
+            let sb = &w.shape;
+            sa.k == sb.k
+                && sa.bits == sb.bits
+                && sa.decode == sb.decode
+                && sa.ld == sb.ld
+                && sa.group == sb.group
+                && sa.gpr == sb.gpr
+                && first.table == w.table
+        };
+        if !layers.iter().all(same) {
+            return Ok(None);
+        }
+        let mut params = Vec::with_capacity(layers.len() + 1);
+        for w in layers {
+            params.push(w.params.narrow(0, 0, 2 * w.shape.n * w.shape.gpr)?);
+        }
+        let n: usize = layers.iter().map(|w| w.shape.n).sum();
+        if let Some(t) = &first.table {
+            params.push(Tensor::from_slice(t, 16, first.params.device())?);
+        }
+        let codes: Vec<&Tensor> = layers.iter().map(|w| &w.codes).collect();
+        Ok(Some(PackedWeight {
+            shape: GemvShape {
+                n,
+                tab_off: if first.table.is_some() {
+                    2 * n * sa.gpr
+                } else {
+                    0
+                },
+                ..*sa
+            },
+            codes: Tensor::cat(&codes, 0)?,
+            params: Tensor::cat(&params, 0)?,
+            table: first.table,
+            parts: layers.iter().map(|w| w.shape.n).collect(),
+        }))
+    }
+
     /// `x [.., k]` (f32, bf16 or f16, at most [`MAX_ROWS`] rows) times the weight's
     /// transpose: `[.., n]` in `x`'s dtype, accumulated in f32.
     pub fn gemv(&self, x: &Tensor) -> Result<Tensor> {
+        let m = self.check(x)?;
+        let y = self.run(x, m, Output::Plain)?;
+        Ok(y.reshape(self.out_dims(x, self.shape.n))?)
+    }
+
+    /// For a stack of 2 or 3 layers ([`Self::stack`]): each layer's product, `[.., n_s]`,
+    /// from one launch (each a contiguous tensor).
+    pub fn gemv_parts(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let (n1, n2) = match self.parts[..] {
+            [a, b] => (a, a + b),
+            [a, b, _] => (a, a + b),
+            _ => bail!(
+                "a split GEMV needs 2 or 3 stacked layers, not {}",
+                self.parts.len()
+            ),
+        };
+        let m = self.check(x)?;
+        let y = self.run(x, m, Output::Split(n1, n2))?;
+        let mut out = Vec::with_capacity(self.parts.len());
+        let mut at = 0;
+        for &n in &self.parts {
+            out.push(y.narrow(0, at, m * n)?.reshape(self.out_dims(x, n))?);
+            at += m * n;
+        }
+        Ok(out)
+    }
+
+    /// For a stack of gate rows over as many up rows ([`Self::stack`]):
+    /// `silu(x·gateᵀ) ⊙ (x·upᵀ)`, `[.., n / 2]`, in one launch (the Llama MLP's first
+    /// half), the product and the activation in f32 before one rounding to `x`'s dtype.
+    pub fn gemv_glu(&self, x: &Tensor) -> Result<Tensor> {
+        if self.parts.len() != 2 || self.parts[0] != self.parts[1] {
+            bail!(
+                "a GLU GEMV needs gate and up stacked, not rows {:?}",
+                self.parts
+            );
+        }
+        let m = self.check(x)?;
+        let y = self.run(x, m, Output::Glu)?;
+        Ok(y.reshape(self.out_dims(x, self.shape.n / 2))?)
+    }
+
+    fn out_dims(&self, x: &Tensor, n: usize) -> Vec<usize> {
+        let dims = x.dims();
+        let mut out = dims[..dims.len() - 1].to_vec();
+        out.push(n);
+        out
+    }
+
+    /// The activation rows of `x`, checked.
+    fn check(&self, x: &Tensor) -> Result<usize> {
         let dims = x.dims();
         let Some((&k, lead)) = dims.split_last() else {
             bail!("packed GEMV of a scalar");
@@ -382,23 +509,26 @@ impl PackedWeight {
         if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
             bail!("packed GEMV of {:?} activations", x.dtype());
         }
+        Ok(m)
+    }
+
+    /// The op's flat output (`m · outputs` values).
+    fn run(&self, x: &Tensor, m: usize, output: Output) -> Result<Tensor> {
         let op = GemvOp {
             shape: self.shape,
             m,
+            output,
         };
-        let y =
-            x.reshape((m, k))?
-                .contiguous()?
-                .apply_op3_no_bwd(&self.codes, &self.params, &op)?;
-        let mut out = lead.to_vec();
-        out.push(self.shape.n);
-        Ok(y.reshape(out)?)
+        Ok(x.reshape((m, self.shape.k))?
+            .contiguous()?
+            .apply_op3_no_bwd(&self.codes, &self.params, &op)?)
     }
 }
 
 struct GemvOp {
     shape: GemvShape,
     m: usize,
+    output: Output,
 }
 
 fn contiguous(l: &Layout, len: usize, what: &str) -> candle_core::Result<(usize, usize)> {
@@ -409,6 +539,52 @@ fn contiguous(l: &Layout, len: usize, what: &str) -> candle_core::Result<(usize,
 }
 
 impl GemvOp {
+    /// Outputs per activation row.
+    fn outputs(&self) -> usize {
+        match self.output {
+            Output::Glu => self.shape.n / 2,
+            _ => self.shape.n,
+        }
+    }
+
+    /// The row splits the kernel writes with (`n1 = n2 = outputs`: one `[m, outputs]`).
+    fn splits(&self) -> (usize, usize) {
+        match self.output {
+            Output::Split(a, b) => (a, b),
+            _ => (self.outputs(), self.outputs()),
+        }
+    }
+
+    /// The CPU reference: the products, then the GLU in f32 or the split layout, as the
+    /// kernel writes them.
+    fn reference(&self, codes: &[u8], params: &[f32], x: &[f32]) -> Vec<f32> {
+        let y = self.shape.gemv_reference(codes, params, x, self.m);
+        let (n, m) = (self.shape.n, self.m);
+        match self.output {
+            Output::Plain => y,
+            Output::Glu => {
+                let h = n / 2;
+                let mut out = Vec::with_capacity(m * h);
+                for row in y.chunks(n) {
+                    for r in 0..h {
+                        let (g, u) = (row[r], row[h + r]);
+                        out.push(g / (1.0 + (-g).exp()) * u);
+                    }
+                }
+                out
+            }
+            Output::Split(n1, n2) => {
+                let mut out = Vec::with_capacity(m * n);
+                for (a, b) in [(0, n1), (n1, n2), (n2, n)] {
+                    for row in y.chunks(n) {
+                        out.extend_from_slice(&row[a..b]);
+                    }
+                }
+                out
+            }
+        }
+    }
+
     fn lens(&self) -> (usize, usize, usize) {
         let s = &self.shape;
         let params = 2 * s.n * s.gpr
@@ -417,6 +593,10 @@ impl GemvOp {
                 Decode::Table => 16,
             };
         (self.m * s.k, s.n * s.ld, params)
+    }
+
+    fn out_shape(&self) -> Shape {
+        Shape::from(self.m * self.outputs())
     }
 }
 
@@ -442,7 +622,7 @@ impl CustomOp3 for GemvOp {
             candle_core::bail!("packed GEMV: codes must be u8 and parameters f32");
         };
         let (codes, params) = (&codes[a2..b2], &params[a3..b3]);
-        let run = |x: Vec<f32>| self.shape.gemv_reference(codes, params, &x, self.m);
+        let run = |x: Vec<f32>| self.reference(codes, params, &x);
         let out = match s1 {
             CpuStorage::F32(x) => CpuStorage::F32(run(x[a1..b1].to_vec())),
             CpuStorage::BF16(x) => CpuStorage::BF16(
@@ -459,7 +639,7 @@ impl CustomOp3 for GemvOp {
             ),
             s => candle_core::bail!("packed GEMV of {:?} activations", s.dtype()),
         };
-        Ok((out, Shape::from((self.m, self.shape.n))))
+        Ok((out, self.out_shape()))
     }
 
     #[cfg(feature = "cuda")]
@@ -480,17 +660,14 @@ impl CustomOp3 for GemvOp {
         );
         let slice = gpu::gemv(self, s1, s2, s3, parts)?;
         let device = s1.device.clone();
-        Ok((
-            candle_core::CudaStorage { slice, device },
-            Shape::from((self.m, self.shape.n)),
-        ))
+        Ok((candle_core::CudaStorage { slice, device }, self.out_shape()))
     }
 }
 
 #[cfg(feature = "cuda")]
 mod gpu {
     //! The launch of `kernels/cuda/gemv.cuh`.
-    use super::{Decode, GemvOp};
+    use super::{Decode, GemvOp, Output};
     use crate::nn::cuda::gpu::{MODULE, PTX};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
@@ -522,7 +699,8 @@ mod gpu {
             (4, Decode::Table) => "q4_tab",
             _ => candle_core::bail!("packed GEMV: no kernel for {} bits {:?}", s.bits, s.decode),
         };
-        let func = dev.get_or_load_custom_func(&format!("gemv_{kind}_{name}"), MODULE, PTX)?;
+        let glu = if op.output == Output::Glu { "_glu" } else { "" };
+        let func = dev.get_or_load_custom_func(&format!("gemv_{kind}_{name}{glu}"), MODULE, PTX)?;
         let size = std::mem::size_of::<T>();
         // 8-value vector loads of x need every row start 16-byte aligned.
         let xvec = i32::from(s.k * size % 16 == 0 && rx.0 * size % 16 == 0);
@@ -539,23 +717,28 @@ mod gpu {
         if rp.0 % 2 != 0 {
             candle_core::bail!("packed GEMV: parameters not 8-byte aligned");
         }
-        // SAFETY: the kernel writes all m × n outputs (one per (row, output) pair).
-        let y = unsafe { dev.alloc::<T>(op.m * s.n)? };
+        let outputs = op.outputs();
+        let (n1, n2) = op.splits();
+        // SAFETY: the kernel writes all m × outputs values (one per (row, output) pair).
+        let y = unsafe { dev.alloc::<T>(op.m * outputs)? };
         const ROWS_PER_BLOCK: usize = 4; // GEMV_ROWS_PER_BLOCK in gemv.cuh
         let cfg = LaunchConfig {
-            grid_dim: (s.n.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
+            grid_dim: (outputs.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
             block_dim: (32, ROWS_PER_BLOCK as u32, 1),
             shared_mem_bytes: 0,
         };
         let args = [
             i32_of(op.m, "rows")?,
-            i32_of(s.n, "outputs")?,
+            // The GLU kernels take the outputs (half the rows: gate r and up r + n).
+            i32_of(outputs, "outputs")?,
             i32_of(s.k, "inputs")?,
             i32_of(s.ld, "row bytes")?,
             i32_of(s.group, "group")?,
             i32_of(s.gpr, "groups per row")?,
             i32_of(s.tab_off, "table offset")?,
             xvec,
+            i32_of(n1, "split")?,
+            i32_of(n2, "split")?,
         ];
         let mut b = func.builder();
         b.arg(&xs);
@@ -566,7 +749,7 @@ mod gpu {
             b.arg(a);
         }
         // SAFETY: the arguments match the kernel's signature (x: m·k of T, codes: n·ld
-        // bytes, params: 2·n·gpr (+16) f32, y: m·n of T, eight i32), the slices' lengths
+        // bytes, params: 2·n·gpr (+16) f32, y: m·outputs of T, ten i32), the slices' lengths
         // were checked against those counts by the caller, and the kernel bounds every
         // read by k, n, ld and m.
         unsafe { b.launch(cfg) }.w()?;
@@ -692,6 +875,51 @@ mod tests {
                 assert!(d < tol, "{method} {dt:?}: {d}");
             }
         }
+    }
+
+    /// Stacked layers: the split products equal the separate ones exactly (same
+    /// arithmetic per row), and gate|up's GLU is silu(gate·x) ⊙ (up·x) within f32 rounding.
+    #[test]
+    fn stacked_layers_match_separate_products() {
+        let up = |h: &Arc<dyn WeightFormat>| {
+            PackedWeight::upload(
+                &PackedLayout::from_format(h.as_ref()).unwrap(),
+                &Device::Cpu,
+            )
+            .unwrap()
+        };
+        for method in ["w:i4:sym:g32", "nf4", "w:u8:affine"] {
+            let (g, u) = (up(&host(method, 9, 128, 1)), up(&host(method, 9, 128, 2)));
+            let v = up(&host(method, 5, 128, 3));
+            let x = randn(&[3, 128], 5).unwrap();
+            let s = PackedWeight::stack(&[&g, &u]).unwrap().unwrap();
+            let want = (candle_nn::ops::silu(&g.gemv(&x).unwrap()).unwrap() * u.gemv(&x).unwrap())
+                .unwrap();
+            let got = s.gemv_glu(&x).unwrap();
+            assert_eq!(got.dims(), &[3, 9]);
+            let d = (want - got)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-4, "{method}: {d}");
+            let s3 = PackedWeight::stack(&[&g, &u, &v]).unwrap().unwrap();
+            assert!(s3.gemv_glu(&x).is_err());
+            let parts = s3.gemv_parts(&x).unwrap();
+            for (p, w) in parts.iter().zip([&g, &u, &v]) {
+                let want = w.gemv(&x).unwrap().to_vec2::<f32>().unwrap();
+                assert_eq!(p.to_vec2::<f32>().unwrap(), want, "{method}");
+            }
+        }
+        // Different layouts do not stack.
+        let a = up(&host("w:i4:sym:g32", 4, 64, 1));
+        let b = up(&host("w:i8:sym", 4, 64, 1));
+        assert!(PackedWeight::stack(&[&a, &b]).unwrap().is_none());
     }
 
     #[test]
