@@ -176,7 +176,9 @@ case "$1" in
     # large shapes, then decode tokens/s with it on and off in the same run, and a profile.
     run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1 packed
     run $QL --device cuda --dtype bf16 bench-gemv -r 200 > "$OUT/gemv-bf16-m1.md"
-    run $QL --device cuda --dtype bf16 bench-gemv -m 8 -r 100 > "$OUT/gemv-bf16-m8.md"
+    for m in 2 4 8; do
+      run $QL --device cuda --dtype bf16 bench-gemv -m $m -r 100 > "$OUT/gemv-bf16-m$m.md"
+    done
     run $QL --device cuda --dtype f32 bench-gemv -r 100 --shapes 576x576,1536x576,4096x4096,14336x4096 \
       > "$OUT/gemv-f32-m1.md"
     args=()

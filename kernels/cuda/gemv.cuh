@@ -15,6 +15,7 @@
 
 #define GEMV_MAX_M 8
 #define GEMV_ROWS_PER_BLOCK 4
+#define GEMV_LOADS 4
 
 template <typename T> struct X8;
 template <> struct X8<float> {
@@ -81,10 +82,20 @@ __device__ __forceinline__ void row_dot(const T* __restrict__ x, const uint8_t* 
   const float2* prow = reinterpret_cast<const float2*>(params) + (size_t)row * gpr;
   const bool whole8 = group % 8 == 0;  // a run of 8 columns never straddles two groups
   const int gshift = (group & (group - 1)) == 0 ? __ffs(group) - 1 : -1;  // log2 where exact
-#pragma unroll 2
-  for (int ch = lane; ch < chunks; ch += 32) {
-    uint4 wv = __ldg(wrow + ch);
-    const uint32_t* w = reinterpret_cast<const uint32_t*>(&wv);
+  // GEMV_LOADS chunks per lane are loaded before any is used: that many 16-byte loads in
+  // flight per lane (one at a time left the kernel bound by memory latency).
+  for (int base = lane; base < chunks; base += 32 * GEMV_LOADS) {
+    uint4 wvs[GEMV_LOADS];
+#pragma unroll
+    for (int u = 0; u < GEMV_LOADS; u++) {
+      const int ch = base + 32 * u;
+      wvs[u] = ch < chunks ? __ldg(wrow + ch) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < GEMV_LOADS; u++) {
+    const int ch = base + 32 * u;
+    if (ch >= chunks) break;
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(&wvs[u]);
 #pragma unroll
     for (int sub = 0; sub < VPC / 8; sub++) {
       const int col = ch * VPC + sub * 8;
@@ -135,6 +146,7 @@ __device__ __forceinline__ void row_dot(const T* __restrict__ x, const uint8_t* 
         }
       }
     }
+      }
   }
 }
 

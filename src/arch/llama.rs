@@ -452,13 +452,13 @@ impl Stacked {
 }
 
 /// Whether a product of `x` (`[.., k]`) may take the stacked packed GEMV: the fused GPU
-/// path, the packed GEMV on, and decode-sized (at most `packed_cuda::MAX_ROWS` rows).
+/// path, the packed GEMV on, and decode-sized (at most `packed_cuda::DECODE_ROWS` rows).
 fn packed_decode(x: &Tensor) -> Result<bool> {
     let k = x.dim(D::Minus1)?;
     Ok(crate::nn::cuda::enabled(x.device())
         && packed_cuda::enabled()
         && k > 0
-        && x.elem_count() / k <= packed_cuda::MAX_ROWS)
+        && x.elem_count() / k <= packed_cuda::DECODE_ROWS)
 }
 
 /// Cached keys and values per layer: on the CPU one growing `[seq, head_dim]` buffer per

@@ -6,7 +6,7 @@
 //! `describe` names. The host copy stays the source of truth for saving and inspection.
 //!
 //! Weight-only int-N and NF4/FP4 weights on a GPU also keep their packed codes there
-//! ([`super::packed_cuda`]): up to 8 activation rows (decode) multiply straight from the
+//! ([`super::packed_cuda`]): up to 2 activation rows (decode) multiply straight from the
 //! codes with a fused dequantize-GEMV, which reads 4–8 bits a weight instead of 16; more
 //! rows (prefill) use the cached dequantized copy and cuBLAS. Both copies stay resident
 //! (the packed one adds a quarter to a half of the bf16 copy's bytes) so neither path
@@ -138,7 +138,7 @@ impl WeightFormat for Dequantized {
         let x = x.to_dtype(self.weight.dtype())?;
         if let Some(p) = &self.packed {
             let k = p.shape.k;
-            if k > 0 && x.elem_count() / k <= packed_cuda::MAX_ROWS && packed_cuda::enabled() {
+            if k > 0 && x.elem_count() / k <= packed_cuda::DECODE_ROWS && packed_cuda::enabled() {
                 let y = p.gemv(&x)?;
                 return Ok(match bias {
                     Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
@@ -278,7 +278,10 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(d < tol, "{method}: max difference {d}");
-        // The packed decode GEMV (its CPU reference here) on the same 5 rows.
+        // The packed decode GEMV (its CPU reference here) on the first 2 rows: decode-sized
+        // inputs take it (`packed_cuda::DECODE_ROWS`).
+        let x = x.narrow(0, 0, 2).unwrap();
+        let want = host.forward(&x, Some(&bias)).unwrap();
         let packed = emu.clone().with_packed().unwrap();
         let weight_only = host.input_quant() == InputQuant::None;
         // NF4 here has blocks that cross rows (96 columns, blocks of 64): no packed layout.

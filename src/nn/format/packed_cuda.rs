@@ -26,8 +26,14 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
-/// Most activation rows the GEMV takes; more rows use the dequantized matmul.
+/// Most activation rows the GEMV takes.
 pub const MAX_ROWS: usize = 8;
+
+/// Most activation rows the forward pass sends to the GEMV (more use the dequantized copy
+/// and cuBLAS). On the H200 (`bench-gemv`, bf16) the kernel beat cuBLAS on SmolLM2's
+/// shapes by 1.3–1.5× at m = 1 and 2, but fell to 0.9× on 576×1536 at m = 4 and to
+/// 0.7–1.1× at m = 8 (every row re-reads the activations per 8 columns).
+pub const DECODE_ROWS: usize = 2;
 
 /// Whether the packed GEMV is used where it exists (`QUANTLAB_PACKED_GEMV=0`: no, for A/B
 /// runs against the dequantized bf16 + cuBLAS path).
@@ -306,7 +312,7 @@ impl GemvShape {
                 let mut acc = 0f32;
                 let mut col = 0;
                 while col < self.k {
-                    if self.group % 8 == 0 && col + 8 <= self.k {
+                    if self.group.is_multiple_of(8) && col + 8 <= self.k {
                         let p = 2 * (r * self.gpr + col / self.group);
                         let (mut dot, mut sx) = (0f32, 0f32);
                         for (j, &xv) in xr[col..col + 8].iter().enumerate() {
@@ -547,6 +553,7 @@ impl GemvOp {
         }
     }
 
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     /// The row splits the kernel writes with (`n1 = n2 = outputs`: one `[m, outputs]`).
     fn splits(&self) -> (usize, usize) {
         match self.output {
@@ -703,7 +710,7 @@ mod gpu {
         let func = dev.get_or_load_custom_func(&format!("gemv_{kind}_{name}{glu}"), MODULE, PTX)?;
         let size = std::mem::size_of::<T>();
         // 8-value vector loads of x need every row start 16-byte aligned.
-        let xvec = i32::from(s.k * size % 16 == 0 && rx.0 * size % 16 == 0);
+        let xvec = i32::from((s.k * size).is_multiple_of(16) && (rx.0 * size).is_multiple_of(16));
         let (xs, cs, ps) = (
             x.slice(rx.0..rx.1),
             codes.slice(rc.0..rc.1),
@@ -711,10 +718,10 @@ mod gpu {
         );
         // The kernel reads codes in 16-byte vectors: the codes must start 16-byte aligned
         // (they are their own allocation, offset 0, in practice).
-        if rc.0 % 16 != 0 || s.ld % 16 != 0 {
+        if !rc.0.is_multiple_of(16) || !s.ld.is_multiple_of(16) {
             candle_core::bail!("packed GEMV: codes not 16-byte aligned");
         }
-        if rp.0 % 2 != 0 {
+        if !rp.0.is_multiple_of(2) {
             candle_core::bail!("packed GEMV: parameters not 8-byte aligned");
         }
         let outputs = op.outputs();
