@@ -83,6 +83,8 @@ fn cuda_ptx() {
     let name = "fused";
     let src = format!("kernels/cuda/{name}.cu");
     println!("cargo:rerun-if-changed={src}");
+    // Files it includes (kernels/cuda/*.cuh).
+    println!("cargo:rerun-if-changed=kernels/cuda");
     let status = Command::new(&nvcc)
         .args(["--ptx", "-O3", &format!("-arch=sm_{cap}"), "-o"])
         .arg(out.join(format!("{name}.ptx")))

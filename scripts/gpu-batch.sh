@@ -13,6 +13,8 @@
 #   scripts/gpu-batch.sh bnb        # bitsandbytes' own LLM.int8()/NF4/FP4 on the whole model
 #   scripts/gpu-batch.sh fused      # fused kernels: tests, perplexity and decode on/off, profile
 #   scripts/gpu-batch.sh calib      # GPTQ/AWQ calibrated on the GPU; dynamic int8 on the device
+#   scripts/gpu-batch.sh gemv       # packed decode GEMV: its tests, kernel bench vs bf16 cuBLAS,
+#                                   # decode tokens/s with it on and off (QUANTLAB_PACKED_GEMV)
 #   scripts/gpu-batch.sh sweep      # the weight-only method sweep (8/4/3/2 bits, g64/g128, KL);
 #                                   # resumable: call again until it prints "sweep done"
 #   scripts/gpu-batch.sh big        # decode where weights are the traffic: a random-weight Llama
@@ -187,6 +189,29 @@ case "$1" in
     for p in "${plans[@]}"; do args+=(--plan "$p"); done
     run $QL --quiet --format json --device cuda --dtype bf16 bench --model $big -p 0 -n 128 -r 3 \
       "${args[@]}" >> "$OUT/big-bench.jsonl"
+    ;;
+  gemv)
+    # The packed decode GEMV (kernels/cuda/gemv.cuh): its tests against the CPU reference and
+    # the CPU model, the kernel benchmark against the dense product (cuBLAS) on SmolLM2's and
+    # large shapes, then decode tokens/s with it on and off in the same run, and a profile.
+    run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1 packed
+    run $QL --device cuda --dtype bf16 bench-gemv -r 200 > "$OUT/gemv-bf16-m1.md"
+    for m in 2 4 8; do
+      run $QL --device cuda --dtype bf16 bench-gemv -m $m -r 100 > "$OUT/gemv-bf16-m$m.md"
+    done
+    run $QL --device cuda --dtype f32 bench-gemv -r 100 --shapes 576x576,1536x576,4096x4096,14336x4096 \
+      > "$OUT/gemv-f32-m1.md"
+    args=()
+    for p in "lm_head=keep;*=w:i8:sym" "lm_head=keep;*=w:i4:sym:g64" "lm_head=keep;*=nf4"; do
+      args+=(--plan "$p")
+    done
+    for f in 1 0 1; do
+      QUANTLAB_PACKED_GEMV=$f run $QL --quiet --device cuda --dtype bf16 bench --model "$M" \
+        -p 0 -n 128 -r 3 "${args[@]}" >> "$OUT/decode-packed$f.md"
+    done
+    run env QUANTLAB_PROFILE=1 $QL --quiet --device cuda --dtype bf16 bench --model "$M" -p 0 -n 64 \
+      -r 1 --plan "lm_head=keep;*=w:i4:sym:g64"
+    [ -n "${SKIP_ALL_TESTS:-}" ] || run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1
     ;;
   *) echo "unknown batch '$1'" >&2; exit 2 ;;
 esac

@@ -356,3 +356,4 @@ extern "C" __global__ void fake_quant_rows_e4m3(const float* __restrict__ x,
     yr[j] = a > 0.f ? (float)q * s : 0.f;
   }
 }
+#include "gemv.cuh"

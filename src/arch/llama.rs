@@ -5,6 +5,8 @@
 
 use crate::load::gguf::Gguf;
 use crate::load::{SafetensorsSource, TensorSource};
+use crate::nn::format::packed_cuda::{self, PackedWeight};
+use crate::nn::format::WeightFormat;
 use crate::nn::kernels::llm_f32::{self, KvHeads};
 use crate::nn::scaling::{GroupMut, Producer, ScaleGroup, ScaleSite};
 use crate::nn::{HasLinears, QLinear};
@@ -408,6 +410,9 @@ struct Block {
     /// q/k/v and gate/up stacked for the CPU forward pass (see `fused`).
     qkv_fused: fused::Fusion,
     gate_up_fused: fused::Fusion,
+    /// q|k|v and gate|up stacked for one packed decode GEMV each (GPU, weight-only formats).
+    qkv_packed: Stacked,
+    glu_packed: Stacked,
 }
 
 impl Block {
@@ -416,6 +421,58 @@ impl Block {
         self.qkv_fused.clear();
         self.gate_up_fused.clear();
     }
+}
+
+/// Packed weights of layers that read the same input, stacked for one decode launch
+/// (`nn::format::packed_cuda`): built on first use and rebuilt when a layer's weight is
+/// replaced (a plan applied later), keyed by the weights it was built from.
+#[derive(Default)]
+struct Stacked(std::sync::Mutex<Option<StackedEntry>>);
+
+type StackedEntry = (Vec<Arc<dyn WeightFormat>>, Option<Arc<PackedWeight>>);
+
+impl Stacked {
+    /// The stack of `layers`' packed weights, or `None` where one has none, has a bias,
+    /// or their layouts differ.
+    fn get(&self, layers: &[&QLinear]) -> Result<Option<Arc<PackedWeight>>> {
+        let mut entry = self
+            .0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("stacked decode weights: a thread panicked"))?;
+        if let Some((ws, p)) = &*entry {
+            let same = ws.len() == layers.len()
+                && ws
+                    .iter()
+                    .zip(layers)
+                    .all(|(w, l)| Arc::ptr_eq(w, &l.weight));
+            if same {
+                return Ok(p.clone());
+            }
+        }
+        let packed: Option<Vec<_>> = layers
+            .iter()
+            .map(|l| l.bias.is_none().then(|| l.weight.packed_gemv()).flatten())
+            .collect();
+        let p = match packed {
+            Some(parts) => {
+                let refs: Vec<&PackedWeight> = parts.iter().map(|p| p.as_ref()).collect();
+                PackedWeight::stack(&refs)?.map(Arc::new)
+            }
+            None => None,
+        };
+        *entry = Some((layers.iter().map(|l| l.weight.clone()).collect(), p.clone()));
+        Ok(p)
+    }
+}
+
+/// Whether a product of `x` (`[.., k]`) may take the stacked packed GEMV: the fused GPU
+/// path, the packed GEMV on, and decode-sized (at most `packed_cuda::DECODE_ROWS` rows).
+fn packed_decode(x: &Tensor) -> Result<bool> {
+    let k = x.dim(D::Minus1)?;
+    Ok(crate::nn::cuda::enabled(x.device())
+        && packed_cuda::enabled()
+        && k > 0
+        && x.elem_count() / k <= packed_cuda::DECODE_ROWS)
 }
 
 /// Cached keys and values per layer: on the CPU one growing `[seq, head_dim]` buffer per
@@ -607,6 +664,8 @@ impl Llama {
                 down: src.linear(&p("mlp.down_proj"))?,
                 qkv_fused: Default::default(),
                 gate_up_fused: Default::default(),
+                qkv_packed: Stacked::default(),
+                glu_packed: Stacked::default(),
             };
             let (hd, nh, nkv) = (
                 cfg.head_dim,
@@ -846,6 +905,14 @@ impl Llama {
         };
         let dev = &self.device;
         let (q, k, v) = profile::section(dev, "qkv", || -> Result<_> {
+            // Decode on the GPU: q, k and v from one packed GEMV where all three have one.
+            if packed_decode(x)? {
+                if let Some(w) = b.qkv_packed.get(&[&b.q, &b.k, &b.v])? {
+                    if let [q, k, v] = &w.gemv_parts(x)?[..] {
+                        return Ok((q.clone(), k.clone(), v.clone()));
+                    }
+                }
+            }
             Ok((b.q.forward(x)?, b.k.forward(x)?, b.v.forward(x)?))
         })?;
         let fused = crate::nn::cuda::enabled(dev);
@@ -985,6 +1052,12 @@ impl Llama {
                 candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)
             })?;
             let act = profile::section(dev, "mlp up", || -> Result<Tensor> {
+                // Decode on the GPU: gate, up, SiLU and product in one packed GEMV.
+                if packed_decode(&h)? {
+                    if let Some(w) = b.glu_packed.get(&[&b.gate, &b.up])? {
+                        return w.gemv_glu(&h);
+                    }
+                }
                 Ok((candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?)
             })?;
             let d = profile::section(dev, "mlp down", || b.down.forward(&act))?;

@@ -1,6 +1,7 @@
 //! The command line: argument definitions and dispatch to library functions.
 
 pub mod bench;
+pub mod bench_gemv;
 pub mod checkpoint;
 pub mod llm;
 pub mod mt;
@@ -113,6 +114,10 @@ pub enum Command {
     /// Throughput as llama-bench measures it (pp512, tg128; mean ± std) for several plans
     /// in one run, each with its ratio to the f32 model measured in the same run.
     Bench(bench::BenchArgs),
+    /// The packed decode GEMV (4-/8-bit codes read on the device) against the dense
+    /// product on the same shapes: µs, GB/s and ratio (GPU kernels; the CPU runs their
+    /// reference).
+    BenchGemv(bench_gemv::BenchGemvArgs),
     /// Translate with a MarianMT model: one sentence per stdin line, one per stdout line.
     Translate(mt::MtModelArgs),
     /// Evaluate a model on a task: `--task bleu` translates --src and scores it against --ref.
@@ -472,6 +477,7 @@ pub fn run(cli: Cli) -> Result<()> {
             sensitivity::plan_report(&a, cli.data_dir.as_deref(), &device, progress)?
         }
         Command::Bench(a) => bench::report(&a, cli.data_dir.as_deref(), &device, progress)?,
+        Command::BenchGemv(a) => bench_gemv::report(&a, &device)?,
         Command::Sweep(a) => llm::sweep_report(&a, cli.data_dir.as_deref(), &device, progress)?,
         Command::Translate(a) => {
             text_only("translate", cli.format.into())?;

@@ -12,6 +12,7 @@ pub mod half;
 pub mod int8;
 pub mod llm_int8;
 pub mod on_device;
+pub mod packed_cuda;
 pub mod tensor_core;
 
 use crate::load::{NamedTensor, RawTensor, TensorSource};
@@ -80,6 +81,11 @@ pub trait WeightFormat: Debug + Send + Sync {
     /// its parameters, or the format does not concatenate. The result is for the forward
     /// pass only: what is saved and reported stays the separate layers.
     fn concat_rows(&self, _rest: &[&dyn WeightFormat]) -> Option<Arc<dyn WeightFormat>> {
+        None
+    }
+    /// The packed codes on a GPU for the fused decode GEMV, where this weight keeps them
+    /// (`on_device::Dequantized`), so a model can stack layers that read the same input.
+    fn packed_gemv(&self) -> Option<Arc<packed_cuda::PackedWeight>> {
         None
     }
 }

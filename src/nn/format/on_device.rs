@@ -4,7 +4,16 @@
 //! inputs (int8 W8A8) has them fake-quantized with the same parameters first. The same
 //! numbers as the CPU kernels up to float summation order and the compute dtype, which
 //! `describe` names. The host copy stays the source of truth for saving and inspection.
+//!
+//! Weight-only int-N and NF4/FP4 weights on a GPU also keep their packed codes there
+//! ([`super::packed_cuda`]): up to 2 activation rows (decode) multiply straight from the
+//! codes with a fused dequantize-GEMV, which reads 4–8 bits a weight instead of 16; more
+//! rows (prefill) use the cached dequantized copy and cuBLAS. Both copies stay resident
+//! (the packed one adds a quarter to a half of the bf16 copy's bytes) so neither path
+//! pays a conversion per call. `QUANTLAB_PACKED_GEMV=0` uses the dequantized copy for
+//! every call.
 
+use super::packed_cuda::{self, PackedLayout, PackedWeight};
 use super::{InputQuant, WeightFormat};
 use crate::load::NamedTensor;
 use anyhow::{Context, Result};
@@ -18,6 +27,9 @@ pub struct Dequantized {
     host: Arc<dyn WeightFormat>,
     /// `[out, in]` dequantized weight on the device, in the compute dtype.
     weight: Tensor,
+    /// The packed codes on the device for the decode GEMV (GPU devices, weight-only
+    /// formats with a packed layout).
+    packed: Option<Arc<PackedWeight>>,
 }
 
 impl Dequantized {
@@ -35,7 +47,41 @@ impl Dequantized {
             .with_context(|| {
                 format!("dequantizing a {} weight onto {device:?}", host.describe())
             })?;
-        Ok(Dequantized { host, weight })
+        let packed = if device.is_cpu() {
+            None
+        } else {
+            Self::pack(host.as_ref(), device)?
+        };
+        Ok(Dequantized {
+            host,
+            weight,
+            packed,
+        })
+    }
+
+    fn pack(host: &dyn WeightFormat, device: &Device) -> Result<Option<Arc<PackedWeight>>> {
+        if host.input_quant() != InputQuant::None {
+            return Ok(None);
+        }
+        let Some(layout) = PackedLayout::from_format(host) else {
+            return Ok(None);
+        };
+        let p = PackedWeight::upload(&layout, device)
+            .with_context(|| format!("uploading a packed {} weight", host.describe()))?;
+        Ok(Some(Arc::new(p)))
+    }
+
+    /// The same with the packed GEMV used on any device, the CPU included (where it runs
+    /// the kernel's CPU reference: for tests).
+    pub fn with_packed(mut self) -> Result<Self> {
+        let device = self.weight.device().clone();
+        self.packed = Self::pack(self.host.as_ref(), &device)?;
+        Ok(self)
+    }
+
+    /// Whether decode-sized calls use the packed GEMV.
+    pub fn has_packed(&self) -> bool {
+        self.packed.is_some()
     }
 
     /// The stored format this layer emulates.
@@ -64,10 +110,15 @@ impl WeightFormat for Dequantized {
 
     fn describe(&self) -> String {
         format!(
-            "{} (dequantized to {:?} on {:?})",
+            "{} (dequantized to {:?} on {:?}{})",
             self.host.describe(),
             self.weight.dtype(),
-            self.weight.device().location()
+            self.weight.device().location(),
+            if self.packed.is_some() {
+                ", packed GEMV for decode"
+            } else {
+                ""
+            }
         )
     }
 
@@ -85,6 +136,16 @@ impl WeightFormat for Dequantized {
 
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let x = x.to_dtype(self.weight.dtype())?;
+        if let Some(p) = &self.packed {
+            let k = p.shape.k;
+            if k > 0 && x.elem_count() / k <= packed_cuda::DECODE_ROWS && packed_cuda::enabled() {
+                let y = p.gemv(&x)?;
+                return Ok(match bias {
+                    Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+                    None => y,
+                });
+            }
+        }
         let x = match self.host.input_quant() {
             InputQuant::None => x,
             InputQuant::Unknown => anyhow::bail!("{} cannot be emulated", self.describe()),
@@ -168,6 +229,10 @@ impl WeightFormat for Dequantized {
     fn as_any(&self) -> &dyn Any {
         self.host.as_any()
     }
+
+    fn packed_gemv(&self) -> Option<Arc<PackedWeight>> {
+        self.packed.clone()
+    }
 }
 
 #[cfg(test)]
@@ -202,7 +267,7 @@ mod tests {
         let emu = Dequantized::wrap(host.clone(), &Device::Cpu, DType::F32).unwrap();
         assert_eq!(emu.input_quant(), host.input_quant());
         let got = emu.forward(&x, Some(&bias)).unwrap();
-        let d = (want - got)
+        let d = (&want - got)
             .unwrap()
             .abs()
             .unwrap()
@@ -213,6 +278,29 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(d < tol, "{method}: max difference {d}");
+        // The packed decode GEMV (its CPU reference here) on the first 2 rows: decode-sized
+        // inputs take it (`packed_cuda::DECODE_ROWS`).
+        let x = x.narrow(0, 0, 2).unwrap();
+        let want = host.forward(&x, Some(&bias)).unwrap();
+        let packed = emu.clone().with_packed().unwrap();
+        let weight_only = host.input_quant() == InputQuant::None;
+        // NF4 here has blocks that cross rows (96 columns, blocks of 64): no packed layout.
+        let expect = weight_only && !method.starts_with("nf4");
+        assert_eq!(packed.has_packed(), expect, "{method}");
+        if expect {
+            let got = packed.forward(&x, Some(&bias)).unwrap();
+            let d = (&want - got)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < tol, "{method} packed: max difference {d}");
+        }
         assert_eq!(emu.stored_bytes(), host.stored_bytes());
         assert_eq!(emu.id(), host.id());
     }
