@@ -60,7 +60,8 @@ impl Dequantized {
     }
 
     fn pack(host: &dyn WeightFormat, device: &Device) -> Result<Option<Arc<PackedWeight>>> {
-        if host.input_quant() != InputQuant::None {
+        let (n, k) = host.shape();
+        if host.input_quant() != InputQuant::None || n * k > packed_cuda::MAX_WEIGHTS {
             return Ok(None);
         }
         let Some(layout) = PackedLayout::from_format(host) else {
@@ -303,6 +304,40 @@ mod tests {
         }
         assert_eq!(emu.stored_bytes(), host.stored_bytes());
         assert_eq!(emu.id(), host.id());
+    }
+
+    /// A weight-only layer at packed_cuda::MAX_WEIGHTS gets a packed copy, one weight
+    /// more does not (it decodes through the dequantized copy), and neither does a stack
+    /// that would pass the limit.
+    #[test]
+    fn only_weights_within_the_limit_are_packed() {
+        let alg = crate::nn::registry::parse_algorithm("w:i4:sym:g64").unwrap();
+        let k = 512;
+        let quantized = |n: usize| {
+            let w = Tensor::zeros((n, k), DType::F32, &Device::Cpu).unwrap();
+            let dense: Arc<dyn WeightFormat> = Arc::new(Dense::new(w).unwrap());
+            let host = alg
+                .apply(&LayerInput {
+                    name: "fc",
+                    weight: &dense,
+                    calibration: None,
+                })
+                .unwrap();
+            Dequantized::wrap(host, &Device::Cpu, DType::F32)
+                .unwrap()
+                .with_packed()
+                .unwrap()
+        };
+        let n = packed_cuda::MAX_WEIGHTS / k;
+        let at_limit = quantized(n);
+        assert!(at_limit.has_packed());
+        assert!(!quantized(n + 1).has_packed());
+        let half = quantized(n / 2).packed_gemv().unwrap();
+        let one = quantized(1).packed_gemv().unwrap();
+        assert!(PackedWeight::stack(&[&half, &half]).unwrap().is_some());
+        assert!(PackedWeight::stack(&[&half, &half, &one])
+            .unwrap()
+            .is_none());
     }
 
     #[test]

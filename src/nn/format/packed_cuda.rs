@@ -35,6 +35,15 @@ pub const MAX_ROWS: usize = 8;
 /// 0.7–1.1× at m = 8 (every row re-reads the activations per 8 columns).
 pub const DECODE_ROWS: usize = 2;
 
+/// Largest weight (output rows × input columns) given a packed copy. The kernel is bound
+/// by instruction issue, not memory: on the H200 (`bench-gemv`, bf16, m = 1) it beat
+/// cuBLAS by 1.4–1.6× on SmolLM2's layer shapes (up to 1536×576, and 3072×576 stacked),
+/// drew level at 4096×4096 and lost above (0.77–0.94× at 14336×4096 and 8192×8192,
+/// 0.43–0.55× on the 49152×576 output layer); a 4.2B model with 8192-wide layers decoded
+/// at 0.45× (4-bit) and 0.65× (8-bit) its bf16 speed with it. Larger weights keep the
+/// dequantized copy and cuBLAS, so they decode at bf16 speed.
+pub const MAX_WEIGHTS: usize = 1 << 22;
+
 /// Whether the packed GEMV is used where it exists (`QUANTLAB_PACKED_GEMV=0`: no, for A/B
 /// runs against the dequantized bf16 + cuBLAS path).
 pub fn enabled() -> bool {
@@ -416,6 +425,9 @@ impl PackedWeight {
                 && first.table == w.table
         };
         if !layers.iter().all(same) {
+            return Ok(None);
+        }
+        if layers.iter().map(|w| w.shape.n).sum::<usize>() * sa.k > MAX_WEIGHTS {
             return Ok(None);
         }
         let mut params = Vec::with_capacity(layers.len() + 1);
