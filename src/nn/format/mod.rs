@@ -15,6 +15,21 @@ pub mod on_device;
 pub mod packed_cuda;
 pub mod tensor_core;
 
+/// Largest |a − b| over two tensors of one shape, as f32 (the formats' tests compare
+/// their products with it).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| {
+            d.abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()
+        })
+        .expect("max |a - b| of two tensors of one shape")
+}
+
 use crate::load::{NamedTensor, RawTensor, TensorSource};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};

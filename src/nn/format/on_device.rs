@@ -268,16 +268,7 @@ mod tests {
         let emu = Dequantized::wrap(host.clone(), &Device::Cpu, DType::F32).unwrap();
         assert_eq!(emu.input_quant(), host.input_quant());
         let got = emu.forward(&x, Some(&bias)).unwrap();
-        let d = (&want - got)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::nn::format::max_abs_diff(&want, &got);
         assert!(d < tol, "{method}: max difference {d}");
         // The packed decode GEMV (its CPU reference here) on the first 2 rows: decode-sized
         // inputs take it (`packed_cuda::DECODE_ROWS`).
@@ -290,16 +281,7 @@ mod tests {
         assert_eq!(packed.has_packed(), expect, "{method}");
         if expect {
             let got = packed.forward(&x, Some(&bias)).unwrap();
-            let d = (&want - got)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::nn::format::max_abs_diff(&want, &got);
             assert!(d < tol, "{method} packed: max difference {d}");
         }
         assert_eq!(emu.stored_bytes(), host.stored_bytes());

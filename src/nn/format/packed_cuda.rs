@@ -46,8 +46,10 @@ pub const MAX_WEIGHTS: usize = 1 << 22;
 
 /// Whether the packed GEMV is used where it exists (`QUANTLAB_PACKED_GEMV=0`: no, for A/B
 /// runs against the dequantized bf16 + cuBLAS path).
+/// Read once: it is asked on every decode-sized product.
 pub fn enabled() -> bool {
-    std::env::var("QUANTLAB_PACKED_GEMV").map_or(true, |v| v != "0")
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("QUANTLAB_PACKED_GEMV").map_or(true, |v| v != "0"))
 }
 
 /// How a code becomes a weight.
@@ -880,16 +882,7 @@ mod tests {
                     .unwrap()
                     .to_dtype(DType::F32)
                     .unwrap();
-                let d = (&want - got)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let d = crate::nn::format::max_abs_diff(&want, &got);
                 let tol = if dt == DType::F32 { 1e-4 } else { 0.3 };
                 assert!(d < tol, "{method} {dt:?}: {d}");
             }
@@ -916,16 +909,7 @@ mod tests {
                 .unwrap();
             let got = s.gemv_glu(&x).unwrap();
             assert_eq!(got.dims(), &[3, 9]);
-            let d = (want - got)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::nn::format::max_abs_diff(&want, &got);
             assert!(d < 1e-4, "{method}: {d}");
             let s3 = PackedWeight::stack(&[&g, &u, &v]).unwrap().unwrap();
             assert!(s3.gemv_glu(&x).is_err());
