@@ -1012,16 +1012,17 @@ mod tests {
     //! quantization, f64 sums).
     use super::*;
 
-    struct Lcg(u64);
+    /// A small seeded generator (also the panel tests' inputs).
+    pub(super) struct Lcg(pub(super) u64);
     impl Lcg {
-        fn next(&mut self) -> u32 {
+        pub(super) fn next(&mut self) -> u32 {
             self.0 = self
                 .0
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             (self.0 >> 33) as u32
         }
-        fn unif(&mut self) -> f32 {
+        pub(super) fn unif(&mut self) -> f32 {
             self.next() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
         }
     }

@@ -532,23 +532,10 @@ mod tests {
     //! The panel GEMM on every path against the parent's portable row kernel (itself
     //! tested against an f64 reference written from GGML's block format) and, with unit
     //! scales, exact integer sums.
+    use super::super::tests::Lcg;
     use super::super::{matmul_with as rows_with, ActBlocks, BlockKind, PackedBlocks, QK};
     use super::*;
     use half::f16;
-
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> u32 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (self.0 >> 33) as u32
-        }
-        fn unif(&mut self) -> f32 {
-            self.next() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
-        }
-    }
 
     /// Random blocks with extreme codes; `unit`: scale 1, minimum 0.
     fn blocks(kind: BlockKind, n: usize, k: usize, unit: bool, g: &mut Lcg) -> Vec<u8> {
