@@ -126,14 +126,12 @@ fn table(a: &BenchArgs, rows: &[Measured], device: &Device) -> Report {
     let threads = rayon::current_num_threads();
     let dtype = crate::device::dtype_name(crate::device::activation_dtype(device));
     let backend = if device.is_cpu() {
-        // `decode a:q8`: one-token steps through 4-bit weight-only layers quantize their
-        // activations (`--decode-activations q8`); plans without such layers are unaffected.
-        let decode = crate::nn::kernels::gemv_q8::decode_activations();
+        // `a:q8`: weight-only int-N / NF4 / FP4 layers quantize their activations to q8
+        // blocks (`--activations q8`, decode and prefill); other formats are unaffected.
         format!(
-            "cpu {} {dtype} decode a:{}{}",
+            "cpu {} {dtype} a:{}",
             isa::Isa::selected().name(),
-            decode.name(),
-            crate::nn::kernels::prefill::label()
+            crate::nn::kernels::prefill::activations().name(),
         )
     } else {
         format!("{} {dtype}", crate::device::describe(device))

@@ -338,7 +338,8 @@ pub fn perplexity_report(
         None => (Cell::Missing, Cell::Missing),
     };
     t.push(vec![
-        p.plan.clone().into(),
+        // `a:q8`: weight-only layers ran with q8 activations (`--activations q8`).
+        format!("{}{}", p.plan, crate::nn::kernels::prefill::label()).into(),
         Cell::f(p.linear_bits_per_weight(), 3),
         mb(p.weight_bytes()),
         s.ppl.windows.into(),
@@ -699,7 +700,10 @@ fn sweep_table(
     use crate::lab::sweep;
     let mut t = Table::new(
         "sweep",
-        &format!("Perplexity against bits ({layers:?} layers)"),
+        &format!(
+            "Perplexity against bits ({layers:?} layers){}",
+            crate::nn::kernels::prefill::label()
+        ),
         &[
             "family",
             "bits",

@@ -40,17 +40,13 @@ pub struct Cli {
     /// Hide progress bars.
     #[arg(long, global = true)]
     pub quiet: bool,
-    /// Activations of one-row products (decode steps) through 4-bit weight-only layers (int-N
-    /// nibbles, NF4/FP4): f32 (exact, the default) or q8 (quantized to 8 bits per 32 values,
-    /// integer dot products, as llama.cpp does: faster, slightly different numbers).
-    /// Multi-row products (prefill, perplexity and KL windows) always use f32 activations.
-    #[arg(
-        long,
-        global = true,
-        default_value = "f32",
-        env = "QUANTLAB_DECODE_ACTIVATIONS"
-    )]
-    pub decode_activations: String,
+    /// Activations of weight-only int-N / NF4 / FP4 layers, decode and prefill alike: f32
+    /// (exact, the default) or q8 (quantized to 8 bits per 32 values, integer dot products,
+    /// as llama.cpp runs Q4_0/Q8_0: faster, slightly different numbers; reports say `a:q8`).
+    /// Unset: QUANTLAB_ACTIVATIONS (or the old QUANTLAB_DECODE_ACTIVATIONS /
+    /// QUANTLAB_PREFILL_ACT), else f32.
+    #[arg(long, global = true, alias = "decode-activations")]
+    pub activations: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -333,7 +329,9 @@ pub struct QuantizeArgs {
 pub fn run(cli: Cli) -> Result<()> {
     let device = crate::device::parse(&cli.device)?;
     crate::device::set_activation_dtype(crate::device::parse_dtype(&cli.dtype)?);
-    crate::nn::kernels::gemv_q8::set_decode_activations(cli.decode_activations.parse()?);
+    if let Some(a) = &cli.activations {
+        crate::nn::kernels::prefill::set_activations(a.parse()?);
+    }
     let progress = !cli.quiet;
     let cpu_only = |what: &str| -> Result<()> {
         if !device.is_cpu() {

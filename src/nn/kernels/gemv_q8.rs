@@ -2,7 +2,9 @@
 //! scale and zero point per group, NF4/FP4 code books) against activations quantized to
 //! 8 bits per 32 values, as llama.cpp multiplies its Q4 types with `q8_0` activation blocks.
 //!
-//! This is an opt-in approximation ([`DecodeActivations::Q8`], `--decode-activations q8`):
+//! This is an opt-in approximation (`--activations q8`, [`DecodeActivations::Q8`]); on
+//! AVX-512 VNNI the panel kernels (`ggml_blocks::panels`) take its place, and this GEMV
+//! serves the other paths:
 //! the f32-activation GEMV (`LowBit::gemv`) multiplies exactly the dequantized weights with
 //! the activations as they are, and is what perplexity, KL and every prefill use. Here one
 //! activation row is first quantized per chunk `c` of 32 columns: `d_c = max|x| / 127`,
@@ -27,57 +29,23 @@
 use super::lowbit::{Codes, LowBit, CHUNK};
 use super::Isa;
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Chunks per block (one 512-bit register holds 4 chunks of nibbles).
 const BC: usize = 4;
 /// Bytes of a quantized block: 4 chunks × 32 values.
 const BLOCK_BYTES: usize = BC * CHUNK;
 
-/// Which activations a decode step (one activation row) multiplies 4-bit weight-only
-/// weights with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DecodeActivations {
-    /// As they are (exact: `x · Ŵᵀ` up to summation order). The default.
-    #[default]
-    F32,
-    /// Quantized to 8 bits per 32 values, integer dot products (llama.cpp's approach).
-    Q8,
-}
+/// The process-wide activation switch (`kernels::prefill`), under its old decode-only name.
+pub use super::prefill::ActivationMode as DecodeActivations;
 
-impl DecodeActivations {
-    pub fn name(self) -> &'static str {
-        match self {
-            DecodeActivations::F32 => "f32",
-            DecodeActivations::Q8 => "q8",
-        }
-    }
-}
-
-impl std::str::FromStr for DecodeActivations {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "f32" => Ok(DecodeActivations::F32),
-            "q8" => Ok(DecodeActivations::Q8),
-            _ => anyhow::bail!("decode activations are 'f32' or 'q8', not '{s}'"),
-        }
-    }
-}
-
-static MODE: AtomicU8 = AtomicU8::new(0);
-
-/// Sets the process-wide choice (the CLI's `--decode-activations`).
+/// Sets the process-wide mode (alias of `prefill::set_activations`).
 pub fn set_decode_activations(a: DecodeActivations) {
-    MODE.store(a as u8, Ordering::Relaxed);
+    super::prefill::set_activations(a);
 }
 
-/// The process-wide choice ([`DecodeActivations::F32`] unless set).
+/// The process-wide mode (alias of `prefill::activations`).
 pub fn decode_activations() -> DecodeActivations {
-    match MODE.load(Ordering::Relaxed) {
-        1 => DecodeActivations::Q8,
-        _ => DecodeActivations::F32,
-    }
+    super::prefill::activations()
 }
 
 /// Whether [`gemv`] runs this layout (nibble ints and whole-chunk code books; rows whose

@@ -94,8 +94,8 @@ pub struct LowBit {
     /// `SplitTable` only, per chunk: the scale of lanes `split..32` and `split`.
     scale2: Vec<f32>,
     split: Vec<u8>,
-    /// The opt-in integer-activation prefill's panel copy (`kernels::prefill`), built on
-    /// first use; `None` inside where the codes do not fit it (code books, affine zeros).
+    /// The q8-activation panel copy (`kernels::prefill`, [`LowBit::a8_panels`]), built on
+    /// first use; `None` inside where the codes do not fit it.
     a8: OnceLock<Option<PanelBlocks>>,
 }
 
@@ -424,33 +424,23 @@ impl LowBit {
     }
 
     /// `x [m, cols] · Wᵀ` → `[m, rows]` on the path [`Isa::selected`] picks.
-    /// A decode step (one row) takes the q8-activation GEMV when the process asked for it
-    /// ([`super::gemv_q8`]; an approximation, off by default).
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        use super::gemv_q8::{self, DecodeActivations};
-        if m == 1
-            && gemv_q8::decode_activations() == DecodeActivations::Q8
-            && gemv_q8::supports(self)
-            && x.len() == self.cols
-        {
-            let mut y = vec![0f32; self.rows];
-            gemv_q8::gemv(self, Isa::selected(), x, &mut y);
-            return y;
-        }
         self.matmul_with(Isa::selected(), x, m)
     }
 
     /// `x [m, cols] · Wᵀ` on path `isa` (one that this CPU has: see [`Isa::available`]).
+    /// With `--activations q8` (`kernels::prefill`) the activations are quantized to q8
+    /// blocks first where a kernel for that exists ([`Self::matmul_a8`]).
     pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "activation size");
         let isa = isa.min(Isa::detected());
-        // Measured (576×576, one thread): m activation rows through the GEMV cost about m
-        // times one row; the GEMM's panel decoding costs about as much as 8–16 such rows.
-        if m > GEMV_ROWS && super::prefill::q8_activations() && panels::use_panels(isa, m) {
-            if let Some(p) = self.a8_panels() {
-                return panels::matmul_f32(isa, p, x, m, self.cols);
+        if super::prefill::q8_activations() {
+            if let Some(y) = self.matmul_a8(isa, x, m) {
+                return y;
             }
         }
+        // Measured (576×576, one thread): m activation rows through the GEMV cost about m
+        // times one row; the GEMM's panel decoding costs about as much as 8–16 such rows.
         if m <= GEMV_ROWS {
             let mut y = vec![0f32; m * self.rows];
             for r in 0..m {
@@ -466,42 +456,83 @@ impl LowBit {
         }
     }
 
-    /// The weight as GGML-style panels for the integer-activation prefill: int-N codes
-    /// whose every group has the same integer zero point `z'` (symmetric schemes), as
-    /// Q4_0-like nibbles (≤ 4 bits) or Q8_0-like bytes with offset `z'` and each 32-column
-    /// block's group scale. `None` for code books and per-group (affine or real) zeros.
+    /// The q8-activation product on path `isa`, or `None` where this layout has none there:
+    /// on AVX-512 VNNI the 16-row panel kernels for every row count (decode walks one panel
+    /// at a time, as GGML's Q4_0/Q8_0 do) when [`Self::a8_panels`] fits; elsewhere one
+    /// activation row through [`super::gemv_q8`] (nibble codes and code books).
+    pub fn matmul_a8(&self, isa: Isa, x: &[f32], m: usize) -> Option<Vec<f32>> {
+        assert_eq!(x.len(), m * self.cols, "activation size");
+        let isa = isa.min(Isa::detected());
+        if panels::panel_layout(isa) {
+            if let Some(p) = self.a8_panels() {
+                return Some(panels::matmul_f32(isa, p, x, m, self.cols));
+            }
+        }
+        if m == 1 && super::gemv_q8::supports(self) {
+            let mut y = vec![0f32; self.rows];
+            super::gemv_q8::gemv(self, isa, x, &mut y);
+            return Some(y);
+        }
+        None
+    }
+
+    /// The weight as GGML-style panels for the q8-activation products, built on first use
+    /// (while q8 activations are on, the only copy the products read):
+    /// - int-N codes with one integer zero point `z'` for every group (symmetric schemes):
+    ///   Q4_0-like nibbles (≤ 4 bits) or Q8_0-like bytes with offset `z'`;
+    /// - int-N codes with integer zero points per group (affine): the same codes, each
+    ///   block's i32 sum started at `−z'·Σq` (exact in integers);
+    /// - code books (NF4/FP4) whose rows are whole chunks: nibble indices looked up to the
+    ///   code book rounded to signed 8 bits (`gemv_q8::code_book_i8`) plus 128, scale
+    ///   `absmax·max|t|/127`.
+    ///
+    /// Each 32-column block takes its group's scale. `None` for real-valued zero points
+    /// (HQQ) and code-book rows that straddle blocks (`SplitTable`).
     pub fn a8_panels(&self) -> Option<&PanelBlocks> {
-        self.a8
-            .get_or_init(|| {
-                let kind = match self.kind {
-                    Codes::Nibble => BlockKind::Q4_0,
-                    Codes::Byte => BlockKind::Q8_0,
-                    _ => return None,
-                };
-                let z = *self.zero.first()?;
-                let uniform = self.zero.iter().all(|&v| v == z);
-                if !uniform || z.fract() != 0.0 || !(0.0..=255.0).contains(&z) {
+        self.a8.get_or_init(|| self.build_a8_panels()).as_ref()
+    }
+
+    fn build_a8_panels(&self) -> Option<PanelBlocks> {
+        let k = self.nch * CHUNK;
+        let group = |o: usize, b: usize| o * self.gpr + b / self.cpg;
+        // Padding columns get code 0 (their activations are 0).
+        let row = |o: usize, row: &mut [u8]| {
+            for (p, c) in row.iter_mut().enumerate() {
+                *c = if p < self.cols { self.code(o, p) } else { 0 };
+            }
+        };
+        let kind = match self.kind {
+            Codes::Nibble => BlockKind::Q4_0,
+            Codes::Byte => BlockKind::Q8_0,
+            Codes::Table => {
+                let (t8, factor) = super::gemv_q8::code_book_i8(&self.table);
+                if factor == 0.0 {
                     return None;
                 }
-                Some(PanelBlocks::from_codes(
-                    kind,
+                let lut = t8.map(|t| (t as i32 + 128) as u8);
+                return Some(PanelBlocks::from_table_codes(
                     self.rows,
-                    self.nch * CHUNK,
-                    z as i32,
-                    |o, row| {
-                        for (p, c) in row.iter_mut().enumerate() {
-                            // Padding columns: the zero code (their activations are 0).
-                            *c = if p < self.cols {
-                                self.code(o, p)
-                            } else {
-                                z as u8
-                            };
-                        }
-                    },
-                    |o, b| self.scale[o * self.gpr + b / self.cpg],
-                ))
+                    k,
+                    lut,
+                    row,
+                    |o, b| self.scale[group(o, b)] * factor,
+                ));
+            }
+            Codes::SplitTable => return None,
+        };
+        let z = *self.zero.first()?;
+        let integral = |v: f32| v.fract() == 0.0 && (0.0..=255.0).contains(&v);
+        if !self.zero.iter().all(|&v| integral(v)) {
+            return None;
+        }
+        let scale = |o: usize, b: usize| self.scale[group(o, b)];
+        Some(if self.zero.iter().all(|&v| v == z) {
+            PanelBlocks::from_codes(kind, self.rows, k, z as i32, row, scale)
+        } else {
+            PanelBlocks::from_codes_affine(kind, self.rows, k, row, scale, |o, b| {
+                self.zero[group(o, b)] as u8
             })
-            .as_ref()
+        })
     }
 
     /// One activation row: `y[o] = Σ_p x[p]·W[o, p]`, rows split over threads when large.

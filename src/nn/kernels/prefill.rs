@@ -1,38 +1,109 @@
-//! The opt-in switch for integer-activation prefill of weight-only formats.
+//! The one switch for integer activations of weight-only formats ([`ActivationMode`]).
 //!
-//! Weight-only int-N prefill is exact by default: activations multiply as f32, so the lab
-//! measures the weight quantization alone. `QUANTLAB_PREFILL_ACT=q8` lets symmetric int-N
-//! weights (one integer zero point: `w:iN:sym`) run their many-row products as llama.cpp
-//! runs Q4_0/Q8_0 — activations quantized to 32-element q8 blocks, exact integer block sums
-//! with AVX-512 VNNI (`ggml_blocks::panels`) — which adds activation rounding error. It is
-//! off unless asked for, and `quantlab bench` labels rows measured with it.
+//! Weight-only int-N / NF4 / FP4 products are exact by default: activations multiply as
+//! f32, so the lab measures the weight quantization alone. `--activations q8` runs them as
+//! llama.cpp runs Q4_0/Q8_0 — activations quantized to 32-element q8 blocks, exact integer
+//! block sums (AVX-512 VNNI panels, `ggml_blocks::panels`; on other paths the one-row
+//! product takes `gemv_q8` and several rows stay f32) — for decode and prefill alike. It
+//! adds activation rounding error, so it is off unless asked for, and `quantlab bench`,
+//! perplexity and KL reports label numbers measured with it (`a:q8`).
+//!
+//! Aliases kept for old scripts: `--decode-activations` (hidden CLI flag) and the
+//! environment variables `QUANTLAB_ACTIVATIONS`, `QUANTLAB_DECODE_ACTIVATIONS` and
+//! `QUANTLAB_PREFILL_ACT` (read when no flag sets the mode).
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
 
-/// The environment variable (`q8` turns the integer-activation prefill on; `f32` or unset
-/// keeps it off).
-pub const ACT_ENV: &str = "QUANTLAB_PREFILL_ACT";
+/// Environment variables read, in order, when nothing set the mode explicitly.
+pub const ACT_ENVS: [&str; 3] = [
+    "QUANTLAB_ACTIVATIONS",
+    "QUANTLAB_DECODE_ACTIVATIONS",
+    "QUANTLAB_PREFILL_ACT",
+];
 
-/// Whether weight-only int-N prefill may quantize its activations to q8 blocks.
-pub fn q8_activations() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| match std::env::var(ACT_ENV) {
-        Err(_) => false,
-        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
-            "q8" | "int8" | "i8" => true,
-            "" | "f32" | "off" | "0" => false,
-            other => {
-                eprintln!("warning: {ACT_ENV}={other} is not q8 or f32; prefill keeps f32 activations");
-                false
-            }
-        },
-    })
+/// What weight-only layers multiply their weights with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ActivationMode {
+    /// The activations as they are (exact: `x · Ŵᵀ` up to summation order). The default.
+    #[default]
+    F32,
+    /// Quantized to 8 bits per 32 values, integer dot products (llama.cpp's approach).
+    Q8,
 }
 
-/// A label for reports: empty when off.
+impl ActivationMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ActivationMode::F32 => "f32",
+            ActivationMode::Q8 => "q8",
+        }
+    }
+}
+
+impl std::str::FromStr for ActivationMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" => Ok(ActivationMode::F32),
+            "q8" => Ok(ActivationMode::Q8),
+            _ => anyhow::bail!("activations are 'f32' or 'q8', not '{s}'"),
+        }
+    }
+}
+
+/// 0: not set yet (read the environment on first use), 1: f32, 2: q8.
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the process-wide mode (the CLI's `--activations`).
+pub fn set_activations(a: ActivationMode) {
+    MODE.store(
+        match a {
+            ActivationMode::F32 => 1,
+            ActivationMode::Q8 => 2,
+        },
+        Ordering::Relaxed,
+    );
+}
+
+/// The process-wide mode: as set, else from the first alias variable present, else f32.
+pub fn activations() -> ActivationMode {
+    match MODE.load(Ordering::Relaxed) {
+        1 => ActivationMode::F32,
+        2 => ActivationMode::Q8,
+        _ => {
+            let mut mode = ActivationMode::F32;
+            if let Some((name, v)) = ACT_ENVS
+                .iter()
+                .find_map(|&n| std::env::var(n).ok().map(|v| (n, v)))
+            {
+                match v.parse() {
+                    Ok(m) => mode = m,
+                    Err(_) => {
+                        eprintln!("warning: {name}={v} is not q8 or f32; activations stay f32")
+                    }
+                }
+            }
+            // A concurrent explicit set wins over the environment.
+            let _ = MODE.compare_exchange(
+                0,
+                if mode == ActivationMode::Q8 { 2 } else { 1 },
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            activations()
+        }
+    }
+}
+
+/// Whether weight-only products may quantize their activations to q8 blocks.
+pub fn q8_activations() -> bool {
+    activations() == ActivationMode::Q8
+}
+
+/// A label for reports: ` a:q8` when on, empty when off.
 pub fn label() -> &'static str {
     if q8_activations() {
-        " +q8-act prefill"
+        " a:q8"
     } else {
         ""
     }

@@ -31,15 +31,6 @@ use rayon::prelude::*;
 /// Output channels per panel (one zmm of i32 lanes).
 pub const PANEL: usize = 16;
 
-/// Fewest activation rows for which weight-only formats (`kernels::lowbit`) take the panel
-/// GEMM; GGML weights held in the panel layout take it for every row count.
-pub const MIN_ROWS: usize = 8;
-
-/// Whether `lowbit`'s opt-in q8-activation prefill takes the panel GEMM for `m` rows.
-pub fn use_panels(isa: Isa, m: usize) -> bool {
-    panel_layout(isa) && m >= MIN_ROWS
-}
-
 /// Whether GGML weights are held in the panel layout on path `isa` (for every row count:
 /// at m = 1 too the panel kernel does a quarter of the row kernel's float work per code,
 /// and only one copy of the weight is kept).
@@ -61,6 +52,13 @@ pub struct PanelBlocks {
     d: Vec<f32>,
     /// Q4_1: `panels × kb × 16` minima (empty otherwise).
     m: Vec<f32>,
+    /// Weight-only affine int-N: `panels × kb × 16` unsigned zero points `z'` per channel
+    /// and block (empty otherwise: then every code's zero is the uniform `offset`). Each
+    /// block's i32 sum starts at `−z'·Σq`, so `Σ (n − z')·q` stays exact in integers.
+    zeros: Vec<u8>,
+    /// Weight-only code books (NF4/FP4): nibble → unsigned byte `t8 + 128` looked up in
+    /// the kernel (`vpshufb`) before the integer products; `None` for plain codes.
+    lut: Option<[u8; 16]>,
 }
 
 impl std::fmt::Debug for PanelBlocks {
@@ -122,6 +120,43 @@ impl PanelBlocks {
         Self::build(kind, n, k, offset, row, |ch, b| (scale(ch, b), 0.0))
     }
 
+    /// As [`Self::from_codes`] with a zero point per channel and block: value
+    /// `(code − zero(ch, b))·scale(ch, b)` (weight-only affine int-N, `w:iN:asym`).
+    pub fn from_codes_affine(
+        kind: BlockKind,
+        n: usize,
+        k: usize,
+        row: impl Fn(usize, &mut [u8]),
+        scale: impl Fn(usize, usize) -> f32,
+        zero: impl Fn(usize, usize) -> u8,
+    ) -> Self {
+        assert!(kind != BlockKind::Q4_1, "no minima in an affine weight");
+        let mut w = Self::build(kind, n, k, 0, row, |ch, b| (scale(ch, b), 0.0));
+        let kb = k / QK;
+        w.zeros = vec![0u8; w.panels() * kb * PANEL];
+        for ch in 0..n {
+            for b in 0..kb {
+                w.zeros[((ch / PANEL) * kb + b) * PANEL + ch % PANEL] = zero(ch, b);
+            }
+        }
+        w
+    }
+
+    /// A code-book weight (NF4/FP4) as nibble panels: `row` gives 4-bit indices, the value
+    /// of index `i` in block `b` is `(lut[i] − 128)·scale(ch, b)` (`lut` holds the code book
+    /// rounded to signed 8-bit values plus 128).
+    pub fn from_table_codes(
+        n: usize,
+        k: usize,
+        lut: [u8; 16],
+        row: impl Fn(usize, &mut [u8]),
+        scale: impl Fn(usize, usize) -> f32,
+    ) -> Self {
+        let mut w = Self::build(BlockKind::Q4_0, n, k, 128, row, |ch, b| (scale(ch, b), 0.0));
+        w.lut = Some(lut);
+        w
+    }
+
     /// The shared constructor: `params(ch, b)` = (scale, Q4_1 minimum).
     fn build(
         kind: BlockKind,
@@ -179,12 +214,25 @@ impl PanelBlocks {
             codes,
             d,
             m,
+            zeros: Vec::new(),
+            lut: None,
         }
     }
 
     /// Bytes this copy holds.
     pub fn bytes(&self) -> usize {
-        self.codes.len() + 4 * (self.d.len() + self.m.len())
+        self.codes.len() + 4 * (self.d.len() + self.m.len()) + self.zeros.len()
+    }
+
+    /// The i32 start of channel `ch`'s block `b` sum given the activation block's
+    /// `start = −offset·Σq` (uniform offset) or `−Σq` (per-block zero points).
+    fn start(&self, ch: usize, b: usize, start: i32) -> i32 {
+        if self.zeros.is_empty() {
+            start
+        } else {
+            let kb = self.k / QK;
+            self.zeros[((ch / PANEL) * kb + b) * PANEL + ch % PANEL] as i32 * start
+        }
     }
 
     /// Unsigned code of element `e` (of `k`) of channel `ch` (< panels·16).
@@ -195,10 +243,10 @@ impl PanelBlocks {
         if self.kind.nibbles() {
             let (hi, i) = (i >= 16, i % 16);
             let byte = blk[(i / 4) * 64 + c * 4 + i % 4];
-            if hi {
-                byte >> 4
-            } else {
-                byte & 0x0F
+            let nib = if hi { byte >> 4 } else { byte & 0x0F };
+            match &self.lut {
+                Some(t) => t[nib as usize],
+                None => nib,
             }
         } else {
             blk[(i / 4) * 64 + c * 4 + i % 4]
@@ -229,7 +277,8 @@ pub fn matmul_with(isa: Isa, w: &PanelBlocks, a: &ActBlocks, out: &mut [f32]) {
     if m == 0 || n == 0 {
         return;
     }
-    let starts = block_starts(w.offset, a);
+    // Per-block zero points: the kernels multiply `−Σq` by each channel's `z'`.
+    let starts = block_starts(if w.zeros.is_empty() { w.offset } else { 1 }, a);
     let panels = w.panels();
     let threads = rayon::current_num_threads();
     let out_ptr = SendPtr(out.as_mut_ptr());
@@ -251,18 +300,21 @@ pub fn matmul_with(isa: Isa, w: &PanelBlocks, a: &ActBlocks, out: &mut [f32]) {
 }
 
 /// `x [m, cols] · Wᵀ` → `[m, w.n]` with `x` quantized to llama.cpp's q8 blocks first
-/// (rows zero-padded from `cols` to `w.k`): the opt-in integer-activation prefill of
-/// weight-only formats (see `kernels::prefill`).
+/// (rows zero-padded from `cols` to `w.k`): the opt-in integer activations of weight-only
+/// formats (`--activations q8`, see `kernels::prefill`), for every row count.
 pub fn matmul_f32(isa: Isa, w: &PanelBlocks, x: &[f32], m: usize, cols: usize) -> Vec<f32> {
     assert!(cols <= w.k && x.len() == m * cols, "activation size");
+    // The q8 blocks are the same for every kind; Q4_1's (offset 0) skips the row kernels'
+    // per-4 start values, which the panel kernels do not read.
+    let kind = BlockKind::Q4_1;
     let a = if cols == w.k {
-        ActBlocks::quantize(isa, w.kind, x, m, w.k)
+        ActBlocks::quantize(isa, kind, x, m, w.k)
     } else {
         let mut xp = vec![0f32; m * w.k];
         for (d, s) in xp.chunks_exact_mut(w.k).zip(x.chunks_exact(cols.max(1))) {
             d[..cols].copy_from_slice(s);
         }
-        ActBlocks::quantize(isa, w.kind, &xp, m, w.k)
+        ActBlocks::quantize(isa, kind, &xp, m, w.k)
     };
     let mut out = vec![0f32; m * w.n];
     matmul_with(isa, w, &a, &mut out);
@@ -317,7 +369,7 @@ unsafe fn panels_portable(
             let (p, c) = (ch / PANEL, ch % PANEL);
             let mut y = 0f32;
             for b in 0..kb {
-                let mut i = starts[r * kb + b];
+                let mut i = w.start(ch, b, starts[r * kb + b]);
                 for (e, &xe) in x.iter().enumerate().skip(b * QK).take(QK) {
                     i += w.code(ch, e) as i32 * xe as i32;
                 }
@@ -358,10 +410,25 @@ mod x86 {
             ($r:literal, $p:literal, $r0:expr, $pp:expr) => {
                 // SAFETY: r0 + R <= m and pp + P <= p1 (loop bounds below); caller's
                 // contract for `out`.
-                match w.kind {
-                    BlockKind::Q8_0 => unsafe { tile::<$r, $p, 0>(w, a, starts, $r0, $pp, out) },
-                    BlockKind::Q4_0 => unsafe { tile::<$r, $p, 1>(w, a, starts, $r0, $pp, out) },
-                    BlockKind::Q4_1 => unsafe { tile::<$r, $p, 2>(w, a, starts, $r0, $pp, out) },
+                match (w.kind, w.lut.is_some(), !w.zeros.is_empty()) {
+                    (BlockKind::Q8_0, _, false) => unsafe {
+                        tile::<$r, $p, 0, false>(w, a, starts, $r0, $pp, out)
+                    },
+                    (BlockKind::Q8_0, _, true) => unsafe {
+                        tile::<$r, $p, 0, true>(w, a, starts, $r0, $pp, out)
+                    },
+                    (BlockKind::Q4_0, true, _) => unsafe {
+                        tile::<$r, $p, 3, false>(w, a, starts, $r0, $pp, out)
+                    },
+                    (BlockKind::Q4_0, false, false) => unsafe {
+                        tile::<$r, $p, 1, false>(w, a, starts, $r0, $pp, out)
+                    },
+                    (BlockKind::Q4_0, false, true) => unsafe {
+                        tile::<$r, $p, 1, true>(w, a, starts, $r0, $pp, out)
+                    },
+                    (BlockKind::Q4_1, _, _) => unsafe {
+                        tile::<$r, $p, 2, false>(w, a, starts, $r0, $pp, out)
+                    },
                 }
             };
         }
@@ -400,14 +467,15 @@ mod x86 {
     }
 
     /// One tile: rows `r0..r0 + RR` × panels `pp..pp + PP`. `KIND`: 0 = Q8_0, 1 = Q4_0,
-    /// 2 = Q4_1.
+    /// 2 = Q4_1, 3 = nibbles looked up in the code-book table (`w.lut`). `ZP`: per-block
+    /// zero points (`w.zeros`; `starts` then holds `−Σq`).
     ///
     /// # Safety
     /// AVX-512 F/BW/VL + VNNI; `r0 + RR <= a.m`, `pp + PP <= w.panels()`; `out` holds
     /// `a.m × w.n` f32 whose columns of these panels no other thread touches.
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn tile<const RR: usize, const PP: usize, const KIND: u8>(
+    unsafe fn tile<const RR: usize, const PP: usize, const KIND: u8, const ZP: bool>(
         w: &PanelBlocks,
         a: &ActBlocks,
         starts: &[i32],
@@ -420,6 +488,18 @@ mod x86 {
         assert!(r0 + RR <= a.m && pp + PP <= w.panels());
         assert!(w.codes.len() >= (pp + PP) * kb * bb && w.d.len() >= (pp + PP) * kb * PANEL);
         assert!(KIND != 2 || w.m.len() >= (pp + PP) * kb * PANEL);
+        assert!(!ZP || w.zeros.len() >= (pp + PP) * kb * PANEL);
+        assert!(KIND != 3 || w.lut.is_some());
+        let zc: [*const u8; PP] = std::array::from_fn(|p| {
+            if ZP {
+                w.zeros[(pp + p) * kb * PANEL..].as_ptr()
+            } else {
+                std::ptr::null()
+            }
+        });
+        let table = w.lut.unwrap_or([0; 16]);
+        // SAFETY: `table` is 16 bytes.
+        let lut = _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(table.as_ptr() as *const _) });
         assert!(a.q.len() >= (r0 + RR) * k && starts.len() >= (r0 + RR) * kb);
         let wc: [*const u8; PP] = std::array::from_fn(|p| w.codes[(pp + p) * kb * bb..].as_ptr());
         let wd: [*const f32; PP] = std::array::from_fn(|p| w.d[(pp + p) * kb * PANEL..].as_ptr());
@@ -439,11 +519,25 @@ mod x86 {
         let mut acc = [[_mm512_setzero_ps(); PP]; RR];
         for b in 0..kb {
             let mut s = [[_mm512_setzero_si512(); PP]; RR];
-            for r in 0..RR {
-                // SAFETY: b < kb inside row r0 + r of `starts` (asserted).
-                let v = _mm512_set1_epi32(unsafe { *st[r].add(b) });
-                for p in 0..PP {
-                    s[r][p] = v;
+            if ZP {
+                // SAFETY: b·16 + 16 <= kb·16 inside panel pp + p's zero points (asserted).
+                let z: [__m512i; PP] = std::array::from_fn(|p| unsafe {
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(zc[p].add(b * PANEL) as *const _))
+                });
+                for r in 0..RR {
+                    // SAFETY: b < kb inside row r0 + r of `starts` (asserted).
+                    let v = _mm512_set1_epi32(unsafe { *st[r].add(b) });
+                    for p in 0..PP {
+                        s[r][p] = _mm512_mullo_epi32(z[p], v);
+                    }
+                }
+            } else {
+                for r in 0..RR {
+                    // SAFETY: b < kb inside row r0 + r of `starts` (asserted).
+                    let v = _mm512_set1_epi32(unsafe { *st[r].add(b) });
+                    for p in 0..PP {
+                        s[r][p] = v;
+                    }
                 }
             }
             // Four activation codes of row r at element e as one broadcast i32.
@@ -470,7 +564,14 @@ mod x86 {
                     let raw: [__m512i; PP] = std::array::from_fn(|p| unsafe {
                         _mm512_loadu_si512(wc[p].add(b * 256 + j * 64) as *const _)
                     });
-                    let lo: [__m512i; PP] = std::array::from_fn(|p| _mm512_and_si512(raw[p], mask));
+                    let lo: [__m512i; PP] = std::array::from_fn(|p| {
+                        let i = _mm512_and_si512(raw[p], mask);
+                        if KIND == 3 {
+                            _mm512_shuffle_epi8(lut, i)
+                        } else {
+                            i
+                        }
+                    });
                     for r in 0..RR {
                         let x = x4(r, b * QK + 4 * j);
                         for p in 0..PP {
@@ -478,7 +579,12 @@ mod x86 {
                         }
                     }
                     let hi: [__m512i; PP] = std::array::from_fn(|p| {
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(raw[p]), mask)
+                        let i = _mm512_and_si512(_mm512_srli_epi16::<4>(raw[p]), mask);
+                        if KIND == 3 {
+                            _mm512_shuffle_epi8(lut, i)
+                        } else {
+                            i
+                        }
                     });
                     for r in 0..RR {
                         let x = x4(r, b * QK + 16 + 4 * j);
