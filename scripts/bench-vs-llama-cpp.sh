@@ -58,12 +58,13 @@ plans=('*=q8_0' '*=q4_0' '*=dynamic-int8' '*=w:i8:sym:ch0' '*=w:i4:sym:g64' '*=w
 args=()
 for p in "${plans[@]}"; do args+=(--plan "$p"); done
 RAYON_NUM_THREADS="$threads" "$ql" --format json bench --model "$model" -r "$reps" "${args[@]}" >"$out/quantlab.jsonl"
-# The 4-bit weight-only plans again with q8 decode activations (llama.cpp's approach; prefill
-# is unchanged by the flag, so only tg is measured). Rows say "decode a:q8" in their backend.
-q8plans=('*=w:i4:sym:g64' '*=w:i4:sym:g32' '*=nf4')
+# The weight-only plans again with q8 activations (`--activations q8`: llama.cpp's approach,
+# activations quantized to 8 bits per 32 values, the 16-row VNNI panel kernels for decode and
+# prefill): pp512 and tg128. Rows say "a:q8" in their backend; the table marks them.
+q8plans=('*=w:i4:sym:g64' '*=w:i4:sym:g32' '*=w:i8:sym:ch0' '*=nf4' '*=w:i4:asym:g64')
 args=()
 for p in "${q8plans[@]}"; do args+=(--plan "$p"); done
-RAYON_NUM_THREADS="$threads" "$ql" --format json --decode-activations q8 bench --model "$model" -r "$reps" -p 0 "${args[@]}" \
+RAYON_NUM_THREADS="$threads" "$ql" --format json --activations q8 bench --model "$model" -r "$reps" "${args[@]}" \
     | grep -v '"f32 (baseline)"' >>"$out/quantlab.jsonl" || true
 
 python3 - "$out" "$flags" <<'PY'
@@ -91,7 +92,7 @@ for r in rows:
     ref = llama.get((a, r["test"]))
     ratio = f"{r['t_s'] / ref[0]:.2f}" if ref else "-"
     lt = f"{ref[0]:.1f} ± {ref[1]:.1f}" if ref else "-"
-    plan = r["plan"] + (" (decode a:q8)" if "a:q8" in r.get("backend", "") else "")
+    plan = r["plan"] + (" (a:q8)" if "a:q8" in r.get("backend", "") else "")
     lines.append(f"| {plan} | {r['weights']} | {r['test']} | {r['t_s']:.1f} ± {r['std']:.1f} | {a} | {lt} | {ratio} |")
 text = "\n".join(lines) + "\n"
 open(f"{out}/side-by-side.md", "w").write(text)

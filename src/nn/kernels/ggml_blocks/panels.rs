@@ -815,37 +815,22 @@ mod tests {
         (f16::from_f32(d).to_f64(), q)
     }
 
-    #[test]
-    fn int_n_q8_activation_prefill_matches_the_reference() {
-        use crate::nn::kernels::lowbit::LowBit;
-        let mut g = Lcg(29);
-        // (bits, group, m, n, k): 784 is not a whole 32- or 64-column block (MNIST).
-        for (bits, group, m, n, k) in [
-            (4u8, 64usize, 13usize, 37usize, 784usize),
-            (4, 32, 20, 50, 96),
-            (8, 0, 17, 33, 160),
-            (8, 64, 9, 20, 200),
-            (2, 32, 16, 17, 64),
-            (3, 128, 130, 40, 576),
-        ] {
-            let (lo, hi) = (-(1i32 << (bits - 1)), (1i32 << (bits - 1)) - 1);
-            let codes: Vec<i32> = (0..n * k)
-                .map(|i| match i % 7 {
-                    0 => lo,
-                    1 => hi,
-                    _ => lo + (g.next() % (hi - lo + 1) as u32) as i32,
-                })
-                .collect();
-            let bytes: Vec<u8> = codes.iter().map(|&c| c as i8 as u8).collect();
-            let gs = if group == 0 { k } else { group };
-            let gpr = k.div_ceil(gs);
-            let scale: Vec<f32> = (0..n * gpr).map(|_| 0.01 + g.unif().abs()).collect();
-            let zero = vec![0i32; n * gpr];
-            let group_arg = if group == 0 { k } else { group };
-            let lb = LowBit::from_int(n, k, &bytes, true, bits, &scale, &zero, group_arg).unwrap();
-            let pan = lb.a8_panels().expect("symmetric codes fit the panels");
+    /// One weight-only case: `codes[c·k + e]` signed values (already minus the zero point),
+    /// `scale[c·kb32 + b]` per 32-column block, and the kernel's panel copy.
+    fn check_weight_only(
+        what: &str,
+        pan: &PanelBlocks,
+        codes: &[i64],
+        scale: &[f64],
+        n: usize,
+        k: usize,
+        ms: &[usize],
+        g: &mut Lcg,
+    ) {
+        let kp = k.next_multiple_of(QK);
+        let kb = kp / QK;
+        for &m in ms {
             let x: Vec<f32> = (0..m * k).map(|_| g.unif() * 2.0).collect();
-            let kp = k.next_multiple_of(QK);
             for isa in paths() {
                 let y = matmul_f32(isa, pan, &x, m, k);
                 for r in 0..m {
@@ -853,33 +838,207 @@ mod tests {
                     xr.resize(kp, 0.0);
                     for c in 0..n {
                         let (mut want, mut mag) = (0f64, 0f64);
-                        for b in 0..kp / QK {
+                        for b in 0..kb {
                             let (dx, qx) = ref_q8(&xr[b * QK..][..QK]);
                             let mut i = 0i64;
                             for (j, &q) in qx.iter().enumerate() {
                                 let e = b * QK + j;
                                 if e < k {
-                                    i += codes[c * k + e] as i64 * q;
+                                    i += codes[c * k + e] * q;
                                 }
                             }
-                            // The group of block b (groups are whole blocks here).
-                            let t = scale[c * gpr + b * QK / gs] as f64 * dx * i as f64;
+                            let t = scale[c * kb + b] * dx * i as f64;
                             want += t;
                             mag += t.abs();
                         }
-                        let tol = (3 * kp / QK + 4) as f64 * 2f64.powi(-23) * mag + 1e-30;
+                        // Per block: the scale product (1 rounding, plus 2 in the weight's
+                        // own f32 scale), the conversion, the FMA; one per sum.
+                        let tol = (4 * kb + 4) as f64 * 2f64.powi(-23) * mag + 1e-30;
                         let got = y[r * n + c] as f64;
                         assert!(
                             (got - want).abs() <= tol,
-                            "{bits}b g{group} {isa:?} m{m} n{n} k{k} @({r},{c}): {got} vs {want}"
+                            "{what} {isa:?} m{m} n{n} k{k} @({r},{c}): {got} vs {want}"
                         );
                     }
                 }
             }
         }
-        // Affine codes (a zero point per group) do not fit: the f32 path stays.
-        let lb =
-            LowBit::from_int(2, 64, &[3u8; 128], false, 4, &[1.0; 4], &[1, 2, 3, 4], 32).unwrap();
+    }
+
+    /// Row counts: decode (1), small, past the 4-row tile and the 128-row cache block.
+    const MS: [usize; 6] = [1, 2, 5, 17, 33, 130];
+
+    #[test]
+    fn int_n_q8_activations_match_the_reference() {
+        use crate::nn::kernels::lowbit::LowBit;
+        let mut g = Lcg(29);
+        // (bits, signed zero point?, group, n, k): 784 is not a whole 32- or 64-column
+        // block (MNIST); n·k ≥ 2^17 with m = 1 takes the threaded split.
+        for (bits, affine, group, n, k) in [
+            (4u8, false, 64usize, 37usize, 784usize),
+            (4, false, 32, 50, 96),
+            (8, false, 0, 33, 160),
+            (8, false, 64, 20, 200),
+            (2, false, 32, 17, 64),
+            (3, false, 128, 40, 576),
+            (4, true, 64, 37, 784),
+            (4, true, 32, 300, 448),
+            (8, true, 64, 21, 200),
+            (3, true, 32, 18, 96),
+        ] {
+            let (lo, hi) = if affine {
+                (0, (1i32 << bits) - 1)
+            } else {
+                (-(1i32 << (bits - 1)), (1i32 << (bits - 1)) - 1)
+            };
+            let raw: Vec<i32> = (0..n * k)
+                .map(|i| match i % 7 {
+                    0 => lo,
+                    1 => hi,
+                    _ => lo + (g.next() % (hi - lo + 1) as u32) as i32,
+                })
+                .collect();
+            let bytes: Vec<u8> = raw.iter().map(|&c| c as i8 as u8).collect();
+            let gs = if group == 0 { k } else { group };
+            let gpr = k.div_ceil(gs);
+            let scale: Vec<f32> = (0..n * gpr).map(|_| 0.01 + g.unif().abs()).collect();
+            let zero: Vec<i32> = (0..n * gpr)
+                .map(|i| match (affine, i % 5) {
+                    (false, _) => 0,
+                    (true, 0) => lo,
+                    (true, 1) => hi,
+                    _ => lo + (g.next() % (hi - lo + 1) as u32) as i32,
+                })
+                .collect();
+            let lb =
+                LowBit::from_int(n, k, &bytes, !affine, bits, &scale, &zero, gs).expect("layout");
+            let pan = lb.a8_panels().expect("integer zero points fit the panels");
+            let kb = k.div_ceil(QK);
+            let codes: Vec<i64> = (0..n * k)
+                .map(|i| raw[i] as i64 - zero[(i / k) * gpr + (i % k) / gs] as i64)
+                .collect();
+            let sc: Vec<f64> = (0..n * kb)
+                .map(|i| scale[(i / kb) * gpr + (i % kb) * QK / gs] as f64)
+                .collect();
+            let what = format!("{bits}b affine={affine} g{group}");
+            check_weight_only(&what, pan, &codes, &sc, n, k, &MS[..4], &mut g);
+            if n * k < 20_000 {
+                check_weight_only(&what, pan, &codes, &sc, n, k, &MS[4..], &mut g);
+            }
+        }
+        // Real-valued zero points (HQQ) do not fit: the f32 path stays.
+        let lb = LowBit::from_int_real_zero(2, 64, &[3u8; 128], false, 4, &[1.0; 4], &[0.5; 4], 32)
+            .unwrap();
         assert!(lb.a8_panels().is_none());
+    }
+
+    #[test]
+    fn code_book_q8_activations_match_the_reference() {
+        use crate::nn::kernels::lowbit::LowBit;
+        use crate::quant::codebook::NF4_CODE;
+        let mut g = Lcg(31);
+        // The book rounded to signed 8 bits, written out independently of the kernels.
+        let tmax = NF4_CODE.iter().fold(0f64, |a, &v| a.max((v as f64).abs()));
+        let t8: Vec<i64> = NF4_CODE
+            .iter()
+            .map(|&t| (127.0 * t as f64 / tmax).round() as i64)
+            .collect();
+        for (n, k, bs) in [
+            (37usize, 96usize, 64usize),
+            (20, 256, 64),
+            (300, 448, 64),
+            (17, 64, 32),
+        ] {
+            let len = n * k;
+            let idx: Vec<u8> = (0..len)
+                .map(|i| (g.next() % 16) as u8 ^ (i % 2) as u8)
+                .collect();
+            let packed: Vec<u8> = idx.chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
+            let absmax: Vec<f32> = (0..len.div_ceil(bs))
+                .map(|_| 0.05 + g.unif().abs())
+                .collect();
+            let lb = LowBit::from_table(n, k, &packed, &NF4_CODE, &absmax, bs).expect("layout");
+            let pan = lb.a8_panels().expect("whole-chunk rows fit the panels");
+            let codes: Vec<i64> = idx.iter().map(|&i| t8[i as usize]).collect();
+            let kb = k / QK;
+            let sc: Vec<f64> = (0..n * kb)
+                .map(|i| absmax[((i / kb) * k + (i % kb) * QK) / bs] as f64 * tmax / 127.0)
+                .collect();
+            let ms: &[usize] = if len < 20_000 { &MS } else { &MS[..3] };
+            check_weight_only("nf4", pan, &codes, &sc, n, k, ms, &mut g);
+        }
+        // Rows that straddle two absmax blocks keep the f32 path.
+        let lb = LowBit::from_table(2, 40, &[0x12; 40], &NF4_CODE, &[1.0; 2], 40).unwrap();
+        assert!(lb.a8_panels().is_none());
+    }
+
+    /// Exact integer block sums of the affine and code-book panels: unit scales and
+    /// activations that are their own q8 codes.
+    #[test]
+    fn affine_and_table_integer_sums_are_exact() {
+        let mut g = Lcg(37);
+        let lut: [u8; 16] = std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(5));
+        // k ≤ 384: |partial sums| ≤ 384·255·127 < 2^24, exact in f32.
+        for (m, n, k) in SHAPES.into_iter().filter(|s| s.2 <= 384) {
+            let kb = k / QK;
+            for variant in 0..3 {
+                let nib = variant != 1;
+                let codes: Vec<u8> = (0..n * k)
+                    .map(|_| (g.next() % if nib { 16 } else { 256 }) as u8)
+                    .collect();
+                let zeros: Vec<u8> = (0..n * kb).map(|_| (g.next() % 256) as u8).collect();
+                let row = |ch: usize, r: &mut [u8]| r.copy_from_slice(&codes[ch * k..][..k]);
+                let pan = match variant {
+                    0 => PanelBlocks::from_codes_affine(
+                        BlockKind::Q4_0,
+                        n,
+                        k,
+                        row,
+                        |_, _| 1.0,
+                        |ch, b| zeros[ch * kb + b] % 16,
+                    ),
+                    1 => PanelBlocks::from_codes_affine(
+                        BlockKind::Q8_0,
+                        n,
+                        k,
+                        row,
+                        |_, _| 1.0,
+                        |ch, b| zeros[ch * kb + b],
+                    ),
+                    _ => PanelBlocks::from_table_codes(n, k, lut, row, |_, _| 1.0),
+                };
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| match (i % QK, g.next() % 4) {
+                        (0, 0) => 127.0,
+                        (0, _) => -127.0,
+                        _ => (g.next() % 255) as f32 - 127.0,
+                    })
+                    .collect();
+                let a = ActBlocks::quantize(Isa::Portable, BlockKind::Q4_1, &x, m, k);
+                for isa in paths() {
+                    let mut y = vec![0f32; m * n];
+                    matmul_with(isa, &pan, &a, &mut y);
+                    for r in 0..m {
+                        for c in 0..n {
+                            let mut want = 0i64;
+                            for e in 0..k {
+                                let u = codes[c * k + e] as i64;
+                                let v = match variant {
+                                    0 => u - (zeros[c * kb + e / QK] % 16) as i64,
+                                    1 => u - zeros[c * kb + e / QK] as i64,
+                                    _ => lut[u as usize] as i64 - 128,
+                                };
+                                want += v * x[r * k + e] as i64;
+                            }
+                            assert_eq!(
+                                y[r * n + c] as i64,
+                                want,
+                                "variant {variant} {isa:?} m{m} n{n} k{k} @({r},{c})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }
