@@ -1,6 +1,8 @@
 //! Weight-only low-bit kernels (nn::kernels::lowbit through `QLinear`) against candle's
 //! f32 matmul (also what a cached dequantized matrix costs) and candle's `QMatMul` on
-//! Q4_0 (and the kernel alone, with f32 or q8 decode activations), on SmolLM2-135M's shapes (`out × in`) for decoding (m = 1) and prefill (m = 512),
+//! Q4_0 (and the kernel alone, with f32 or q8 activations: `gemv_q8` rows and the
+//! `--activations q8` panels), on SmolLM2-135M's shapes (`out × in`) for decoding (m = 1)
+//! and prefill (m = 512),
 //! and the MNIST MLP's first layer. Compare rows of one run: the machine is shared.
 //!
 //! `cargo bench --bench lowbit_kernels` (about a minute); `QUANTLAB_KERNEL=avx2` or
@@ -70,9 +72,14 @@ fn bench(c: &mut Criterion) {
                 g.bench_function(format!("kernel_i4_g64_{}", isa.name()), |b| {
                     b.iter(|| lb.gemv(isa, black_box(&xs), &mut y))
                 });
-                // The decode path with activations quantized to q8 blocks (`gemv_q8`).
+                // The row GEMV with activations quantized to q8 blocks (`gemv_q8`).
                 g.bench_function(format!("kernel_i4_g64_q8_{}", isa.name()), |b| {
                     b.iter(|| gemv_q8::gemv(&lb, isa, black_box(&xs), &mut y))
+                });
+                // What `--activations q8` runs: the 16-row VNNI panels on AVX-512, the row
+                // GEMV above elsewhere.
+                g.bench_function(format!("kernel_i4_g64_a8_{}", isa.name()), |b| {
+                    b.iter(|| lb.matmul_a8(isa, black_box(&xs), 1))
                 });
             }
         }

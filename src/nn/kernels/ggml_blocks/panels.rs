@@ -817,6 +817,7 @@ mod tests {
 
     /// One weight-only case: `codes[c·k + e]` signed values (already minus the zero point),
     /// `scale[c·kb32 + b]` per 32-column block, and the kernel's panel copy.
+    #[allow(clippy::too_many_arguments)]
     fn check_weight_only(
         what: &str,
         pan: &PanelBlocks,
