@@ -107,22 +107,17 @@ fn main() {
                 row += &format!(" | {name} {:8.1} {:8.1} ({:.2}x)", t.0, t.1, f.0 / t.0);
             }
             println!("{row}");
-            if m > 1 && std::env::var("SHAPES").is_ok_and(|v| v == "1") {
+            if m > 1 {
+                // The two several-row products called directly, whatever m picks.
                 let mut row = format!("{:8?} {o:5}x{i:4} m {m:3}:", isa);
                 for (name, lb) in [("i4g64", int4(64)), ("nf4", nf4.clone())] {
                     let p = time(n, || {
                         black_box(lb.gemm(isa, black_box(&x), m));
                     });
-                    let a = time(n, || {
-                        black_box(lb.gemm_multi_shape(isa, black_box(&x), m, 4));
+                    let g = time(n, || {
+                        black_box(lb.gemm_multi(isa, black_box(&x), m));
                     });
-                    let b = time(n, || {
-                        black_box(lb.gemm_multi_shape(isa, black_box(&x), m, 2));
-                    });
-                    row += &format!(
-                        " | {name} panel {:7.1} r4m5 {:7.1} r2m10 {:7.1}",
-                        p.0, a.0, b.0
-                    );
+                    row += &format!(" | {name} panels {:8.1} multi-row {:8.1}", p.0, g.0);
                 }
                 println!("{row}");
             }

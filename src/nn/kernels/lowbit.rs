@@ -58,12 +58,18 @@ const KC: usize = 768;
 const GEMV_ROWS: usize = 12;
 /// Activation rows per micro-kernel call.
 const MR: usize = 6;
-/// Activation rows per call of the AVX-512 several-row GEMV (`x86::g512m`): 5 × 4
-/// accumulators, 8 decoded weight vectors and 2 activation vectors fit the 32 registers.
-const MULTI_MR: usize = 5;
+/// Activation rows and output rows per call of the AVX-512 several-row GEMV
+/// (`x86::g512m`): 10 × 2 accumulators, 4 decoded weight vectors and 2 activation vectors
+/// fit the 32 registers. Measured (MNIST's 256 × 784 at m = 64, one thread): 10 × 2 259 µs,
+/// 5 × 4 280 µs (twice the decoding per FMA), f32 panels 267 µs.
+const MULTI_MR: usize = 10;
+const MULTI_NR: usize = 2;
 /// Up to this many activation rows, AVX-512 runs the several-row GEMV
-/// ([`LowBit::gemm_multi`]) instead of decoding f32 panels ([`LowBit::gemm`]).
-pub const MULTI_ROWS: usize = 128;
+/// ([`LowBit::gemm_multi`]) instead of decoding f32 panels ([`LowBit::gemm`]). Measured
+/// at m = 64 (MNIST: the GEMV 0.97× the panels' time on 256 × 784, 0.98× on 256 × 256,
+/// 0.13× on 10 × 256, where a 64-wide panel is mostly padding) and m = 512 (SmolLM2: the
+/// panels win by 7–10%); the crossover between was not measured.
+pub const MULTI_ROWS: usize = 96;
 
 /// How codes are stored and turned into values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +111,10 @@ pub struct LowBit {
     /// `SplitTable` only, per chunk: the scale of lanes `split..32` and `split`.
     scale2: Vec<f32>,
     split: Vec<u8>,
+    /// `SplitTable` with every split at 16 or 32 (rows a whole number of 16 columns, as
+    /// MNIST's 784): lanes 0–15 of a chunk take `scale`, lanes 16–31 `scale2` (equal to
+    /// `scale` where nothing splits), so each half has a table of weights of its own.
+    split_halves: bool,
     /// The opt-in integer-activation prefill's panel copy (`kernels::prefill`), built on
     /// first use; `None` inside where the codes do not fit it (code books, affine zeros).
     a8: OnceLock<Option<PanelBlocks>>,
@@ -264,6 +274,7 @@ impl LowBit {
             zero: z,
             scale2: Vec::new(),
             split: Vec::new(),
+            split_halves: false,
             a8: OnceLock::new(),
         })
     }
@@ -328,6 +339,7 @@ impl LowBit {
             uniform_zero: None,
             scale2: Vec::new(),
             split: Vec::new(),
+            split_halves: false,
             a8: OnceLock::new(),
         })
     }
@@ -378,6 +390,7 @@ impl LowBit {
             table: *table,
             uniform_zero: None,
             scale2,
+            split_halves: split.iter().all(|&at| at % 16 == 0),
             split,
             a8: OnceLock::new(),
         }
@@ -928,7 +941,7 @@ fn micro(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{chunk_bytes, Codes, LowBit, CHUNK, MR, MULTI_MR, NR, NR512};
+    use super::{chunk_bytes, Codes, LowBit, CHUNK, MR, MULTI_MR, MULTI_NR, NR, NR512};
     use std::arch::x86_64::*;
 
     /// AVX-512 GEMV for rows `o0 .. o0 + ys.len()` (at most 4).
@@ -940,12 +953,19 @@ mod x86 {
         assert!(xp.len() >= lb.nch * CHUNK && o0 + ys.len() <= lb.rows);
         assert!(lb.codes.len() >= lb.rows * lb.nch * chunk_bytes(lb.kind));
         let uniform = lb.uniform_zero.is_some();
+        let halves = lb.split_halves;
         match (ys.len(), lb.kind) {
+            (4, Codes::SplitTable) if halves => g512::<4, 5>(lb, xp, o0, ys),
             (4, Codes::Nibble) if uniform => g512::<4, 4>(lb, xp, o0, ys),
             (4, Codes::Nibble) => g512::<4, 0>(lb, xp, o0, ys),
             (4, Codes::Byte) => g512::<4, 1>(lb, xp, o0, ys),
             (4, Codes::Table) => g512::<4, 2>(lb, xp, o0, ys),
             (4, Codes::SplitTable) => g512::<4, 3>(lb, xp, o0, ys),
+            (_, Codes::SplitTable) if halves => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g512::<1, 5>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
             (_, Codes::SplitTable) => {
                 for (r, y) in ys.iter_mut().enumerate() {
                     g512::<1, 3>(lb, xp, o0 + r, std::slice::from_mut(y))
@@ -976,7 +996,8 @@ mod x86 {
 
     /// `R` rows at once; `K`: 0 nibble ints, 1 byte ints, 2 nibble code book, 3 split code
     /// book, 4 nibble ints whose groups share one zero point (`uniform_zero`: the table
-    /// is `(n − z')` built once, times each group's scale; no zero points are read).
+    /// is `(n − z')` built once, times each group's scale; no zero points are read), 5 split
+    /// code book cut at 16 or 32 (`split_halves`: one table of weights per 16-lane half).
     ///
     /// Nibbles: per (row, group) the 16 possible weights — `(n − z')·s` or `table[n]·s`,
     /// the very products the dequantization computes — are built in one register, and each
@@ -1022,6 +1043,11 @@ mod x86 {
                         z[r] = _mm512_mask_blend_ps(full as u16, s, s2);
                         _mm512_mask_blend_ps((full >> 16) as u16, s, s2)
                     }
+                    5 => {
+                        // Tables of lanes 0–15 in `z`, of lanes 16–31 in `tab`.
+                        z[r] = _mm512_mul_ps(base, s);
+                        _mm512_mul_ps(base, _mm512_set1_ps(*lb.scale2.get_unchecked(i)))
+                    }
                     _ => s,
                 };
             }
@@ -1051,7 +1077,12 @@ mod x86 {
                     for r in 0..R {
                         let p = codes.add(r * row_bytes + c * cb);
                         let e = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
-                        let (wl, wh) = if K == 3 {
+                        let (wl, wh) = if K == 5 {
+                            (
+                                _mm512_permutexvar_ps(e, z[r]),
+                                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e), tab[r]),
+                            )
+                        } else if K == 3 {
                             // Scales of lanes 0–15 in `z`, of lanes 16–31 in `tab`.
                             (
                                 _mm512_mul_ps(_mm512_permutexvar_ps(e, base), z[r]),
@@ -1082,7 +1113,7 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn base512<const K: u8>(lb: &LowBit) -> __m512 {
-        if K == 2 || K == 3 {
+        if K == 2 || K == 3 || K == 5 {
             // SAFETY: `table` holds 16 floats.
             return unsafe { _mm512_loadu_ps(lb.table.as_ptr()) };
         }
@@ -1097,22 +1128,21 @@ mod x86 {
         }
     }
 
-    /// Four output rows (`o0 .. o0 + 4`) × `M` activation rows (`xp`, rows `ldx` apart,
+    /// `R` output rows (`o0 .. o0 + R`) × `M` activation rows (`xp`, rows `ldx` apart,
     /// each padded to `nch · 32` values): `y[i·ldy + o0 + r] = Σ_p x[i][p]·Ŵ[o0 + r][p]`.
     ///
-    /// Each chunk of the four weight rows is decoded once in registers, exactly as in
+    /// Each chunk of the `R` weight rows is decoded once in registers, exactly as in
     /// [`g512`] (one `vpermps` from the group's table of weights per 16 codes; split code
-    /// books scale the looked-up value per lane), and serves all `M` activation rows:
-    /// the decoding is amortised over `M`, and no panel is written or transposed. One
-    /// accumulator per (activation row, weight row); the four sums of an activation row
-    /// are reduced together ([`hsum4`]) and stored as one 128-bit write. Only nibble kinds
-    /// (`K` 0, 2, 3, 4).
+    /// books with mixed halves scale the looked-up value per lane), and serves all `M`
+    /// activation rows: the decoding is amortised over `M`, and no panel is written or
+    /// transposed. One accumulator per (activation row, weight row); the sums are reduced
+    /// four at a time ([`hsum4`]). Only nibble kinds (`K` 0, 2, 3, 4, 5).
     ///
     /// # Safety
-    /// The CPU must have AVX-512 F/BW/VL; `o0 + 4 <= rows`; `xp` holds `(M − 1)·ldx +
-    /// nch·32` values; `y` is valid for writes at `i·ldy + o0 .. + 4` for `i < M`.
+    /// The CPU must have AVX-512 F/BW/VL; `o0 + R <= rows`; `xp` holds `(M − 1)·ldx +
+    /// nch·32` values; `y` is valid for writes at `i·ldy + o0 .. + R` for `i < M`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn g512m<const M: usize, const K: u8>(
+    pub unsafe fn g512m<const R: usize, const M: usize, const K: u8>(
         lb: &LowBit,
         xp: *const f32,
         ldx: usize,
@@ -1120,20 +1150,20 @@ mod x86 {
         y: *mut f32,
         ldy: usize,
     ) {
-        debug_assert!(o0 + 4 <= lb.rows && K != 1 && lb.kind != Codes::Byte);
+        debug_assert!(o0 + R <= lb.rows && K != 1 && lb.kind != Codes::Byte);
         let row_bytes = lb.nch * 16;
         // SAFETY (whole body): rows o0..o0+4 lie inside `codes`, groups inside `scale`,
         // `zero`, `scale2`, `split` (the caller's bounds); chunk c < nch reads 16 bytes of
         // each row and floats c·32 .. c·32 + 32 of each activation row.
         let codes = unsafe { lb.codes.as_ptr().add(o0 * row_bytes) };
         let base = unsafe { base512::<K>(lb) };
-        let mut acc = [[_mm512_setzero_ps(); 4]; M];
+        let mut acc = [[_mm512_setzero_ps(); R]; M];
         for g in 0..lb.gpr {
             let (c0, c1) = (g * lb.cpg, ((g + 1) * lb.cpg).min(lb.nch));
             // K 0/2/4: tables of weights; K 3: scales of lanes 0–15 (`lo`) and 16–31 (`tab`).
-            let mut tab = [_mm512_setzero_ps(); 4];
-            let mut lo = [_mm512_setzero_ps(); 4];
-            for r in 0..4 {
+            let mut tab = [_mm512_setzero_ps(); R];
+            let mut lo = [_mm512_setzero_ps(); R];
+            for r in 0..R {
                 let i = (o0 + r) * lb.gpr + g;
                 let s = _mm512_set1_ps(unsafe { *lb.scale.get_unchecked(i) });
                 tab[r] = match K {
@@ -1149,17 +1179,27 @@ mod x86 {
                         lo[r] = _mm512_mask_blend_ps(full as u16, s, s2);
                         _mm512_mask_blend_ps((full >> 16) as u16, s, s2)
                     }
+                    5 => {
+                        // Tables of lanes 0–15 in `lo`, of lanes 16–31 in `tab`.
+                        lo[r] = _mm512_mul_ps(base, s);
+                        _mm512_mul_ps(base, _mm512_set1_ps(unsafe { *lb.scale2.get_unchecked(i) }))
+                    }
                     _ => _mm512_mul_ps(base, s),
                 };
             }
             for c in c0..c1 {
-                let mut w = [[_mm512_setzero_ps(); 2]; 4];
-                for r in 0..4 {
+                let mut w = [[_mm512_setzero_ps(); 2]; R];
+                for r in 0..R {
                     let e = _mm512_cvtepu8_epi32(unsafe {
                         _mm_loadu_si128(codes.add(r * row_bytes + c * 16) as *const __m128i)
                     });
                     let h = _mm512_srli_epi32::<4>(e);
-                    w[r] = if K == 3 {
+                    w[r] = if K == 5 {
+                        [
+                            _mm512_permutexvar_ps(e, lo[r]),
+                            _mm512_permutexvar_ps(h, tab[r]),
+                        ]
+                    } else if K == 3 {
                         [
                             _mm512_mul_ps(_mm512_permutexvar_ps(e, base), lo[r]),
                             _mm512_mul_ps(_mm512_permutexvar_ps(h, base), tab[r]),
@@ -1174,17 +1214,38 @@ mod x86 {
                 for (i, a) in acc.iter_mut().enumerate() {
                     let xb = unsafe { xp.add(i * ldx + c * CHUNK) };
                     let (xl, xh) = unsafe { (_mm512_loadu_ps(xb), _mm512_loadu_ps(xb.add(16))) };
-                    for r in 0..4 {
+                    for r in 0..R {
                         a[r] = _mm512_fmadd_ps(w[r][0], xl, a[r]);
                         a[r] = _mm512_fmadd_ps(w[r][1], xh, a[r]);
                     }
                 }
             }
         }
-        for (i, a) in acc.iter().enumerate() {
-            let v = hsum4(a[0], a[1], a[2], a[3]);
-            // SAFETY: the caller's bound on `y`.
-            unsafe { _mm_storeu_ps(y.add(i * ldy + o0), v) };
+        // The M·R sums, four at a time.
+        let n = M * R;
+        let at = |k: usize| {
+            if k < n {
+                acc[k / R][k % R]
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
+        let mut k = 0;
+        while k < n {
+            let mut t = [0f32; 4];
+            // SAFETY: `t` holds 4 floats.
+            unsafe {
+                _mm_storeu_ps(
+                    t.as_mut_ptr(),
+                    hsum4(at(k), at(k + 1), at(k + 2), at(k + 3)),
+                )
+            };
+            for (j, v) in t.iter().enumerate().take(n - k) {
+                let (i, r) = ((k + j) / R, (k + j) % R);
+                // SAFETY: the caller's bound on `y` (i < M, r < R).
+                unsafe { *y.add(i * ldy + o0 + r) = *v };
+            }
+            k += 4;
         }
     }
 
@@ -1359,8 +1420,8 @@ mod x86 {
     }
 
     /// Output rows `a0 .. a1` of `m` activation rows (`xp`, rows `ldx = nch·32` apart, zero
-    /// padded) into `y` (rows `ldy` apart): [`g512m`] over whole groups of four output rows
-    /// and up to [`MULTI_MR`] activation rows, the last `(a1 − a0) % 4` rows one at a time.
+    /// padded) into `y` (rows `ldy` apart): [`g512m`] over whole groups of [`MULTI_NR`]
+    /// output rows and up to [`MULTI_MR`] activation rows, a last odd row on its own.
     ///
     /// # Safety
     /// The CPU must have AVX-512 F/BW/VL; `y` valid for writes at `i·ldy + o` for `i < m`,
@@ -1387,7 +1448,11 @@ mod x86 {
             Codes::Table => 2,
             Codes::SplitTable => {
                 assert!(lb.scale2.len() >= lb.rows * lb.gpr && lb.split.len() >= lb.rows * lb.gpr);
-                3
+                if lb.split_halves {
+                    5
+                } else {
+                    3
+                }
             }
             Codes::Byte => panic!("multi_rows: byte codes"),
         };
@@ -1397,29 +1462,35 @@ mod x86 {
             // SAFETY: activation rows i..i+mm lie in `xp` (asserted); outputs per the caller.
             let (xb, yb) = unsafe { (xp.as_ptr().add(i * ldx), y.add(i * ldy)) };
             let mut o = a0;
-            while o + 4 <= a1 {
+            while o + MULTI_NR <= a1 {
                 macro_rules! go {
                     ($m:literal) => {
                         // SAFETY: o + 4 <= a1 <= rows; `xb` holds mm rows of ldx; `yb`
                         // per the caller; the codes and parameters asserted above.
                         unsafe {
                             match k {
-                                0 => g512m::<$m, 0>(lb, xb, ldx, o, yb, ldy),
-                                2 => g512m::<$m, 2>(lb, xb, ldx, o, yb, ldy),
-                                3 => g512m::<$m, 3>(lb, xb, ldx, o, yb, ldy),
-                                _ => g512m::<$m, 4>(lb, xb, ldx, o, yb, ldy),
+                                0 => g512m::<MULTI_NR, $m, 0>(lb, xb, ldx, o, yb, ldy),
+                                2 => g512m::<MULTI_NR, $m, 2>(lb, xb, ldx, o, yb, ldy),
+                                3 => g512m::<MULTI_NR, $m, 3>(lb, xb, ldx, o, yb, ldy),
+                                5 => g512m::<MULTI_NR, $m, 5>(lb, xb, ldx, o, yb, ldy),
+                                _ => g512m::<MULTI_NR, $m, 4>(lb, xb, ldx, o, yb, ldy),
                             }
                         }
                     };
                 }
                 match mm {
+                    10 => go!(10),
+                    9 => go!(9),
+                    8 => go!(8),
+                    7 => go!(7),
+                    6 => go!(6),
                     5 => go!(5),
                     4 => go!(4),
                     3 => go!(3),
                     2 => go!(2),
                     _ => go!(1),
                 }
-                o += 4;
+                o += MULTI_NR;
             }
             for o in o..a1 {
                 for ii in 0..mm {
@@ -1886,6 +1957,10 @@ mod tests {
                                 Codes::Byte
                             }
                         );
+                        // Symmetric schemes take the shared-zero-point kernels.
+                        if !affine {
+                            assert!(lb.uniform_zero.is_some());
+                        }
                         let w = ref_int(rows, cols, &codes, signed, &scale, &zero, group);
                         for m in [1, 2, 3, 5, 17, 64, 150] {
                             check(&lb, &w, m, &mut rng);
@@ -1989,6 +2064,10 @@ mod tests {
                 .map(|_| rng.gen_range(0.1..3.0))
                 .collect();
             let lb = LowBit::from_table(rows, cols, &packed, &table, &absmax, bs).expect("layout");
+            // Rows of whole 16-column halves take the per-half tables (`split_halves`).
+            if lb.kind() == Codes::SplitTable {
+                assert_eq!(lb.split_halves, cols % 16 == 0);
+            }
             let w = ref_table(len, &packed, &table, &absmax, bs);
             for m in [1, 2, 5, 17, 64, 150] {
                 check(&lb, &w, m, &mut rng);
