@@ -19,9 +19,15 @@
 //! in registers, multiplied with the activations by FMA per group, and the group's sum is
 //! scaled once: `Σ x·(n − z')·s = s·Σ x·(n − z')`. Four output rows go together so that
 //! eight independent FMA chains hide the FMA latency and every activation load serves four
-//! rows. Prefill (several rows, [`LowBit::gemm`]) decodes a tile of 32 output rows × 256
-//! columns into a cache-resident f32 panel holding exactly the dequantized weights, then an
-//! f32 register-blocked micro-kernel (6 activation rows × 32 outputs) runs over every
+//! rows. Symmetric schemes (one zero point for every group) build the table from a constant
+//! `(n − z')` row and read no zero points: the int-N GEMV then streams what the NF4 one
+//! does (codes and one scale per group). A few activation rows (2 to [`MULTI_ROWS`], on
+//! AVX-512: MNIST's batch 64) go through [`LowBit::gemm_multi`], which decodes each chunk of
+//! two weight rows once in registers for up to ten activation rows, with no panel and no
+//! transpose. Prefill (many rows, [`LowBit::gemm`]) decodes a tile of 64 output rows (32
+//! below AVX-512) × up to 768 columns into a cache-resident f32 panel holding exactly the
+//! dequantized weights, then an f32 register-blocked micro-kernel (6 activation rows × the
+//! tile's outputs) runs over every
 //! activation row; tiles are spread over threads. Only float summation order differs from
 //! `x · Ŵᵀ` with `Ŵ` the exact dequantized weights.
 
