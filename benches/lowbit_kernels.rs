@@ -2,8 +2,8 @@
 //! f32 matmul (also what a cached dequantized matrix costs) and candle's `QMatMul` on
 //! Q4_0 (and the kernel alone, with f32 or q8 activations: `gemv_q8` rows and the
 //! `--activations q8` panels), on SmolLM2-135M's shapes (`out × in`) for decoding (m = 1)
-//! and prefill (m = 512),
-//! and the MNIST MLP's first layer. Compare rows of one run: the machine is shared.
+//! and prefill (m = 512), and the MNIST MLP's three layers at batch 1 and 64. Compare rows
+//! of one run: the machine is shared.
 //!
 //! `cargo bench --bench lowbit_kernels` (about a minute); `QUANTLAB_KERNEL=avx2` or
 //! `portable` to time a lower path.
@@ -27,8 +27,11 @@ fn bench(c: &mut Criterion) {
         cases.push((o, i, 512));
     }
     cases.push((49152, 576, 1));
-    cases.push((256, 784, 1));
-    cases.push((256, 784, 64));
+    // The MNIST MLP's layers at batch 1 and 64 (64 rows take the several-row GEMV).
+    for &(o, i) in &[(256, 784), (256, 256), (10, 256)] {
+        cases.push((o, i, 1));
+        cases.push((o, i, 64));
+    }
     for (o, i, m) in cases {
         let w = random::randn(&[o, i], 0).unwrap();
         let x = random::randn(&[m, i], 1).unwrap();

@@ -19,9 +19,15 @@
 //! in registers, multiplied with the activations by FMA per group, and the group's sum is
 //! scaled once: `Σ x·(n − z')·s = s·Σ x·(n − z')`. Four output rows go together so that
 //! eight independent FMA chains hide the FMA latency and every activation load serves four
-//! rows. Prefill (several rows, [`LowBit::gemm`]) decodes a tile of 32 output rows × 256
-//! columns into a cache-resident f32 panel holding exactly the dequantized weights, then an
-//! f32 register-blocked micro-kernel (6 activation rows × 32 outputs) runs over every
+//! rows. Symmetric schemes (one zero point for every group) build the table from a constant
+//! `(n − z')` row and read no zero points: the int-N GEMV then streams what the NF4 one
+//! does (codes and one scale per group). A few activation rows (2 to [`MULTI_ROWS`], on
+//! AVX-512: MNIST's batch 64) go through [`LowBit::gemm_multi`], which decodes each chunk of
+//! two weight rows once in registers for up to ten activation rows, with no panel and no
+//! transpose. Prefill (many rows, [`LowBit::gemm`]) decodes a tile of 64 output rows (32
+//! below AVX-512) × up to 768 columns into a cache-resident f32 panel holding exactly the
+//! dequantized weights, then an f32 register-blocked micro-kernel (6 activation rows × the
+//! tile's outputs) runs over every
 //! activation row; tiles are spread over threads. Only float summation order differs from
 //! `x · Ŵᵀ` with `Ŵ` the exact dequantized weights.
 
@@ -50,12 +56,26 @@ fn tile_width(isa: Isa) -> usize {
         NR
     }
 }
-/// Columns per prefill panel (32 × 256 f32 = 32 KiB, in L1/L2).
-const KC: usize = 256;
+/// Columns per prefill panel (64 × 768 f32 = 192 KiB, in L2 on Zen 4), as the dense
+/// GEMM's K block: SmolLM2's k = 576 is then one panel, and each output tile is written
+/// once instead of re-read and re-written per block (measured: 256 cost 3–7% over f32).
+const KC: usize = 768;
 /// Up to this many activation rows, one GEMV per row beats decoding panels.
 const GEMV_ROWS: usize = 12;
 /// Activation rows per micro-kernel call.
 const MR: usize = 6;
+/// Activation rows and output rows per call of the AVX-512 several-row GEMV
+/// (`x86::g512m`): 10 × 2 accumulators, 4 decoded weight vectors and 2 activation vectors
+/// fit the 32 registers. Measured (MNIST's 256 × 784 at m = 64, one thread): 10 × 2 259 µs,
+/// 5 × 4 280 µs (twice the decoding per FMA), f32 panels 267 µs.
+const MULTI_MR: usize = 10;
+const MULTI_NR: usize = 2;
+/// Up to this many activation rows, AVX-512 runs the several-row GEMV
+/// ([`LowBit::gemm_multi`]) instead of decoding f32 panels ([`LowBit::gemm`]). Measured
+/// at m = 64 (MNIST: the GEMV 0.97× the panels' time on 256 × 784, 0.98× on 256 × 256,
+/// 0.13× on 10 × 256, where a 64-wide panel is mostly padding) and m = 512 (SmolLM2: the
+/// panels win by 7–10%); the crossover between was not measured.
+pub const MULTI_ROWS: usize = 96;
 
 /// How codes are stored and turned into values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,9 +111,16 @@ pub struct LowBit {
     /// empty for code books.
     pub(super) zero: Vec<f32>,
     pub(super) table: [f32; 16],
+    /// The zero point `z'` shared by every group (symmetric schemes), so the GEMV builds
+    /// its per-group table from one constant `(n − z')` row and never reads `zero`.
+    uniform_zero: Option<f32>,
     /// `SplitTable` only, per chunk: the scale of lanes `split..32` and `split`.
     scale2: Vec<f32>,
     split: Vec<u8>,
+    /// `SplitTable` with every split at 16 or 32 (rows a whole number of 16 columns, as
+    /// MNIST's 784): lanes 0–15 of a chunk take `scale`, lanes 16–31 `scale2` (equal to
+    /// `scale` where nothing splits), so each half has a table of weights of its own.
+    split_halves: bool,
     /// The q8-activation panel copy (`kernels::prefill`, [`LowBit::a8_panels`]), built on
     /// first use; `None` inside where the codes do not fit it.
     a8: OnceLock<Option<PanelBlocks>>,
@@ -245,10 +272,15 @@ impl LowBit {
             kind,
             codes: packed,
             scale: s,
-            zero: z,
             table: [0.0; 16],
+            uniform_zero: match z.first() {
+                Some(&z0) if z.iter().all(|&v| v.to_bits() == z0.to_bits()) => Some(z0),
+                _ => None,
+            },
+            zero: z,
             scale2: Vec::new(),
             split: Vec::new(),
+            split_halves: false,
             a8: OnceLock::new(),
         })
     }
@@ -310,8 +342,10 @@ impl LowBit {
             scale,
             zero: Vec::new(),
             table: *table,
+            uniform_zero: None,
             scale2: Vec::new(),
             split: Vec::new(),
+            split_halves: false,
             a8: OnceLock::new(),
         })
     }
@@ -360,7 +394,9 @@ impl LowBit {
             scale,
             zero: Vec::new(),
             table: *table,
+            uniform_zero: None,
             scale2,
+            split_halves: split.iter().all(|&at| at % 16 == 0),
             split,
             a8: OnceLock::new(),
         }
@@ -436,6 +472,11 @@ impl LowBit {
         let isa = isa.min(Isa::detected());
         if super::prefill::q8_activations() {
             if let Some(y) = self.matmul_a8(isa, x, m) {
+                return y;
+            }
+        }
+        if (2..=MULTI_ROWS).contains(&m) {
+            if let Some(y) = self.gemm_multi(isa, x, m) {
                 return y;
             }
         }
@@ -581,6 +622,54 @@ impl LowBit {
         }
     }
 
+    /// Several activation rows on AVX-512 (nibble and code-book kinds): each chunk of four
+    /// weight rows decoded once in registers and multiplied with up to [`MULTI_MR`]
+    /// activation rows (`x86::g512m`), output rows split over threads. No f32 panel is
+    /// written, so for a few dozen rows it beats [`Self::gemm`], whose panel decoding
+    /// (a transpose per 16 × 16 weights) is repaid only over many rows. `None` on other
+    /// paths and for byte codes.
+    pub fn gemm_multi(&self, isa: Isa, x: &[f32], m: usize) -> Option<Vec<f32>> {
+        assert_eq!(x.len(), m * self.cols, "activation size");
+        if isa.min(Isa::detected()) != Isa::Avx512 || self.kind == Codes::Byte || m == 0 {
+            return None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let ldx = self.nch * CHUNK;
+            let padded;
+            let xp: &[f32] = if ldx == self.cols {
+                x
+            } else {
+                let mut v = vec![0f32; m * ldx];
+                for (d, s) in v.chunks_exact_mut(ldx).zip(x.chunks_exact(self.cols)) {
+                    d[..self.cols].copy_from_slice(s);
+                }
+                padded = v;
+                &padded
+            };
+            let mut y = vec![0f32; m * self.rows];
+            let tasks = if self.rows * self.cols * m < 1 << 16 {
+                1
+            } else {
+                rayon::current_num_threads().max(1) * 4
+            };
+            let block = self.rows.div_ceil(tasks).div_ceil(4).max(1) * 4;
+            let yp = super::SendPtr(y.as_mut_ptr());
+            (0..self.rows.div_ceil(block))
+                .into_par_iter()
+                .for_each(|b| {
+                    let rows = (b * block, ((b + 1) * block).min(self.rows));
+                    // SAFETY: isa is AVX-512 and detected (checked above); task b alone writes
+                    // output columns rows.0..rows.1 of the m × rows `y`, which outlives the
+                    // loop; the kernel asserts the rest.
+                    unsafe { x86::multi_rows(self, xp, ldx, m, rows, yp.get(), self.rows) }
+                });
+            Some(y)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        None
+    }
+
     /// Many activation rows: f32 panels of 32 decoded output rows × 256 columns, an f32
     /// micro-kernel over all activation rows; output tiles in parallel.
     pub fn gemm(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
@@ -603,7 +692,7 @@ impl LowBit {
         (0..tiles * parts).into_par_iter().for_each(|item| {
             let (t, b) = (item % tiles, item / tiles);
             let (r0, r1) = (b * rb, ((b + 1) * rb).min(m));
-            let mut panel = vec![0f32; KC * nr];
+            let mut panel = vec![0f32; KC.min(self.nch * CHUNK) * nr];
             let mut out = vec![0f32; (r1 - r0) * nr];
             let mut p0 = 0;
             while p0 < self.cols {
@@ -889,7 +978,7 @@ fn micro(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{chunk_bytes, Codes, LowBit, CHUNK, MR, NR, NR512};
+    use super::{chunk_bytes, Codes, LowBit, CHUNK, MR, MULTI_MR, MULTI_NR, NR, NR512};
     use std::arch::x86_64::*;
 
     /// AVX-512 GEMV for rows `o0 .. o0 + ys.len()` (at most 4).
@@ -900,14 +989,28 @@ mod x86 {
     pub unsafe fn gemv_avx512(lb: &LowBit, xp: &[f32], o0: usize, ys: &mut [f32]) {
         assert!(xp.len() >= lb.nch * CHUNK && o0 + ys.len() <= lb.rows);
         assert!(lb.codes.len() >= lb.rows * lb.nch * chunk_bytes(lb.kind));
+        let uniform = lb.uniform_zero.is_some();
+        let halves = lb.split_halves;
         match (ys.len(), lb.kind) {
+            (4, Codes::SplitTable) if halves => g512::<4, 5>(lb, xp, o0, ys),
+            (4, Codes::Nibble) if uniform => g512::<4, 4>(lb, xp, o0, ys),
             (4, Codes::Nibble) => g512::<4, 0>(lb, xp, o0, ys),
             (4, Codes::Byte) => g512::<4, 1>(lb, xp, o0, ys),
             (4, Codes::Table) => g512::<4, 2>(lb, xp, o0, ys),
             (4, Codes::SplitTable) => g512::<4, 3>(lb, xp, o0, ys),
+            (_, Codes::SplitTable) if halves => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g512::<1, 5>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
             (_, Codes::SplitTable) => {
                 for (r, y) in ys.iter_mut().enumerate() {
                     g512::<1, 3>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
+            (_, Codes::Nibble) if uniform => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g512::<1, 4>(lb, xp, o0 + r, std::slice::from_mut(y))
                 }
             }
             (_, Codes::Nibble) => {
@@ -928,7 +1031,10 @@ mod x86 {
         }
     }
 
-    /// `R` rows at once; `K`: 0 nibble ints, 1 byte ints, 2 nibble code book.
+    /// `R` rows at once; `K`: 0 nibble ints, 1 byte ints, 2 nibble code book, 3 split code
+    /// book, 4 nibble ints whose groups share one zero point (`uniform_zero`: the table
+    /// is `(n − z')` built once, times each group's scale; no zero points are read), 5 split
+    /// code book cut at 16 or 32 (`split_halves`: one table of weights per 16-lane half).
     ///
     /// Nibbles: per (row, group) the 16 possible weights — `(n − z')·s` or `table[n]·s`,
     /// the very products the dequantization computes — are built in one register, and each
@@ -949,14 +1055,7 @@ mod x86 {
         // row and 32 floats of `xp` (len ≥ nch·32).
         let codes = lb.codes.as_ptr().add(o0 * row_bytes);
         let x = xp.as_ptr();
-        let base = if K >= 2 {
-            _mm512_loadu_ps(lb.table.as_ptr())
-        } else {
-            _mm512_setr_ps(
-                0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0,
-                15.0,
-            )
-        };
+        let base = base512::<K>(lb);
         let mut acc = [_mm512_setzero_ps(); R];
         let mut acc2 = [_mm512_setzero_ps(); R];
         for g in 0..lb.gpr {
@@ -971,7 +1070,7 @@ mod x86 {
                 }
                 tab[r] = match K {
                     0 => _mm512_mul_ps(_mm512_sub_ps(base, z[r]), s),
-                    2 => _mm512_mul_ps(base, s),
+                    2 | 4 => _mm512_mul_ps(base, s),
                     3 => {
                         // Per-lane scales: `s` below the split, the second scale from it.
                         let full: u32 = (!0u32)
@@ -980,6 +1079,11 @@ mod x86 {
                         let s2 = _mm512_set1_ps(*lb.scale2.get_unchecked(i));
                         z[r] = _mm512_mask_blend_ps(full as u16, s, s2);
                         _mm512_mask_blend_ps((full >> 16) as u16, s, s2)
+                    }
+                    5 => {
+                        // Tables of lanes 0–15 in `z`, of lanes 16–31 in `tab`.
+                        z[r] = _mm512_mul_ps(base, s);
+                        _mm512_mul_ps(base, _mm512_set1_ps(*lb.scale2.get_unchecked(i)))
                     }
                     _ => s,
                 };
@@ -1010,7 +1114,12 @@ mod x86 {
                     for r in 0..R {
                         let p = codes.add(r * row_bytes + c * cb);
                         let e = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
-                        let (wl, wh) = if K == 3 {
+                        let (wl, wh) = if K == 5 {
+                            (
+                                _mm512_permutexvar_ps(e, z[r]),
+                                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e), tab[r]),
+                            )
+                        } else if K == 3 {
                             // Scales of lanes 0–15 in `z`, of lanes 16–31 in `tab`.
                             (
                                 _mm512_mul_ps(_mm512_permutexvar_ps(e, base), z[r]),
@@ -1034,6 +1143,166 @@ mod x86 {
         for r in 0..R {
             ys[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r]));
         }
+    }
+
+    /// The 16 values a nibble turns into before its group's scale (see [`g512`]'s `K`):
+    /// the code book, `n`, or `n − z'` for a shared zero point.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn base512<const K: u8>(lb: &LowBit) -> __m512 {
+        if K == 2 || K == 3 || K == 5 {
+            // SAFETY: `table` holds 16 floats.
+            return unsafe { _mm512_loadu_ps(lb.table.as_ptr()) };
+        }
+        let iota = _mm512_setr_ps(
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+        );
+        if K == 4 {
+            // `n − z'`: small integers, exact.
+            _mm512_sub_ps(iota, _mm512_set1_ps(lb.uniform_zero.unwrap_or(0.0)))
+        } else {
+            iota
+        }
+    }
+
+    /// `R` output rows (`o0 .. o0 + R`) × `M` activation rows (`xp`, rows `ldx` apart,
+    /// each padded to `nch · 32` values): `y[i·ldy + o0 + r] = Σ_p x[i][p]·Ŵ[o0 + r][p]`.
+    ///
+    /// Each chunk of the `R` weight rows is decoded once in registers, exactly as in
+    /// [`g512`] (one `vpermps` from the group's table of weights per 16 codes; split code
+    /// books with mixed halves scale the looked-up value per lane), and serves all `M`
+    /// activation rows: the decoding is amortised over `M`, and no panel is written or
+    /// transposed. One accumulator per (activation row, weight row); the sums are reduced
+    /// four at a time ([`hsum4`]). Only nibble kinds (`K` 0, 2, 3, 4, 5).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F/BW/VL; `o0 + R <= rows`; `xp` holds `(M − 1)·ldx +
+    /// nch·32` values; `y` is valid for writes at `i·ldy + o0 .. + R` for `i < M`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn g512m<const R: usize, const M: usize, const K: u8>(
+        lb: &LowBit,
+        xp: *const f32,
+        ldx: usize,
+        o0: usize,
+        y: *mut f32,
+        ldy: usize,
+    ) {
+        debug_assert!(o0 + R <= lb.rows && K != 1 && lb.kind != Codes::Byte);
+        let row_bytes = lb.nch * 16;
+        // SAFETY (whole body): rows o0..o0+4 lie inside `codes`, groups inside `scale`,
+        // `zero`, `scale2`, `split` (the caller's bounds); chunk c < nch reads 16 bytes of
+        // each row and floats c·32 .. c·32 + 32 of each activation row.
+        let codes = unsafe { lb.codes.as_ptr().add(o0 * row_bytes) };
+        let base = unsafe { base512::<K>(lb) };
+        let mut acc = [[_mm512_setzero_ps(); R]; M];
+        for g in 0..lb.gpr {
+            let (c0, c1) = (g * lb.cpg, ((g + 1) * lb.cpg).min(lb.nch));
+            // K 0/2/4: tables of weights; K 3: scales of lanes 0–15 (`lo`) and 16–31 (`tab`).
+            let mut tab = [_mm512_setzero_ps(); R];
+            let mut lo = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                let i = (o0 + r) * lb.gpr + g;
+                let s = _mm512_set1_ps(unsafe { *lb.scale.get_unchecked(i) });
+                tab[r] = match K {
+                    0 => _mm512_mul_ps(
+                        _mm512_sub_ps(base, _mm512_set1_ps(unsafe { *lb.zero.get_unchecked(i) })),
+                        s,
+                    ),
+                    3 => {
+                        let full: u32 = (!0u32)
+                            .checked_shl(unsafe { *lb.split.get_unchecked(i) } as u32)
+                            .unwrap_or(0);
+                        let s2 = _mm512_set1_ps(unsafe { *lb.scale2.get_unchecked(i) });
+                        lo[r] = _mm512_mask_blend_ps(full as u16, s, s2);
+                        _mm512_mask_blend_ps((full >> 16) as u16, s, s2)
+                    }
+                    5 => {
+                        // Tables of lanes 0–15 in `lo`, of lanes 16–31 in `tab`.
+                        lo[r] = _mm512_mul_ps(base, s);
+                        _mm512_mul_ps(base, _mm512_set1_ps(unsafe { *lb.scale2.get_unchecked(i) }))
+                    }
+                    _ => _mm512_mul_ps(base, s),
+                };
+            }
+            for c in c0..c1 {
+                let mut w = [[_mm512_setzero_ps(); 2]; R];
+                for r in 0..R {
+                    let e = _mm512_cvtepu8_epi32(unsafe {
+                        _mm_loadu_si128(codes.add(r * row_bytes + c * 16) as *const __m128i)
+                    });
+                    let h = _mm512_srli_epi32::<4>(e);
+                    w[r] = if K == 5 {
+                        [
+                            _mm512_permutexvar_ps(e, lo[r]),
+                            _mm512_permutexvar_ps(h, tab[r]),
+                        ]
+                    } else if K == 3 {
+                        [
+                            _mm512_mul_ps(_mm512_permutexvar_ps(e, base), lo[r]),
+                            _mm512_mul_ps(_mm512_permutexvar_ps(h, base), tab[r]),
+                        ]
+                    } else {
+                        [
+                            _mm512_permutexvar_ps(e, tab[r]),
+                            _mm512_permutexvar_ps(h, tab[r]),
+                        ]
+                    };
+                }
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xb = unsafe { xp.add(i * ldx + c * CHUNK) };
+                    let (xl, xh) = unsafe { (_mm512_loadu_ps(xb), _mm512_loadu_ps(xb.add(16))) };
+                    for r in 0..R {
+                        a[r] = _mm512_fmadd_ps(w[r][0], xl, a[r]);
+                        a[r] = _mm512_fmadd_ps(w[r][1], xh, a[r]);
+                    }
+                }
+            }
+        }
+        // The M·R sums, four at a time.
+        let n = M * R;
+        let at = |k: usize| {
+            if k < n {
+                acc[k / R][k % R]
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
+        let mut k = 0;
+        while k < n {
+            let mut t = [0f32; 4];
+            // SAFETY: `t` holds 4 floats.
+            unsafe {
+                _mm_storeu_ps(
+                    t.as_mut_ptr(),
+                    hsum4(at(k), at(k + 1), at(k + 2), at(k + 3)),
+                )
+            };
+            for (j, v) in t.iter().enumerate().take(n - k) {
+                let (i, r) = ((k + j) / R, (k + j) % R);
+                // SAFETY: the caller's bound on `y` (i < M, r < R).
+                unsafe { *y.add(i * ldy + o0 + r) = *v };
+            }
+            k += 4;
+        }
+    }
+
+    /// The lane sums of four vectors, as lanes 0–3.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn hsum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
+        let half = |v: __m512| {
+            _mm256_add_ps(
+                _mm512_castps512_ps256(v),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+            )
+        };
+        let ab = _mm256_hadd_ps(half(a), half(b));
+        let cd = _mm256_hadd_ps(half(c), half(d));
+        let abcd = _mm256_hadd_ps(ab, cd);
+        _mm_add_ps(
+            _mm256_castps256_ps128(abcd),
+            _mm256_extractf128_ps::<1>(abcd),
+        )
     }
 
     /// Chunk `c` of row `o` as f32 weights: nibble codes and code books by one permute per
@@ -1187,6 +1456,94 @@ mod x86 {
         }
     }
 
+    /// Output rows `a0 .. a1` of `m` activation rows (`xp`, rows `ldx = nch·32` apart, zero
+    /// padded) into `y` (rows `ldy` apart): [`g512m`] over whole groups of [`MULTI_NR`]
+    /// output rows and up to [`MULTI_MR`] activation rows, a last odd row on its own.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F/BW/VL; `y` valid for writes at `i·ldy + o` for `i < m`,
+    /// `a0 <= o < a1`, and no other thread writes there meanwhile (the rest is asserted).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn multi_rows(
+        lb: &LowBit,
+        xp: &[f32],
+        ldx: usize,
+        m: usize,
+        (a0, a1): (usize, usize),
+        y: *mut f32,
+        ldy: usize,
+    ) {
+        assert!(a0 <= a1 && a1 <= lb.rows && ldy >= lb.rows);
+        assert!(ldx == lb.nch * CHUNK && xp.len() >= m * ldx);
+        assert!(lb.codes.len() >= lb.rows * lb.nch * 16 && lb.scale.len() >= lb.rows * lb.gpr);
+        let k = match lb.kind {
+            Codes::Nibble if lb.uniform_zero.is_some() => 4,
+            Codes::Nibble => {
+                assert!(lb.zero.len() >= lb.rows * lb.gpr);
+                0
+            }
+            Codes::Table => 2,
+            Codes::SplitTable => {
+                assert!(lb.scale2.len() >= lb.rows * lb.gpr && lb.split.len() >= lb.rows * lb.gpr);
+                if lb.split_halves {
+                    5
+                } else {
+                    3
+                }
+            }
+            Codes::Byte => panic!("multi_rows: byte codes"),
+        };
+        let mut i = 0;
+        while i < m {
+            let mm = (m - i).min(MULTI_MR);
+            // SAFETY: activation rows i..i+mm lie in `xp` (asserted); outputs per the caller.
+            let (xb, yb) = unsafe { (xp.as_ptr().add(i * ldx), y.add(i * ldy)) };
+            let mut o = a0;
+            while o + MULTI_NR <= a1 {
+                macro_rules! go {
+                    ($m:literal) => {
+                        // SAFETY: o + 4 <= a1 <= rows; `xb` holds mm rows of ldx; `yb`
+                        // per the caller; the codes and parameters asserted above.
+                        unsafe {
+                            match k {
+                                0 => g512m::<MULTI_NR, $m, 0>(lb, xb, ldx, o, yb, ldy),
+                                2 => g512m::<MULTI_NR, $m, 2>(lb, xb, ldx, o, yb, ldy),
+                                3 => g512m::<MULTI_NR, $m, 3>(lb, xb, ldx, o, yb, ldy),
+                                5 => g512m::<MULTI_NR, $m, 5>(lb, xb, ldx, o, yb, ldy),
+                                _ => g512m::<MULTI_NR, $m, 4>(lb, xb, ldx, o, yb, ldy),
+                            }
+                        }
+                    };
+                }
+                match mm {
+                    10 => go!(10),
+                    9 => go!(9),
+                    8 => go!(8),
+                    7 => go!(7),
+                    6 => go!(6),
+                    5 => go!(5),
+                    4 => go!(4),
+                    3 => go!(3),
+                    2 => go!(2),
+                    _ => go!(1),
+                }
+                o += MULTI_NR;
+            }
+            for o in o..a1 {
+                for ii in 0..mm {
+                    let mut v = 0f32;
+                    let xr = &xp[(i + ii) * ldx..(i + ii + 1) * ldx];
+                    // SAFETY: o < rows, `xr` holds nch·32 values; AVX-512 per the caller.
+                    unsafe {
+                        gemv_avx512(lb, xr, o, std::slice::from_mut(&mut v));
+                        *yb.add(ii * ldy + o) = v;
+                    }
+                }
+            }
+            i += mm;
+        }
+    }
+
     /// AVX2 GEMV for rows `o0 .. o0 + ys.len()` (at most 4).
     ///
     /// # Safety
@@ -1195,7 +1552,9 @@ mod x86 {
     pub unsafe fn gemv_avx2(lb: &LowBit, xp: &[f32], o0: usize, ys: &mut [f32]) {
         assert!(xp.len() >= lb.nch * CHUNK && o0 + ys.len() <= lb.rows);
         assert!(lb.codes.len() >= lb.rows * lb.nch * chunk_bytes(lb.kind));
+        let uniform = lb.uniform_zero.is_some();
         match (ys.len(), lb.kind) {
+            (4, Codes::Nibble) if uniform => g256::<4, 4>(lb, xp, o0, ys),
             (4, Codes::Nibble) => g256::<4, 0>(lb, xp, o0, ys),
             (4, Codes::Byte) => g256::<4, 1>(lb, xp, o0, ys),
             (4, Codes::Table) => g256::<4, 2>(lb, xp, o0, ys),
@@ -1203,6 +1562,11 @@ mod x86 {
             (_, Codes::SplitTable) => {
                 for (r, y) in ys.iter_mut().enumerate() {
                     g256::<1, 3>(lb, xp, o0 + r, std::slice::from_mut(y))
+                }
+            }
+            (_, Codes::Nibble) if uniform => {
+                for (r, y) in ys.iter_mut().enumerate() {
+                    g256::<1, 4>(lb, xp, o0 + r, std::slice::from_mut(y))
                 }
             }
             (_, Codes::Nibble) => {
@@ -1246,16 +1610,23 @@ mod x86 {
         // SAFETY (whole body): as in `g512`.
         let codes = lb.codes.as_ptr().add(o0 * row_bytes);
         let x = xp.as_ptr();
-        let (b0, b1) = if K >= 2 {
+        let (b0, b1) = if K == 2 || K == 3 {
             (
                 _mm256_loadu_ps(lb.table.as_ptr()),
                 _mm256_loadu_ps(lb.table.as_ptr().add(8)),
             )
         } else {
-            (
+            let (i0, i1) = (
                 _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0),
                 _mm256_setr_ps(8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0),
-            )
+            );
+            if K == 4 {
+                // `n − z'`, exact (small integers).
+                let z = _mm256_set1_ps(lb.uniform_zero.unwrap_or(0.0));
+                (_mm256_sub_ps(i0, z), _mm256_sub_ps(i1, z))
+            } else {
+                (i0, i1)
+            }
         };
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for g in 0..lb.gpr {
@@ -1274,7 +1645,7 @@ mod x86 {
                         t0[r] = _mm256_mul_ps(_mm256_sub_ps(b0, z[r]), s);
                         t1[r] = _mm256_mul_ps(_mm256_sub_ps(b1, z[r]), s);
                     }
-                    2 => {
+                    2 | 4 => {
                         t0[r] = _mm256_mul_ps(b0, s);
                         t1[r] = _mm256_mul_ps(b1, s);
                     }
@@ -1541,23 +1912,29 @@ mod tests {
         let (rows, cols) = lb.shape();
         let x: Vec<f32> = (0..m * cols).map(|_| rng.gen_range(-2.0..2.0)).collect();
         for isa in Isa::available() {
-            let y = lb.matmul_with(isa, &x, m);
-            for r in 0..m {
-                for o in 0..rows {
-                    let (mut e, mut mag) = (0f64, 0f64);
-                    for p in 0..cols {
-                        let t = x[r * cols + p] as f64 * w[o * cols + p];
-                        e += t;
-                        mag += t.abs();
+            let mut ys = vec![("matmul_with", lb.matmul_with(isa, &x, m))];
+            // The several-row GEMV called directly, whatever `matmul_with` picks for m.
+            if let Some(y) = lb.gemm_multi(isa, &x, m) {
+                ys.push(("gemm_multi", y));
+            }
+            for (name, y) in ys {
+                for r in 0..m {
+                    for o in 0..rows {
+                        let (mut e, mut mag) = (0f64, 0f64);
+                        for p in 0..cols {
+                            let t = x[r * cols + p] as f64 * w[o * cols + p];
+                            e += t;
+                            mag += t.abs();
+                        }
+                        // Worst-case bound of an f32 sum of `cols` products, `cols·ε·Σ|x·w|`,
+                        // plus one rounding for the group scale applied after the sum.
+                        let tol = (cols as f64 + 2.0) * f32::EPSILON as f64 * mag + 1e-30;
+                        let got = y[r * rows + o] as f64;
+                        assert!(
+                            (got - e).abs() <= tol,
+                            "{name} {isa:?} m={m} row {r} out {o}: {got} vs {e} (tol {tol})"
+                        );
                     }
-                    // Worst-case bound of an f32 sum of `cols` products, `cols·ε·Σ|x·w|`,
-                    // plus one rounding for the group scale applied after the sum.
-                    let tol = (cols as f64 + 2.0) * f32::EPSILON as f64 * mag + 1e-30;
-                    let got = y[r * rows + o] as f64;
-                    assert!(
-                        (got - e).abs() <= tol,
-                        "{isa:?} m={m} row {r} out {o}: {got} vs {e} (tol {tol})"
-                    );
                 }
             }
         }
@@ -1617,8 +1994,12 @@ mod tests {
                                 Codes::Byte
                             }
                         );
+                        // Symmetric schemes take the shared-zero-point kernels.
+                        if !affine {
+                            assert!(lb.uniform_zero.is_some());
+                        }
                         let w = ref_int(rows, cols, &codes, signed, &scale, &zero, group);
-                        for m in [1, 3, 17, 100] {
+                        for m in [1, 2, 3, 5, 17, 64, 150] {
                             check(&lb, &w, m, &mut rng);
                         }
                     }
@@ -1673,7 +2054,7 @@ mod tests {
                             ((codes[o * cols + p] as f32 - zero[i]) * scale[i]) as f64;
                     }
                 }
-                for m in [1, 3, 17, 100] {
+                for m in [1, 2, 5, 17, 64, 150] {
                     check(&lb, &w, m, &mut rng);
                 }
             }
@@ -1695,7 +2076,7 @@ mod tests {
         let zero = vec![0; rows * 5];
         let lb = LowBit::from_int(rows, cols, &codes, true, 4, &scale, &zero, 64).unwrap();
         let w = ref_int(rows, cols, &codes, true, &scale, &zero, 64);
-        for m in [1, 100] {
+        for m in [1, 7, 64, 200] {
             check(&lb, &w, m, &mut rng);
         }
     }
@@ -1710,6 +2091,9 @@ mod tests {
             (5, 128, 128),
             (3, 160, 128),
             (70, 256, 64),
+            // Rows that are not whole chunks: the split layout (MNIST's 784 columns).
+            (13, 784, 64),
+            (6, 100, 32),
         ] {
             let len = rows * cols;
             let packed: Vec<u8> = (0..len.div_ceil(2)).map(|_| rng.gen()).collect();
@@ -1717,8 +2101,12 @@ mod tests {
                 .map(|_| rng.gen_range(0.1..3.0))
                 .collect();
             let lb = LowBit::from_table(rows, cols, &packed, &table, &absmax, bs).expect("layout");
+            // Rows of whole 16-column halves take the per-half tables (`split_halves`).
+            if lb.kind() == Codes::SplitTable {
+                assert_eq!(lb.split_halves, cols % 16 == 0);
+            }
             let w = ref_table(len, &packed, &table, &absmax, bs);
-            for m in [1, 3, 17, 100] {
+            for m in [1, 2, 5, 17, 64, 150] {
                 check(&lb, &w, m, &mut rng);
             }
         }
