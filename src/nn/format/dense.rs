@@ -180,6 +180,24 @@ pub struct StackedPanels {
     packed: PackedWeight,
 }
 
+impl StackedPanels {
+    /// `x [m, in]` (host rows) times the stack, each part's outputs (`widths`, in order) in
+    /// its own row-major buffer, written in place by the kernel; `None` when a part does
+    /// not start on a panel boundary (then the caller splits one product's output).
+    pub fn forward_split(&self, x: &[f32], m: usize, widths: &[usize]) -> Option<Vec<Vec<f32>>> {
+        if x.len() != m * self.packed.k() {
+            return None;
+        }
+        gemm_f32::matmul_split(
+            crate::nn::kernels::Isa::selected(),
+            x,
+            m,
+            &self.packed,
+            widths,
+        )
+    }
+}
+
 impl WeightFormat for StackedPanels {
     fn id(&self) -> &'static str {
         ID

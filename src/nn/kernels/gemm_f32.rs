@@ -258,6 +258,51 @@ pub fn matmul_into(
     region.run(isa, x, ldx, w, y, ldy);
 }
 
+/// `x [m, k] · Wᵀ` with the output columns cut into consecutive parts of `widths`, each
+/// written straight into its own row-major `[m, width]` buffer (a stacked q|k|v product
+/// gives q, k and v without copying the stacked output apart). Every output is
+/// bit-identical to [`matmul_with`]'s. `None` when a part does not start on a panel
+/// boundary or the widths do not add up to the weight's rows.
+pub fn matmul_split(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    widths: &[usize],
+) -> Option<Vec<Vec<f32>>> {
+    let nr = w.nr;
+    if widths.iter().sum::<usize>() != w.n {
+        return None;
+    }
+    let mut starts = Vec::with_capacity(widths.len());
+    let mut at = 0usize;
+    for &wd in widths {
+        if !at.is_multiple_of(nr) {
+            return None;
+        }
+        starts.push(at / nr);
+        at += wd;
+    }
+    assert!(x.len() >= m * w.k, "activation buffer size");
+    Some(
+        widths
+            .iter()
+            .zip(starts)
+            .map(|(&wd, first)| {
+                let mut y = vec![0f32; m * wd];
+                let region = Region {
+                    m,
+                    n: wd,
+                    k: w.k,
+                    parallel: true,
+                };
+                region.run_at(isa, x, w.k, w, first, &mut y, wd);
+                y
+            })
+            .collect(),
+    )
+}
+
 /// `y[i, j - p0·nr] = x[i, ..] · W[j, ..]` for `i < m` and the columns `j` of panels
 /// `p0..p1` (below `n`), on the calling thread: a column slice of a product for callers
 /// that consume each slice while it is in cache (the output layer's fused log-softmax)
@@ -347,6 +392,22 @@ impl Region {
         y: &mut [f32],
         ldy: usize,
     ) {
+        self.run_at(isa, x, ldx, w, 0, y, ldy);
+    }
+
+    /// [`Self::run`] over the weight's columns from panel `first` on:
+    /// `y[i, j] = Σ_{p < k} x[i * ldx + p] · W[first · nr + j, p]`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_at(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        ldx: usize,
+        w: &PackedWeight,
+        first: usize,
+        y: &mut [f32],
+        ldy: usize,
+    ) {
         let (m, n, k, nr) = (self.m, self.n, self.k, w.nr);
         assert_eq!(
             nr,
@@ -354,7 +415,10 @@ impl Region {
             "weight packed for another kernel path"
         );
         assert!(Isa::available().contains(&isa), "{isa:?} not available");
-        assert!(n <= w.n && k <= w.k, "region outside the weight");
+        assert!(
+            first * nr + n <= w.n && k <= w.k,
+            "region outside the weight"
+        );
         if m == 0 || n == 0 {
             return;
         }
@@ -383,8 +447,8 @@ impl Region {
         let items = groups * row_blocks;
         // A few rows stay in L1 whatever k is: block k only when many rows share the panel.
         let kb = if m <= MR { k } else { KC };
-        let data = w.data();
         let stride = w.k * nr;
+        let data = &w.data()[first * stride..];
         let yp = SendPtr(y.as_mut_ptr());
         let run = |item: usize| {
             let (g, rb) = (item % groups, item / groups);
@@ -831,6 +895,67 @@ mod tests {
                     assert_eq!(&part[i * ld + cols..i * ld + ld], &[-1.0, -1.0]);
                 }
             }
+        }
+    }
+
+    /// Split outputs equal the columns of the whole product bit for bit (parts on panel
+    /// boundaries, a ragged last part, one row and many); a part off a panel boundary
+    /// is refused.
+    #[test]
+    fn split_outputs_equal_the_whole_product() {
+        for &m in &[1usize, 5, 130] {
+            let k = 70;
+            for isa in Isa::available() {
+                let nr = panel_width(isa);
+                let widths = [2 * nr, nr, 3 * nr + 5];
+                let n: usize = widths.iter().sum();
+                let x = lcg(m * k, 11);
+                let w = lcg(n * k, 12);
+                let pw = PackedWeight::new(&w, n, k, nr);
+                let whole = matmul_with(isa, &x, m, &pw);
+                let parts = matmul_split(isa, &x, m, &pw, &widths).unwrap();
+                let mut c0 = 0;
+                for (part, &wd) in parts.iter().zip(&widths) {
+                    assert_eq!(part.len(), m * wd);
+                    for i in 0..m {
+                        for j in 0..wd {
+                            assert_eq!(
+                                part[i * wd + j].to_bits(),
+                                whole[i * n + c0 + j].to_bits(),
+                                "{isa:?} m{m} part at column {c0}: {i},{j}"
+                            );
+                        }
+                    }
+                    c0 += wd;
+                }
+                assert!(matmul_split(isa, &x, m, &pw, &[nr + 1, n - nr - 1]).is_none());
+                assert!(matmul_split(isa, &x, m, &pw, &[nr]).is_none());
+            }
+        }
+    }
+
+    /// Packing parts stacked equals packing their concatenation, and unpacking gives the
+    /// rows back (ragged part sizes; one above 2 MiB takes the huge-page storage).
+    #[test]
+    fn stacked_packing_equals_packing_the_concatenation_and_unpacks() {
+        let k = 300;
+        let sizes = [7usize, 64, 1800, 1];
+        let parts: Vec<Vec<f32>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| lcg(n * k, 40 + i as u64))
+            .collect();
+        let cat: Vec<f32> = parts.concat();
+        let n: usize = sizes.iter().sum();
+        for isa in Isa::available() {
+            let nr = panel_width(isa);
+            let slices: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
+            let a = PackedWeight::stacked(&slices, k, nr);
+            let b = PackedWeight::new(&cat, n, k, nr);
+            assert_eq!((a.n(), a.k()), (n, k));
+            assert_eq!(a.data(), b.data(), "{isa:?}");
+            assert_eq!(a.data().as_ptr().align_offset(64), 0);
+            assert_eq!(a.unpack(), cat, "{isa:?}");
         }
     }
 
