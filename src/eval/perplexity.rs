@@ -280,7 +280,7 @@ fn nll_of_logits(
     let (b, r, v) = logits.dims3()?;
     let nll = crate::profile::section(&model.device, "nll fused", || -> Result<Vec<f32>> {
         if !cuda {
-            return cpu_nll_rows(&logits, v, &targets);
+            return cpu_nll_rows(&logits, v, targets);
         }
         let targets = Tensor::from_vec(targets.to_vec(), b * r, &model.device)?;
         let nll = crate::nn::cuda::nll_rows(&logits.reshape((b * r, v))?, &targets)?;
