@@ -1000,6 +1000,70 @@ impl Llama {
     /// Logits of the last `rows` positions only (`[batch, rows, vocab]`): the output layer
     /// is the largest matmul, and perplexity scores only a window's tail.
     pub fn forward_tail(&self, ids: &Tensor, cache: &mut KvCache, rows: usize) -> Result<Tensor> {
+        let (bsz, t, flat) = self.check_tail(ids, cache, rows)?;
+        self.forward_tail_rest(bsz, t, flat, cache, rows)
+    }
+
+    /// Whether a batch of `bsz` sequences runs the CPU host-buffer pass.
+    fn host_path(&self, bsz: usize) -> bool {
+        self.device.is_cpu() && bsz == 1 && self.embed.dtype() == DType::F32
+    }
+
+    /// `log p(targets[r])` at each of the last `rows` positions of `ids` (`[1, t]`), with
+    /// the output layer's product and log-softmax fused (`llm_f32::head_target_log_probs`:
+    /// no `[rows, vocab]` logits are written). `None` where that path does not run (not
+    /// the CPU host pass, or an output layer that is not a plain f32 weight without bias
+    /// and without a statistics collector): the caller then takes [`Self::forward_tail`].
+    /// Equal to `log_softmax(forward_tail(..))` at the targets up to summation order.
+    pub fn tail_target_log_probs(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        rows: usize,
+        targets: &[u32],
+    ) -> Result<Option<Vec<f32>>> {
+        let head = &self.lm_head;
+        let dense = head
+            .weight
+            .as_any()
+            .downcast_ref::<crate::nn::format::dense::Dense>();
+        let Some(packed) = dense.filter(|_| head.bias.is_none() && head.forwards_through_format())
+        else {
+            return Ok(None);
+        };
+        let (bsz, _, flat) = self.check_tail(ids, cache, rows)?;
+        if !self.host_path(bsz) || targets.len() != rows {
+            return Ok(None);
+        }
+        let Some(packed) = packed.packed_cpu() else {
+            return Ok(None);
+        };
+        let x = self.embed.index_select(&flat, 0)?;
+        let run = |cache: &mut KvCache| -> Result<Vec<f32>> {
+            let h = self.hidden_cpu(x, cache, rows)?;
+            Ok(llm_f32::head_target_log_probs(
+                crate::nn::kernels::Isa::selected(),
+                &h,
+                rows,
+                packed,
+                targets,
+            ))
+        };
+        // On a rayon worker, as `forward_cpu` (the products split from inside the pool).
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| run(cache)).map(Some);
+        }
+        run(cache).map(Some)
+    }
+
+    /// The checks of a forward pass over the last `rows` of `ids`: `(batch, length,
+    /// flattened ids)`; resets a cache made for another model.
+    fn check_tail(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        rows: usize,
+    ) -> Result<(usize, usize, Tensor)> {
         let (bsz, t) = ids.dims2()?;
         if rows == 0 || rows > t {
             bail!("logits of the last {rows} of {t} positions asked for");
@@ -1023,7 +1087,19 @@ impl Llama {
                 self.cfg.vocab_size
             );
         }
-        if self.device.is_cpu() && bsz == 1 && self.embed.dtype() == DType::F32 {
+        Ok((bsz, t, flat))
+    }
+
+    fn forward_tail_rest(
+        &self,
+        bsz: usize,
+        t: usize,
+        flat: Tensor,
+        cache: &mut KvCache,
+        rows: usize,
+    ) -> Result<Tensor> {
+        let offset = cache.len();
+        if self.host_path(bsz) {
             let x = self.embed.index_select(&flat, 0)?;
             return self.forward_cpu(x, cache, rows);
         }
@@ -1085,12 +1161,22 @@ impl Llama {
         if rayon::current_thread_index().is_none() {
             return rayon::scope(|_| self.forward_cpu(x, cache, rows));
         }
+        let h = self.hidden_cpu(x, cache, rows)?;
+        let h = Tensor::from_vec(h, (rows, self.cfg.hidden_size), &self.device)?;
+        Ok(self
+            .lm_head
+            .forward(&h)?
+            .reshape((1, rows, self.cfg.vocab_size))?)
+    }
+
+    /// The blocks of [`Self::forward_cpu`] and the final norm: the normed hidden states of
+    /// the last `rows` positions, `[rows * hidden]` (the output layer's input).
+    fn hidden_cpu(&self, x: Tensor, cache: &mut KvCache, rows: usize) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let (t, hs) = x.dims2()?;
         let offset = cache.len();
         let eps = c.rms_norm_eps as f32;
         let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
-        let dev = &self.device;
         let mut x = host(&x)?;
         for (b, kv) in self.blocks.iter().zip(cache.cpu.iter_mut()) {
             self.attention_half(b, &mut x, t, kv, offset)?;
@@ -1098,12 +1184,7 @@ impl Llama {
         }
         cache.len = offset + t;
         let x = &x[(t - rows) * hs..];
-        let h = Tensor::from_vec(
-            llm_f32::rms_norm(x, &host(&self.norm)?, eps),
-            (rows, hs),
-            dev,
-        )?;
-        Ok(self.lm_head.forward(&h)?.reshape((1, rows, c.vocab_size))?)
+        Ok(llm_f32::rms_norm(x, &host(&self.norm)?, eps))
     }
 
     /// Parameters of the linear layers plus embeddings and norms.

@@ -234,23 +234,26 @@ pub fn batch_nll_fused(model: &Llama, ws: &[&Window]) -> Result<Option<Vec<Vec<f
     let ids = Tensor::from_vec(ids, (ws.len(), t), &model.device)?;
     let mut cache = model.new_cache();
     let rows = t - f;
-    let logits = model.forward_tail(&ids, &mut cache, rows)?;
-    let (b, r, v) = logits.dims3()?;
     // Every row of the tail, so the logits need no copy; the last row of each window has
     // no target (a dummy 0, dropped below).
     let targets: Vec<u32> = ws
         .iter()
         .flat_map(|w| (0..rows).map(move |k| w.tokens.get(f + 1 + k).copied().unwrap_or(0)))
         .collect();
-    let nll = crate::profile::section(&model.device, "nll fused", || -> Result<Vec<f32>> {
-        if !cuda {
-            return cpu_nll_rows(&logits, v, &targets);
+    // The CPU pass of one window: the output layer and the log-softmax fused (no logits).
+    let fused_head = if cuda {
+        None
+    } else {
+        model.tail_target_log_probs(&ids, &mut cache, rows, &targets)?
+    };
+    let (nll, r) = match fused_head {
+        Some(lp) => (lp.iter().map(|&l| -l).collect(), rows),
+        None => {
+            cache = model.new_cache();
+            nll_of_logits(model, cuda, &ids, &mut cache, rows, &targets)?
         }
-        let targets = Tensor::from_vec(targets.clone(), b * r, &model.device)?;
-        let nll = crate::nn::cuda::nll_rows(&logits.reshape((b * r, v))?, &targets)?;
-        Ok(nll.to_vec1::<f32>()?)
-    })?;
-    let mut out = Vec::with_capacity(b);
+    };
+    let mut out = Vec::with_capacity(ws.len());
     for (i, w) in ws.iter().enumerate() {
         let row = &nll[i * r..i * r + w.scored()];
         if let Some(bad) = row.iter().position(|v| !v.is_finite()) {
@@ -261,6 +264,29 @@ pub fn batch_nll_fused(model: &Llama, ws: &[&Window]) -> Result<Option<Vec<Vec<f
         out.push(row.iter().map(|&v| v as f64).collect());
     }
     Ok(Some(out))
+}
+
+/// −log p(target) per row of the tail's logits (the unfused CPU path and the GPU's fused
+/// NLL kernel), and the rows per window.
+fn nll_of_logits(
+    model: &Llama,
+    cuda: bool,
+    ids: &Tensor,
+    cache: &mut crate::arch::llama::KvCache,
+    rows: usize,
+    targets: &[u32],
+) -> Result<(Vec<f32>, usize)> {
+    let logits = model.forward_tail(ids, cache, rows)?;
+    let (b, r, v) = logits.dims3()?;
+    let nll = crate::profile::section(&model.device, "nll fused", || -> Result<Vec<f32>> {
+        if !cuda {
+            return cpu_nll_rows(&logits, v, targets);
+        }
+        let targets = Tensor::from_vec(targets.to_vec(), b * r, &model.device)?;
+        let nll = crate::nn::cuda::nll_rows(&logits.reshape((b * r, v))?, &targets)?;
+        Ok(nll.to_vec1::<f32>()?)
+    })?;
+    Ok((nll, r))
 }
 
 /// −log p(target) per row of CPU logits (`[.., v]`, converted to f32 as

@@ -11,11 +11,16 @@
 //! statistics, or runs through a dequantized copy, runs separately; so do parts whose
 //! formats or parameters differ (q int4, k int8).
 
+use crate::nn::format::dense::StackedPanels;
 use crate::nn::format::WeightFormat;
 use crate::nn::QLinear;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use std::sync::{Arc, Mutex, Weak};
+
+/// Rows from which a stacked f32 product writes each part's output in place (below, one
+/// product whose output is cut apart: fewer splits over the threads for a decode step).
+const SPLIT_ROWS: usize = 16;
 
 /// Environment switch: `QUANTLAB_FUSE=off` (or `0`) runs q/k/v and gate/up separately.
 pub const FUSE_ENV: &str = "QUANTLAB_FUSE";
@@ -136,6 +141,22 @@ pub(super) fn project(
     let Some(s) = stacked else {
         return layers.iter().map(|l| host(&l.forward(x)?)).collect();
     };
+    // Many rows (a prefill) of an f32 stack: each part's output written in place, not the
+    // stacked output copied to the host and then cut apart (two copies of 8 MB per block
+    // for a 512-token window). Decoding keeps one product (one split over the threads).
+    if t >= SPLIT_ROWS && s.bias.is_none() {
+        if let Some(sp) = s.weight.as_any().downcast_ref::<StackedPanels>() {
+            let parts = crate::nn::rows::with_cpu_slice(
+                x,
+                x.elem_count(),
+                candle_core::CpuStorage::as_slice::<f32>,
+                |xs| sp.forward_split(xs, t, &s.widths),
+            );
+            if let Some(Some(parts)) = parts {
+                return Ok(parts);
+            }
+        }
+    }
     let y = s.weight.forward(x, s.bias.as_ref()).with_context(|| {
         let names: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
         format!("layers {} (stacked)", names.join(" + "))

@@ -40,6 +40,64 @@ pub fn panel_width(isa: Isa) -> usize {
     }
 }
 
+/// Floats in a 2 MiB huge page.
+const HUGE: usize = 512 * 1024;
+
+/// Zeroed storage for `len` floats of panels: `(buf, off)` with the panels at
+/// `buf[off..off + len]`, 64-byte aligned. Weights of 2 MiB or more start on a 2 MiB
+/// boundary and their whole 2 MiB pages are marked for transparent huge pages (this
+/// machine's THP mode is `madvise`) before they are first touched: a decode streams all
+/// of them once per token, and in 4 KiB pages each one cost a TLB miss (a nested page walk
+/// in a VM) every 4 KiB. Measured (`examples/gemv_f32_rate`, 1 thread): 26 → 32 and
+/// 20 → 28 GB per CPU-second in two runs. The last partial huge page is included when
+/// that wastes less than a quarter of the weight (gate|up, down, the output layer), left
+/// in 4 KiB pages otherwise (q|k|v: 2.2 MB, o: 1.3 MB stay mostly small).
+fn panel_storage(len: usize) -> (Vec<f32>, usize) {
+    if len < HUGE {
+        let buf = vec![0f32; len + 16];
+        // Start the panels on a 64-byte boundary (the Vec itself is only 4-byte aligned).
+        let off = buf.as_ptr().align_offset(64).min(15);
+        return (buf, off);
+    }
+    let rounded = len.div_ceil(HUGE) * HUGE;
+    let advised = if (rounded - len) * 4 < len {
+        rounded
+    } else {
+        len / HUGE * HUGE
+    };
+    // Room to align the start, the panels, the advised tail, and 16 floats of slack.
+    let mut buf: Vec<f32> = Vec::with_capacity(HUGE + advised.max(len) + 16);
+    let off = buf.as_ptr().align_offset(HUGE * 4).min(HUGE);
+    advise_huge(&mut buf, off, advised);
+    buf.resize(off + len + 16, 0.0);
+    (buf, off)
+}
+
+/// `madvise(MADV_HUGEPAGE)` on `floats` floats of `buf`'s capacity from `off` (not yet
+/// touched). Advice only: an error leaves 4 KiB pages.
+#[cfg(target_os = "linux")]
+fn advise_huge(buf: &mut Vec<f32>, off: usize, floats: usize) {
+    extern "C" {
+        fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
+    }
+    const MADV_HUGEPAGE: i32 = 14;
+    assert!(
+        off + floats <= buf.capacity(),
+        "advised range inside the allocation"
+    );
+    if floats == 0 || std::env::var("QUANTLAB_HUGEPAGES").is_ok_and(|v| v == "off" || v == "0") {
+        return;
+    }
+    // SAFETY: the range lies inside `buf`'s allocation (asserted), starts on a page
+    // boundary (2 MiB aligned) and madvise only changes how its pages are backed.
+    unsafe {
+        madvise(buf.as_mut_ptr().add(off).cast(), floats * 4, MADV_HUGEPAGE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge(_buf: &mut Vec<f32>, _off: usize, _floats: usize) {}
+
 /// A `[n, k]` weight rearranged into `ceil(n / nr)` panels of `[k][nr]`, 64-byte aligned.
 pub struct PackedWeight {
     n: usize,
@@ -59,28 +117,65 @@ impl std::fmt::Debug for PackedWeight {
 impl PackedWeight {
     /// Packs row-major `w` (`n` rows of `k`) into panels of `nr` columns.
     pub fn new(w: &[f32], n: usize, k: usize, nr: usize) -> Self {
-        assert!(nr > 0 && nr.is_multiple_of(16), "panel width {nr}");
         assert_eq!(w.len(), n * k, "weight buffer size");
+        Self::pack(n, k, nr, |j| &w[j * k..(j + 1) * k])
+    }
+
+    /// Packs the rows of several row-major `[n_i, k]` weights stacked in order (`n = Σ n_i`)
+    /// without building the stacked row-major matrix first.
+    pub fn stacked(parts: &[&[f32]], k: usize, nr: usize) -> Self {
+        assert!(k > 0, "stacked weights need k > 0");
+        assert!(
+            parts.iter().all(|p| p.len().is_multiple_of(k)),
+            "weight buffer size"
+        );
+        // First global row of each part.
+        let mut starts = Vec::with_capacity(parts.len());
+        let mut n = 0;
+        for p in parts {
+            starts.push(n);
+            n += p.len() / k;
+        }
+        Self::pack(n, k, nr, |j| {
+            let i = starts.partition_point(|&s| s <= j) - 1;
+            let r = j - starts[i];
+            &parts[i][r * k..(r + 1) * k]
+        })
+    }
+
+    /// Packs `n` rows of `k`, row `j` given by `row(j)`.
+    fn pack<'a>(n: usize, k: usize, nr: usize, row: impl Fn(usize) -> &'a [f32] + Sync) -> Self {
+        assert!(nr > 0 && nr.is_multiple_of(16), "panel width {nr}");
         let panels = n.div_ceil(nr);
         let len = panels * k * nr;
-        let mut buf = vec![0f32; len + 16];
-        // Start the panels on a 64-byte boundary (the Vec itself is only 4-byte aligned).
-        let off = buf.as_ptr().align_offset(64).min(15);
+        let (mut buf, off) = panel_storage(len);
         buf[off..off + len]
             .par_chunks_mut((k * nr).max(1))
             .enumerate()
             .for_each(|(p, panel)| {
                 let cols = nr.min(n - p * nr);
-                for (c, row) in w[p * nr * k..(p * nr + cols) * k]
-                    .chunks_exact(k)
-                    .enumerate()
-                {
-                    for (kk, &v) in row.iter().enumerate() {
+                for c in 0..cols {
+                    for (kk, &v) in row(p * nr + c).iter().enumerate() {
                         panel[kk * nr + c] = v;
                     }
                 }
             });
         PackedWeight { n, k, nr, buf, off }
+    }
+
+    /// The row-major `[n, k]` weight back from the panels (for saving and reports of a
+    /// weight held only packed).
+    pub fn unpack(&self) -> Vec<f32> {
+        let (n, k, nr) = (self.n, self.k, self.nr);
+        let data = self.data();
+        let mut w = vec![0f32; n * k];
+        for (j, row) in w.chunks_exact_mut(k.max(1)).enumerate().take(n) {
+            let panel = &data[(j / nr) * k * nr..];
+            for (kk, v) in row.iter_mut().enumerate() {
+                *v = panel[kk * nr + j % nr];
+            }
+        }
+        w
     }
 
     /// Packs `W = vᵀ` for row-major `v` of `k` rows by `n` columns (attention's values:
@@ -122,9 +217,9 @@ impl PackedWeight {
         &self.buf[self.off..self.off + self.n.div_ceil(self.nr) * self.k * self.nr]
     }
 
-    /// Bytes held.
+    /// Bytes held (the panels; not the untouched alignment room before them).
     pub fn bytes(&self) -> usize {
-        self.buf.len() * 4
+        (self.buf.len() - self.off) * 4
     }
 }
 
@@ -163,6 +258,119 @@ pub fn matmul_into(
     region.run(isa, x, ldx, w, y, ldy);
 }
 
+/// `x [m, k] · Wᵀ` with the output columns cut into consecutive parts of `widths`, each
+/// written straight into its own row-major `[m, width]` buffer (a stacked q|k|v product
+/// gives q, k and v without copying the stacked output apart). Every output is
+/// bit-identical to [`matmul_with`]'s. `None` when a part does not start on a panel
+/// boundary or the widths do not add up to the weight's rows.
+pub fn matmul_split(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    widths: &[usize],
+) -> Option<Vec<Vec<f32>>> {
+    let nr = w.nr;
+    if widths.iter().sum::<usize>() != w.n {
+        return None;
+    }
+    let mut starts = Vec::with_capacity(widths.len());
+    let mut at = 0usize;
+    for &wd in widths {
+        if !at.is_multiple_of(nr) {
+            return None;
+        }
+        starts.push(at / nr);
+        at += wd;
+    }
+    assert!(x.len() >= m * w.k, "activation buffer size");
+    Some(
+        widths
+            .iter()
+            .zip(starts)
+            .map(|(&wd, first)| {
+                let mut y = vec![0f32; m * wd];
+                let region = Region {
+                    m,
+                    n: wd,
+                    k: w.k,
+                    parallel: true,
+                };
+                region.run_at(isa, x, w.k, w, first, &mut y, wd);
+                y
+            })
+            .collect(),
+    )
+}
+
+/// `y[i, j - p0·nr] = x[i, ..] · W[j, ..]` for `i < m` and the columns `j` of panels
+/// `p0..p1` (below `n`), on the calling thread: a column slice of a product for callers
+/// that consume each slice while it is in cache (the output layer's fused log-softmax)
+/// instead of writing the whole `[m, n]` output. The same tiles and k blocks as
+/// [`matmul_into`], so every output is bit-identical to it.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_panels(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    ldx: usize,
+    w: &PackedWeight,
+    (p0, p1): (usize, usize),
+    y: &mut [f32],
+    ldy: usize,
+) {
+    let (k, nr) = (w.k, w.nr);
+    assert_eq!(
+        nr,
+        panel_width(isa),
+        "weight packed for another kernel path"
+    );
+    assert!(Isa::available().contains(&isa), "{isa:?} not available");
+    let p1 = p1.min(w.n.div_ceil(nr));
+    if m == 0 || p0 >= p1 {
+        return;
+    }
+    let cols = (p1 * nr).min(w.n) - p0 * nr;
+    assert!(ldx >= k && ldy >= cols, "row strides");
+    assert!(x.len() >= (m - 1) * ldx + k, "activation buffer size");
+    assert!(y.len() >= (m - 1) * ldy + cols, "output buffer size");
+    if k == 0 {
+        for r in 0..m {
+            y[r * ldy..r * ldy + cols].fill(0.0);
+        }
+        return;
+    }
+    let kb = if m <= MR { k } else { KC };
+    let data = w.data();
+    let stride = k * nr;
+    for r0 in (0..m).step_by(MB) {
+        let r1 = (r0 + MB).min(m);
+        for k0 in (0..k).step_by(kb) {
+            let kc = kb.min(k - k0);
+            for p in p0..p1 {
+                let pc = nr.min(w.n - p * nr);
+                let b = &data[p * stride + k0 * nr..p * stride + (k0 + kc) * nr];
+                for t0 in (r0..r1).step_by(MR) {
+                    let tile = Tile {
+                        a: &x[t0 * ldx + k0..],
+                        lda: ldx,
+                        b,
+                        kc,
+                        // SAFETY: row t0 + mr - 1 < m and column (p - p0) * nr + pc <= cols,
+                        // inside y by the asserts above; `y` is borrowed mutably here.
+                        c: unsafe { y.as_mut_ptr().add(t0 * ldy + (p - p0) * nr) },
+                        ldc: ldy,
+                        mr: MR.min(r1 - t0),
+                        cols: pc,
+                        accumulate: k0 > 0,
+                    };
+                    tile.run(isa);
+                }
+            }
+        }
+    }
+}
+
 /// A part of a product: the first `n` output columns and the first `k` inner steps of a
 /// packed weight (attention multiplies by a causal prefix of its keys and values).
 pub struct Region {
@@ -184,6 +392,22 @@ impl Region {
         y: &mut [f32],
         ldy: usize,
     ) {
+        self.run_at(isa, x, ldx, w, 0, y, ldy);
+    }
+
+    /// [`Self::run`] over the weight's columns from panel `first` on:
+    /// `y[i, j] = Σ_{p < k} x[i * ldx + p] · W[first · nr + j, p]`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_at(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        ldx: usize,
+        w: &PackedWeight,
+        first: usize,
+        y: &mut [f32],
+        ldy: usize,
+    ) {
         let (m, n, k, nr) = (self.m, self.n, self.k, w.nr);
         assert_eq!(
             nr,
@@ -191,7 +415,10 @@ impl Region {
             "weight packed for another kernel path"
         );
         assert!(Isa::available().contains(&isa), "{isa:?} not available");
-        assert!(n <= w.n && k <= w.k, "region outside the weight");
+        assert!(
+            first * nr + n <= w.n && k <= w.k,
+            "region outside the weight"
+        );
         if m == 0 || n == 0 {
             return;
         }
@@ -220,12 +447,20 @@ impl Region {
         let items = groups * row_blocks;
         // A few rows stay in L1 whatever k is: block k only when many rows share the panel.
         let kb = if m <= MR { k } else { KC };
-        let data = w.data();
         let stride = w.k * nr;
+        let data = &w.data()[first * stride..];
         let yp = SendPtr(y.as_mut_ptr());
         let run = |item: usize| {
             let (g, rb) = (item % groups, item / groups);
             let (p0, p1) = (g * group, ((g + 1) * group).min(panels));
+            #[cfg(target_arch = "x86_64")]
+            if m == 1 && isa == Isa::Avx512 {
+                // SAFETY: columns p0*nr.. of row 0 are written by this item alone; the
+                // asserts above keep n <= y.len(), k <= w.k and x.len() >= k, and the
+                // panels p0..p1 lie in `data`.
+                unsafe { avx512::gemv(x, data, w.k, k, n, p0, p1, yp.get()) };
+                return;
+            }
             let (r0, r1) = (rb * MB, ((rb + 1) * MB).min(m));
             for k0 in (0..k).step_by(kb) {
                 let kc = kb.min(k - k0);
@@ -401,6 +636,58 @@ mod avx512 {
         }
     }
 
+    /// One activation row (decoding) through panels `p0..p1` of a 64-wide packed weight:
+    /// `y[j] = Σ_{q < k} x[q] · W[j, q]` for the columns `j` of those panels below `n`.
+    ///
+    /// The same sums in the same order as [`kernel`]`::<1>` (one accumulator per column,
+    /// k ascending), but in 256-bit halves: streaming a weight from memory, 512-bit loads
+    /// reached ~0.8× the bytes per second of 256-bit ones on Zen 4 (`examples/gemv_f32_rate`:
+    /// 25 against 31–34 GB per CPU-second, a plain read of the same bytes 33–35).
+    ///
+    /// # Safety
+    /// AVX-512 F/VL present; `x.len() >= k`, `k <= wk`, `data` holds panels `0..p1` of
+    /// `wk * 64` values, `p0 * 64 < n`, and `y` is valid for writes of columns
+    /// `p0 * 64..min(p1 * 64, n)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemv(
+        x: &[f32],
+        data: &[f32],
+        wk: usize,
+        k: usize,
+        n: usize,
+        p0: usize,
+        p1: usize,
+        y: *mut f32,
+    ) {
+        assert!(x.len() >= k && k <= wk && data.len() >= p1 * wk * NR);
+        for p in p0..p1 {
+            let b = data.as_ptr().add(p * wk * NR);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (q, &xq) in x[..k].iter().enumerate() {
+                // SAFETY: q < k <= wk, so the 64 values at q * 64 lie in panel p.
+                let bp = b.add(q * NR);
+                let a = _mm256_set1_ps(xq);
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(a, _mm256_loadu_ps(bp.add(8 * v)), *acc);
+                }
+            }
+            let cols = NR.min(n - p * NR);
+            let c = y.add(p * NR);
+            if cols == NR {
+                for (v, &acc) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(c.add(8 * v), acc);
+                }
+            } else {
+                let mut tmp = [0f32; NR];
+                for (v, &acc) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8 * v), acc);
+                }
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), c, cols);
+            }
+        }
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
     unsafe fn kernel<const R: usize>(t: &Tile) {
@@ -513,6 +800,162 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The decode GEMV (one row; its own kernel on AVX-512) gives the same bits as the
+    /// register tile for one row (`matmul_panels` runs the tile), and both agree with f64:
+    /// ragged widths, many panels (the parallel split), and a region over a prefix of `k`
+    /// and of the columns (attention's causal prefix).
+    #[test]
+    fn one_row_gemv_is_bit_identical_to_the_tile() {
+        for (si, &(k, n)) in [
+            (1usize, 1usize),
+            (5, 63),
+            (576, 960),
+            (1536, 577),
+            (300, 4097),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let x = lcg(k, 200 + si as u64);
+            let w = lcg(n * k, 300 + si as u64);
+            let (r, bound) = reference(&x, 1, k, &w, n);
+            for isa in Isa::available() {
+                let pw = PackedWeight::new(&w, n, k, panel_width(isa));
+                let y = matmul_with(isa, &x, 1, &pw);
+                let mut tile = vec![0f32; n];
+                matmul_panels(isa, &x, 1, k, &pw, (0, n.div_ceil(pw.nr())), &mut tile, n);
+                for j in 0..n {
+                    assert_eq!(
+                        y[j].to_bits(),
+                        tile[j].to_bits(),
+                        "{isa:?} k{k} n{n} col {j}"
+                    );
+                    assert!(
+                        (y[j] as f64 - r[j]).abs() <= bound[j],
+                        "{isa:?} k{k} n{n} col {j}"
+                    );
+                }
+                // A region: the first k / 2 steps and n - 3 columns, into a strided row.
+                let (kk, nn) = (k.div_ceil(2), n.saturating_sub(3).max(1));
+                let mut out = vec![9f32; nn + 5];
+                let region = Region {
+                    m: 1,
+                    n: nn,
+                    k: kk,
+                    parallel: true,
+                };
+                region.run(isa, &x, k, &pw, &mut out, nn + 5);
+                for j in 0..nn {
+                    let e: f64 = (0..kk).map(|p| x[p] as f64 * w[j * k + p] as f64).sum();
+                    let b = (kk as f64 + 2.0)
+                        * f32::EPSILON as f64
+                        * (0..kk)
+                            .map(|p| (x[p] as f64 * w[j * k + p] as f64).abs())
+                            .sum::<f64>()
+                        + 1e-30;
+                    assert!((out[j] as f64 - e).abs() <= b, "{isa:?} region col {j}");
+                }
+                assert!(
+                    out[nn..].iter().all(|&v| v == 9.0),
+                    "{isa:?} wrote past the region"
+                );
+            }
+        }
+    }
+
+    /// Column slices by panels are bit-identical to the whole product (several row blocks,
+    /// k above one k block, ragged columns), and leave the rest of the buffer alone.
+    #[test]
+    fn panel_slices_equal_the_whole_product() {
+        for &(m, k, n) in &[(1usize, 10usize, 70usize), (7, 800, 130), (200, 900, 150)] {
+            let x = lcg(m * k, 5);
+            let w = lcg(n * k, 6);
+            for isa in Isa::available() {
+                let pw = PackedWeight::new(&w, n, k, panel_width(isa));
+                let whole = matmul_with(isa, &x, m, &pw);
+                let nr = pw.nr();
+                let panels = n.div_ceil(nr);
+                let (p0, p1) = (panels / 2, panels + 3);
+                let c0 = p0 * nr;
+                let cols = n - c0;
+                let ld = cols + 2;
+                let mut part = vec![-1f32; m * ld];
+                matmul_panels(isa, &x, m, k, &pw, (p0, p1), &mut part, ld);
+                for i in 0..m {
+                    for j in 0..cols {
+                        assert_eq!(
+                            part[i * ld + j].to_bits(),
+                            whole[i * n + c0 + j].to_bits(),
+                            "{isa:?} m{m} k{k} n{n} at {i},{j}"
+                        );
+                    }
+                    assert_eq!(&part[i * ld + cols..i * ld + ld], &[-1.0, -1.0]);
+                }
+            }
+        }
+    }
+
+    /// Split outputs equal the columns of the whole product bit for bit (parts on panel
+    /// boundaries, a ragged last part, one row and many); a part off a panel boundary
+    /// is refused.
+    #[test]
+    fn split_outputs_equal_the_whole_product() {
+        for &m in &[1usize, 5, 130] {
+            let k = 70;
+            for isa in Isa::available() {
+                let nr = panel_width(isa);
+                let widths = [2 * nr, nr, 3 * nr + 5];
+                let n: usize = widths.iter().sum();
+                let x = lcg(m * k, 11);
+                let w = lcg(n * k, 12);
+                let pw = PackedWeight::new(&w, n, k, nr);
+                let whole = matmul_with(isa, &x, m, &pw);
+                let parts = matmul_split(isa, &x, m, &pw, &widths).unwrap();
+                let mut c0 = 0;
+                for (part, &wd) in parts.iter().zip(&widths) {
+                    assert_eq!(part.len(), m * wd);
+                    for i in 0..m {
+                        for j in 0..wd {
+                            assert_eq!(
+                                part[i * wd + j].to_bits(),
+                                whole[i * n + c0 + j].to_bits(),
+                                "{isa:?} m{m} part at column {c0}: {i},{j}"
+                            );
+                        }
+                    }
+                    c0 += wd;
+                }
+                assert!(matmul_split(isa, &x, m, &pw, &[nr + 1, n - nr - 1]).is_none());
+                assert!(matmul_split(isa, &x, m, &pw, &[nr]).is_none());
+            }
+        }
+    }
+
+    /// Packing parts stacked equals packing their concatenation, and unpacking gives the
+    /// rows back (ragged part sizes; one above 2 MiB takes the huge-page storage).
+    #[test]
+    fn stacked_packing_equals_packing_the_concatenation_and_unpacks() {
+        let k = 300;
+        let sizes = [7usize, 64, 1800, 1];
+        let parts: Vec<Vec<f32>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| lcg(n * k, 40 + i as u64))
+            .collect();
+        let cat: Vec<f32> = parts.concat();
+        let n: usize = sizes.iter().sum();
+        for isa in Isa::available() {
+            let nr = panel_width(isa);
+            let slices: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
+            let a = PackedWeight::stacked(&slices, k, nr);
+            let b = PackedWeight::new(&cat, n, k, nr);
+            assert_eq!((a.n(), a.k()), (n, k));
+            assert_eq!(a.data(), b.data(), "{isa:?}");
+            assert_eq!(a.data().as_ptr().align_offset(64), 0);
+            assert_eq!(a.unpack(), cat, "{isa:?}");
         }
     }
 

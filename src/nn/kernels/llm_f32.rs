@@ -391,6 +391,121 @@ pub fn target_log_probs(x: &[f32], cols: usize, targets: &[u32]) -> Vec<f32> {
     }
 }
 
+/// Output columns per work item of [`head_target_log_probs`]: 96 rows × 512 columns of
+/// logits (192 KiB) are computed into a buffer that stays in L2 while their row maxima and
+/// sums of exponentials are taken. Fixed (not derived from the thread count), so the
+/// result does not depend on the machine's cores.
+const HEAD_COLS: usize = 512;
+
+/// Rows per work item of [`head_target_log_probs`] (the GEMM's row block).
+const HEAD_ROWS: usize = 96;
+
+/// `target_log_probs(x · Wᵀ, n, targets)` without the `[m, n]` logits: the output layer's
+/// product and the log-softmax at each row's target fused. Each work item multiplies a
+/// block of rows by a slice of `HEAD_COLS` columns into a cache-resident buffer and keeps,
+/// per row, the slice's maximum `m_g`, `s_g = Σ exp(v − m_g)` and the target's logit; then
+/// `log p = (v_t − M) − ln Σ_g s_g · exp(m_g − M)` with `M = max_g m_g`. For perplexity
+/// (257 × 576 × 49152 per SmolLM2 chunk) this skips writing 50 MB of logits and reading
+/// them back.
+///
+/// The logits are bit-identical to [`gemm_f32::matmul_with`]'s (same tiles); the
+/// logsumexp differs from [`target_log_probs`] by summation order and one rounding per
+/// slice (`s_g · exp(m_g − M)`): a few ulp of the sum, well under 1e-6 in the
+/// log-probability (tested against f64). A target outside the row gives NaN.
+///
+/// [`gemm_f32::matmul_with`]: super::gemm_f32::matmul_with
+pub fn head_target_log_probs(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    targets: &[u32],
+) -> Vec<f32> {
+    let (n, k) = (w.n(), w.k());
+    assert_eq!(
+        targets.len(),
+        m,
+        "head_target_log_probs: one target per row"
+    );
+    assert!(x.len() >= m * k, "head_target_log_probs: {m} rows of {k}");
+    let nr = w.nr();
+    let per = (HEAD_COLS / nr).max(1);
+    let gcols = per * nr;
+    let groups = n.div_ceil(gcols);
+    let row_blocks = m.div_ceil(HEAD_ROWS);
+    if m == 0 || groups == 0 {
+        return vec![f32::NAN; m];
+    }
+    let mut maxes = vec![f32::NEG_INFINITY; m * groups];
+    let mut sums = vec![0f32; m * groups];
+    let mut at = vec![f32::NAN; m];
+    let (mp, sp, ap) = (
+        SendPtr(maxes.as_mut_ptr()),
+        SendPtr(sums.as_mut_ptr()),
+        SendPtr(at.as_mut_ptr()),
+    );
+    let item = |buf: &mut Vec<f32>, item: usize| {
+        // Row blocks inner: consecutive items reuse the same weight slice.
+        let (g, rb) = (item / row_blocks, item % row_blocks);
+        let (r0, r1) = (rb * HEAD_ROWS, ((rb + 1) * HEAD_ROWS).min(m));
+        let c0 = g * gcols;
+        let cols = gcols.min(n - c0);
+        super::gemm_f32::matmul_panels(
+            isa,
+            &x[r0 * k..],
+            r1 - r0,
+            k,
+            w,
+            (g * per, (g + 1) * per),
+            buf,
+            gcols,
+        );
+        for r in r0..r1 {
+            let v = &buf[(r - r0) * gcols..(r - r0) * gcols + cols];
+            let mx = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut acc = [0f32; 8];
+            let chunks = v.chunks_exact(8);
+            let rest = chunks.remainder();
+            for c in chunks {
+                for (a, &e) in acc.iter_mut().zip(c) {
+                    *a += exp(e - mx);
+                }
+            }
+            let s = acc.iter().sum::<f32>() + rest.iter().map(|&e| exp(e - mx)).sum::<f32>();
+            // SAFETY: index r * groups + g (and row r of `at` when the target falls in this
+            // item's columns) is written by this item alone: items partition rows × column
+            // slices, and a row's target lies in one slice. r < m, g < groups.
+            unsafe {
+                *mp.get().add(r * groups + g) = mx;
+                *sp.get().add(r * groups + g) = s;
+                let t = targets[r] as usize;
+                if (c0..c0 + cols).contains(&t) {
+                    *ap.get().add(r) = v[t - c0];
+                }
+            }
+        }
+    };
+    let items = groups * row_blocks;
+    let scratch = || vec![0f32; HEAD_ROWS.min(m) * gcols];
+    if m * n * k < 1 << 16 {
+        let mut buf = scratch();
+        (0..items).for_each(|i| item(&mut buf, i));
+    } else {
+        (0..items).into_par_iter().for_each_init(scratch, item);
+    }
+    (0..m)
+        .map(|r| {
+            let (mx, s) = (
+                &maxes[r * groups..][..groups],
+                &sums[r * groups..][..groups],
+            );
+            let top = mx.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let total: f32 = mx.iter().zip(s).map(|(&g, &s)| s * exp(g - top)).sum();
+            (at[r] - top) - total.ln()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -615,6 +730,81 @@ mod tests {
             assert_eq!(g.to_bits(), lp[r * cols + targets[r] as usize].to_bits());
         }
         assert!(target_log_probs(&[0.0, 1.0], 2, &[2])[0].is_nan());
+    }
+
+    /// The fused output layer + log-softmax against the unfused pair (the same f32 logits
+    /// from `matmul_with`, then `target_log_probs`) and against f64, on every path, ragged
+    /// shapes: one row, a few, more than one row block (96); columns not a multiple of the
+    /// panel (16/64) or of the 512-column slice; large enough to run in parallel.
+    ///
+    /// Tolerances: both sides share the logits bit for bit, so they differ only in
+    /// `ln Σ exp`: each term within ~3 ulp (two `exp`s and a product instead of one `exp`)
+    /// and an f32 sum of `n` positive terms in 8 lanes plus one per slice, so a relative
+    /// error of the sum of at most (n / 8 + slices + 8) · 2⁻²³, which is the absolute error
+    /// of its logarithm. Against f64 add the logits' own error: `k · 2⁻²³ · Σ|x·w|` for the
+    /// target and for the largest logit (the standard bound for any summation order).
+    #[test]
+    fn head_target_log_probs_match_the_unfused_pair_and_f64() {
+        use crate::nn::kernels::gemm_f32::{matmul_with, panel_width};
+        for (si, &(m, k, n)) in [
+            (1usize, 37usize, 5usize),
+            (1, 576, 1100),
+            (7, 200, 513),
+            (100, 64, 1601),
+            (97, 130, 2049),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let x: Vec<f32> = lcg(m * k, 70 + si as u64).iter().map(|v| v * 3.0).collect();
+            let w = lcg(n * k, 80 + si as u64);
+            let mut targets: Vec<u32> = (0..m).map(|r| ((r * 7919 + 3) % n) as u32).collect();
+            targets[m - 1] = (n - 1) as u32;
+            let slices = n.div_ceil(HEAD_COLS) as f64;
+            let sum_tol = (n as f64 / 8.0 + slices + 8.0) * f32::EPSILON as f64;
+            for isa in Isa::available() {
+                let pw = PackedWeight::new(&w, n, k, panel_width(isa));
+                let got = head_target_log_probs(isa, &x, m, &pw, &targets);
+                let logits = matmul_with(isa, &x, m, &pw);
+                let want = target_log_probs(&logits, n, &targets);
+                for r in 0..m {
+                    let (g, u) = (got[r] as f64, want[r] as f64);
+                    assert!(
+                        (g - u).abs() <= sum_tol + 2.0 * f32::EPSILON as f64 * u.abs(),
+                        "{isa:?} m{m} k{k} n{n} row {r}: fused {g} unfused {u}"
+                    );
+                    // f64 logits and log-softmax.
+                    let xr = &x[r * k..(r + 1) * k];
+                    let (mut z, mut err) = (vec![0f64; n], vec![0f64; n]);
+                    for j in 0..n {
+                        let wr = &w[j * k..(j + 1) * k];
+                        z[j] = xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        err[j] = (k as f64 + 2.0)
+                            * f32::EPSILON as f64
+                            * xr.iter()
+                                .zip(wr)
+                                .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                                .sum::<f64>();
+                    }
+                    let top = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let lse = top + z.iter().map(|&v| (v - top).exp()).sum::<f64>().ln();
+                    let t = targets[r] as usize;
+                    let exact = z[t] - lse;
+                    let max_err = err.iter().copied().fold(0.0, f64::max);
+                    let bound =
+                        err[t] + max_err + sum_tol + 2.0 * f32::EPSILON as f64 * exact.abs();
+                    assert!(
+                        (g - exact).abs() <= bound,
+                        "{isa:?} m{m} k{k} n{n} row {r}: fused {g} f64 {exact} (bound {bound})"
+                    );
+                }
+            }
+        }
+        // A target outside the row gives NaN.
+        for isa in Isa::available() {
+            let pw = PackedWeight::new(&[1.0, 2.0], 2, 1, panel_width(isa));
+            assert!(head_target_log_probs(isa, &[1.0], 1, &pw, &[2])[0].is_nan());
+        }
     }
 
     #[test]
