@@ -61,7 +61,7 @@ impl Dequantized {
 
     fn pack(host: &dyn WeightFormat, device: &Device) -> Result<Option<Arc<PackedWeight>>> {
         let (n, k) = host.shape();
-        if host.input_quant() != InputQuant::None || n * k > packed_cuda::MAX_WEIGHTS {
+        if host.input_quant() != InputQuant::None || n * k > packed_cuda::max_weights() {
             return Ok(None);
         }
         let Some(layout) = PackedLayout::from_format(host) else {
