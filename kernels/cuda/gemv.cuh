@@ -290,7 +290,7 @@ __device__ __forceinline__ void load_x8(const T* __restrict__ xr, int xvec, int 
 
 // `n` outputs; GLU as in gemv_packed (rows r and r + n give output r). A thread's R row
 // slots: R outputs, or for GLU R/2 outputs' gate rows then their up rows.
-template <typename T, int BITS, bool TAB, bool GLU>
+template <typename T, int BITS, bool TAB, bool GLU, int PIPE>
 __device__ void gemv2_packed(const T* __restrict__ x, const uint8_t* __restrict__ codes,
                              const float* __restrict__ params, T* __restrict__ y, int m, int n,
                              int k, int ld, int group, int gpr, int tab_off, int xvec, int n1,
@@ -323,9 +323,8 @@ __device__ void gemv2_packed(const T* __restrict__ x, const uint8_t* __restrict_
   for (int s = 0; s < R; s++)
 #pragma unroll
     for (int i = 0; i < MM; i++) acc[s][i] = 0.f;
-  // Every lane runs the loop (no early exit): the shuffles below need the whole warp.
-  for (int base = l; base < chunks; base += L * U) {
-    uint4 wv[U][R];
+  // The chunks base + L*u (u < U) of the R rows, zeros past the row or for invalid rows.
+  auto load = [&](uint4 (&wv)[U][R], int base) {
 #pragma unroll
     for (int u = 0; u < U; u++) {
       const int ch = base + L * u;
@@ -335,6 +334,8 @@ __device__ void gemv2_packed(const T* __restrict__ x, const uint8_t* __restrict_
                        ? __ldg(reinterpret_cast<const uint4*>(codes + (size_t)row[s] * ld) + ch)
                        : make_uint4(0u, 0u, 0u, 0u);
     }
+  };
+  auto consume = [&](const uint4 (&wv)[U][R], int base) {
 #pragma unroll
     for (int u = 0; u < U; u++) {
       const int ch = base + L * u;
@@ -425,6 +426,41 @@ __device__ void gemv2_packed(const T* __restrict__ x, const uint8_t* __restrict_
         }
       }
     }
+  };
+  // Every lane runs the loop (no early exit): the shuffles below need the whole warp.
+  // PIPE 0: load the iteration's chunks, then use them. PIPE 1: the same, and while they
+  // are used, the next iteration's chunks are prefetched into L2. PIPE 2: the next
+  // iteration's chunks are loaded into a second set of registers before this one's are
+  // used (loads always in flight, 32 more registers).
+  if (PIPE == 2) {
+    uint4 cur[U][R];
+    load(cur, l);
+    for (int base = l; base < chunks; base += L * U) {
+      uint4 nxt[U][R];
+      load(nxt, base + L * U);
+      consume(cur, base);
+#pragma unroll
+      for (int u = 0; u < U; u++)
+#pragma unroll
+        for (int s = 0; s < R; s++) cur[u][s] = nxt[u][s];
+    }
+  } else {
+    for (int base = l; base < chunks; base += L * U) {
+      uint4 wv[U][R];
+      load(wv, base);
+      if (PIPE == 1) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+          const int ch = base + L * (U + u);
+#pragma unroll
+          for (int s = 0; s < R; s++)
+            if (ch < chunks && valid[s])
+              asm volatile("prefetch.global.L2 [%0];" ::"l"(
+                  reinterpret_cast<const uint4*>(codes + (size_t)row[s] * ld) + ch));
+        }
+      }
+      consume(wv, base);
+    }
   }
   // Sum over the row's L lanes (an aligned group of L lanes: xor offsets < L stay in it).
 #pragma unroll
@@ -450,24 +486,29 @@ __device__ void gemv2_packed(const T* __restrict__ x, const uint8_t* __restrict_
   }
 }
 
-#define GEMV2_KERNEL(NAME, T, BITS, TAB, GLU)                                                  \
+#define GEMV2_KERNEL(NAME, T, BITS, TAB, GLU, PIPE)                                            \
   extern "C" __global__ void __launch_bounds__(32 * GEMV2_WARPS)                               \
       NAME(const T* x, const uint8_t* codes, const float* params, T* y, int m, int n, int k,    \
            int ld, int group, int gpr, int tab_off, int xvec, int n1, int n2, int lanes) {      \
-    gemv2_packed<T, BITS, TAB, GLU>(x, codes, params, y, m, n, k, ld, group, gpr, tab_off,      \
-                                    xvec, n1, n2, lanes);                                       \
+    gemv2_packed<T, BITS, TAB, GLU, PIPE>(x, codes, params, y, m, n, k, ld, group, gpr,         \
+                                          tab_off, xvec, n1, n2, lanes);                        \
   }
 
-#define GEMV2_KERNELS(SUFFIX, GLU)                                        \
-  GEMV2_KERNEL(gemv2_q4_int_f32##SUFFIX, float, 4, false, GLU)            \
-  GEMV2_KERNEL(gemv2_q4_int_bf16##SUFFIX, __nv_bfloat16, 4, false, GLU)   \
-  GEMV2_KERNEL(gemv2_q4_int_f16##SUFFIX, __half, 4, false, GLU)           \
-  GEMV2_KERNEL(gemv2_q8_int_f32##SUFFIX, float, 8, false, GLU)            \
-  GEMV2_KERNEL(gemv2_q8_int_bf16##SUFFIX, __nv_bfloat16, 8, false, GLU)   \
-  GEMV2_KERNEL(gemv2_q8_int_f16##SUFFIX, __half, 8, false, GLU)           \
-  GEMV2_KERNEL(gemv2_q4_tab_f32##SUFFIX, float, 4, true, GLU)             \
-  GEMV2_KERNEL(gemv2_q4_tab_bf16##SUFFIX, __nv_bfloat16, 4, true, GLU)    \
-  GEMV2_KERNEL(gemv2_q4_tab_f16##SUFFIX, __half, 4, true, GLU)
+#define GEMV2_KERNELS(SUFFIX, GLU, PIPE)                                              \
+  GEMV2_KERNEL(gemv2_q4_int_f32##SUFFIX, float, 4, false, GLU, PIPE)                  \
+  GEMV2_KERNEL(gemv2_q4_int_bf16##SUFFIX, __nv_bfloat16, 4, false, GLU, PIPE)         \
+  GEMV2_KERNEL(gemv2_q4_int_f16##SUFFIX, __half, 4, false, GLU, PIPE)                 \
+  GEMV2_KERNEL(gemv2_q8_int_f32##SUFFIX, float, 8, false, GLU, PIPE)                  \
+  GEMV2_KERNEL(gemv2_q8_int_bf16##SUFFIX, __nv_bfloat16, 8, false, GLU, PIPE)         \
+  GEMV2_KERNEL(gemv2_q8_int_f16##SUFFIX, __half, 8, false, GLU, PIPE)                 \
+  GEMV2_KERNEL(gemv2_q4_tab_f32##SUFFIX, float, 4, true, GLU, PIPE)                   \
+  GEMV2_KERNEL(gemv2_q4_tab_bf16##SUFFIX, __nv_bfloat16, 4, true, GLU, PIPE)          \
+  GEMV2_KERNEL(gemv2_q4_tab_f16##SUFFIX, __half, 4, true, GLU, PIPE)
 
-GEMV2_KERNELS(, false)
-GEMV2_KERNELS(_glu, true)
+// Kernel names end in _p0, _p1, _p2 (PIPE), before _glu.
+GEMV2_KERNELS(_p0, false, 0)
+GEMV2_KERNELS(_p0_glu, true, 0)
+GEMV2_KERNELS(_p1, false, 1)
+GEMV2_KERNELS(_p1_glu, true, 1)
+GEMV2_KERNELS(_p2, false, 2)
+GEMV2_KERNELS(_p2_glu, true, 2)

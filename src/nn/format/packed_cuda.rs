@@ -35,14 +35,16 @@ pub const MAX_ROWS: usize = 8;
 /// 0.7–1.1× at m = 8 (every row re-reads the activations per 8 columns).
 pub const DECODE_ROWS: usize = 2;
 
-/// Largest weight (output rows × input columns) given a packed copy. The kernel is bound
-/// by instruction issue, not memory: on the H200 (`bench-gemv`, bf16, m = 1) it beat
-/// cuBLAS by 1.4–1.6× on SmolLM2's layer shapes (up to 1536×576, and 3072×576 stacked),
-/// drew level at 4096×4096 and lost above (0.77–0.94× at 14336×4096 and 8192×8192,
-/// 0.43–0.55× on the 49152×576 output layer); a 4.2B model with 8192-wide layers decoded
-/// at 0.45× (4-bit) and 0.65× (8-bit) its bf16 speed with it. Larger weights keep the
-/// dequantized copy and cuBLAS, so they decode at bf16 speed.
-pub const MAX_WEIGHTS: usize = 1 << 22;
+/// Largest weight (output rows × input columns, stacks counted whole) given a packed copy:
+/// none since the v2 kernel. The v1 kernel was bound by instruction issue and lost to
+/// cuBLAS above ~2^24 elements (0.77–0.94× at 14336×4096 and 8192², 0.43–0.55× on the
+/// 49152×576 output layer), so large weights took the dequantized copy and cuBLAS (limit
+/// 2^22). On the H200 (`bench-gemv`, bf16, m = 1 and 2) v2 beat cuBLAS at every large
+/// shape measured (1.07–1.29× at 4096²…28672×8192, 1.15× at 49152×576), and the 4.2B
+/// synthetic model decoded 1.16–1.23× faster than bf16 with every weight packed against
+/// 0.95–1.00× with the 2^22 limit (same binary, one run). `QUANTLAB_PACKED_MAX_WEIGHTS`
+/// sets a limit for A/B runs.
+pub const MAX_WEIGHTS: usize = usize::MAX;
 
 /// [`MAX_WEIGHTS`], or `QUANTLAB_PACKED_MAX_WEIGHTS` (elements; A/B runs of the limit).
 /// Read once.
@@ -436,6 +438,11 @@ impl PackedWeight {
     /// matrix, concatenated on the device: one launch for their products. `None` where
     /// their columns or layouts differ.
     pub fn stack(layers: &[&PackedWeight]) -> Result<Option<PackedWeight>> {
+        Self::stack_within(layers, max_weights())
+    }
+
+    /// [`Self::stack`] with at most `limit` weights in the stack (`None` above it).
+    pub fn stack_within(layers: &[&PackedWeight], limit: usize) -> Result<Option<PackedWeight>> {
         let Some(first) = layers.first() else {
             return Ok(None);
         };
@@ -453,7 +460,13 @@ impl PackedWeight {
         if !layers.iter().all(same) {
             return Ok(None);
         }
-        if layers.iter().map(|w| w.shape.n).sum::<usize>() * sa.k > max_weights() {
+        if layers
+            .iter()
+            .map(|w| w.shape.n)
+            .sum::<usize>()
+            .saturating_mul(sa.k)
+            > limit
+        {
             return Ok(None);
         }
         let mut params = Vec::with_capacity(layers.len() + 1);
@@ -589,6 +602,19 @@ pub enum Kernel {
     /// `gemv2_*`: several rows per thread sharing the activations, lanes per row sized
     /// to the row, at most [`V2_MAX_ROWS`] activation rows (larger m falls back to v1).
     V2,
+}
+
+/// The v2 kernel's load pipelining (`PIPE` in gemv.cuh): 0 loads then uses each
+/// iteration's chunks, 1 also prefetches the next iteration's into L2, 2 loads the next
+/// iteration's into a second set of registers first. `QUANTLAB_GEMV2_PIPE=0|1|2` chooses
+/// (A/B runs); read once.
+pub fn v2_pipe() -> u32 {
+    static PIPE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PIPE.get_or_init(|| match std::env::var("QUANTLAB_GEMV2_PIPE").as_deref() {
+        Ok("0") => 0,
+        Ok("1") => 1,
+        _ => 2,
+    })
 }
 
 /// Most activation rows the v2 kernel takes (`GEMV2_MM` in gemv.cuh).
@@ -815,9 +841,12 @@ mod gpu {
             op.outputs()
         };
         let v2 = op.kernel.resolve(op.m, rows, s.k) == Kernel::V2;
-        let prefix = if v2 { "gemv2" } else { "gemv" };
-        let func =
-            dev.get_or_load_custom_func(&format!("{prefix}_{kind}_{name}{glu}"), MODULE, PTX)?;
+        let fname = if v2 {
+            format!("gemv2_{kind}_{name}_p{}{glu}", super::v2_pipe())
+        } else {
+            format!("gemv_{kind}_{name}{glu}")
+        };
+        let func = dev.get_or_load_custom_func(&fname, MODULE, PTX)?;
         let size = std::mem::size_of::<T>();
         // 8-value vector loads of x need every row start 16-byte aligned.
         let xvec = i32::from((s.k * size).is_multiple_of(16) && (rx.0 * size).is_multiple_of(16));
