@@ -243,6 +243,9 @@ GEMV_KERNELS(_glu, true)
 //   - `lanes` (4, 8, 16 or 32, chosen on the host from the row length) lanes share a row,
 //     so short rows (576 columns: 18 chunks) do not leave most of a warp idle; the
 //     partial sums are added across those lanes with shuffles.
+// PIPE (template): 0 loads then uses each iteration's chunks (the default), 1 adds an L2
+// prefetch of the next iteration's, 2 double-buffers them in registers; on the H200 1 and
+// 2 were 0-7% slower than 0 (bench-gemv, one run), so they stay only for A/B runs.
 // Arithmetic: the same decoded weights and f32 products as v1; sums are grouped per chunk
 // rather than per 8 columns (f32 summation order only). Runs of 8 that cross a group or
 // the row's end take v1's element-wise path.

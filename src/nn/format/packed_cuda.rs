@@ -588,6 +588,8 @@ struct GemvOp {
     shape: GemvShape,
     m: usize,
     output: Output,
+    /// The CUDA kernel (the CPU reference serves both).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     kernel: Kernel,
 }
 
@@ -606,14 +608,16 @@ pub enum Kernel {
 
 /// The v2 kernel's load pipelining (`PIPE` in gemv.cuh): 0 loads then uses each
 /// iteration's chunks, 1 also prefetches the next iteration's into L2, 2 loads the next
-/// iteration's into a second set of registers first. `QUANTLAB_GEMV2_PIPE=0|1|2` chooses
-/// (A/B runs); read once.
+/// iteration's into a second set of registers first. 0 by default: on the H200
+/// (`bench-gemv`, bf16, m = 1, one run) 1 and 2 were 0–7% slower at every large shape
+/// (28672×8192 q4g64: 88.4 / 92.0 / 93.6 µs), so the kernel is not bound by load latency
+/// a warp could hide. `QUANTLAB_GEMV2_PIPE=0|1|2` chooses (A/B runs); read once.
 pub fn v2_pipe() -> u32 {
     static PIPE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     *PIPE.get_or_init(|| match std::env::var("QUANTLAB_GEMV2_PIPE").as_deref() {
-        Ok("0") => 0,
         Ok("1") => 1,
-        _ => 2,
+        Ok("2") => 2,
+        _ => 0,
     })
 }
 
@@ -621,7 +625,10 @@ pub fn v2_pipe() -> u32 {
 pub const V2_MAX_ROWS: usize = 2;
 
 /// Smallest weight (rows × columns, stacks counted whole) that [`Kernel::Auto`] gives the
-/// v2 kernel.
+/// v2 kernel. On the H200 (`bench-gemv`, bf16, m = 1 and 2) v1 was faster on SmolLM2's
+/// layer shapes (up to 1536×576: v1 1.3–1.8× cuBLAS, v2 0.6–1.3×: short rows leave v2's
+/// lanes idle and few blocks), v2 on every shape from 4096×4096 up and on 49152×576
+/// (1.1–1.3× cuBLAS, v1 0.4–1.0×); shapes between were not measured.
 pub const V2_MIN_WEIGHTS: usize = 1 << 21;
 
 impl Kernel {
