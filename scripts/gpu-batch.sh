@@ -17,6 +17,9 @@
 #                                   # decode tokens/s with it on and off (QUANTLAB_PACKED_GEMV)
 #   scripts/gpu-batch.sh sweep      # the weight-only method sweep (8/4/3/2 bits, g64/g128, KL);
 #                                   # resumable: call again until it prints "sweep done"
+#   scripts/gpu-batch.sh bw         # the v1 and v2 packed GEMVs: tests, kernel bench, SmolLM2
+#                                   # decode per kernel, the big model with and without the
+#                                   # packed size limit (QUANTLAB_PACKED_MAX_WEIGHTS): bw, bwbig
 #   scripts/gpu-batch.sh big        # decode where weights are the traffic: a random-weight Llama
 #                                   # with 70B-sized layers (scripts/synthetic_llama.py), quantlab
 #                                   # per format and transformers bf16 on the same folder
@@ -212,6 +215,50 @@ case "$1" in
     run env QUANTLAB_PROFILE=1 $QL --quiet --device cuda --dtype bf16 bench --model "$M" -p 0 -n 64 \
       -r 1 --plan "lm_head=keep;*=w:i4:sym:g64"
     [ -n "${SKIP_ALL_TESTS:-}" ] || run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1
+    ;;
+  bw)
+    # The bandwidth-bound GEMV (gemv2_* in kernels/cuda/gemv.cuh) against v1 and cuBLAS,
+    # each kernel's rows in the same run, per load pipelining (QUANTLAB_GEMV2_PIPE); then
+    # SmolLM2 decode with the automatic kernel choice and with v1 forced.
+    nvidia-smi -L | tee -a "$LOG"
+    QUANTLAB_GEMV2_PIPE=2 run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1 packed
+    QUANTLAB_GEMV2_PIPE=1 run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1 packed_gemv
+    QUANTLAB_GEMV2_PIPE=0 run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1 packed_gemv_v2
+    for pipe in 0 1 2; do
+      echo "## QUANTLAB_GEMV2_PIPE=$pipe" >> "$OUT/gemv-bf16-m1.md"
+      QUANTLAB_GEMV2_PIPE=$pipe run $QL --device cuda --dtype bf16 bench-gemv -r 200 >> "$OUT/gemv-bf16-m1.md"
+    done
+    run $QL --device cuda --dtype bf16 bench-gemv -m 2 -r 100 > "$OUT/gemv-bf16-m2.md"
+    args=()
+    for p in "lm_head=keep;*=w:i8:sym" "lm_head=keep;*=w:i4:sym:g64" "lm_head=keep;*=nf4"; do
+      args+=(--plan "$p")
+    done
+    if [ -f "$M" ]; then
+      for kn in auto v1 auto v1; do
+        echo "## QUANTLAB_GEMV_KERNEL=$kn" >> "$OUT/decode.md"
+        QUANTLAB_GEMV_KERNEL=$kn run $QL --quiet --device cuda --dtype bf16 bench --model "$M" \
+          -p 0 -n 128 -r 3 "${args[@]}" >> "$OUT/decode.md"
+      done
+    fi
+    ;;
+  bwbig)
+    # bw's large model (weights are the traffic), with the packed size limit and without.
+    args=()
+    for p in "lm_head=keep;*=w:i8:sym" "lm_head=keep;*=w:i4:sym:g64" "lm_head=keep;*=nf4"; do
+      args+=(--plan "$p")
+    done
+    tok=$Q/tok
+    big=$Q/big-${BIG_LAYERS:-4}
+    [ -d $tok ] || run $QL --quiet quantize --model "$M" --plan '*=bf16' --out $tok
+    [ -d $big ] || run python3 scripts/synthetic_llama.py --out $big --tokenizer-dir $tok \
+      --layers "${BIG_LAYERS:-4}" --hidden 8192 --intermediate 28672 --heads 64 --kv-heads 8
+    for lim in ${BIG_LIMITS:-none}; do
+      # none: every weight packed (the default); a number: only weights up to it.
+      if [ $lim = none ]; then e=(); else e=(QUANTLAB_PACKED_MAX_WEIGHTS=$lim); fi
+      echo "{\"packed_max_weights\": \"$lim\"}" >> "$OUT/big-bench.jsonl"
+      run env "${e[@]}" $QL --quiet --format json --device cuda --dtype bf16 bench --model $big \
+        -p 0 -n 128 -r 3 "${args[@]}" >> "$OUT/big-bench.jsonl"
+    done
     ;;
   *) echo "unknown batch '$1'" >&2; exit 2 ;;
 esac

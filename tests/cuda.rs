@@ -450,7 +450,7 @@ fn packed_host(
 /// `packed_cuda`'s unit tests (exact weights, f32 products).
 #[test]
 fn packed_gemv_matches_its_cpu_reference() {
-    use quantlab::nn::format::packed_cuda::{PackedLayout, PackedWeight};
+    use quantlab::nn::format::packed_cuda::{Kernel, PackedLayout, PackedWeight};
     let gpu = gpu();
     let mut checked = 0;
     for method in [
@@ -477,9 +477,14 @@ fn packed_gemv_matches_its_cpu_reference() {
                 continue;
             };
             let cpu = PackedWeight::upload(&layout, &Device::Cpu).unwrap();
-            let dev = PackedWeight::upload(&layout, &gpu).unwrap();
+            let dev0 = PackedWeight::upload(&layout, &gpu).unwrap();
             let w = h.dequantize().unwrap().to_vec2::<f32>().unwrap();
-            for m in 1..=8 {
+            // Both kernels where they apply (v2 takes at most 2 rows).
+            for (m, kernel) in (1..=8)
+                .map(|m| (m, Kernel::V1))
+                .chain([(1, Kernel::V2), (2, Kernel::V2)])
+            {
+                let dev = dev0.with_kernel(kernel);
                 let x = quantlab::quant::random::randn(&[m, k], m as u64).unwrap();
                 for dt in [DType::F32, DType::BF16, DType::F16] {
                     let xd = x.to_dtype(dt).unwrap();
@@ -504,7 +509,7 @@ fn packed_gemv_matches_its_cpu_reference() {
                             let mag: f32 = (0..k).map(|c| (w[r][c] * xs[i][c]).abs()).sum();
                             let d = (want[i][r] - got[i][r]).abs();
                             let tol = 1e-5 * mag + out_round * want[i][r].abs() + 1e-6;
-                            assert!(d <= tol, "{method} {n}x{k} m={m} {dt:?} ({i}, {r}): {} vs {} (tolerance {tol})", got[i][r], want[i][r]);
+                            assert!(d <= tol, "{method} {n}x{k} m={m} {dt:?} {kernel:?} ({i}, {r}): {} vs {} (tolerance {tol})", got[i][r], want[i][r]);
                         }
                     }
                     checked += 1;
@@ -513,6 +518,89 @@ fn packed_gemv_matches_its_cpu_reference() {
         }
     }
     assert!(checked > 300, "only {checked} cases ran");
+}
+
+/// The v2 kernel's stacked launches (q|k|v split outputs, gate|up with SiLU) against the
+/// CPU reference, rows not a multiple of a block's, m = 1 and 2; tolerance as above.
+#[test]
+fn packed_gemv_v2_stacks_match_the_cpu() {
+    use quantlab::nn::format::packed_cuda::{Kernel, PackedLayout, PackedWeight};
+    let gpu = gpu();
+    for method in ["w:i4:sym:g64", "w:i8:sym:ch0", "nf4", "w:u4:affine:g32"] {
+        let k = 576;
+        let up = |n: usize, seed: u64, dev: &Device| {
+            let h = packed_host(method, n, k, seed);
+            PackedWeight::upload(&PackedLayout::from_format(h.as_ref()).unwrap(), dev).unwrap()
+        };
+        let cpu: Vec<_> = [(77, 1), (77, 2), (13, 3)]
+            .iter()
+            .map(|&(n, s)| up(n, s, &Device::Cpu))
+            .collect();
+        let dev: Vec<_> = [(77, 1), (77, 2), (13, 3)]
+            .iter()
+            .map(|&(n, s)| up(n, s, &gpu).with_kernel(Kernel::V2))
+            .collect();
+        let glu_c = PackedWeight::stack(&[&cpu[0], &cpu[1]]).unwrap().unwrap();
+        let glu_d = PackedWeight::stack(&[&dev[0], &dev[1]])
+            .unwrap()
+            .unwrap()
+            .with_kernel(Kernel::V2);
+        let qkv_c = PackedWeight::stack(&[&cpu[0], &cpu[1], &cpu[2]])
+            .unwrap()
+            .unwrap();
+        let qkv_d = PackedWeight::stack(&[&dev[0], &dev[1], &dev[2]])
+            .unwrap()
+            .unwrap()
+            .with_kernel(Kernel::V2);
+        for m in [1, 2] {
+            for dt in [DType::F32, DType::BF16] {
+                let x = quantlab::quant::random::randn(&[m, k], 10 + m as u64)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
+                let xg = x.to_device(&gpu).unwrap();
+                let f = |t: Tensor| {
+                    t.to_dtype(DType::F32)
+                        .unwrap()
+                        .to_device(&Device::Cpu)
+                        .unwrap()
+                };
+                // Relative to the largest output: f32 summation order (k = 576 terms), or
+                // one bf16 rounding of either side (2^-8 each).
+                let rel = if dt == DType::F32 { 1e-5 } else { 1.0 / 64.0 };
+                let check = |a: Tensor, b: Tensor, what: &str| {
+                    let (a, b) = (f(a), f(b));
+                    let big = a
+                        .abs()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .max(0)
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    let d = tensor_diff(&a, &b);
+                    assert!(
+                        d <= rel * big + 1e-6,
+                        "{method} m={m} {dt:?} {what}: {d} of {big}"
+                    );
+                };
+                check(
+                    glu_c.gemv_glu(&x).unwrap(),
+                    glu_d.gemv_glu(&xg).unwrap(),
+                    "GLU",
+                );
+                for (a, b) in qkv_c
+                    .gemv_parts(&x)
+                    .unwrap()
+                    .into_iter()
+                    .zip(qkv_d.gemv_parts(&xg).unwrap())
+                {
+                    check(a, b, "split");
+                }
+            }
+        }
+    }
 }
 
 /// Decode through the packed GEMV: a weight-only model on the GPU fed one token at a time

@@ -224,3 +224,294 @@ __device__ void gemv_packed(const T* __restrict__ x, const uint8_t* __restrict__
 
 GEMV_KERNELS(, false)
 GEMV_KERNELS(_glu, true)
+
+// ---------------------------------------------------------------------------------------
+// The bandwidth kernel (v2) for decode: m <= GEMV2_MM activation rows, same layout and
+// parameters as above. The v1 kernel spends ~200 instructions per 16 bytes of codes (per
+// value: an activation conversion, a code extraction, an FMA and a Σx add), so it is bound
+// by instruction issue and reads 0.5-1.5 TB/s on the H200. Here:
+//   - each thread takes GEMV2_R rows at the same columns, so an activation value is
+//     loaded and converted once for R rows (and Σx, for the zero point, once for R rows);
+//   - a code becomes an exact float in two instructions, mask-or-magic and one subtract:
+//     the nibble or byte at bit p is or-ed into the mantissa of 2^(23-p), where bit p has
+//     weight 1, so (v & (mask << p)) | bits(2^(23-p)) is the float 2^(23-p) + q, no shift;
+//   - where a 16-byte chunk of a row lies inside one scale group (group a multiple of the
+//     chunk's values, or one group per row), the chunk's products are summed in f32 and
+//     scaled once: scale * (Σ q x - zero * Σ x) per chunk instead of per 8 columns;
+//   - GEMV2_U chunks of each of the R rows are loaded before any is used (R * U * 16 =
+//     128 bytes in flight per lane);
+//   - `lanes` (4, 8, 16 or 32, chosen on the host from the row length) lanes share a row,
+//     so short rows (576 columns: 18 chunks) do not leave most of a warp idle; the
+//     partial sums are added across those lanes with shuffles.
+// PIPE (template): 0 loads then uses each iteration's chunks (the default), 1 adds an L2
+// prefetch of the next iteration's, 2 double-buffers them in registers; on the H200 1 and
+// 2 were 0-7% slower than 0 (bench-gemv, one run), so they stay only for A/B runs.
+// Arithmetic: the same decoded weights and f32 products as v1; sums are grouped per chunk
+// rather than per 8 columns (f32 summation order only). Runs of 8 that cross a group or
+// the row's end take v1's element-wise path.
+
+#define GEMV2_MM 2
+#define GEMV2_R 4
+#define GEMV2_U 2
+#define GEMV2_WARPS 4
+
+// Codes of columns col..col+7 (one 32-bit word of nibbles, or two of bytes) as exact floats.
+template <int BITS>
+__device__ __forceinline__ void codes8_fast(const uint32_t* w, int sub, float* q) {
+  if (BITS == 4) {
+    const uint32_t v = w[sub], h = v >> 12;
+    q[0] = __uint_as_float((v & 0xFu) | 0x4B000000u) - 8388608.f;  // 2^23 + q
+    q[1] = __uint_as_float((v & 0xF0u) | 0x49000000u) - 524288.f;  // 2^19 + q
+    q[2] = __uint_as_float((v & 0xF00u) | 0x47000000u) - 32768.f;  // 2^15 + q
+    q[3] = __uint_as_float((v & 0xF000u) | 0x45000000u) - 2048.f;  // 2^11 + q
+    q[4] = __uint_as_float((v & 0xF0000u) | 0x43000000u) - 128.f;  // 2^7 + q
+    // Nibbles 5-7 (bits 20-31) reach the exponent: shifted down by 12 first.
+    q[5] = __uint_as_float((h & 0xF00u) | 0x47000000u) - 32768.f;
+    q[6] = __uint_as_float((h & 0xF000u) | 0x45000000u) - 2048.f;
+    q[7] = __uint_as_float((h & 0xF0000u) | 0x43000000u) - 128.f;
+  } else {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const uint32_t v = w[2 * sub + h], s = v >> 16;
+      q[4 * h + 0] = __uint_as_float((v & 0xFFu) | 0x4B000000u) - 8388608.f;
+      q[4 * h + 1] = __uint_as_float((v & 0xFF00u) | 0x47000000u) - 32768.f;
+      q[4 * h + 2] = __uint_as_float((s & 0xFFu) | 0x4B000000u) - 8388608.f;
+      q[4 * h + 3] = __uint_as_float((s & 0xFF00u) | 0x47000000u) - 32768.f;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void load_x8(const T* __restrict__ xr, int xvec, int cols, float* xv) {
+  if (xvec && cols >= 8) {
+    X8<T>::load(xr, xv);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; j++) xv[j] = j < cols ? to_f(xr[j]) : 0.f;
+  }
+}
+
+// `n` outputs; GLU as in gemv_packed (rows r and r + n give output r). A thread's R row
+// slots: R outputs, or for GLU R/2 outputs' gate rows then their up rows.
+template <typename T, int BITS, bool TAB, bool GLU, int PIPE>
+__device__ void gemv2_packed(const T* __restrict__ x, const uint8_t* __restrict__ codes,
+                             const float* __restrict__ params, T* __restrict__ y, int m, int n,
+                             int k, int ld, int group, int gpr, int tab_off, int xvec, int n1,
+                             int n2, int lanes) {
+  __shared__ float tab[16];
+  if (TAB) {
+    if (threadIdx.y == 0 && threadIdx.x < 16) tab[threadIdx.x] = params[tab_off + threadIdx.x];
+    __syncthreads();
+  }
+  constexpr int R = GEMV2_R, U = GEMV2_U, MM = GEMV2_MM;
+  constexpr int RO = GLU ? R / 2 : R;  // outputs per thread
+  constexpr int VPC = BITS == 4 ? 32 : 16;
+  const int L = lanes;
+  const int seg = threadIdx.x / L, l = threadIdx.x % L;
+  const int out0 = ((blockIdx.x * GEMV2_WARPS + threadIdx.y) * (32 / L) + seg) * RO;
+  int row[R];
+  bool valid[R];
+#pragma unroll
+  for (int s = 0; s < R; s++) {
+    const int o = out0 + (GLU ? s % RO : s);
+    valid[s] = o < n;
+    row[s] = valid[s] ? (GLU && s >= RO ? o + n : o) : 0;
+  }
+  const int chunks = ld / 16;
+  const bool chunk_group = gpr == 1 || group % VPC == 0;
+  const int gshift = (group & (group - 1)) == 0 ? __ffs(group) - 1 : -1;
+  const float2* pr = reinterpret_cast<const float2*>(params);
+  float acc[R][MM];
+#pragma unroll
+  for (int s = 0; s < R; s++)
+#pragma unroll
+    for (int i = 0; i < MM; i++) acc[s][i] = 0.f;
+  // The chunks base + L*u (u < U) of the R rows, zeros past the row or for invalid rows.
+  auto load = [&](uint4 (&wv)[U][R], int base) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int ch = base + L * u;
+#pragma unroll
+      for (int s = 0; s < R; s++)
+        wv[u][s] = ch < chunks && valid[s]
+                       ? __ldg(reinterpret_cast<const uint4*>(codes + (size_t)row[s] * ld) + ch)
+                       : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  auto consume = [&](const uint4 (&wv)[U][R], int base) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int ch = base + L * u;
+      const int col0 = ch * VPC;
+      if (ch >= chunks || col0 >= k) break;
+      if (chunk_group && col0 + VPC <= k) {
+        const int gi = gpr == 1 ? 0 : (gshift >= 0 ? col0 >> gshift : col0 / group);
+        float dot[R][MM], sx[MM];
+#pragma unroll
+        for (int i = 0; i < MM; i++) {
+          sx[i] = 0.f;
+#pragma unroll
+          for (int s = 0; s < R; s++) dot[s][i] = 0.f;
+        }
+#pragma unroll
+        for (int sub = 0; sub < VPC / 8; sub++) {
+          const int col = col0 + sub * 8;
+          float xv[MM][8];
+#pragma unroll
+          for (int i = 0; i < MM; i++) {
+            if (i < m) {
+              load_x8<T>(x + (size_t)i * k + col, xvec, 8, xv[i]);
+            } else {
+#pragma unroll
+              for (int j = 0; j < 8; j++) xv[i][j] = 0.f;
+            }
+            if (!TAB) {
+#pragma unroll
+              for (int j = 0; j < 8; j++) sx[i] += xv[i][j];
+            }
+          }
+#pragma unroll
+          for (int s = 0; s < R; s++) {
+            const uint32_t* w = reinterpret_cast<const uint32_t*>(&wv[u][s]);
+            float q[8];
+            if (TAB) {
+              const uint32_t v = w[sub];
+#pragma unroll
+              for (int j = 0; j < 8; j++) q[j] = tab[(v >> (4 * j)) & 0xFu];
+            } else {
+              codes8_fast<BITS>(w, sub, q);
+            }
+#pragma unroll
+            for (int i = 0; i < MM; i++)
+#pragma unroll
+              for (int j = 0; j < 8; j++) dot[s][i] = fmaf(q[j], xv[i][j], dot[s][i]);
+          }
+        }
+#pragma unroll
+        for (int s = 0; s < R; s++) {
+          const float2 sz = valid[s] ? pr[(size_t)row[s] * gpr + gi] : make_float2(0.f, 0.f);
+#pragma unroll
+          for (int i = 0; i < MM; i++)
+            acc[s][i] = fmaf(sz.x, TAB ? dot[s][i] : dot[s][i] - sz.y * sx[i], acc[s][i]);
+        }
+      } else {
+        // Ragged: chunks that cross a group or the row's end, element by element as v1.
+#pragma unroll
+        for (int sub = 0; sub < VPC / 8; sub++) {
+          const int col = col0 + sub * 8;
+          if (col >= k) break;
+#pragma unroll
+          for (int s = 0; s < R; s++) {
+            if (!valid[s]) continue;
+            const uint32_t* w = reinterpret_cast<const uint32_t*>(&wv[u][s]);
+            float q[8];
+            if (TAB) {
+              const uint32_t v = w[sub];
+#pragma unroll
+              for (int j = 0; j < 8; j++) q[j] = tab[(v >> (4 * j)) & 0xFu];
+            } else {
+              codes8_fast<BITS>(w, sub, q);
+            }
+            const float2* prow = pr + (size_t)row[s] * gpr;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+              const int c = col + j;
+              if (c >= k) break;
+              const float2 sz = prow[c / group];
+              const float v = TAB ? q[j] * sz.x : (q[j] - sz.y) * sz.x;
+#pragma unroll
+              for (int i = 0; i < MM; i++) {
+                if (i >= m) break;
+                acc[s][i] = fmaf(v, to_f(x[(size_t)i * k + c]), acc[s][i]);
+              }
+            }
+          }
+        }
+      }
+    }
+  };
+  // Every lane runs the loop (no early exit): the shuffles below need the whole warp.
+  // PIPE 0: load the iteration's chunks, then use them. PIPE 1: the same, and while they
+  // are used, the next iteration's chunks are prefetched into L2. PIPE 2: the next
+  // iteration's chunks are loaded into a second set of registers before this one's are
+  // used (loads always in flight, 32 more registers).
+  if (PIPE == 2) {
+    uint4 cur[U][R];
+    load(cur, l);
+    for (int base = l; base < chunks; base += L * U) {
+      uint4 nxt[U][R];
+      load(nxt, base + L * U);
+      consume(cur, base);
+#pragma unroll
+      for (int u = 0; u < U; u++)
+#pragma unroll
+        for (int s = 0; s < R; s++) cur[u][s] = nxt[u][s];
+    }
+  } else {
+    for (int base = l; base < chunks; base += L * U) {
+      uint4 wv[U][R];
+      load(wv, base);
+      if (PIPE == 1) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+          const int ch = base + L * (U + u);
+#pragma unroll
+          for (int s = 0; s < R; s++)
+            if (ch < chunks && valid[s])
+              asm volatile("prefetch.global.L2 [%0];" ::"l"(
+                  reinterpret_cast<const uint4*>(codes + (size_t)row[s] * ld) + ch));
+        }
+      }
+      consume(wv, base);
+    }
+  }
+  // Sum over the row's L lanes (an aligned group of L lanes: xor offsets < L stay in it).
+#pragma unroll
+  for (int s = 0; s < R; s++)
+#pragma unroll
+    for (int i = 0; i < MM; i++)
+      for (int o = L / 2; o > 0; o >>= 1) acc[s][i] += __shfl_xor_sync(0xffffffffu, acc[s][i], o);
+  if (l != 0) return;
+#pragma unroll
+  for (int i = 0; i < MM; i++) {
+    if (i >= m) break;
+#pragma unroll
+    for (int t = 0; t < RO; t++) {
+      const int o = out0 + t;
+      if (o >= n) break;
+      if (GLU) {
+        const float g = acc[t][i], u = acc[t + RO][i];
+        from_f(g / (1.f + __expf(-g)) * u, &y[(size_t)i * n + o]);
+      } else {
+        from_f(acc[t][i], &y[out_index(i, o, m, n, n1, n2)]);
+      }
+    }
+  }
+}
+
+#define GEMV2_KERNEL(NAME, T, BITS, TAB, GLU, PIPE)                                            \
+  extern "C" __global__ void __launch_bounds__(32 * GEMV2_WARPS)                               \
+      NAME(const T* x, const uint8_t* codes, const float* params, T* y, int m, int n, int k,    \
+           int ld, int group, int gpr, int tab_off, int xvec, int n1, int n2, int lanes) {      \
+    gemv2_packed<T, BITS, TAB, GLU, PIPE>(x, codes, params, y, m, n, k, ld, group, gpr,         \
+                                          tab_off, xvec, n1, n2, lanes);                        \
+  }
+
+#define GEMV2_KERNELS(SUFFIX, GLU, PIPE)                                              \
+  GEMV2_KERNEL(gemv2_q4_int_f32##SUFFIX, float, 4, false, GLU, PIPE)                  \
+  GEMV2_KERNEL(gemv2_q4_int_bf16##SUFFIX, __nv_bfloat16, 4, false, GLU, PIPE)         \
+  GEMV2_KERNEL(gemv2_q4_int_f16##SUFFIX, __half, 4, false, GLU, PIPE)                 \
+  GEMV2_KERNEL(gemv2_q8_int_f32##SUFFIX, float, 8, false, GLU, PIPE)                  \
+  GEMV2_KERNEL(gemv2_q8_int_bf16##SUFFIX, __nv_bfloat16, 8, false, GLU, PIPE)         \
+  GEMV2_KERNEL(gemv2_q8_int_f16##SUFFIX, __half, 8, false, GLU, PIPE)                 \
+  GEMV2_KERNEL(gemv2_q4_tab_f32##SUFFIX, float, 4, true, GLU, PIPE)                   \
+  GEMV2_KERNEL(gemv2_q4_tab_bf16##SUFFIX, __nv_bfloat16, 4, true, GLU, PIPE)          \
+  GEMV2_KERNEL(gemv2_q4_tab_f16##SUFFIX, __half, 4, true, GLU, PIPE)
+
+// Kernel names end in _p0, _p1, _p2 (PIPE), before _glu.
+GEMV2_KERNELS(_p0, false, 0)
+GEMV2_KERNELS(_p0_glu, true, 0)
+GEMV2_KERNELS(_p1, false, 1)
+GEMV2_KERNELS(_p1_glu, true, 1)
+GEMV2_KERNELS(_p2, false, 2)
+GEMV2_KERNELS(_p2_glu, true, 2)

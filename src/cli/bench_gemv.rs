@@ -3,7 +3,7 @@
 //! The packed matrices are synthetic (random codes and scales: the kernel's time does not
 //! depend on the values), so the largest shapes cost no quantization time.
 
-use crate::nn::format::packed_cuda::{PackedLayout, PackedWeight};
+use crate::nn::format::packed_cuda::{Kernel, PackedLayout, PackedWeight};
 use crate::report::{Cell, Report, Table};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -119,14 +119,18 @@ pub fn report(a: &BenchGemvArgs, device: &Device) -> Result<Report> {
         for (name, (bits, table, group)) in &formats {
             let layout = PackedLayout::synthetic(n, k, *bits, *table, *group, seed);
             let p = PackedWeight::upload(&layout, device)?;
-            let us = time(device, a.reps, || p.gemv(&x))?;
-            t.push(vec![
-                Cell::Text(shape.clone()),
-                Cell::Text(name.clone()),
-                Cell::f(us, 2),
-                Cell::f(gbs(p.device_bytes(), us), 0),
-                Cell::f(dense_us / us, 2),
-            ]);
+            // Each kernel on its own row (v2 takes m <= 2; above, its row repeats v1).
+            for (kname, kernel) in [("v1", Kernel::V1), ("v2", Kernel::V2)] {
+                let p = p.with_kernel(kernel);
+                let us = time(device, a.reps, || p.gemv(&x))?;
+                t.push(vec![
+                    Cell::Text(shape.clone()),
+                    Cell::Text(format!("{name} {kname}")),
+                    Cell::f(us, 2),
+                    Cell::f(gbs(p.device_bytes(), us), 0),
+                    Cell::f(dense_us / us, 2),
+                ]);
+            }
         }
     }
     t.note(format!(

@@ -60,8 +60,17 @@ impl Dequantized {
     }
 
     fn pack(host: &dyn WeightFormat, device: &Device) -> Result<Option<Arc<PackedWeight>>> {
+        Self::pack_within(host, device, packed_cuda::max_weights())
+    }
+
+    /// A packed copy of `host` if it has at most `limit` weights and a packed layout.
+    fn pack_within(
+        host: &dyn WeightFormat,
+        device: &Device,
+        limit: usize,
+    ) -> Result<Option<Arc<PackedWeight>>> {
         let (n, k) = host.shape();
-        if host.input_quant() != InputQuant::None || n * k > packed_cuda::MAX_WEIGHTS {
+        if host.input_quant() != InputQuant::None || n.saturating_mul(k) > limit {
             return Ok(None);
         }
         let Some(layout) = PackedLayout::from_format(host) else {
@@ -288,38 +297,40 @@ mod tests {
         assert_eq!(emu.id(), host.id());
     }
 
-    /// A weight-only layer at packed_cuda::MAX_WEIGHTS gets a packed copy, one weight
-    /// more does not (it decodes through the dequantized copy), and neither does a stack
-    /// that would pass the limit.
+    /// A weight-only layer at a packing limit gets a packed copy, one weight more does
+    /// not (it decodes through the dequantized copy), and neither does a stack that would
+    /// pass the limit (`QUANTLAB_PACKED_MAX_WEIGHTS`; by default there is none).
     #[test]
     fn only_weights_within_the_limit_are_packed() {
         let alg = crate::nn::registry::parse_algorithm("w:i4:sym:g64").unwrap();
-        let k = 512;
+        let (k, limit) = (512, 1 << 16);
         let quantized = |n: usize| {
             let w = Tensor::zeros((n, k), DType::F32, &Device::Cpu).unwrap();
             let dense: Arc<dyn WeightFormat> = Arc::new(Dense::new(w).unwrap());
-            let host = alg
-                .apply(&LayerInput {
-                    name: "fc",
-                    weight: &dense,
-                    calibration: None,
-                })
-                .unwrap();
-            Dequantized::wrap(host, &Device::Cpu, DType::F32)
-                .unwrap()
-                .with_packed()
-                .unwrap()
+            alg.apply(&LayerInput {
+                name: "fc",
+                weight: &dense,
+                calibration: None,
+            })
+            .unwrap()
         };
-        let n = packed_cuda::MAX_WEIGHTS / k;
-        let at_limit = quantized(n);
-        assert!(at_limit.has_packed());
-        assert!(!quantized(n + 1).has_packed());
-        let half = quantized(n / 2).packed_gemv().unwrap();
-        let one = quantized(1).packed_gemv().unwrap();
-        assert!(PackedWeight::stack(&[&half, &half]).unwrap().is_some());
-        assert!(PackedWeight::stack(&[&half, &half, &one])
+        let packed = |n: usize| {
+            Dequantized::pack_within(quantized(n).as_ref(), &Device::Cpu, limit).unwrap()
+        };
+        let n = limit / k;
+        assert!(packed(n).is_some());
+        assert!(packed(n + 1).is_none());
+        let half = packed(n / 2).unwrap();
+        let one = packed(1).unwrap();
+        assert!(PackedWeight::stack_within(&[&half, &half], limit)
+            .unwrap()
+            .is_some());
+        assert!(PackedWeight::stack_within(&[&half, &half, &one], limit)
             .unwrap()
             .is_none());
+        assert!(PackedWeight::stack(&[&half, &half, &one])
+            .unwrap()
+            .is_some());
     }
 
     #[test]

@@ -35,14 +35,28 @@ pub const MAX_ROWS: usize = 8;
 /// 0.7–1.1× at m = 8 (every row re-reads the activations per 8 columns).
 pub const DECODE_ROWS: usize = 2;
 
-/// Largest weight (output rows × input columns) given a packed copy. The kernel is bound
-/// by instruction issue, not memory: on the H200 (`bench-gemv`, bf16, m = 1) it beat
-/// cuBLAS by 1.4–1.6× on SmolLM2's layer shapes (up to 1536×576, and 3072×576 stacked),
-/// drew level at 4096×4096 and lost above (0.77–0.94× at 14336×4096 and 8192×8192,
-/// 0.43–0.55× on the 49152×576 output layer); a 4.2B model with 8192-wide layers decoded
-/// at 0.45× (4-bit) and 0.65× (8-bit) its bf16 speed with it. Larger weights keep the
-/// dequantized copy and cuBLAS, so they decode at bf16 speed.
-pub const MAX_WEIGHTS: usize = 1 << 22;
+/// Largest weight (output rows × input columns, stacks counted whole) given a packed copy:
+/// none since the v2 kernel. The v1 kernel was bound by instruction issue and lost to
+/// cuBLAS above ~2^24 elements (0.77–0.94× at 14336×4096 and 8192², 0.43–0.55× on the
+/// 49152×576 output layer), so large weights took the dequantized copy and cuBLAS (limit
+/// 2^22). On the H200 (`bench-gemv`, bf16, m = 1 and 2) v2 beat cuBLAS at every large
+/// shape measured (1.07–1.29× at 4096²…28672×8192, 1.15× at 49152×576), and the 4.2B
+/// synthetic model decoded 1.16–1.23× faster than bf16 with every weight packed against
+/// 0.95–1.00× with the 2^22 limit (same binary, one run). `QUANTLAB_PACKED_MAX_WEIGHTS`
+/// sets a limit for A/B runs.
+pub const MAX_WEIGHTS: usize = usize::MAX;
+
+/// [`MAX_WEIGHTS`], or `QUANTLAB_PACKED_MAX_WEIGHTS` (elements; A/B runs of the limit).
+/// Read once.
+pub fn max_weights() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("QUANTLAB_PACKED_MAX_WEIGHTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(MAX_WEIGHTS)
+    })
+}
 
 /// Whether the packed GEMV is used where it exists (`QUANTLAB_PACKED_GEMV=0`: no, for A/B
 /// runs against the dequantized bf16 + cuBLAS path).
@@ -367,6 +381,8 @@ pub struct PackedWeight {
     table: Option<[f32; 16]>,
     /// Rows per stacked layer ([`Self::stack`]); one entry for a single layer.
     parts: Vec<usize>,
+    /// The CUDA kernel its products run on ([`Kernel::Auto`] unless chosen).
+    kernel: Kernel,
 }
 
 /// What one launch computes.
@@ -400,7 +416,17 @@ impl PackedWeight {
             params: Tensor::from_slice(&layout.params, layout.params.len(), device)?,
             table,
             parts: vec![s.n],
+            kernel: Kernel::Auto,
         })
+    }
+
+    /// The same weight with its products on `kernel` (benchmarks and tests of each kernel;
+    /// the device copy is shared).
+    pub fn with_kernel(&self, kernel: Kernel) -> Self {
+        PackedWeight {
+            kernel,
+            ..self.clone()
+        }
     }
 
     /// Bytes on the device.
@@ -412,6 +438,11 @@ impl PackedWeight {
     /// matrix, concatenated on the device: one launch for their products. `None` where
     /// their columns or layouts differ.
     pub fn stack(layers: &[&PackedWeight]) -> Result<Option<PackedWeight>> {
+        Self::stack_within(layers, max_weights())
+    }
+
+    /// [`Self::stack`] with at most `limit` weights in the stack (`None` above it).
+    pub fn stack_within(layers: &[&PackedWeight], limit: usize) -> Result<Option<PackedWeight>> {
         let Some(first) = layers.first() else {
             return Ok(None);
         };
@@ -429,7 +460,13 @@ impl PackedWeight {
         if !layers.iter().all(same) {
             return Ok(None);
         }
-        if layers.iter().map(|w| w.shape.n).sum::<usize>() * sa.k > MAX_WEIGHTS {
+        if layers
+            .iter()
+            .map(|w| w.shape.n)
+            .sum::<usize>()
+            .saturating_mul(sa.k)
+            > limit
+        {
             return Ok(None);
         }
         let mut params = Vec::with_capacity(layers.len() + 1);
@@ -455,6 +492,7 @@ impl PackedWeight {
             params: Tensor::cat(&params, 0)?,
             table: first.table,
             parts: layers.iter().map(|w| w.shape.n).collect(),
+            kernel: Kernel::Auto,
         }))
     }
 
@@ -538,6 +576,7 @@ impl PackedWeight {
             shape: self.shape,
             m,
             output,
+            kernel: self.kernel,
         };
         Ok(x.reshape((m, self.shape.k))?
             .contiguous()?
@@ -549,6 +588,88 @@ struct GemvOp {
     shape: GemvShape,
     m: usize,
     output: Output,
+    /// The CUDA kernel (the CPU reference serves both).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    kernel: Kernel,
+}
+
+/// Which CUDA kernel runs a product (the CPU reference is the same for both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// [`Kernel::V2`] where it applies and the weight is large ([`V2_MIN_WEIGHTS`]),
+    /// else [`Kernel::V1`]; `QUANTLAB_GEMV_KERNEL=v1|v2` forces one (A/B runs).
+    Auto,
+    /// `gemv_*` in `gemv.cuh`: one warp per row, any m up to [`MAX_ROWS`].
+    V1,
+    /// `gemv2_*`: several rows per thread sharing the activations, lanes per row sized
+    /// to the row, at most [`V2_MAX_ROWS`] activation rows (larger m falls back to v1).
+    V2,
+}
+
+/// The v2 kernel's load pipelining (`PIPE` in gemv.cuh): 0 loads then uses each
+/// iteration's chunks, 1 also prefetches the next iteration's into L2, 2 loads the next
+/// iteration's into a second set of registers first. 0 by default: on the H200
+/// (`bench-gemv`, bf16, m = 1, one run) 1 and 2 were 0–7% slower at every large shape
+/// (28672×8192 q4g64: 88.4 / 92.0 / 93.6 µs), so the kernel is not bound by load latency
+/// a warp could hide. `QUANTLAB_GEMV2_PIPE=0|1|2` chooses (A/B runs); read once.
+pub fn v2_pipe() -> u32 {
+    static PIPE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PIPE.get_or_init(|| match std::env::var("QUANTLAB_GEMV2_PIPE").as_deref() {
+        Ok("1") => 1,
+        Ok("2") => 2,
+        _ => 0,
+    })
+}
+
+/// Most activation rows the v2 kernel takes (`GEMV2_MM` in gemv.cuh).
+pub const V2_MAX_ROWS: usize = 2;
+
+/// Smallest weight (rows × columns, stacks counted whole) that [`Kernel::Auto`] gives the
+/// v2 kernel. On the H200 (`bench-gemv`, bf16, m = 1 and 2) v1 was faster on SmolLM2's
+/// layer shapes (up to 1536×576: v1 1.3–1.8× cuBLAS, v2 0.6–1.3×: short rows leave v2's
+/// lanes idle and few blocks), v2 on every shape from 4096×4096 up and on 49152×576
+/// (1.1–1.3× cuBLAS, v1 0.4–1.0×); shapes between were not measured.
+pub const V2_MIN_WEIGHTS: usize = 1 << 21;
+
+impl Kernel {
+    /// The kernel that runs `m` rows through an `rows × k` matrix.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn resolve(self, m: usize, rows: usize, k: usize) -> Kernel {
+        static FORCED: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
+        let forced = *FORCED.get_or_init(|| match std::env::var("QUANTLAB_GEMV_KERNEL") {
+            Ok(v) if v == "v1" => Some(Kernel::V1),
+            Ok(v) if v == "v2" => Some(Kernel::V2),
+            _ => None,
+        });
+        let want = match (self, forced) {
+            (Kernel::Auto, Some(f)) => f,
+            (Kernel::Auto, None) if rows * k >= V2_MIN_WEIGHTS => Kernel::V2,
+            (Kernel::Auto, None) => Kernel::V1,
+            (k, _) => k,
+        };
+        if want == Kernel::V2 && m <= V2_MAX_ROWS {
+            Kernel::V2
+        } else {
+            Kernel::V1
+        }
+    }
+}
+
+/// Lanes per row for the v2 kernel: each lane loads `GEMV2_U` = 2 of the row's `chunks`
+/// 16-byte chunks per iteration, so `lanes` lanes cover `2 · lanes` chunks; the count of
+/// 4, 8, 16 or 32 that leaves the fewest slots idle (ties: more lanes, fewer rows per
+/// warp). 576 4-bit columns (18 chunks) get 4 lanes (3 iterations, 75% busy) instead of
+/// a warp (28%).
+pub fn v2_lanes(chunks: usize) -> usize {
+    let mut best = (32, 0.0);
+    for lanes in [32, 16, 8, 4] {
+        let span = 2 * lanes;
+        let busy = chunks as f64 / (chunks.div_ceil(span) * span) as f64;
+        if busy > best.1 + 1e-9 {
+            best = (lanes, busy);
+        }
+    }
+    best.0
 }
 
 fn contiguous(l: &Layout, len: usize, what: &str) -> candle_core::Result<(usize, usize)> {
@@ -688,7 +809,7 @@ impl CustomOp3 for GemvOp {
 #[cfg(feature = "cuda")]
 mod gpu {
     //! The launch of `kernels/cuda/gemv.cuh`.
-    use super::{Decode, GemvOp, Output};
+    use super::{v2_lanes, Decode, GemvOp, Kernel, Output};
     use crate::nn::cuda::gpu::{MODULE, PTX};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
@@ -721,7 +842,18 @@ mod gpu {
             _ => candle_core::bail!("packed GEMV: no kernel for {} bits {:?}", s.bits, s.decode),
         };
         let glu = if op.output == Output::Glu { "_glu" } else { "" };
-        let func = dev.get_or_load_custom_func(&format!("gemv_{kind}_{name}{glu}"), MODULE, PTX)?;
+        let rows = if op.output == Output::Glu {
+            op.outputs() * 2
+        } else {
+            op.outputs()
+        };
+        let v2 = op.kernel.resolve(op.m, rows, s.k) == Kernel::V2;
+        let fname = if v2 {
+            format!("gemv2_{kind}_{name}_p{}{glu}", super::v2_pipe())
+        } else {
+            format!("gemv_{kind}_{name}{glu}")
+        };
+        let func = dev.get_or_load_custom_func(&fname, MODULE, PTX)?;
         let size = std::mem::size_of::<T>();
         // 8-value vector loads of x need every row start 16-byte aligned.
         let xvec = i32::from((s.k * size).is_multiple_of(16) && (rx.0 * size).is_multiple_of(16));
@@ -743,10 +875,24 @@ mod gpu {
         // SAFETY: the kernel writes all m × outputs values (one per (row, output) pair).
         let y = unsafe { dev.alloc::<T>(op.m * outputs)? };
         const ROWS_PER_BLOCK: usize = 4; // GEMV_ROWS_PER_BLOCK in gemv.cuh
-        let cfg = LaunchConfig {
-            grid_dim: (outputs.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
-            block_dim: (32, ROWS_PER_BLOCK as u32, 1),
-            shared_mem_bytes: 0,
+                                         // v2: GEMV2_WARPS = 4 warps, each 32 / lanes row groups of GEMV2_R = 4 rows (2
+                                         // outputs for the GLU, whose rows are gate and up).
+        const V2_WARPS: usize = 4;
+        let lanes = v2_lanes(s.ld / 16);
+        let cfg = if v2 {
+            let per_thread = if op.output == Output::Glu { 2 } else { 4 };
+            let per_block = V2_WARPS * (32 / lanes) * per_thread;
+            LaunchConfig {
+                grid_dim: (outputs.div_ceil(per_block) as u32, 1, 1),
+                block_dim: (32, V2_WARPS as u32, 1),
+                shared_mem_bytes: 0,
+            }
+        } else {
+            LaunchConfig {
+                grid_dim: (outputs.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
+                block_dim: (32, ROWS_PER_BLOCK as u32, 1),
+                shared_mem_bytes: 0,
+            }
         };
         let args = [
             i32_of(op.m, "rows")?,
@@ -769,8 +915,13 @@ mod gpu {
         for a in &args {
             b.arg(a);
         }
+        let lanes = i32_of(lanes, "lanes")?;
+        if v2 {
+            b.arg(&lanes);
+        }
         // SAFETY: the arguments match the kernel's signature (x: m·k of T, codes: n·ld
-        // bytes, params: 2·n·gpr (+16) f32, y: m·outputs of T, ten i32), the slices' lengths
+        // bytes, params: 2·n·gpr (+16) f32, y: m·outputs of T, ten i32, and for v2 the
+        // lanes per row, a power of two dividing 32), the slices' lengths
         // were checked against those counts by the caller, and the kernel bounds every
         // read by k, n, ld and m.
         unsafe { b.launch(cfg) }.w()?;
@@ -923,6 +1074,56 @@ mod tests {
         let a = up(&host("w:i4:sym:g32", 4, 64, 1));
         let b = up(&host("w:i8:sym", 4, 64, 1));
         assert!(PackedWeight::stack(&[&a, &b]).unwrap().is_none());
+    }
+
+    /// `codes8_fast` in gemv.cuh, transcribed: a nibble or byte or-ed into the mantissa of
+    /// the power of two whose last mantissa bit sits at its position, minus that power,
+    /// is the code, for every position the kernel uses.
+    #[test]
+    fn the_v2_magic_code_conversion_is_exact() {
+        let f = |bits: u32| f32::from_bits(bits);
+        let mut v: u32 = 0x1234_5678;
+        for _ in 0..10_000 {
+            v ^= v << 13;
+            v ^= v >> 17;
+            v ^= v << 5;
+            let h = v >> 12;
+            let q4 = [
+                f((v & 0xF) | 0x4B00_0000) - 8_388_608.0,
+                f((v & 0xF0) | 0x4900_0000) - 524_288.0,
+                f((v & 0xF00) | 0x4700_0000) - 32_768.0,
+                f((v & 0xF000) | 0x4500_0000) - 2048.0,
+                f((v & 0xF_0000) | 0x4300_0000) - 128.0,
+                f((h & 0xF00) | 0x4700_0000) - 32_768.0,
+                f((h & 0xF000) | 0x4500_0000) - 2048.0,
+                f((h & 0xF_0000) | 0x4300_0000) - 128.0,
+            ];
+            for (j, q) in q4.iter().enumerate() {
+                assert_eq!(*q, ((v >> (4 * j)) & 0xF) as f32, "nibble {j} of {v:#x}");
+            }
+            let s = v >> 16;
+            let q8 = [
+                f((v & 0xFF) | 0x4B00_0000) - 8_388_608.0,
+                f((v & 0xFF00) | 0x4700_0000) - 32_768.0,
+                f((s & 0xFF) | 0x4B00_0000) - 8_388_608.0,
+                f((s & 0xFF00) | 0x4700_0000) - 32_768.0,
+            ];
+            for (j, q) in q8.iter().enumerate() {
+                assert_eq!(*q, ((v >> (8 * j)) & 0xFF) as f32, "byte {j} of {v:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn v2_lanes_fit_the_row() {
+        assert_eq!(v2_lanes(128), 32); // 4096 4-bit columns
+        assert_eq!(v2_lanes(18), 4); // 576 4-bit columns: 3 iterations of 8 chunks
+        assert_eq!(v2_lanes(1), 4); // one chunk: the fewest idle lanes
+        for chunks in 1..300 {
+            assert!([4, 8, 16, 32].contains(&v2_lanes(chunks)));
+        }
+        assert_eq!(Kernel::V2.resolve(3, 4096, 4096), Kernel::V1);
+        assert_eq!(Kernel::Auto.resolve(1, 16, 64), Kernel::V1);
     }
 
     #[test]
