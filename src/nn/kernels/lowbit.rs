@@ -22,7 +22,7 @@
 //! rows. Symmetric schemes (one zero point for every group) build the table from a constant
 //! `(n − z')` row and read no zero points: the int-N GEMV then streams what the NF4 one
 //! does (codes and one scale per group). A few activation rows (2 to [`MULTI_ROWS`], on
-//! AVX-512: MNIST's batch 64) go through [`LowBit::gemm_multi`], which decodes each chunk of
+//! AVX-512) go through [`LowBit::gemm_multi`], which decodes each chunk of
 //! two weight rows once in registers for up to ten activation rows, with no panel and no
 //! transpose. Prefill (many rows, [`LowBit::gemm`]) decodes a tile of 64 output rows (32
 //! below AVX-512) × up to 768 columns into a cache-resident f32 panel holding exactly the
@@ -71,11 +71,13 @@ const MR: usize = 6;
 const MULTI_MR: usize = 10;
 const MULTI_NR: usize = 2;
 /// Up to this many activation rows, AVX-512 runs the several-row GEMV
-/// ([`LowBit::gemm_multi`]) instead of decoding f32 panels ([`LowBit::gemm`]). Measured
-/// at m = 64 (MNIST: the GEMV 0.97× the panels' time on 256 × 784, 0.98× on 256 × 256,
-/// 0.13× on 10 × 256, where a 64-wide panel is mostly padding) and m = 512 (SmolLM2: the
-/// panels win by 7–10%); the crossover between was not measured.
-pub const MULTI_ROWS: usize = 96;
+/// ([`LowBit::gemm_multi`]) instead of one GEMV per row (which decodes the weight once per
+/// row). It stops where the row-by-row GEMV stops ([`GEMV_ROWS`]): on one thread it was
+/// about as fast as the f32 panels at m = 64 (0.97× their time on 256 × 784, 0.98× on
+/// 256 × 256, 0.13× on 10 × 256), but in the MNIST lab on two threads (batch 64, p50 of
+/// 200 runs, same run) the panels were faster: int4 0.266 ms against 0.313, nf4 0.269
+/// against 0.309.
+pub const MULTI_ROWS: usize = GEMV_ROWS;
 
 /// How codes are stored and turned into values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
