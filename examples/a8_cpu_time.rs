@@ -10,19 +10,9 @@ use quantlab::nn::kernels::lowbit::LowBit;
 use quantlab::nn::kernels::Isa;
 use quantlab::quant::codebook::NF4_CODE;
 use std::hint::black_box;
-
-fn cpu_ns() -> u64 {
-    let mut ts = std::mem::MaybeUninit::<[i64; 2]>::uninit();
-    extern "C" {
-        fn clock_gettime(clk: i32, ts: *mut [i64; 2]) -> i32;
-    }
-    // SAFETY: CLOCK_PROCESS_CPUTIME_ID (2) writes a timespec (two i64 on x86-64 Linux).
-    unsafe {
-        clock_gettime(2, ts.as_mut_ptr());
-        let t = ts.assume_init();
-        t[0] as u64 * 1_000_000_000 + t[1] as u64
-    }
-}
+#[path = "support/clock.rs"]
+mod clock;
+use clock::cpu_ns;
 
 /// (min, median) µs per call over 7 batches.
 fn time(mut f: impl FnMut(), calls: usize) -> (f64, f64) {

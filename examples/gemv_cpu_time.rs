@@ -4,23 +4,9 @@
 use quantlab::nn::kernels::lowbit::LowBit;
 use quantlab::nn::kernels::{gemv_q8, Isa};
 use std::hint::black_box;
-
-fn cpu_ns() -> u64 {
-    if std::env::var("WALL").is_ok_and(|v| v == "1") {
-        static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-        return T0.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64;
-    }
-    let mut ts = std::mem::MaybeUninit::<[i64; 2]>::uninit();
-    extern "C" {
-        fn clock_gettime(clk: i32, ts: *mut [i64; 2]) -> i32;
-    }
-    // SAFETY: CLOCK_PROCESS_CPUTIME_ID (2) writes a timespec (two i64 on x86-64 Linux).
-    unsafe {
-        clock_gettime(2, ts.as_mut_ptr());
-        let t = ts.assume_init();
-        t[0] as u64 * 1_000_000_000 + t[1] as u64
-    }
-}
+#[path = "support/clock.rs"]
+mod clock;
+use clock::cpu_or_wall_ns as cpu_ns;
 
 /// Runs on a pool thread (as the Llama forward pass does), so a kernel's split is a `join`.
 /// `OUTSIDE=1`: from the main thread instead (each split injected into the pool).

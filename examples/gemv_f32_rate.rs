@@ -12,19 +12,9 @@ use quantlab::nn::kernels::gemm_f32::{matmul_with, panel_width, PackedWeight};
 use quantlab::nn::kernels::Isa;
 use std::hint::black_box;
 use std::time::Instant;
-
-fn cpu_ns() -> u64 {
-    let mut ts = std::mem::MaybeUninit::<[i64; 2]>::uninit();
-    extern "C" {
-        fn clock_gettime(clk: i32, ts: *mut [i64; 2]) -> i32;
-    }
-    // SAFETY: CLOCK_PROCESS_CPUTIME_ID (2) writes a timespec (two i64 on x86-64 Linux).
-    unsafe {
-        clock_gettime(2, ts.as_mut_ptr());
-        let t = ts.assume_init();
-        t[0] as u64 * 1_000_000_000 + t[1] as u64
-    }
-}
+#[path = "support/clock.rs"]
+mod clock;
+use clock::cpu_ns;
 
 fn env(key: &str, default: usize) -> usize {
     std::env::var(key).map_or(default, |v| v.parse().unwrap())
