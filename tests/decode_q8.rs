@@ -8,24 +8,11 @@
 //! quantization itself: here at most a quarter of it, measured as the largest logit change
 //! over all decoded positions (and not by zero: the path must actually run).
 
+mod common;
 use candle_core::{Device, Tensor};
+use common::tiny_llama;
 use quantlab::arch::llama::Llama;
 use quantlab::nn::kernels::prefill::{set_activations, ActivationMode};
-use quantlab::nn::{apply_plan, Plan};
-use std::path::PathBuf;
-
-fn model(plan: Option<&str>) -> Llama {
-    let dir = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/llama-tiny"
-    ));
-    let mut m = Llama::from_hf_dir(&dir, &Device::Cpu).unwrap();
-    if let Some(p) = plan {
-        let plan: Plan = p.parse().unwrap();
-        apply_plan(&mut m, &plan, |_| Ok(())).unwrap();
-    }
-    m
-}
 
 /// Logits of every position, fed one token at a time through one cache.
 fn decode(m: &Llama, ids: &[u32]) -> Vec<f32> {
@@ -62,7 +49,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 fn q8_decode_activations_move_logits_far_less_than_4_bit_weights() {
     let _one = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     let ids: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % 200).collect();
-    let base = decode(&model(None), &ids);
+    let base = decode(&tiny_llama(""), &ids);
     for plan in [
         "*=w:i4:sym:g32",
         "*=w:i4:sym:g64",
@@ -70,7 +57,7 @@ fn q8_decode_activations_move_logits_far_less_than_4_bit_weights() {
         "*=w:i4:asym:g64",
         "*=nf4",
     ] {
-        let m = model(Some(plan));
+        let m = tiny_llama(plan);
         set_activations(ActivationMode::F32);
         let exact = decode(&m, &ids);
         set_activations(ActivationMode::Q8);
@@ -90,14 +77,14 @@ fn q8_decode_activations_move_logits_far_less_than_4_bit_weights() {
 fn q8_prefill_activations_move_logits_far_less_than_4_bit_weights() {
     let _one = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     let ids: Vec<u32> = (0..40).map(|i| (i * 53 + 11) % 200).collect();
-    let base = prefill(&model(None), &ids);
+    let base = prefill(&tiny_llama(""), &ids);
     for plan in [
         "*=w:i4:sym:g32",
         "*=w:i4:sym:g64",
         "*=w:i4:asym:g64",
         "*=nf4",
     ] {
-        let m = model(Some(plan));
+        let m = tiny_llama(plan);
         set_activations(ActivationMode::F32);
         let exact = prefill(&m, &ids);
         let again = prefill(&m, &ids);

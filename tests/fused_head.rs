@@ -10,27 +10,14 @@
 //! `ln Σ exp` is bounded by the sums' relative error, (vocab / 8 + slices + 8) · 2⁻²³ each
 //! side: under 1e-5 here. The f64 check of the same kernel is in `llm_f32`'s unit tests.
 
+mod common;
 use candle_core::{Device, Tensor};
+use common::tiny_llama;
 use quantlab::arch::llama::Llama;
-use quantlab::nn::{apply_plan, Plan};
-use std::path::PathBuf;
-
-fn model(plan: &str) -> Llama {
-    let dir = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/llama-tiny"
-    ));
-    let mut m = Llama::from_hf_dir(&dir, &Device::Cpu).unwrap();
-    if !plan.is_empty() {
-        let plan: Plan = plan.parse().unwrap();
-        apply_plan(&mut m, &plan, |_| Ok(())).unwrap();
-    }
-    m
-}
 
 #[test]
 fn fused_head_matches_log_softmax_of_the_logits() {
-    let m = model("");
+    let m = tiny_llama("");
     let vocab = m.cfg.vocab_size;
     let ids: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % vocab as u32).collect();
     let x = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
@@ -63,14 +50,14 @@ fn fused_head_matches_log_softmax_of_the_logits() {
 fn fused_head_declines_where_it_does_not_apply() {
     let ids: Vec<u32> = (0..8).collect();
     // A quantized output layer.
-    let m = model("*=q8_0");
+    let m = tiny_llama("*=q8_0");
     let x = Tensor::from_vec(ids.clone(), (1, 8), &Device::Cpu).unwrap();
     assert!(m
         .tail_target_log_probs(&x, &mut m.new_cache(), 8, &ids)
         .unwrap()
         .is_none());
     // Two windows at once, and a target count that is not the row count.
-    let m = model("");
+    let m = tiny_llama("");
     let two = Tensor::from_vec([ids.clone(), ids.clone()].concat(), (2, 8), &Device::Cpu).unwrap();
     assert!(m
         .tail_target_log_probs(

@@ -5,23 +5,11 @@
 //! plans (q int4, k int8) stack only the groups whose parts agree, and still give the same
 //! numbers. Rows are independent in every stacked format, so any difference is a bug.
 
+mod common;
 use candle_core::{Device, Tensor};
+use common::tiny_llama;
 use quantlab::arch::llama::Llama;
 use quantlab::nn::{apply_plan, Plan};
-use std::path::PathBuf;
-
-fn model(plan: &str) -> Llama {
-    let dir = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/llama-tiny"
-    ));
-    let mut m = Llama::from_hf_dir(&dir, &Device::Cpu).unwrap();
-    if !plan.is_empty() {
-        let plan: Plan = plan.parse().unwrap();
-        apply_plan(&mut m, &plan, |_| Ok(())).unwrap();
-    }
-    m
-}
 
 /// Logits of a full pass over `ids`, then of `ids` decoded one token at a time.
 fn logits(m: &Llama, ids: &[u32]) -> Vec<f32> {
@@ -63,7 +51,7 @@ const PLANS: [(&str, usize, usize); 12] = [
 fn fused_projections_give_bit_identical_logits() {
     let ids: Vec<u32> = (0..23).map(|i| (i * 37 + 5) % 300).collect();
     for (plan, qkv, gate_up) in PLANS {
-        let mut m = model(plan);
+        let mut m = tiny_llama(plan);
         assert!(m.fused_projections(), "fusion is on by default");
         let groups = m.fused_groups();
         let count = |suffix: &str| groups.iter().filter(|g| g[0].ends_with(suffix)).count();
@@ -96,7 +84,7 @@ fn fused_projections_give_bit_identical_logits() {
 #[test]
 fn stacked_weights_follow_a_later_plan() {
     let ids: Vec<u32> = (0..9).map(|i| (i * 11 + 3) % 300).collect();
-    let mut m = model("");
+    let mut m = tiny_llama("");
     let before = logits(&m, &ids);
     let plan: Plan = "*=w:i4:sym:g32".parse().unwrap();
     apply_plan(&mut m, &plan, |_| Ok(())).unwrap();
