@@ -20,6 +20,8 @@
 #   scripts/gpu-batch.sh bw         # the v1 and v2 packed GEMVs: tests, kernel bench, SmolLM2
 #                                   # decode per kernel, the big model with and without the
 #                                   # packed size limit (QUANTLAB_PACKED_MAX_WEIGHTS): bw, bwbig
+#   scripts/gpu-batch.sh q8         # --activations q8 on CUDA (dp4a GEMV): tests, bench-gemv
+#                                   # rows beside exact/cuBLAS, SmolLM2 and big-model decode
 #   scripts/gpu-batch.sh big        # decode where weights are the traffic: a random-weight Llama
 #                                   # with 70B-sized layers (scripts/synthetic_llama.py), quantlab
 #                                   # per format and transformers bf16 on the same folder
@@ -259,6 +261,38 @@ case "$1" in
       run env "${e[@]}" $QL --quiet --format json --device cuda --dtype bf16 bench --model $big \
         -p 0 -n 128 -r 3 "${args[@]}" >> "$OUT/big-bench.jsonl"
     done
+    ;;
+  q8)
+    # --activations q8 on CUDA (kernels/cuda/gemv_q8.cuh): its tests and the exact packed
+    # ones, bench-gemv (exact v1/v2, a:q8 and cuBLAS rows in one run, m = 1 and 2),
+    # SmolLM2 decode with and without q8 activations, then the big model (bf16 + q8 plans;
+    # BIG_Q8=0 skips it).
+    nvidia-smi -L | tee -a "$LOG"
+    run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1 q8
+    run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1 packed
+    for m in 1 2; do
+      run $QL --device cuda --dtype bf16 bench-gemv -m $m -r 100 --formats q8,q4g32,q4g64,nf4 \
+        > "$OUT/q8-gemv-m$m.md"
+    done
+    args=()
+    for p in "lm_head=keep;*=w:i8:sym" "lm_head=keep;*=w:i4:sym:g32" "lm_head=keep;*=w:i4:sym:g64" \
+      "lm_head=keep;*=nf4"; do
+      args+=(--plan "$p")
+    done
+    for a in q8 f32 q8; do
+      run $QL --quiet --activations $a --device cuda --dtype bf16 bench --model "$M" \
+        -p 0 -n 128 -r 3 "${args[@]}" >> "$OUT/q8-decode.md"
+    done
+    if [ "${BIG_Q8:-1}" != 0 ]; then
+      tok=$Q/tok
+      big=$Q/big-4
+      [ -d $tok ] || run $QL --quiet quantize --model "$M" --plan '*=bf16' --out $tok
+      [ -d $big ] || run python3 scripts/synthetic_llama.py --out $big --tokenizer-dir $tok \
+        --layers 4 --hidden 8192 --intermediate 28672 --heads 64 --kv-heads 8
+      run $QL --quiet --activations q8 --format json --device cuda --dtype bf16 bench --model $big \
+        -p 0 -n 128 -r 3 --plan "lm_head=keep;*=w:i8:sym" --plan "lm_head=keep;*=w:i4:sym:g64" \
+        >> "$OUT/q8-big.jsonl"
+    fi
     ;;
   *) echo "unknown batch '$1'" >&2; exit 2 ;;
 esac

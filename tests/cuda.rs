@@ -641,3 +641,178 @@ fn packed_decode_agrees_with_the_cpu() {
         );
     }
 }
+
+/// The q8 activation quantization kernel (`kernels/cuda/gemv_q8.cuh`) against its CPU
+/// reference, bit for bit (codes, f16-rounded scales, block sums), in both code orders, on
+/// ragged widths, f32/bf16/f16 inputs, with a block of zeros and a large outlier.
+#[test]
+fn q8_activation_quantization_is_bit_identical_to_the_cpu() {
+    use quantlab::nn::format::packed_cuda::q8;
+    let gpu = gpu();
+    for k in [1, 31, 33, 100, 576, 1000] {
+        for m in [1, 2] {
+            let mut xs = quantlab::quant::random::randn(&[m, k], k as u64)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            xs[0][..k.min(32)].fill(0.0);
+            if k > 40 {
+                xs[m - 1][40] = -1e4;
+            }
+            let x = Tensor::new(xs, &Device::Cpu).unwrap();
+            for dt in [DType::F32, DType::BF16, DType::F16] {
+                let xd = x.to_dtype(dt).unwrap();
+                for perm in [false, true] {
+                    let want = q8::quantize_rows(&xd, perm).unwrap();
+                    let got = q8::quantize_rows(&xd.to_device(&gpu).unwrap(), perm).unwrap();
+                    assert_eq!(got, want, "k={k} m={m} {dt:?} perm={perm}");
+                }
+            }
+        }
+    }
+}
+
+/// The q8-activation GEMV (`gemv_q8.cuh`) against its CPU reference (`q8::reference`,
+/// itself checked against the CPU q8 route in tests/packed_q8.rs) on ragged shapes (rows
+/// not a multiple of a block's, columns not of 32), m = 1 and 2, every format it takes
+/// (4-bit and 8-bit int codes, symmetric and affine, 3- and 6-bit codes in those layouts,
+/// NF4/FP4 code books), f32/bf16/f16 activations, plain, split (q|k|v) and GLU outputs.
+/// The integer block sums are exact on both sides and each block adds f32(I)·(s·d): only
+/// the order of the ≤ k/32 f32 additions differs, bounded by 4e-6 of Σ|w·x| (2^-24 per
+/// addition, ≤ 32 blocks), plus one rounding of the output for bf16/f16 (2^-7 of |y|).
+#[test]
+fn q8_gemv_matches_its_cpu_reference() {
+    use quantlab::nn::format::packed_cuda::{q8, PackedLayout, PackedWeight};
+    use quantlab::nn::kernels::prefill::ActivationMode;
+    let gpu = gpu();
+    let q8on = Some(ActivationMode::Q8);
+    let mut checked = 0;
+    for method in [
+        "w:i4:sym:g32",
+        "w:u4:affine:g64",
+        "w:i8:sym:ch0",
+        "w:u8:affine:g128",
+        "w:u3:affine:g64",
+        "w:i6:sym:g32",
+        "nf4",
+        "fp4:b32:dq",
+    ] {
+        for (n, k) in [(1, 64), (37, 128), (101, 320), (6, 1000), (257, 576)] {
+            let h = packed_host(method, n, k, (n + k) as u64);
+            let Some(layout) = PackedLayout::from_format(h.as_ref()) else {
+                assert!(
+                    !method.starts_with('w'),
+                    "{method} {n}x{k}: no packed layout"
+                );
+                continue;
+            };
+            let cpu = PackedWeight::upload(&layout, &Device::Cpu)
+                .unwrap()
+                .with_activations(q8on);
+            let dev = PackedWeight::upload(&layout, &gpu)
+                .unwrap()
+                .with_activations(q8on);
+            if !q8::eligible(&cpu) {
+                // Groups that are not whole 32-column blocks (e.g. 1000 columns per row
+                // block of 64) keep the exact kernels.
+                continue;
+            }
+            let w = h.dequantize().unwrap().to_vec2::<f32>().unwrap();
+            for m in [1, 2] {
+                let x = quantlab::quant::random::randn(&[m, k], 3 * m as u64).unwrap();
+                for dt in [DType::F32, DType::BF16, DType::F16] {
+                    let xd = x.to_dtype(dt).unwrap();
+                    let f = |t: Tensor| {
+                        t.to_dtype(DType::F32)
+                            .unwrap()
+                            .to_device(&Device::Cpu)
+                            .unwrap()
+                            .to_vec2::<f32>()
+                            .unwrap()
+                    };
+                    let want = f(cpu.gemv(&xd).unwrap());
+                    let got = f(dev.gemv(&xd.to_device(&gpu).unwrap()).unwrap());
+                    let xs = xd.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+                    let out_round = if dt == DType::F32 { 0.0 } else { 1.0 / 128.0 };
+                    for i in 0..m {
+                        for r in 0..n {
+                            let mag: f32 = (0..k).map(|c| (w[r][c] * xs[i][c]).abs()).sum();
+                            let d = (want[i][r] - got[i][r]).abs();
+                            let tol = 4e-6 * mag + out_round * want[i][r].abs() + 1e-6;
+                            assert!(d <= tol, "{method} {n}x{k} m={m} {dt:?} ({i}, {r}): {} vs {} (tolerance {tol})", got[i][r], want[i][r]);
+                        }
+                    }
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked >= 200, "only {checked} cases ran");
+    // Stacks: q|k|v split outputs and gate|up with SiLU, as the decode step launches them.
+    for method in ["w:i4:sym:g64", "w:i8:sym:ch0", "nf4", "w:u4:affine:g32"] {
+        let k = 576;
+        let up = |n: usize, seed: u64, dev: &Device| {
+            let h = packed_host(method, n, k, seed);
+            PackedWeight::upload(&PackedLayout::from_format(h.as_ref()).unwrap(), dev)
+                .unwrap()
+                .with_activations(q8on)
+        };
+        let parts = [(77, 1), (77, 2), (13, 3)];
+        let cpu: Vec<_> = parts.iter().map(|&(n, s)| up(n, s, &Device::Cpu)).collect();
+        let dev: Vec<_> = parts.iter().map(|&(n, s)| up(n, s, &gpu)).collect();
+        let glu_c = PackedWeight::stack(&[&cpu[0], &cpu[1]]).unwrap().unwrap();
+        let glu_d = PackedWeight::stack(&[&dev[0], &dev[1]]).unwrap().unwrap();
+        let qkv_c = PackedWeight::stack(&[&cpu[0], &cpu[1], &cpu[2]])
+            .unwrap()
+            .unwrap();
+        let qkv_d = PackedWeight::stack(&[&dev[0], &dev[1], &dev[2]])
+            .unwrap()
+            .unwrap();
+        for m in [1, 2] {
+            for dt in [DType::F32, DType::BF16] {
+                let x = quantlab::quant::random::randn(&[m, k], 10 + m as u64)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
+                let xg = x.to_device(&gpu).unwrap();
+                let rel = if dt == DType::F32 { 1e-5 } else { 1.0 / 64.0 };
+                let check = |a: Tensor, b: Tensor, what: &str| {
+                    let f = |t: Tensor| {
+                        t.to_dtype(DType::F32)
+                            .unwrap()
+                            .to_device(&Device::Cpu)
+                            .unwrap()
+                    };
+                    let (a, b) = (f(a), f(b));
+                    let big = a
+                        .abs()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .max(0)
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    let d = tensor_diff(&a, &b);
+                    assert!(
+                        d <= rel * big + 1e-6,
+                        "q8 {method} m={m} {dt:?} {what}: {d} of {big}"
+                    );
+                };
+                check(
+                    glu_c.gemv_glu(&x).unwrap(),
+                    glu_d.gemv_glu(&xg).unwrap(),
+                    "GLU",
+                );
+                for (a, b) in qkv_c
+                    .gemv_parts(&x)
+                    .unwrap()
+                    .into_iter()
+                    .zip(qkv_d.gemv_parts(&xg).unwrap())
+                {
+                    check(a, b, "split");
+                }
+            }
+        }
+    }
+}

@@ -357,3 +357,4 @@ extern "C" __global__ void fake_quant_rows_e4m3(const float* __restrict__ x,
   }
 }
 #include "gemv.cuh"
+#include "gemv_q8.cuh"

@@ -1,9 +1,12 @@
 //! `quantlab bench-gemv`: the packed decode GEMV (`nn::format::packed_cuda`) against the
 //! dense product of the activation dtype (cuBLAS on a GPU) on the same shapes in one run.
 //! The packed matrices are synthetic (random codes and scales: the kernel's time does not
-//! depend on the values), so the largest shapes cost no quantization time.
+//! depend on the values), so the largest shapes cost no quantization time. Rows `a:q8`:
+//! the same codes against activations quantized to 8 bits per 32 columns
+//! (`packed_cuda::q8`; its time includes the activations' quantization launch).
 
-use crate::nn::format::packed_cuda::{Kernel, PackedLayout, PackedWeight};
+use crate::nn::format::packed_cuda::{q8, Kernel, PackedLayout, PackedWeight};
+use crate::nn::kernels::prefill::ActivationMode;
 use crate::report::{Cell, Report, Table};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -131,10 +134,22 @@ pub fn report(a: &BenchGemvArgs, device: &Device) -> Result<Report> {
                     Cell::f(dense_us / us, 2),
                 ]);
             }
+            // The q8-activation kernel (`--activations q8`), where the layout takes it.
+            if a.rows <= q8::MAX_ROWS && q8::eligible(&p) {
+                let p = p.with_activations(Some(ActivationMode::Q8));
+                let us = time(device, a.reps, || p.gemv(&x))?;
+                t.push(vec![
+                    Cell::Text(shape.clone()),
+                    Cell::Text(format!("{name} a:q8")),
+                    Cell::f(us, 2),
+                    Cell::f(gbs(p.device_bytes(), us), 0),
+                    Cell::f(dense_us / us, 2),
+                ]);
+            }
         }
     }
     t.note(format!(
-        "{}, {dname} activations, m = {} row(s); mean over {} calls after 5 warm-up calls, device synchronised around them. GB/s = bytes of the weight (codes + scales) / time; × dense = dense time / packed time, same run.",
+        "{}, {dname} activations, m = {} row(s); mean over {} calls after 5 warm-up calls, device synchronised around them. GB/s = bytes of the weight (codes + scales) / time; × dense = dense time / packed time, same run. a:q8 rows: activations quantized to 8 bits per 32 columns (two launches: quantization, then the dp4a GEMV).",
         crate::device::describe(device),
         a.rows,
         a.reps

@@ -369,6 +369,8 @@ impl GemvShape {
     }
 }
 
+pub mod q8;
+
 /// A packed matrix on a device.
 #[derive(Debug, Clone)]
 pub struct PackedWeight {
@@ -383,6 +385,10 @@ pub struct PackedWeight {
     parts: Vec<usize>,
     /// The CUDA kernel its products run on ([`Kernel::Auto`] unless chosen).
     kernel: Kernel,
+    /// Every zero point an integer in 0..=255 (Int decode): the q8 kernel applies.
+    int_zeros: bool,
+    /// The activations its products use ([`q8`]); `None`: `--activations` on a GPU.
+    acts: Option<crate::nn::kernels::prefill::ActivationMode>,
 }
 
 /// What one launch computes.
@@ -417,6 +423,12 @@ impl PackedWeight {
             table,
             parts: vec![s.n],
             kernel: Kernel::Auto,
+            int_zeros: s.decode == Decode::Int
+                && layout.params.get(..2 * s.n * s.gpr).is_some_and(|ps| {
+                    ps.chunks(2)
+                        .all(|p| p[1].fract() == 0.0 && (0.0..=255.0).contains(&p[1]))
+                }),
+            acts: None,
         })
     }
 
@@ -425,6 +437,19 @@ impl PackedWeight {
     pub fn with_kernel(&self, kernel: Kernel) -> Self {
         PackedWeight {
             kernel,
+            ..self.clone()
+        }
+    }
+
+    /// The same weight with its products' activations chosen: `Some(Q8)` runs the q8
+    /// kernel where [`q8::eligible`] (on the CPU: its reference), `Some(F32)` the exact
+    /// kernels, `None` follows `--activations` on a GPU (benchmarks and tests).
+    pub fn with_activations(
+        &self,
+        acts: Option<crate::nn::kernels::prefill::ActivationMode>,
+    ) -> Self {
+        PackedWeight {
+            acts,
             ..self.clone()
         }
     }
@@ -493,6 +518,8 @@ impl PackedWeight {
             table: first.table,
             parts: layers.iter().map(|w| w.shape.n).collect(),
             kernel: Kernel::Auto,
+            int_zeros: layers.iter().all(|w| w.int_zeros),
+            acts: first.acts,
         }))
     }
 
@@ -572,6 +599,9 @@ impl PackedWeight {
 
     /// The op's flat output (`m · outputs` values).
     fn run(&self, x: &Tensor, m: usize, output: Output) -> Result<Tensor> {
+        if let Some(y) = q8::run(self, x, m, output)? {
+            return Ok(y);
+        }
         let op = GemvOp {
             shape: self.shape,
             m,

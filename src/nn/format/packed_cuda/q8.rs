@@ -1,0 +1,681 @@
+//! The packed decode GEMV against activations quantized to 8 bits per 32 columns
+//! (`--activations q8` on a GPU; `kernels/cuda/gemv_q8.cuh`): llama.cpp's CUDA approach
+//! (activations quantized once per call, `__dp4a` integer products), here on the codes
+//! and (scale, zero) pairs of [`PackedWeight`], so no second copy of the weight is kept.
+//!
+//! Arithmetic (the CPU q8 route's, `kernels::ggml_blocks::panels`): each 32-column block
+//! of an activation row becomes `d = max|x|/127`, `q = round(x·(1/d))` (half away from
+//! zero), `d` kept as f16; per output row and block the exact integer sum
+//! `I = Σ (u − z)·q` (code `u`, integer zero point `z`; code books rounded to signed bytes
+//! `t8 = round(127·t/max|t|)`, `gemv_q8::code_book_i8`), and `y += f32(I)·(s_w·d)` in f32
+//! (`s_w·max|t|/127` for code books). The block sums are exact, so the GPU and the CPU
+//! differ only in the order of the f32 additions over blocks.
+//!
+//! Where it applies ([`eligible`]): 4-bit (nibble) and 8-bit (byte) codes with integer
+//! zero points, NF4/FP4 code books, scale groups of whole blocks (a multiple of 32
+//! columns, or one per row), at most [`MAX_ROWS`] activation rows. Other layouts (real
+//! zero points, groups of 16, more rows) keep the exact kernels.
+//!
+//! The CPU side of the op is [`reference`], the kernel's arithmetic in plain Rust (what
+//! the tests check the kernel and the CPU q8 route against).
+
+use super::{contiguous, Decode, GemvShape, Output, PackedWeight};
+use crate::nn::kernels::gemv_q8::code_book_i8;
+use crate::nn::kernels::prefill::{self, ActivationMode};
+use anyhow::Result;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
+use half::{bf16, f16};
+
+/// Columns per activation block.
+pub const BLOCK: usize = 32;
+
+/// Most activation rows the q8 kernel takes (`Q8_MM` in gemv_q8.cuh).
+pub const MAX_ROWS: usize = 2;
+
+/// Whether the q8 kernel runs `w`'s products (see the module doc).
+pub fn eligible(w: &PackedWeight) -> bool {
+    let s = &w.shape;
+    let groups = s.gpr == 1 || s.group.is_multiple_of(BLOCK);
+    let values = match s.decode {
+        Decode::Int => w.int_zeros,
+        Decode::Table => w.table.is_some_and(|t| code_book_i8(&t).1 != 0.0),
+    };
+    matches!(s.bits, 4 | 8) && s.k > 0 && groups && values
+}
+
+/// Whether a product of `m` rows of `x` through `w` takes the q8 kernel: asked for on the
+/// weight ([`PackedWeight::with_activations`]), or by `--activations q8` on a GPU.
+fn wanted(w: &PackedWeight, x: &Tensor, m: usize) -> bool {
+    let on = match w.acts {
+        Some(a) => a == ActivationMode::Q8,
+        None => !x.device().is_cpu() && prefill::q8_activations(),
+    };
+    on && m <= MAX_ROWS && eligible(w)
+}
+
+/// The product through the q8 kernel where [`wanted`], else `None`.
+pub(super) fn run(
+    w: &PackedWeight,
+    x: &Tensor,
+    m: usize,
+    output: Output,
+) -> Result<Option<Tensor>> {
+    if !wanted(w, x, m) {
+        return Ok(None);
+    }
+    let (t8, tfac) = match w.table {
+        Some(t) => code_book_i8(&t),
+        None => ([0; 16], 1.0),
+    };
+    let op = Q8Op {
+        shape: w.shape,
+        m,
+        output,
+        t8,
+        tfac,
+    };
+    Ok(Some(
+        x.reshape((m, w.shape.k))?
+            .contiguous()?
+            .apply_op3_no_bwd(&w.codes, &w.params, &op)?,
+    ))
+}
+
+/// Activation rows quantized per block: codes `[m, kb·32]` (columns past `k` are 0;
+/// `perm`: each run of 8 stored as its even columns, then its odd ones), `f32(f16(d))` and
+/// `Σq` per block `[m, kb]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Q8Rows {
+    pub q: Vec<i8>,
+    pub d: Vec<f32>,
+    pub sum: Vec<i32>,
+}
+
+/// The stored position of column `j` (0–31) of a block (`perm`: see [`Q8Rows`]).
+fn position(j: usize, perm: bool) -> usize {
+    if perm {
+        (j & !7) | ((j & 1) << 2) | ((j & 7) >> 1)
+    } else {
+        j
+    }
+}
+
+/// The quantization of `m` rows of `x` (`[m, k]`, f32) as the kernel does it.
+pub fn quantize_reference(x: &[f32], m: usize, k: usize, perm: bool) -> Q8Rows {
+    let kb = k.div_ceil(BLOCK);
+    let mut out = Q8Rows {
+        q: vec![0; m * kb * BLOCK],
+        d: vec![0.0; m * kb],
+        sum: vec![0; m * kb],
+    };
+    for i in 0..m {
+        for b in 0..kb {
+            let cols = b * BLOCK..((b + 1) * BLOCK).min(k);
+            let xs = &x[i * k..(i + 1) * k][cols];
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut s = 0i32;
+            for (j, &v) in xs.iter().enumerate() {
+                // Saturating, NaN to 0, as the kernel.
+                let q = (v * id).round() as i8;
+                out.q[(i * kb + b) * BLOCK + position(j, perm)] = q;
+                s += i32::from(q);
+            }
+            out.d[i * kb + b] = f16::from_f32(d).to_f32();
+            out.sum[i * kb + b] = s;
+        }
+    }
+    out
+}
+
+/// Whether the kernel stores a weight's activations in the even/odd order (plain nibbles).
+fn perm_for(shape: &GemvShape) -> bool {
+    shape.bits == 4 && shape.decode == Decode::Int
+}
+
+/// `x` (`[m, k]`, at most [`MAX_ROWS`] rows) quantized on its device: the CUDA kernel on a
+/// GPU, [`quantize_reference`] on the CPU (tests: the two must agree bit for bit).
+pub fn quantize_rows(x: &Tensor, perm: bool) -> Result<Q8Rows> {
+    let (m, k) = x.dims2()?;
+    anyhow::ensure!(
+        (1..=MAX_ROWS).contains(&m) && k > 0,
+        "q8 rows: 1 to {MAX_ROWS} rows of at least one column, not [{m}, {k}]"
+    );
+    let op = QuantizeOp { m, k, perm };
+    let bytes = x
+        .contiguous()?
+        .apply_op1_no_bwd(&op)?
+        .to_device(&candle_core::Device::Cpu)?
+        .to_vec1::<u8>()?;
+    Ok(op.unpack(&bytes))
+}
+
+/// The kernel's arithmetic on the CPU: `[m, n]` products of the packed weight with the
+/// quantized rows, blocks added in column order.
+pub fn reference(
+    shape: &GemvShape,
+    codes: &[u8],
+    params: &[f32],
+    table: Option<&[f32; 16]>,
+    x: &[f32],
+    m: usize,
+) -> Vec<f32> {
+    let (n, k) = (shape.n, shape.k);
+    let kb = k.div_ceil(BLOCK);
+    let a = quantize_reference(x, m, k, false);
+    let (t8, tfac) = match table {
+        Some(t) => code_book_i8(t),
+        None => ([0; 16], 1.0),
+    };
+    let mut y = vec![0f32; m * n];
+    for r in 0..n {
+        for i in 0..m {
+            let mut acc = 0f32;
+            for b in 0..kb {
+                let g = if shape.gpr == 1 {
+                    0
+                } else {
+                    b * BLOCK / shape.group
+                };
+                let p = 2 * (r * shape.gpr + g);
+                let z = params[p + 1] as i32;
+                let mut isum = 0i32;
+                for j in 0..BLOCK.min(k - b * BLOCK) {
+                    let c = b * BLOCK + j;
+                    let u = shape.code(codes, r, c);
+                    let v = match shape.decode {
+                        Decode::Int => u as i32 - z,
+                        Decode::Table => i32::from(t8[u as usize]),
+                    };
+                    isum += v * i32::from(a.q[(i * kb + b) * BLOCK + j]);
+                }
+                let sw = match shape.decode {
+                    Decode::Int => params[p],
+                    Decode::Table => params[p] * tfac,
+                };
+                acc = (isum as f32).mul_add(sw * a.d[i * kb + b], acc);
+            }
+            y[i * n + r] = acc;
+        }
+    }
+    y
+}
+
+/// The q8 product as a candle op on (x, codes, params).
+struct Q8Op {
+    shape: GemvShape,
+    m: usize,
+    output: Output,
+    /// The code book as signed bytes and its factor (Table decode).
+    t8: [i8; 16],
+    tfac: f32,
+}
+
+impl Q8Op {
+    fn outputs(&self) -> usize {
+        match self.output {
+            Output::Glu => self.shape.n / 2,
+            _ => self.shape.n,
+        }
+    }
+
+    fn lens(&self) -> (usize, usize, usize) {
+        let s = &self.shape;
+        let table = if s.decode == Decode::Table { 16 } else { 0 };
+        (self.m * s.k, s.n * s.ld, 2 * s.n * s.gpr + table)
+    }
+
+    /// The reference, then the GLU in f32 or the split layout, as the kernel writes them.
+    fn reference(&self, codes: &[u8], params: &[f32], x: &[f32]) -> Vec<f32> {
+        let s = &self.shape;
+        let table: Option<[f32; 16]> = (s.decode == Decode::Table)
+            .then(|| params[s.tab_off..s.tab_off + 16].try_into().ok())
+            .flatten();
+        let y = reference(s, codes, params, table.as_ref(), x, self.m);
+        let (n, m) = (s.n, self.m);
+        match self.output {
+            Output::Plain => y,
+            Output::Glu => {
+                let h = n / 2;
+                let mut out = Vec::with_capacity(m * h);
+                for row in y.chunks(n) {
+                    for r in 0..h {
+                        let (g, u) = (row[r], row[h + r]);
+                        out.push(g / (1.0 + (-g).exp()) * u);
+                    }
+                }
+                out
+            }
+            Output::Split(n1, n2) => {
+                let mut out = Vec::with_capacity(m * n);
+                for (a, b) in [(0, n1), (n1, n2), (n2, n)] {
+                    for row in y.chunks(n) {
+                        out.extend_from_slice(&row[a..b]);
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+/// f32 values of a host slice of activations (f32, bf16 or f16).
+fn host_f32(s: &CpuStorage, a: usize, b: usize) -> candle_core::Result<Vec<f32>> {
+    Ok(match s {
+        CpuStorage::F32(x) => x[a..b].to_vec(),
+        CpuStorage::BF16(x) => x[a..b].iter().map(|v| v.to_f32()).collect(),
+        CpuStorage::F16(x) => x[a..b].iter().map(|v| v.to_f32()).collect(),
+        s => candle_core::bail!("q8 GEMV of {:?} activations", s.dtype()),
+    })
+}
+
+impl CustomOp3 for Q8Op {
+    fn name(&self) -> &'static str {
+        "packed-gemv-q8"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (nx, nc, np) = self.lens();
+        let (a1, b1) = contiguous(l1, nx, "x")?;
+        let (a2, b2) = contiguous(l2, nc, "codes")?;
+        let (a3, b3) = contiguous(l3, np, "params")?;
+        let (CpuStorage::U8(codes), CpuStorage::F32(params)) = (s2, s3) else {
+            candle_core::bail!("q8 GEMV: codes must be u8 and parameters f32");
+        };
+        let y = self.reference(&codes[a2..b2], &params[a3..b3], &host_f32(s1, a1, b1)?);
+        let out = match s1.dtype() {
+            DType::BF16 => CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect()),
+            DType::F16 => CpuStorage::F16(y.into_iter().map(f16::from_f32).collect()),
+            _ => CpuStorage::F32(y),
+        };
+        Ok((out, Shape::from(self.m * self.outputs())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (nx, nc, np) = self.lens();
+        let ranges = (
+            contiguous(l1, nx, "x")?,
+            contiguous(l2, nc, "codes")?,
+            contiguous(l3, np, "params")?,
+        );
+        let slice = gpu::gemv(self, s1, s2, s3, ranges)?;
+        let device = s1.device.clone();
+        Ok((
+            candle_core::CudaStorage { slice, device },
+            Shape::from(self.m * self.outputs()),
+        ))
+    }
+}
+
+/// The quantization alone (tests): a u8 buffer of the codes, then the `d` and the sums as
+/// little-endian 4-byte values.
+struct QuantizeOp {
+    m: usize,
+    k: usize,
+    perm: bool,
+}
+
+impl QuantizeOp {
+    fn kb(&self) -> usize {
+        self.k.div_ceil(BLOCK)
+    }
+
+    fn bytes(&self) -> usize {
+        self.m * self.kb() * (BLOCK + 8)
+    }
+
+    fn unpack(&self, bytes: &[u8]) -> Q8Rows {
+        let nq = self.m * self.kb() * BLOCK;
+        let nb = self.m * self.kb();
+        let word = |i: usize| {
+            let at = nq + 4 * i;
+            [bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]
+        };
+        Q8Rows {
+            q: bytes[..nq].iter().map(|&v| v as i8).collect(),
+            d: (0..nb).map(|i| f32::from_le_bytes(word(i))).collect(),
+            sum: (nb..2 * nb).map(|i| i32::from_le_bytes(word(i))).collect(),
+        }
+    }
+}
+
+impl CustomOp1 for QuantizeOp {
+    fn name(&self) -> &'static str {
+        "q8-quantize"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, b) = contiguous(l, self.m * self.k, "x")?;
+        let r = quantize_reference(&host_f32(s, a, b)?, self.m, self.k, self.perm);
+        let mut out: Vec<u8> = r.q.iter().map(|&v| v as u8).collect();
+        out.extend(r.d.iter().flat_map(|v| v.to_le_bytes()));
+        out.extend(r.sum.iter().flat_map(|v| v.to_le_bytes()));
+        Ok((CpuStorage::U8(out), Shape::from(self.bytes())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let range = contiguous(l, self.m * self.k, "x")?;
+        let slice = gpu::quantize_only(s, range, self.m, self.k, self.perm)?;
+        let device = s.device.clone();
+        Ok((
+            candle_core::CudaStorage {
+                slice: candle_core::cuda_backend::CudaStorageSlice::U8(slice),
+                device,
+            },
+            Shape::from(self.bytes()),
+        ))
+    }
+}
+
+/// Lanes per row (4, 8, 16 or 32) for `kb` blocks, `u` blocks per lane per iteration:
+/// the fewest idle slots (ties: more lanes), as `v2_lanes`.
+pub fn lanes(kb: usize, u: usize) -> usize {
+    let mut best = (32, 0.0);
+    for lanes in [32, 16, 8, 4] {
+        let span = u * lanes;
+        let busy = kb as f64 / (kb.div_ceil(span) * span) as f64;
+        if busy > best.1 + 1e-9 {
+            best = (lanes, busy);
+        }
+    }
+    best.0
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    //! The launches of `kernels/cuda/gemv_q8.cuh`.
+    use super::{lanes, perm_for, Decode, Output, Q8Op, BLOCK};
+    use crate::nn::cuda::gpu::{MODULE, PTX};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
+    use candle_core::{CudaDevice, CudaStorage, Result};
+
+    type Range = (usize, usize);
+
+    /// Warps per block and rows per thread (`Q8_WARPS`, `Q8_R` in gemv_q8.cuh).
+    const WARPS: usize = 4;
+    const ROWS: usize = 2;
+
+    fn i32_of(v: usize, what: &str) -> Result<i32> {
+        i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} {v} too large")))
+    }
+
+    fn dtype_name(x: &S) -> Result<&'static str> {
+        Ok(match x {
+            S::F32(_) => "f32",
+            S::BF16(_) => "bf16",
+            S::F16(_) => "f16",
+            _ => candle_core::bail!("q8 GEMV: activations must be f32, bf16 or f16"),
+        })
+    }
+
+    /// Quantizes `m` rows of `k` values at `x` into `buf` (codes, then `d`, then sums:
+    /// `m · kb · 40` bytes).
+    fn quantize_into<T: DeviceRepr>(
+        dev: &CudaDevice,
+        x: &CudaView<T>,
+        name: &str,
+        buf: &CudaSlice<u8>,
+        (m, k, perm): (usize, usize, bool),
+    ) -> Result<()> {
+        let kb = k.div_ceil(BLOCK);
+        let (nq, nb) = (m * kb * BLOCK, m * kb);
+        if buf.len() < nq + 8 * nb {
+            candle_core::bail!("q8 quantization: scratch too small");
+        }
+        let func = dev.get_or_load_custom_func(&format!("q8_quantize_{name}"), MODULE, PTX)?;
+        let (q, d, s) = (
+            buf.slice(0..nq),
+            buf.slice(nq..nq + 4 * nb),
+            buf.slice(nq + 4 * nb..nq + 8 * nb),
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (kb.div_ceil(WARPS) as u32, m as u32, 1),
+            block_dim: (32, WARPS as u32, 1),
+            shared_mem_bytes: 0,
+        };
+        let (k32, kb32, perm32) = (
+            i32_of(k, "columns")?,
+            i32_of(kb, "blocks")?,
+            i32::from(perm),
+        );
+        let mut b = func.builder();
+        b.arg(x);
+        b.arg(&q);
+        b.arg(&d);
+        b.arg(&s);
+        b.arg(&k32);
+        b.arg(&kb32);
+        b.arg(&perm32);
+        // SAFETY: x holds m·k values of T (checked by the callers), q m·kb·32 bytes, d and
+        // s m·kb 4-byte values (offsets multiples of 32 and 4 from an aligned allocation);
+        // the kernel writes one code per (row, block, lane) and one d and sum per block.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+
+    fn scratch(dev: &CudaDevice, m: usize, k: usize) -> Result<CudaSlice<u8>> {
+        let kb = k.div_ceil(BLOCK);
+        // SAFETY: every byte is written by the quantization kernel before it is read.
+        unsafe { dev.alloc::<u8>(m * kb * (BLOCK + 8)) }
+    }
+
+    pub(super) fn quantize_only(
+        x: &CudaStorage,
+        (a, b): Range,
+        m: usize,
+        k: usize,
+        perm: bool,
+    ) -> Result<CudaSlice<u8>> {
+        let dev = &x.device;
+        let buf = scratch(dev, m, k)?;
+        let shape = (m, k, perm);
+        match &x.slice {
+            S::F32(v) => quantize_into(dev, &v.slice(a..b), "f32", &buf, shape)?,
+            S::BF16(v) => quantize_into(dev, &v.slice(a..b), "bf16", &buf, shape)?,
+            S::F16(v) => quantize_into(dev, &v.slice(a..b), "f16", &buf, shape)?,
+            _ => candle_core::bail!("q8 quantization of {:?} activations", x.dtype()),
+        }
+        Ok(buf)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: DeviceRepr>(
+        op: &Q8Op,
+        x: &CudaSlice<T>,
+        codes: &CudaSlice<u8>,
+        params: &CudaSlice<f32>,
+        (rx, rc, rp): (Range, Range, Range),
+        dev: &CudaDevice,
+        name: &str,
+    ) -> Result<CudaSlice<T>> {
+        let s = &op.shape;
+        let (m, k) = (op.m, s.k);
+        if m == 0 || m > super::MAX_ROWS {
+            candle_core::bail!("q8 GEMV takes 1 to {} rows, not {m}", super::MAX_ROWS);
+        }
+        let kind = match (s.bits, s.decode) {
+            (4, Decode::Int) => "q4_int",
+            (8, Decode::Int) => "q8_int",
+            (4, Decode::Table) => "q4_tab",
+            _ => candle_core::bail!("q8 GEMV: no kernel for {} bits {:?}", s.bits, s.decode),
+        };
+        if !rc.0.is_multiple_of(16) || !s.ld.is_multiple_of(16) {
+            candle_core::bail!("q8 GEMV: codes not 16-byte aligned");
+        }
+        if !rp.0.is_multiple_of(2) {
+            candle_core::bail!("q8 GEMV: parameters not 8-byte aligned");
+        }
+        let kb = k.div_ceil(BLOCK);
+        // Every block's codes lie in the row (4-bit: 16 bytes each; 8-bit: the kernel
+        // reads a block's second 16 bytes only inside the row).
+        let per_block = if s.bits == 4 { 16 } else { 32 };
+        if (kb - 1) * per_block >= s.ld {
+            candle_core::bail!("q8 GEMV: rows of {} bytes for {kb} blocks", s.ld);
+        }
+        let bpg = if s.gpr == 1 {
+            0
+        } else if s.group.is_multiple_of(BLOCK) {
+            s.group / BLOCK
+        } else {
+            candle_core::bail!("q8 GEMV: groups of {} columns", s.group);
+        };
+        let buf = scratch(dev, m, k)?;
+        quantize_into(dev, &x.slice(rx.0..rx.1), name, &buf, (m, k, perm_for(s)))?;
+        let (nq, nb) = (m * kb * BLOCK, m * kb);
+        let (q, d, sums) = (
+            buf.slice(0..nq),
+            buf.slice(nq..nq + 4 * nb),
+            buf.slice(nq + 4 * nb..nq + 8 * nb),
+        );
+        let glu = op.output == Output::Glu;
+        let fname = format!("gemv_q8_{kind}_{name}{}", if glu { "_glu" } else { "" });
+        let func = dev.get_or_load_custom_func(&fname, MODULE, PTX)?;
+        let outputs = op.outputs();
+        let (n1, n2) = match op.output {
+            Output::Split(a, b) => (a, b),
+            _ => (outputs, outputs),
+        };
+        // SAFETY: the kernel writes all m × outputs values (one per (row, output) pair).
+        let y = unsafe { dev.alloc::<T>(m * outputs)? };
+        let lanes = lanes(kb, if s.bits == 4 { 4 } else { 2 });
+        let per_thread = if glu { ROWS / 2 } else { ROWS };
+        let per_block = WARPS * (32 / lanes) * per_thread;
+        let cfg = LaunchConfig {
+            grid_dim: (outputs.div_ceil(per_block) as u32, 1, 1),
+            block_dim: (32, WARPS as u32, 1),
+            shared_mem_bytes: 0,
+        };
+        let t: [u32; 4] = std::array::from_fn(|j| {
+            u32::from_le_bytes(std::array::from_fn(|b| op.t8[4 * j + b] as u8))
+        });
+        let ints = [
+            i32_of(m, "rows")?,
+            i32_of(outputs, "outputs")?,
+            i32_of(kb, "blocks")?,
+            i32_of(s.ld, "row bytes")?,
+            i32_of(bpg, "blocks per group")?,
+            i32_of(s.gpr, "groups per row")?,
+        ];
+        let tail = [
+            i32_of(n1, "split")?,
+            i32_of(n2, "split")?,
+            i32_of(lanes, "lanes")?,
+        ];
+        let (cs, ps) = (codes.slice(rc.0..rc.1), params.slice(rp.0..rp.1));
+        let mut b = func.builder();
+        b.arg(&q);
+        b.arg(&d);
+        b.arg(&sums);
+        b.arg(&cs);
+        b.arg(&ps);
+        b.arg(&y);
+        for a in &ints {
+            b.arg(a);
+        }
+        for w in &t {
+            b.arg(w);
+        }
+        b.arg(&op.tfac);
+        for a in &tail {
+            b.arg(a);
+        }
+        // SAFETY: the arguments match the kernel's signature (quantized rows m·kb·32
+        // bytes, m·kb f32 and i32; codes n·ld bytes; params 2·n·gpr f32; y m·outputs of
+        // T; six i32, four u32, one f32, three i32), the slices' lengths were checked
+        // against those counts by the caller, each block's codes lie inside its row
+        // (checked above), and the kernel bounds every read by kb, n, ld and m.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(y)
+    }
+
+    pub(super) fn gemv(
+        op: &Q8Op,
+        x: &CudaStorage,
+        codes: &CudaStorage,
+        params: &CudaStorage,
+        ranges: (Range, Range, Range),
+    ) -> Result<S> {
+        let dev = &x.device;
+        let (S::U8(c), S::F32(p)) = (&codes.slice, &params.slice) else {
+            candle_core::bail!("q8 GEMV: codes must be u8 and parameters f32");
+        };
+        let name = dtype_name(&x.slice)?;
+        Ok(match &x.slice {
+            S::F32(v) => S::F32(launch(op, v, c, p, ranges, dev, name)?),
+            S::BF16(v) => S::BF16(launch(op, v, c, p, ranges, dev, name)?),
+            S::F16(v) => S::F16(launch(op, v, c, p, ranges, dev, name)?),
+            _ => candle_core::bail!("q8 GEMV of {:?} activations", x.dtype()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_are_a_permutation_of_even_then_odd_columns() {
+        let mut seen = [false; 32];
+        for j in 0..32 {
+            let p = position(j, true);
+            assert!(!seen[p]);
+            seen[p] = true;
+            // Within each run of 8: columns 0, 2, 4, 6 at 0..4, then 1, 3, 5, 7.
+            let (r, at) = (j % 8, p % 8);
+            assert_eq!(at, if r % 2 == 0 { r / 2 } else { 4 + r / 2 });
+            assert_eq!(p / 8, j / 8);
+        }
+    }
+
+    #[test]
+    fn lanes_cover_short_and_long_rows() {
+        assert_eq!(lanes(128, 4), 32);
+        assert_eq!(lanes(18, 4), 4);
+        for kb in 1..400 {
+            assert!([4, 8, 16, 32].contains(&lanes(kb, 2)));
+        }
+    }
+
+    #[test]
+    fn quantization_rounds_half_away_and_zero_blocks_stay_zero() {
+        // 127 / 2 = 63.5: rounds to 64 (away from zero), -63.5 to -64.
+        let mut x = vec![0f32; 70];
+        x[0] = 127.0;
+        x[1] = 63.5;
+        x[2] = -63.5;
+        let r = quantize_reference(&x, 1, 70, false);
+        assert_eq!(&r.q[..3], &[127, 64, -64]);
+        assert_eq!(r.d[0], 1.0);
+        assert_eq!(r.sum[0], 127);
+        assert_eq!((r.d[1], r.sum[1], r.d[2]), (0.0, 0, 0.0));
+        assert!(r.q[32..].iter().all(|&v| v == 0));
+    }
+}
