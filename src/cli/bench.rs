@@ -134,7 +134,14 @@ fn table(a: &BenchArgs, rows: &[Measured], device: &Device) -> Report {
             crate::nn::kernels::prefill::activations().name(),
         )
     } else {
-        format!("{} {dtype}", crate::device::describe(device))
+        // On a GPU `--activations q8` changes the decode products only (≤ 2 rows:
+        // `packed_cuda::q8`); prefill stays exact.
+        let q8 = if crate::nn::kernels::prefill::q8_activations() {
+            " a:q8 (decode)"
+        } else {
+            ""
+        };
+        format!("{} {dtype}{q8}", crate::device::describe(device))
     };
     let mut t = Table::new(
         "bench",
