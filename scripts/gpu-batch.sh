@@ -289,9 +289,12 @@ case "$1" in
       [ -d $tok ] || run $QL --quiet quantize --model "$M" --plan '*=bf16' --out $tok
       [ -d $big ] || run python3 scripts/synthetic_llama.py --out $big --tokenizer-dir $tok \
         --layers 4 --hidden 8192 --intermediate 28672 --heads 64 --kv-heads 8
-      run $QL --quiet --activations q8 --format json --device cuda --dtype bf16 bench --model $big \
-        -p 0 -n 128 -r 3 --plan "lm_head=keep;*=w:i8:sym" --plan "lm_head=keep;*=w:i4:sym:g64" \
-        >> "$OUT/q8-big.jsonl"
+      # q8, then the exact kernels (BIG_Q8_EXACT=0 skips them), each against bf16 in its run.
+      for a in q8 $([ "${BIG_Q8_EXACT:-1}" != 0 ] && echo f32); do
+        run $QL --quiet --activations $a --format json --device cuda --dtype bf16 bench \
+          --model $big -p 0 -n 128 -r 3 --plan "lm_head=keep;*=w:i8:sym" \
+          --plan "lm_head=keep;*=w:i4:sym:g64" >> "$OUT/q8-big.jsonl"
+      done
     fi
     ;;
   *) echo "unknown batch '$1'" >&2; exit 2 ;;
