@@ -28,6 +28,9 @@ use super::{ActBlocks, BlockKind, PackedBlocks, QK};
 use crate::nn::kernels::{Isa, SendPtr};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
 /// Output channels per panel (one zmm of i32 lanes).
 pub const PANEL: usize = 16;
 
@@ -277,8 +280,18 @@ pub fn matmul_with(isa: Isa, w: &PanelBlocks, a: &ActBlocks, out: &mut [f32]) {
     if m == 0 || n == 0 {
         return;
     }
-    // Per-block zero points: the kernels multiply `−Σq` by each channel's `z'`.
-    let starts = block_starts(if w.zeros.is_empty() { w.offset } else { 1 }, a);
+    // Per-block zero points: the kernels multiply `−Σq` by each channel's `z'`. The AVX2
+    // kernel runs byte codes as `u − 128`: their start moves by `+128·Σq`.
+    #[cfg(target_arch = "x86_64")]
+    let shift = isa == Isa::Avx2 && avx2::byte_start_shift(w);
+    #[cfg(not(target_arch = "x86_64"))]
+    let shift = false;
+    let off = match (w.zeros.is_empty(), shift) {
+        (false, _) => 1,
+        (true, false) => w.offset,
+        (true, true) => w.offset - 128,
+    };
+    let starts = block_starts(off, a);
     let panels = w.panels();
     let threads = rayon::current_num_threads();
     let out_ptr = SendPtr(out.as_mut_ptr());
@@ -344,6 +357,10 @@ unsafe fn run_panels(
         // SAFETY: isa <= detected (asserted by the caller), so the CPU has AVX-512 VNNI;
         // the rest is the caller's contract.
         Isa::Avx512 => unsafe { x86::panels_avx512(w, a, starts, p0, p1, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa <= detected, so the CPU has AVX2 + FMA; `matmul_with` computed the
+        // starts for this path; the rest is the caller's contract.
+        Isa::Avx2 => unsafe { avx2::panels_avx2(w, a, starts, p0, p1, out) },
         // SAFETY: caller's contract.
         _ => unsafe { panels_portable(w, a, starts, p0, p1, out) },
     }
@@ -689,9 +706,30 @@ mod tests {
 
     fn paths() -> Vec<Isa> {
         Isa::available()
-            .into_iter()
-            .filter(|&i| i == Isa::Portable || i == Isa::Avx512)
-            .collect()
+    }
+
+    /// The AVX2 and AVX-512 panel kernels do the same float operations on the same exact
+    /// integer block sums: the same bits, for every kind and extension.
+    #[test]
+    fn avx2_and_avx512_panels_give_the_same_bits() {
+        if !paths().contains(&Isa::Avx512) {
+            return;
+        }
+        let mut g = Lcg(41);
+        for kind in KINDS {
+            for (m, n, k) in SHAPES {
+                let bytes = blocks(kind, n, k, false, &mut g);
+                let pan =
+                    PanelBlocks::from_rows(&PackedBlocks::from_ggml(kind, &bytes, n, k).unwrap());
+                let x: Vec<f32> = (0..m * k).map(|_| g.unif() * 3.0).collect();
+                let a = ActBlocks::quantize(Isa::Portable, kind, &x, m, k);
+                let (mut y2, mut y5) = (vec![0f32; m * n], vec![0f32; m * n]);
+                matmul_with(Isa::Avx2, &pan, &a, &mut y2);
+                matmul_with(Isa::Avx512, &pan, &a, &mut y5);
+                let same = y2.iter().zip(&y5).all(|(p, q)| p.to_bits() == q.to_bits());
+                assert!(same, "{kind:?} m{m} n{n} k{k}");
+            }
+        }
     }
 
     #[test]
