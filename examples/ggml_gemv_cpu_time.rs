@@ -66,10 +66,12 @@ fn main() {
             let bytes = q.data().unwrap().into_owned();
             let packed = PackedBlocks::from_ggml(kind, &bytes, o, i).unwrap();
             let candle = QMatMul::from_qtensor(q).unwrap();
-            let xs: Vec<f32> = (0..i).map(|k| ((k * 31) % 17) as f32 - 8.0).collect();
-            let xt = Tensor::from_vec(xs.clone(), (1, i), &Device::Cpu).unwrap();
-            let calls = (20_000_000 / (o * i)).clamp(3, 200);
-            let mut y = vec![0f32; o];
+            // `M=512`: that many activation rows (prefill) in the per-shape timings.
+            let m: usize = std::env::var("M").map_or(1, |v| v.parse().unwrap());
+            let xs: Vec<f32> = (0..m * i).map(|k| ((k * 31) % 17) as f32 - 8.0).collect();
+            let xt = Tensor::from_vec(xs.clone(), (m, i), &Device::Cpu).unwrap();
+            let calls = (20_000_000 / (m * o * i)).clamp(3, 200);
+            let mut y = vec![0f32; m * o];
             let (c, cm) = time(
                 || {
                     black_box(candle.forward(black_box(&xt)).unwrap());
@@ -81,7 +83,7 @@ fn main() {
             for (j, &isa) in isas.iter().enumerate() {
                 let (a, am) = time(
                     || {
-                        let act = ActBlocks::quantize(isa, kind, black_box(&xs), 1, i);
+                        let act = ActBlocks::quantize(isa, kind, black_box(&xs), m, i);
                         matmul_with(isa, &packed, &act, &mut y);
                     },
                     calls,
@@ -94,7 +96,7 @@ fn main() {
             for (j, &isa) in isas.iter().enumerate().filter(|(_, &i)| i != Isa::Portable) {
                 let (a, am) = time(
                     || {
-                        let act = ActBlocks::quantize(isa, kind, black_box(&xs), 1, i);
+                        let act = ActBlocks::quantize(isa, kind, black_box(&xs), m, i);
                         panels::matmul_with(isa, &pb, &act, &mut y);
                     },
                     calls,
