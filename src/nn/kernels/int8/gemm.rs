@@ -7,11 +7,12 @@
 //! every row block streams past it. Large products are split over threads: by rows when
 //! there are enough of them (each thread writes whole output rows), else by panels (GEMV).
 //!
-//! Decode (at most [`MR`] rows) walks the weight one panel at a time instead, as the GGML
+//! Decode (at most [`MR`] rows, weights too large for the caches to hold them from one
+//! token to the next) walks the weight one panel at a time instead, as the GGML
 //! panel kernels do (`ggml_blocks::panels`): the packed bytes are then read in strictly
-//! ascending addresses, one stream per thread, and the threads split the panels from the
-//! same size on as there ([`PAR_MIN_WORK_DECODE`]). The integer sums and the epilogue are
-//! the same, so the outputs are bit-identical to the tiled walk.
+//! ascending addresses, one stream per thread, and the threads split the panels from about
+//! the same size on as there ([`PAR_MIN_WORK_DECODE`]). The integer sums and the epilogue
+//! are the same, so the outputs are bit-identical to the tiled walk.
 
 use super::act::ActRows;
 use super::pack::{PackedI8, KGROUP, PANEL};
@@ -34,11 +35,13 @@ const PAR_MIN_WORK: usize = 1 << 19;
 /// 36–38 tokens/s splitting from 2^19, 43–62 from 2^22 and 43–47 never splitting (loaded
 /// 2-core machine, same run), so only the largest (the LM head) are split.
 const PAR_MIN_WORK_FEW_ROWS: usize = 1 << 22;
-/// The same for the decode walk (at most [`MR`] rows): the GGML panel kernels' threshold,
-/// under which SmolLM2's w:i8 layers with q8 activations decode at 183–190 tokens/s (idle
-/// machine, two threads), while this kernel, split only from 2^22 (the output layer),
-/// decoded at 107–125 on the same shapes.
-const PAR_MIN_WORK_DECODE: usize = 1 << 17;
+/// The same for the decode walk (at most [`MR`] rows). The GGML panel kernels split from
+/// 2^17, and SmolLM2's w:i8 layers with q8 activations decode on them at 183–190 tokens/s
+/// (idle machine, two threads), while this kernel, split only from 2^22 (the output
+/// layer), decoded at 107–125 on the same shapes. 2^18 splits every SmolLM2 and Marian
+/// layer (≥ 512·512, weights streamed from memory while decoding) but none of the MNIST
+/// MLP's (≤ 784·256, in cache, ~2 µs a call at batch 1: a rayon round trip costs more).
+const PAR_MIN_WORK_DECODE: usize = 1 << 18;
 
 /// What a micro-kernel reads: `nr` activation rows of `stride` bytes and `np` packed panels
 /// of `panel_stride` bytes, summed over `groups` groups of four k positions.
@@ -178,8 +181,12 @@ impl Job<'_> {
     ) {
         let (stride, ps) = (self.a.stride, self.w.panel_stride());
         let mut acc: Acc = [[0; NP * PANEL]; MR];
-        // Decode walks one panel at a time (module doc).
-        let step = if rows.len() <= MR { 1 } else { NP };
+        // Decode walks one panel at a time (module doc) through weights that stream from
+        // memory; small ones (MNIST's layers, in cache) keep the tiles, whose activation
+        // broadcasts serve four panels: measured 0.0050-0.0052 ms against 0.0055-0.0056
+        // walking (MNIST lab, dynamic int8 batch-1 p50, three alternating runs each).
+        let walk = rows.len() <= MR && self.w.n * self.w.kp >= PAR_MIN_WORK_DECODE;
+        let step = if walk { 1 } else { NP };
         for p0 in panels.clone().step_by(step) {
             let np = step.min(panels.end - p0);
             for r0 in rows.clone().step_by(MR) {
