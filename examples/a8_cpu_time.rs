@@ -7,7 +7,7 @@
 //! w:i8 the Q8_0 one, so the rows compare the extensions (affine zero points, the NF4 code
 //! book) with them. `cargo run --release --example a8_cpu_time`.
 use quantlab::nn::kernels::lowbit::LowBit;
-use quantlab::nn::kernels::Isa;
+use quantlab::nn::kernels::{gemv_q8, Isa};
 use quantlab::quant::codebook::NF4_CODE;
 use std::hint::black_box;
 #[path = "support/clock.rs"]
@@ -94,8 +94,17 @@ fn main() {
                     || drop(black_box(lb.matmul_a8(isa, &x, m).expect("a q8 kernel"))),
                     calls,
                 );
+                // The one-row q8 GEMV (`gemv_q8`: the portable path's, and AVX2's before the
+                // AVX2 panels), where it serves this layout.
+                let row = if m == 1 && gemv_q8::supports(lb) {
+                    let mut y = vec![0f32; o];
+                    let (g, gm) = time(|| gemv_q8::gemv(lb, isa, &x, black_box(&mut y)), calls);
+                    format!("  gemv_q8 {g:9.1} µs (med {gm:9.1})")
+                } else {
+                    String::new()
+                };
                 println!(
-                    "{o}x{i} m{m:<4} {name:14} f32-act {f:9.1} µs (med {fm:9.1})  a:q8 {q:9.1} µs (med {qm:9.1})  f32/q8 {:.2}",
+                    "{o}x{i} m{m:<4} {name:14} f32-act {f:9.1} µs (med {fm:9.1})  a:q8 {q:9.1} µs (med {qm:9.1})  f32/q8 {:.2}{row}",
                     fm / qm
                 );
             }

@@ -56,7 +56,7 @@ fn main() {
             .collect();
         let mut token = vec![0f64; isas.len()];
         let mut token_candle = 0f64;
-        let mut token_panel = 0f64;
+        let mut token_panel = vec![0f64; isas.len()];
         for &(o, i, per_token) in &SHAPES {
             let wf: Vec<f32> = (0..o * i)
                 .map(|k| (((k * 7919) % 1000) as f32 - 500.0) / 300.0)
@@ -66,10 +66,12 @@ fn main() {
             let bytes = q.data().unwrap().into_owned();
             let packed = PackedBlocks::from_ggml(kind, &bytes, o, i).unwrap();
             let candle = QMatMul::from_qtensor(q).unwrap();
-            let xs: Vec<f32> = (0..i).map(|k| ((k * 31) % 17) as f32 - 8.0).collect();
-            let xt = Tensor::from_vec(xs.clone(), (1, i), &Device::Cpu).unwrap();
-            let calls = (20_000_000 / (o * i)).clamp(3, 200);
-            let mut y = vec![0f32; o];
+            // `M=512`: that many activation rows (prefill) in the per-shape timings.
+            let m: usize = std::env::var("M").map_or(1, |v| v.parse().unwrap());
+            let xs: Vec<f32> = (0..m * i).map(|k| ((k * 31) % 17) as f32 - 8.0).collect();
+            let xt = Tensor::from_vec(xs.clone(), (m, i), &Device::Cpu).unwrap();
+            let calls = (20_000_000 / (m * o * i)).clamp(3, 200);
+            let mut y = vec![0f32; m * o];
             let (c, cm) = time(
                 || {
                     black_box(candle.forward(black_box(&xt)).unwrap());
@@ -81,7 +83,7 @@ fn main() {
             for (j, &isa) in isas.iter().enumerate() {
                 let (a, am) = time(
                     || {
-                        let act = ActBlocks::quantize(isa, kind, black_box(&xs), 1, i);
+                        let act = ActBlocks::quantize(isa, kind, black_box(&xs), m, i);
                         matmul_with(isa, &packed, &act, &mut y);
                     },
                     calls,
@@ -91,18 +93,26 @@ fn main() {
                 line += &format!(" | {} {a:8.1} (med {am:8.1}) {gbs:5.1} GB/s", isa.name());
             }
             let pb = PanelBlocks::from_rows(&packed);
-            let (a, am) = time(
-                || {
-                    let act = ActBlocks::quantize(Isa::Avx512, kind, black_box(&xs), 1, i);
-                    panels::matmul_with(Isa::Avx512, &pb, &act, &mut y);
-                },
-                calls,
-            );
-            token_panel += a * per_token as f64;
-            line += &format!(" | panel {a:8.1} (med {am:8.1})");
+            for (j, &isa) in isas.iter().enumerate().filter(|(_, &i)| i != Isa::Portable) {
+                let (a, am) = time(
+                    || {
+                        let act = ActBlocks::quantize(isa, kind, black_box(&xs), m, i);
+                        panels::matmul_with(isa, &pb, &act, &mut y);
+                    },
+                    calls,
+                );
+                token_panel[j] += a * per_token as f64;
+                line += &format!(" | panel-{} {a:8.1} (med {am:8.1})", isa.name());
+            }
             println!("{line}");
         }
-        println!("{name} per token: panel {:.2} ms", token_panel / 1e3);
+        for (j, isa) in isas.iter().enumerate().filter(|(_, &i)| i != Isa::Portable) {
+            println!(
+                "{name} per token: panel-{} {:.2} ms",
+                isa.name(),
+                token_panel[j] / 1e3
+            );
+        }
         let mut line = format!("{name} per token: candle {:.2} ms", token_candle / 1e3);
         for (j, isa) in isas.iter().enumerate() {
             line += &format!(" | {} {:.2} ms", isa.name(), token[j] / 1e3);
@@ -154,20 +164,25 @@ fn stream(kind: BlockKind, name: &str, isas: &[Isa]) {
             (isa.name().to_string(), ws)
         })
         .collect();
-    if isas.contains(&Isa::Avx512) {
+    for &isa in isas.iter().filter(|&&i| i != Isa::Portable) {
         let ws = raw
             .iter()
-            .map(|(o, i, b)| Packed::from_ggml(Isa::Avx512, kind, b, *o, *i).unwrap())
+            .map(|(o, i, b)| {
+                Packed::Panels(PanelBlocks::from_rows(
+                    &PackedBlocks::from_ggml(kind, b, *o, *i).unwrap(),
+                ))
+            })
             .collect();
-        layouts.push(("panel".into(), ws));
+        layouts.push((format!("panel-{}", isa.name()), ws));
     }
     drop(raw);
     let xs: Vec<f32> = (0..1536).map(|k| ((k * 31) % 17) as f32 - 8.0).collect();
     for (label, ws) in layouts {
-        let isa = match label.as_str() {
-            "panel" => Isa::Avx512,
-            _ => isas.iter().copied().find(|i| i.name() == label).unwrap(),
-        };
+        let isa = isas
+            .iter()
+            .copied()
+            .find(|i| label.trim_start_matches("panel-") == i.name())
+            .unwrap();
         let (t, tm) = time(
             || {
                 for w in &ws {
@@ -178,7 +193,12 @@ fn stream(kind: BlockKind, name: &str, isas: &[Isa]) {
                             matmul_with(isa, r, &a, &mut y);
                             y
                         }
-                        p => quantlab::nn::kernels::ggml_blocks::matmul(p, &xs[..p.k()], 1),
+                        Packed::Panels(p) => {
+                            let a = ActBlocks::quantize(isa, kind, &xs[..p.k], 1, p.k);
+                            let mut y = vec![0f32; p.n];
+                            panels::matmul_with(isa, p, &a, &mut y);
+                            y
+                        }
                     };
                     black_box(y);
                 }

@@ -3,8 +3,8 @@
 //! 8 bits per 32 values, as llama.cpp multiplies its Q4 types with `q8_0` activation blocks.
 //!
 //! This is an opt-in approximation (`--activations q8`, [`DecodeActivations::Q8`]); on
-//! AVX-512 VNNI the panel kernels (`ggml_blocks::panels`) take its place, and this GEMV
-//! serves the other paths:
+//! AVX-512 VNNI and AVX2 the panel kernels (`ggml_blocks::panels`) take its place, and this
+//! GEMV serves the portable path:
 //! the f32-activation GEMV (`LowBit::gemv`) multiplies exactly the dequantized weights with
 //! the activations as they are, and is what perplexity, KL and every prefill use. Here one
 //! activation row is first quantized per chunk `c` of 32 columns: `d_c = max|x| / 127`,

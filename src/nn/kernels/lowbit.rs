@@ -500,9 +500,9 @@ impl LowBit {
     }
 
     /// The q8-activation product on path `isa`, or `None` where this layout has none there:
-    /// on AVX-512 VNNI the 16-row panel kernels for every row count (decode walks one panel
-    /// at a time, as GGML's Q4_0/Q8_0 do) when [`Self::a8_panels`] fits; elsewhere one
-    /// activation row through [`super::gemv_q8`] (nibble codes and code books).
+    /// on AVX-512 VNNI and AVX2 the 16-row panel kernels for every row count (decode walks
+    /// one panel at a time, as GGML's Q4_0/Q8_0 do) when [`Self::a8_panels`] fits; elsewhere
+    /// one activation row through [`super::gemv_q8`] (nibble codes and code books).
     pub fn matmul_a8(&self, isa: Isa, x: &[f32], m: usize) -> Option<Vec<f32>> {
         assert_eq!(x.len(), m * self.cols, "activation size");
         let isa = isa.min(Isa::detected());

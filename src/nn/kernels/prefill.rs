@@ -3,8 +3,9 @@
 //! Weight-only int-N / NF4 / FP4 products are exact by default: activations multiply as
 //! f32, so the lab measures the weight quantization alone. `--activations q8` runs them as
 //! llama.cpp runs Q4_0/Q8_0 — activations quantized to 32-element q8 blocks, exact integer
-//! block sums (AVX-512 VNNI panels, `ggml_blocks::panels`; on other paths the one-row
-//! product takes `gemv_q8` and several rows stay f32) — for decode and prefill alike. It
+//! block sums (16-channel panels, `ggml_blocks::panels`, on AVX-512 VNNI and AVX2; on the
+//! portable path the one-row product takes `gemv_q8` and several rows stay f32) — for
+//! decode and prefill alike. It
 //! adds activation rounding error, so it is off unless asked for, and `quantlab bench`,
 //! perplexity and KL reports label numbers measured with it (`a:q8`).
 //!

@@ -6,6 +6,13 @@
 //! group by panel group, so one group of packed weights (64 · kp bytes) stays in L2 while
 //! every row block streams past it. Large products are split over threads: by rows when
 //! there are enough of them (each thread writes whole output rows), else by panels (GEMV).
+//!
+//! Decode (at most [`MR`] rows, weights too large for the caches to hold them from one
+//! token to the next) walks the weight one panel at a time instead, as the GGML
+//! panel kernels do (`ggml_blocks::panels`): the packed bytes are then read in strictly
+//! ascending addresses, one stream per thread, and the threads split the panels from about
+//! the same size on as there ([`PAR_MIN_WORK_DECODE`]). The integer sums and the epilogue
+//! are the same, so the outputs are bit-identical to the tiled walk.
 
 use super::act::ActRows;
 use super::pack::{PackedI8, KGROUP, PANEL};
@@ -28,6 +35,13 @@ const PAR_MIN_WORK: usize = 1 << 19;
 /// 36–38 tokens/s splitting from 2^19, 43–62 from 2^22 and 43–47 never splitting (loaded
 /// 2-core machine, same run), so only the largest (the LM head) are split.
 const PAR_MIN_WORK_FEW_ROWS: usize = 1 << 22;
+/// The same for the decode walk (at most [`MR`] rows). The GGML panel kernels split from
+/// 2^17, and SmolLM2's w:i8 layers with q8 activations decode on them at 183–190 tokens/s
+/// (idle machine, two threads), while this kernel, split only from 2^22 (the output
+/// layer), decoded at 107–125 on the same shapes. 2^18 splits every SmolLM2 and Marian
+/// layer (≥ 512·512, weights streamed from memory while decoding) but none of the MNIST
+/// MLP's (≤ 784·256, in cache, ~2 µs a call at batch 1: a rayon round trip costs more).
+const PAR_MIN_WORK_DECODE: usize = 1 << 18;
 
 /// What a micro-kernel reads: `nr` activation rows of `stride` bytes and `np` packed panels
 /// of `panel_stride` bytes, summed over `groups` groups of four k positions.
@@ -103,7 +117,14 @@ pub fn gemm_u8_i8_f32_with(
     let threads = rayon::current_num_threads();
     let work = m * n * w.kp;
     let by_rows = m >= 2 * MR * threads;
-    if threads < 2 || work < PAR_MIN_WORK || (!by_rows && work < PAR_MIN_WORK_FEW_ROWS) {
+    let min_work = if by_rows {
+        PAR_MIN_WORK
+    } else if m <= MR {
+        PAR_MIN_WORK_DECODE
+    } else {
+        PAR_MIN_WORK_FEW_ROWS
+    };
+    if threads < 2 || work < min_work {
         job.run(0..m, 0..panels, &mut out, n, 0);
     } else if by_rows {
         // Whole output rows per task, in multiples of MR, a few tasks per thread.
@@ -114,7 +135,10 @@ pub fn gemm_u8_i8_f32_with(
         });
     } else {
         // Few rows: split the panels; each task fills its own columns, copied in after.
-        let per = panels.div_ceil(2 * threads).max(1);
+        // Decode: a few ranges per thread, as the GGML panels (a thread that finishes
+        // early takes another).
+        let tasks = if m <= MR { 4 * threads } else { 2 * threads };
+        let per = panels.div_ceil(tasks).max(1);
         let firsts: Vec<usize> = (0..panels).step_by(per).collect();
         let parts: Vec<Vec<f32>> = firsts
             .par_iter()
@@ -157,8 +181,14 @@ impl Job<'_> {
     ) {
         let (stride, ps) = (self.a.stride, self.w.panel_stride());
         let mut acc: Acc = [[0; NP * PANEL]; MR];
-        for p0 in panels.clone().step_by(NP) {
-            let np = NP.min(panels.end - p0);
+        // Decode walks one panel at a time (module doc) through weights that stream from
+        // memory; small ones (MNIST's layers, in cache) keep the tiles, whose activation
+        // broadcasts serve four panels: measured 0.0050-0.0052 ms against 0.0055-0.0056
+        // walking (MNIST lab, dynamic int8 batch-1 p50, three alternating runs each).
+        let walk = rows.len() <= MR && self.w.n * self.w.kp >= PAR_MIN_WORK_DECODE;
+        let step = if walk { 1 } else { NP };
+        for p0 in panels.clone().step_by(step) {
+            let np = step.min(panels.end - p0);
             for r0 in rows.clone().step_by(MR) {
                 let nr = MR.min(rows.end - r0);
                 let tile = Tile {

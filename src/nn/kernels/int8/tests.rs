@@ -45,14 +45,15 @@ fn reference_output(
     y
 }
 
-/// The integer sums of every tile, through the micro-kernel of `isa` only.
-fn sums_with(isa: Isa, a: &ActRows, w: &PackedI8) -> Vec<i32> {
+/// The integer sums of every tile of up to `step` panels (`NP`: the tiled GEMM; 1: the
+/// decode walk), through the micro-kernel of `isa` only.
+fn sums_with(isa: Isa, a: &ActRows, w: &PackedI8, step: usize) -> Vec<i32> {
     let (m, n) = (a.m, w.n);
     let mut out = vec![0i32; m * n];
     let ps = w.panel_stride();
     let mut acc: Acc = [[0; NP * PANEL]; MR];
-    for p0 in (0..w.panels()).step_by(NP) {
-        let np = NP.min(w.panels() - p0);
+    for p0 in (0..w.panels()).step_by(step) {
+        let np = step.min(w.panels() - p0);
         for r0 in (0..m).step_by(MR) {
             let nr = MR.min(m - r0);
             let tile = Tile {
@@ -140,8 +141,10 @@ fn every_kernel_equals_a_scalar_reference_on_ragged_shapes() {
     assert_eq!(paths[0], Isa::Portable);
     // m, k, n off every vector width and block: m = 1 (GEMV), tiles of 4 rows (AVX2: pairs),
     // k not a multiple of 4, 16 or 64, n not a multiple of 16 or of the 64-channel tile;
-    // then shapes over the threading thresholds, split by panels (m < 16, m·n·kp >= 2^22)
-    // and by rows (m >= 16, m·n·kp >= 2^19, with a ragged last task).
+    // then shapes over the threading thresholds, split by panels (decode, m <= 4:
+    // m·n·kp >= 2^18; 4 < m < 16: >= 2^22) and by rows (m >= 16, m·n·kp >= 2^19, with a
+    // ragged last task). The decode walk (m <= 4, n·kp >= 2^18) reads one panel at a time
+    // and must give the same bits as the tiles.
     let mut shapes = Vec::new();
     for m in [1, 2, 3, 5, 9] {
         for k in [1, 3, 7, 33, 65, 257] {
@@ -153,6 +156,10 @@ fn every_kernel_equals_a_scalar_reference_on_ragged_shapes() {
     shapes.extend([
         (1, 1537, 577),
         (1, 577, 7300),
+        (2, 577, 460),
+        (3, 1025, 300),
+        (5, 577, 230),
+        (4, 1537, 17),
         (9, 300, 301),
         (9, 700, 701),
         (33, 100, 200),
@@ -199,11 +206,13 @@ fn every_kernel_equals_a_scalar_reference_on_ragged_shapes() {
                 .map(|j| (0..k).map(|p| w[j * k + p] as i32).sum())
                 .collect();
             for &isa in &paths {
-                assert_eq!(
-                    sums_with(isa, &rows, &packed),
-                    want,
-                    "{isa:?} micro-kernel, {data} codes, shape {m}x{k}x{n}"
-                );
+                for step in [NP, 1] {
+                    assert_eq!(
+                        sums_with(isa, &rows, &packed, step),
+                        want,
+                        "{isa:?} micro-kernel, {step}-panel tiles, {data} codes, shape {m}x{k}x{n}"
+                    );
+                }
                 for b in [None, Some(&bias[..])] {
                     let y = gemm_u8_i8_f32_with(isa, &rows, &packed, &sw, b);
                     let r = reference_output(&want, m, n, &sa, &za, &sw, &rs, b);
