@@ -22,7 +22,8 @@
 #                                   # packed size limit (QUANTLAB_PACKED_MAX_WEIGHTS): bw, bwbig
 #   scripts/gpu-batch.sh gv3        # the v3 GEMV (activations in shared memory, denormal decode):
 #                                   # all cuda-tests, bench-gemv v1/v2/v3 vs cuBLAS at m = 1, 2,
-#                                   # ncu sections of v2 and v3 at 28672x8192 (ncu where present)
+#                                   # ncu sections of v3 at 28672x8192 (ncu where present), the
+#                                   # SASS of the cubins carried beside this script (sel-*.cubin)
 #   scripts/gpu-batch.sh big        # decode where weights are the traffic: a random-weight Llama
 #                                   # with 70B-sized layers (scripts/synthetic_llama.py), quantlab
 #                                   # per format and transformers bf16 on the same folder
@@ -264,7 +265,7 @@ case "$1" in
     run $QL --device cuda --dtype bf16 bench-gemv -r 200 > "$OUT/gemv-bf16-m1.md"
     run $QL --device cuda --dtype bf16 bench-gemv -m 2 -r 100 --kernels v2,v3 > "$OUT/gemv-bf16-m2.md"
     if command -v ncu >/dev/null; then
-      for kf in "v3 q4g64" "v2 q4g64" "v3 q8"; do
+      for kf in "v3 q4g64" "v3 q8"; do
         set -- $kf
         timeout 75 ncu --clock-control none --kernel-name "regex:gemv${1#v}_" --launch-skip 3 \
           --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
@@ -276,8 +277,8 @@ case "$1" in
     fi
     if command -v cuobjdump >/dev/null; then
       for c in "$(dirname "$0")"/sel-*.cubin; do
-        [ -f "$c" ] && cuobjdump -sass "$c" > "$OUT/$(basename "$c" .cubin).sass"
-      done
+        [ -f "$c" ] && { echo "### $(basename "$c")"; cuobjdump -sass "$c"; }
+      done > "$OUT/sel.sass"
     fi
     [ -n "${SKIP_ALL_TESTS:-}" ] ||
       run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1 --skip packed_gemv

@@ -501,8 +501,9 @@ GEMV2_KERNELS(_glu, true)
 //     PTX is built without -ftz);
 //   - the shared-memory tile is stored so that the lanes of a warp, which read
 //     consecutive chunks, read consecutive 16-byte words (no bank conflicts);
-//   - GEMV3_R rows per thread share every activation read, GEMV3_U chunks of each row are
-//     loaded (with their scales) before any is used: 128 bytes of codes in flight per lane;
+//   - GEMV3_R rows per thread share every activation read; GEMV3_U chunks of each row are
+//     loaded (with their scales) one step ahead of their use, so 128 bytes of codes per
+//     lane are in flight while the previous 128 are multiplied;
 //   - `lanes` lanes per row as in v2 (short rows do not idle a warp).
 // NF4/FP4 (TAB) read the 16-entry table from shared memory and unscaled activations.
 // Chunks that cross a scale group (groups that are not a multiple of a chunk's values)
@@ -603,140 +604,165 @@ __device__ void gemv3_packed(const T* __restrict__ x, const uint8_t* __restrict_
     for (int i = 0; i < MM; i++) acc[s][i] = 0.f;
   const int tid = threadIdx.y * 32 + threadIdx.x;
   const float inv_e = TAB ? 1.f : pow2f(-GEMV3_E);
-  // Every thread runs every tile (no early exit): the block synchronises per tile.
-  for (int t0 = 0; t0 < kch * VPC; t0 += tch * VPC) {
-    const int tcols = min(tch * VPC, kch * VPC - t0), tchunks = tcols / VPC;
-    __syncthreads();  // the previous tile's readers are done (and the table is stored)
-    // Fill: a thread per run of 8 columns, zeros past k; the runs of one chunk are
-    // consecutive threads of one warp, whose sums are added with shuffles.
-    for (int r0 = 0; r0 < tcols / 8; r0 += 32 * GEMV3_WARPS) {
-      const int r = r0 + tid, c = t0 + 8 * r;
-      const bool in = r < tcols / 8;
+  // One flat loop over (tile, iteration in the tile), every thread through every step
+  // (no early exit: the block synchronises per tile). The codes and scales of step it + 1
+  // are loaded before step it is used (two register sets), so a lane keeps its loads in
+  // flight while it computes (v3 without this was bound by load latency: ncu at
+  // 28672x8192, 4-bit, 4 warps per scheduler, 57% of cycles waiting on global loads).
+  const int ipt = (tch + L * U - 1) / (L * U);  // steps per tile
+  const int ntiles = (kch + tch - 1) / tch;
+  const int steps = ntiles * ipt;
+  // Codes and scales of U chunks of the R rows at step `it`, zeros past the tile, past
+  // the last step, or for invalid rows.
+  auto load = [&](uint4 (&wv)[U][R], float2 (&sz)[U][R], int it) {
+    const int t = it / ipt, base = l + (it - t * ipt) * L * U;
+    const int tchunks = min(tch, kch - t * tch);
 #pragma unroll
-      for (int i = 0; i < MM; i++) {
-        float xv[8];
-        if (in) {
-          load_x8<T>(x + (size_t)i * k + c, xvec, k - c, xv);
-        } else {
+    for (int u = 0; u < U; u++) {
+      const int ch = base + L * u, gch = t * tch + ch;
+      const int col0 = gch * VPC;
+      const int gi = gshift >= 0 ? col0 >> gshift : col0 / group;
 #pragma unroll
-          for (int j = 0; j < 8; j++) xv[j] = 0.f;
-        }
-        float sx = 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-          sx += xv[j];
-          if (!TAB) xv[j] *= pow2f(149 - GEMV3_E - code_pos<BITS>(j));
-        }
-#pragma unroll
-        for (int o = 1; o < VPC / 8; o <<= 1) sx += __shfl_xor_sync(0xffffffffu, sx, o);
-        if (in) {
-          float* base = xs + i * tch * VPC;
-          *reinterpret_cast<float4*>(base + tile_off<BITS>(8 * r, tch)) =
-              make_float4(xv[0], xv[1], xv[2], xv[3]);
-          *reinterpret_cast<float4*>(base + tile_off<BITS>(8 * r + 4, tch)) =
-              make_float4(xv[4], xv[5], xv[6], xv[7]);
-          if (r % (VPC / 8) == 0) sxs[i * tch + r / (VPC / 8)] = sx * inv_e;
-        }
+      for (int s = 0; s < R; s++) {
+        const bool ok = it < steps && ch < tchunks && valid[s];
+        wv[u][s] = ok ? __ldg(reinterpret_cast<const uint4*>(codes + (size_t)row[s] * ld) + gch)
+                      : make_uint4(0u, 0u, 0u, 0u);
+        sz[u][s] = !ok ? make_float2(0.f, 0.f)
+                   : gpr == 1 ? szr[s]
+                   : chunk_group ? __ldg(pr + (size_t)row[s] * gpr + gi)
+                                 : make_float2(0.f, 0.f);
       }
     }
-    __syncthreads();
-    for (int base = l; base < tchunks; base += L * U) {
-      // Codes and scales of U chunks of the R rows, zeros past the tile or for invalid rows.
-      uint4 wv[U][R];
-      float2 sz[U][R];
+  };
+  uint4 wv[U][R];
+  float2 sz[U][R];
+  load(wv, sz, 0);
+  for (int it = 0; it < steps; it++) {
+    const int t = it / ipt, base = l + (it - t * ipt) * L * U;
+    const int t0 = t * tch * VPC;
+    const int tcols = min(tch, kch - t * tch) * VPC, tchunks = tcols / VPC;
+    if (it == t * ipt) {
+      __syncthreads();  // the previous tile's readers are done (and the table is stored)
+      // Fill: a thread per run of 8 columns, zeros past k; the runs of one chunk are
+      // consecutive threads of one warp, whose sums are added with shuffles.
+      for (int r0 = 0; r0 < tcols / 8; r0 += 32 * GEMV3_WARPS) {
+        const int r = r0 + tid, c = t0 + 8 * r;
+        const bool in = r < tcols / 8;
 #pragma unroll
-      for (int u = 0; u < U; u++) {
-        const int ch = base + L * u, gch = t0 / VPC + ch;
-        const int col0 = gch * VPC;
-        const int gi = gshift >= 0 ? col0 >> gshift : col0 / group;
+        for (int i = 0; i < MM; i++) {
+          float xv[8];
+          if (in) {
+            load_x8<T>(x + (size_t)i * k + c, xvec, k - c, xv);
+          } else {
 #pragma unroll
-        for (int s = 0; s < R; s++) {
-          const bool ok = ch < tchunks && valid[s];
-          wv[u][s] = ok ? __ldg(reinterpret_cast<const uint4*>(codes + (size_t)row[s] * ld) + gch)
-                        : make_uint4(0u, 0u, 0u, 0u);
-          sz[u][s] = !ok ? make_float2(0.f, 0.f)
-                     : gpr == 1 ? szr[s]
-                     : chunk_group ? __ldg(pr + (size_t)row[s] * gpr + gi)
-                                   : make_float2(0.f, 0.f);
-        }
-      }
+            for (int j = 0; j < 8; j++) xv[j] = 0.f;
+          }
+          float sx = 0.f;
 #pragma unroll
-      for (int u = 0; u < U; u++) {
-        const int ch = base + L * u;
-        if (ch >= tchunks) break;
-        if (chunk_group) {
-          float dot[R][MM];
-#pragma unroll
-          for (int s = 0; s < R; s++)
-#pragma unroll
-            for (int i = 0; i < MM; i++) dot[s][i] = 0.f;
-#pragma unroll
-          for (int sub = 0; sub < VPC / 8; sub++) {
-            float xv[MM][8];
-#pragma unroll
-            for (int i = 0; i < MM; i++) {
-              const float* b = xs + i * tch * VPC;
-              const float4 a = *reinterpret_cast<const float4*>(b + ((2 * sub) * tch + ch) * 4);
-              const float4 c = *reinterpret_cast<const float4*>(b + ((2 * sub + 1) * tch + ch) * 4);
-              xv[i][0] = a.x; xv[i][1] = a.y; xv[i][2] = a.z; xv[i][3] = a.w;
-              xv[i][4] = c.x; xv[i][5] = c.y; xv[i][6] = c.z; xv[i][7] = c.w;
-            }
-#pragma unroll
-            for (int s = 0; s < R; s++) {
-              const uint32_t* w = reinterpret_cast<const uint32_t*>(&wv[u][s]);
-              float q[8];
-              if (TAB) {
-                const uint32_t v = w[sub];
-#pragma unroll
-                for (int j = 0; j < 8; j++) q[j] = tab[(v >> (4 * j)) & 0xFu];
-              } else {
-                codes8_denorm<BITS>(w, sub, q);
-              }
-#pragma unroll
-              for (int i = 0; i < MM; i++)
-#pragma unroll
-                for (int j = 0; j < 8; j++) dot[s][i] = fmaf(q[j], xv[i][j], dot[s][i]);
-            }
+          for (int j = 0; j < 8; j++) {
+            sx += xv[j];
+            if (!TAB) xv[j] *= pow2f(149 - GEMV3_E - code_pos<BITS>(j));
           }
 #pragma unroll
-          for (int s = 0; s < R; s++)
-#pragma unroll
-            for (int i = 0; i < MM; i++) {
-              const float inner = TAB ? dot[s][i] : dot[s][i] - sz[u][s].y * sxs[i * tch + ch];
-              acc[s][i] = fmaf(sz[u][s].x, inner, acc[s][i]);
-            }
-        } else {
-          // Groups that split a chunk: element by element (v1's loop), x·2^-E per column.
-          const int col0 = (t0 / VPC + ch) * VPC;
-#pragma unroll
-          for (int sub = 0; sub < VPC / 8; sub++) {
-            const int col = col0 + sub * 8;
-            if (col >= k) break;
-#pragma unroll
-            for (int s = 0; s < R; s++) {
-              if (!valid[s]) continue;
-              const uint32_t* w = reinterpret_cast<const uint32_t*>(&wv[u][s]);
-              float q[8];
-              if (TAB) {
-                const uint32_t v = w[sub];
-#pragma unroll
-                for (int j = 0; j < 8; j++) q[j] = tab[(v >> (4 * j)) & 0xFu];
-              } else {
-                codes8_fast<BITS>(w, sub, q);
-              }
-              gemv_ragged8<TAB, MM>(q, pr + (size_t)row[s] * gpr, col, k, group, MM,
-                                    [&](int i, int c) {
-                                      const int tc = c - t0;
-                                      const float v = xs[i * tch * VPC + tile_off<BITS>(tc, tch)];
-                                      // Back to x·2^-E: times 2^(p-149), a denormal power of two.
-                                      return TAB ? v : v * __uint_as_float(1u << code_pos<BITS>(c));
-                                    },
-                                    acc[s]);
-            }
+          for (int o = 1; o < VPC / 8; o <<= 1) sx += __shfl_xor_sync(0xffffffffu, sx, o);
+          if (in) {
+            float* xb = xs + i * tch * VPC;
+            *reinterpret_cast<float4*>(xb + tile_off<BITS>(8 * r, tch)) =
+                make_float4(xv[0], xv[1], xv[2], xv[3]);
+            *reinterpret_cast<float4*>(xb + tile_off<BITS>(8 * r + 4, tch)) =
+                make_float4(xv[4], xv[5], xv[6], xv[7]);
+            if (r % (VPC / 8) == 0) sxs[i * tch + r / (VPC / 8)] = sx * inv_e;
           }
         }
       }
+      __syncthreads();
     }
+    uint4 nwv[U][R];
+    float2 nsz[U][R];
+    load(nwv, nsz, it + 1);
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int ch = base + L * u;
+      if (ch >= tchunks) break;
+      if (chunk_group) {
+        float dot[R][MM];
+#pragma unroll
+        for (int s = 0; s < R; s++)
+#pragma unroll
+          for (int i = 0; i < MM; i++) dot[s][i] = 0.f;
+#pragma unroll
+        for (int sub = 0; sub < VPC / 8; sub++) {
+          float xv[MM][8];
+#pragma unroll
+          for (int i = 0; i < MM; i++) {
+            const float* b = xs + i * tch * VPC;
+            const float4 a = *reinterpret_cast<const float4*>(b + ((2 * sub) * tch + ch) * 4);
+            const float4 c = *reinterpret_cast<const float4*>(b + ((2 * sub + 1) * tch + ch) * 4);
+            xv[i][0] = a.x; xv[i][1] = a.y; xv[i][2] = a.z; xv[i][3] = a.w;
+            xv[i][4] = c.x; xv[i][5] = c.y; xv[i][6] = c.z; xv[i][7] = c.w;
+          }
+#pragma unroll
+          for (int s = 0; s < R; s++) {
+            const uint32_t* w = reinterpret_cast<const uint32_t*>(&wv[u][s]);
+            float q[8];
+            if (TAB) {
+              const uint32_t v = w[sub];
+#pragma unroll
+              for (int j = 0; j < 8; j++) q[j] = tab[(v >> (4 * j)) & 0xFu];
+            } else {
+              codes8_denorm<BITS>(w, sub, q);
+            }
+#pragma unroll
+            for (int i = 0; i < MM; i++)
+#pragma unroll
+              for (int j = 0; j < 8; j++) dot[s][i] = fmaf(q[j], xv[i][j], dot[s][i]);
+          }
+        }
+#pragma unroll
+        for (int s = 0; s < R; s++)
+#pragma unroll
+          for (int i = 0; i < MM; i++) {
+            const float inner = TAB ? dot[s][i] : dot[s][i] - sz[u][s].y * sxs[i * tch + ch];
+            acc[s][i] = fmaf(sz[u][s].x, inner, acc[s][i]);
+          }
+      } else {
+        // Groups that split a chunk: element by element (v1's loop), x·2^-E per column.
+        const int col0 = (t0 / VPC + ch) * VPC;
+#pragma unroll
+        for (int sub = 0; sub < VPC / 8; sub++) {
+          const int col = col0 + sub * 8;
+          if (col >= k) break;
+#pragma unroll
+          for (int s = 0; s < R; s++) {
+            if (!valid[s]) continue;
+            const uint32_t* w = reinterpret_cast<const uint32_t*>(&wv[u][s]);
+            float q[8];
+            if (TAB) {
+              const uint32_t v = w[sub];
+#pragma unroll
+              for (int j = 0; j < 8; j++) q[j] = tab[(v >> (4 * j)) & 0xFu];
+            } else {
+              codes8_fast<BITS>(w, sub, q);
+            }
+            gemv_ragged8<TAB, MM>(q, pr + (size_t)row[s] * gpr, col, k, group, MM,
+                                  [&](int i, int c) {
+                                    const int tc = c - t0;
+                                    const float v = xs[i * tch * VPC + tile_off<BITS>(tc, tch)];
+                                    // Back to x·2^-E: times 2^(p-149), a denormal power of two.
+                                    return TAB ? v : v * __uint_as_float(1u << code_pos<BITS>(c));
+                                  },
+                                  acc[s]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; u++)
+#pragma unroll
+      for (int s = 0; s < R; s++) {
+        wv[u][s] = nwv[u][s];
+        sz[u][s] = nsz[u][s];
+      }
   }
   // Sum over the row's L lanes (an aligned group of L lanes: xor offsets < L stay in it).
 #pragma unroll
@@ -763,7 +789,7 @@ __device__ void gemv3_packed(const T* __restrict__ x, const uint8_t* __restrict_
 }
 
 #define GEMV3_KERNEL(NAME, T, BITS, TAB, GLU, MM)                                              \
-  extern "C" __global__ void __launch_bounds__(32 * GEMV3_WARPS)                               \
+  extern "C" __global__ void __launch_bounds__(32 * GEMV3_WARPS, 3)                            \
       NAME(const T* x, const uint8_t* codes, const float* params, T* y, int n, int k, int ld,   \
            int group, int gpr, int tab_off, int xvec, int n1, int n2, int lanes, int tch) {     \
     gemv3_packed<T, BITS, TAB, GLU, MM>(x, codes, params, y, n, k, ld, group, gpr, tab_off,     \

@@ -596,8 +596,13 @@ struct GemvOp {
 /// Which CUDA kernel runs a product (the CPU reference is the same for all).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
-    /// [`Kernel::V3`] where it applies and the weight is large ([`V3_MIN_WEIGHTS`]),
-    /// else [`Kernel::V1`]; `QUANTLAB_GEMV_KERNEL=v1|v2|v3` forces one (A/B runs).
+    /// For weights of at least [`V3_MIN_WEIGHTS`]: [`Kernel::V3`] for 4-bit codes at
+    /// m = 1, [`Kernel::V2`] for 8-bit codes and m = 2; [`Kernel::V1`] for smaller
+    /// weights and m > 2. `QUANTLAB_GEMV_KERNEL=v1|v2|v3` forces one (A/B runs). On the
+    /// H200 (`bench-gemv`, bf16, one run, µs ratio to cuBLAS) v3 against v2 at m = 1,
+    /// 4-bit g64: 1.99 / 1.47 at 4096², 1.38 / 1.25 at 14336×4096, 1.33 / 1.27 at 8192²,
+    /// 1.62 / 1.23 at 28672×8192, 1.61 / 1.17 at 49152×576; but 8-bit per channel
+    /// 0.85–1.15 / 1.10–1.21 from 14336×4096 up, and at m = 2 v3 lost at 8192² and above.
     Auto,
     /// `gemv_*` in `gemv.cuh`: one warp per row, any m up to [`MAX_ROWS`].
     V1,
@@ -616,7 +621,7 @@ pub enum Kernel {
 pub const V3_MAX_ROWS: usize = 2;
 
 /// Smallest weight (rows × columns, stacks counted whole) that [`Kernel::Auto`] gives the
-/// v3 kernel (the bound measured for v2, whose thread layout v3 keeps). On the H200
+/// v2 or v3 kernel (the bound measured for v2, whose thread layout v3 keeps). On the H200
 /// (`bench-gemv`, bf16, m = 1 and 2) v1 was faster than v2 on SmolLM2's layer shapes (up
 /// to 1536×576: v1 1.3–1.8× cuBLAS, v2 0.6–1.3×: short rows leave lanes idle and few
 /// blocks), v2 on every shape from 4096×4096 up and on 49152×576.
@@ -628,7 +633,7 @@ const V3_TILE: usize = 4096;
 impl Kernel {
     /// The kernel that runs `m` rows through an `rows × k` matrix.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    fn resolve(self, m: usize, rows: usize, k: usize) -> Kernel {
+    fn resolve(self, m: usize, rows: usize, k: usize, bits: u32) -> Kernel {
         static FORCED: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
         let forced = *FORCED.get_or_init(|| match std::env::var("QUANTLAB_GEMV_KERNEL") {
             Ok(v) if v == "v1" => Some(Kernel::V1),
@@ -638,7 +643,8 @@ impl Kernel {
         });
         let want = match (self, forced) {
             (Kernel::Auto, Some(f)) => f,
-            (Kernel::Auto, None) if rows * k >= V3_MIN_WEIGHTS => Kernel::V3,
+            (Kernel::Auto, None) if rows * k >= V3_MIN_WEIGHTS && bits == 4 && m == 1 => Kernel::V3,
+            (Kernel::Auto, None) if rows * k >= V3_MIN_WEIGHTS => Kernel::V2,
             (Kernel::Auto, None) => Kernel::V1,
             (k, _) => k,
         };
@@ -848,7 +854,7 @@ mod gpu {
         } else {
             op.outputs()
         };
-        let kernel = op.kernel.resolve(op.m, rows, s.k);
+        let kernel = op.kernel.resolve(op.m, rows, s.k, s.bits);
         let fname = match kernel {
             Kernel::V3 => format!("gemv3_{kind}_{name}_m{}{glu}", op.m),
             Kernel::V2 => format!("gemv2_{kind}_{name}{glu}"),
@@ -1220,8 +1226,14 @@ mod tests {
         for chunks in 1..300 {
             assert!([4, 8, 16, 32].contains(&v2_lanes(chunks)));
         }
-        assert_eq!(Kernel::V2.resolve(3, 4096, 4096), Kernel::V1);
-        assert_eq!(Kernel::Auto.resolve(1, 16, 64), Kernel::V1);
+        assert_eq!(Kernel::V2.resolve(3, 4096, 4096, 4), Kernel::V1);
+        assert_eq!(Kernel::V3.resolve(3, 4096, 4096, 4), Kernel::V1);
+        assert_eq!(Kernel::Auto.resolve(1, 16, 64, 4), Kernel::V1);
+        if std::env::var("QUANTLAB_GEMV_KERNEL").is_err() {
+            assert_eq!(Kernel::Auto.resolve(1, 4096, 4096, 4), Kernel::V3);
+            assert_eq!(Kernel::Auto.resolve(2, 4096, 4096, 4), Kernel::V2);
+            assert_eq!(Kernel::Auto.resolve(1, 4096, 4096, 8), Kernel::V2);
+        }
     }
 
     #[test]
