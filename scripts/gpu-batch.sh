@@ -22,11 +22,15 @@
 #                                   # packed size limit (QUANTLAB_PACKED_MAX_WEIGHTS): bw, bwbig
 #   scripts/gpu-batch.sh q8         # --activations q8 on CUDA (dp4a GEMV): tests, bench-gemv
 #                                   # rows beside exact/cuBLAS, SmolLM2 and big-model decode
+#   scripts/gpu-batch.sh gv3        # the v3 GEMV (activations in shared memory, denormal decode):
+#                                   # all cuda-tests, bench-gemv v1/v2/v3 vs cuBLAS at m = 1, 2,
+#                                   # ncu sections of v3 at 28672x8192 (ncu where present), the
+#                                   # SASS of the cubins carried beside this script (sel-*.cubin)
 #   scripts/gpu-batch.sh big        # decode where weights are the traffic: a random-weight Llama
 #                                   # with 70B-sized layers (scripts/synthetic_llama.py), quantlab
 #                                   # per format and transformers bf16 on the same folder
 set -uo pipefail
-Q=/tmp/ql
+Q=${QL_DIR:-/tmp/ql}  # where gpu-unpack.sh put the binaries (QL_DIR: another copy)
 QL=$Q/bin/quantlab
 M=$(ls $Q/models/*.gguf | head -1)
 export QUANTLAB_DATA=$Q/data
@@ -219,17 +223,12 @@ case "$1" in
     [ -n "${SKIP_ALL_TESTS:-}" ] || run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1
     ;;
   bw)
-    # The bandwidth-bound GEMV (gemv2_* in kernels/cuda/gemv.cuh) against v1 and cuBLAS,
-    # each kernel's rows in the same run, per load pipelining (QUANTLAB_GEMV2_PIPE); then
+    # The bandwidth-bound GEMVs (gemv2_*, gemv3_* in kernels/cuda/gemv.cuh) against v1 and
+    # cuBLAS, each kernel's rows in the same run; then
     # SmolLM2 decode with the automatic kernel choice and with v1 forced.
     nvidia-smi -L | tee -a "$LOG"
-    QUANTLAB_GEMV2_PIPE=2 run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1 packed
-    QUANTLAB_GEMV2_PIPE=1 run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1 packed_gemv
-    QUANTLAB_GEMV2_PIPE=0 run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1 packed_gemv_v2
-    for pipe in 0 1 2; do
-      echo "## QUANTLAB_GEMV2_PIPE=$pipe" >> "$OUT/gemv-bf16-m1.md"
-      QUANTLAB_GEMV2_PIPE=$pipe run $QL --device cuda --dtype bf16 bench-gemv -r 200 >> "$OUT/gemv-bf16-m1.md"
-    done
+    run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1 packed
+    run $QL --device cuda --dtype bf16 bench-gemv -r 200 > "$OUT/gemv-bf16-m1.md"
     run $QL --device cuda --dtype bf16 bench-gemv -m 2 -r 100 > "$OUT/gemv-bf16-m2.md"
     args=()
     for p in "lm_head=keep;*=w:i8:sym" "lm_head=keep;*=w:i4:sym:g64" "lm_head=keep;*=nf4"; do
@@ -296,6 +295,30 @@ case "$1" in
           --plan "lm_head=keep;*=w:i4:sym:g64" >> "$OUT/q8-big.jsonl"
       done
     fi
+    ;;
+  gv3)
+    nvidia-smi -L | tee -a "$LOG"
+    run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1 packed_gemv
+    run $QL --device cuda --dtype bf16 bench-gemv -r 200 > "$OUT/gemv-bf16-m1.md"
+    run $QL --device cuda --dtype bf16 bench-gemv -m 2 -r 100 --kernels v2,v3 > "$OUT/gemv-bf16-m2.md"
+    if command -v ncu >/dev/null; then
+      for kf in "v3 q4g64" "v3 q8"; do
+        set -- $kf
+        timeout 75 ncu --clock-control none --kernel-name "regex:gemv${1#v}_" --launch-skip 3 \
+          --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+          --section WarpStateStats --section InstructionStats --section Occupancy \
+          $QL --device cuda --dtype bf16 bench-gemv --shapes 28672x8192 --formats $2 \
+          --kernels $1 -r 5 > "$OUT/ncu-$1-$2.txt" 2>&1
+        echo "ncu $kf: exit $?" | tee -a "$LOG"
+      done
+    fi
+    if command -v cuobjdump >/dev/null; then
+      for c in "$(dirname "$0")"/sel-*.cubin; do
+        [ -f "$c" ] && { echo "### $(basename "$c")"; cuobjdump -sass "$c"; }
+      done > "$OUT/sel.sass"
+    fi
+    [ -n "${SKIP_ALL_TESTS:-}" ] ||
+      run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1 --skip packed_gemv
     ;;
   *) echo "unknown batch '$1'" >&2; exit 2 ;;
 esac

@@ -68,6 +68,27 @@ __device__ __forceinline__ void codes8(const uint32_t* w, int sub, float* q) {
   }
 }
 
+// The element-wise loop for a run of 8 columns (from `col`) that a scale group boundary or
+// the row's end cuts (shared by v1, v2 and v3): weight (q - zero) * scale (TAB: q * scale,
+// q already the table's value) times xat(i, c) (activation row i, column c, as the caller
+// stores it), added into acc[i] for i < m.
+template <bool TAB, int MM, typename XAt>
+__device__ __forceinline__ void gemv_ragged8(const float* q, const float2* prow, int col, int k,
+                                             int group, int m, XAt xat, float* acc) {
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    const int c = col + j;
+    if (c >= k) break;
+    const float2 sz = prow[c / group];
+    const float v = TAB ? q[j] * sz.x : (q[j] - sz.y) * sz.x;
+#pragma unroll
+    for (int i = 0; i < MM; i++) {
+      if (i >= m) break;
+      acc[i] = fmaf(v, xat(i, c), acc[i]);
+    }
+  }
+}
+
 // Adds row `row`'s products with the m activation rows into acc (this lane's share; the
 // warp's lanes are summed by the caller).
 template <typename T, int BITS, bool TAB>
@@ -132,18 +153,9 @@ __device__ __forceinline__ void row_dot(const T* __restrict__ x, const uint8_t* 
         }
       } else {
         // Ragged: groups that are not a multiple of 8 columns, or the row's last columns.
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-          const int c = col + j;
-          if (c >= k) break;
-          const float2 sz = prow[c / group];
-          const float v = TAB ? q[j] * sz.x : (q[j] - sz.y) * sz.x;
-#pragma unroll
-          for (int i = 0; i < GEMV_MAX_M; i++) {
-            if (i >= m) break;
-            acc[i] = fmaf(v, to_f(x[(size_t)i * k + c]), acc[i]);
-          }
-        }
+        gemv_ragged8<TAB, GEMV_MAX_M>(
+            q, prow, col, k, group, m, [&](int i, int c) { return to_f(x[(size_t)i * k + c]); },
+            acc);
       }
     }
       }
@@ -243,9 +255,6 @@ GEMV_KERNELS(_glu, true)
 //   - `lanes` (4, 8, 16 or 32, chosen on the host from the row length) lanes share a row,
 //     so short rows (576 columns: 18 chunks) do not leave most of a warp idle; the
 //     partial sums are added across those lanes with shuffles.
-// PIPE (template): 0 loads then uses each iteration's chunks (the default), 1 adds an L2
-// prefetch of the next iteration's, 2 double-buffers them in registers; on the H200 1 and
-// 2 were 0-7% slower than 0 (bench-gemv, one run), so they stay only for A/B runs.
 // Arithmetic: the same decoded weights and f32 products as v1; sums are grouped per chunk
 // rather than per 8 columns (f32 summation order only). Runs of 8 that cross a group or
 // the row's end take v1's element-wise path.
@@ -293,7 +302,7 @@ __device__ __forceinline__ void load_x8(const T* __restrict__ xr, int xvec, int 
 
 // `n` outputs; GLU as in gemv_packed (rows r and r + n give output r). A thread's R row
 // slots: R outputs, or for GLU R/2 outputs' gate rows then their up rows.
-template <typename T, int BITS, bool TAB, bool GLU, int PIPE>
+template <typename T, int BITS, bool TAB, bool GLU>
 __device__ void gemv2_packed(const T* __restrict__ x, const uint8_t* __restrict__ codes,
                              const float* __restrict__ params, T* __restrict__ y, int m, int n,
                              int k, int ld, int group, int gpr, int tab_off, int xvec, int n1,
@@ -412,58 +421,19 @@ __device__ void gemv2_packed(const T* __restrict__ x, const uint8_t* __restrict_
             } else {
               codes8_fast<BITS>(w, sub, q);
             }
-            const float2* prow = pr + (size_t)row[s] * gpr;
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-              const int c = col + j;
-              if (c >= k) break;
-              const float2 sz = prow[c / group];
-              const float v = TAB ? q[j] * sz.x : (q[j] - sz.y) * sz.x;
-#pragma unroll
-              for (int i = 0; i < MM; i++) {
-                if (i >= m) break;
-                acc[s][i] = fmaf(v, to_f(x[(size_t)i * k + c]), acc[s][i]);
-              }
-            }
+            gemv_ragged8<TAB, MM>(
+                q, pr + (size_t)row[s] * gpr, col, k, group, m,
+                [&](int i, int c) { return to_f(x[(size_t)i * k + c]); }, acc[s]);
           }
         }
       }
     }
   };
   // Every lane runs the loop (no early exit): the shuffles below need the whole warp.
-  // PIPE 0: load the iteration's chunks, then use them. PIPE 1: the same, and while they
-  // are used, the next iteration's chunks are prefetched into L2. PIPE 2: the next
-  // iteration's chunks are loaded into a second set of registers before this one's are
-  // used (loads always in flight, 32 more registers).
-  if (PIPE == 2) {
-    uint4 cur[U][R];
-    load(cur, l);
-    for (int base = l; base < chunks; base += L * U) {
-      uint4 nxt[U][R];
-      load(nxt, base + L * U);
-      consume(cur, base);
-#pragma unroll
-      for (int u = 0; u < U; u++)
-#pragma unroll
-        for (int s = 0; s < R; s++) cur[u][s] = nxt[u][s];
-    }
-  } else {
-    for (int base = l; base < chunks; base += L * U) {
-      uint4 wv[U][R];
-      load(wv, base);
-      if (PIPE == 1) {
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-          const int ch = base + L * (U + u);
-#pragma unroll
-          for (int s = 0; s < R; s++)
-            if (ch < chunks && valid[s])
-              asm volatile("prefetch.global.L2 [%0];" ::"l"(
-                  reinterpret_cast<const uint4*>(codes + (size_t)row[s] * ld) + ch));
-        }
-      }
-      consume(wv, base);
-    }
+  for (int base = l; base < chunks; base += L * U) {
+    uint4 wv[U][R];
+    load(wv, base);
+    consume(wv, base);
   }
   // Sum over the row's L lanes (an aligned group of L lanes: xor offsets < L stay in it).
 #pragma unroll
@@ -489,29 +459,356 @@ __device__ void gemv2_packed(const T* __restrict__ x, const uint8_t* __restrict_
   }
 }
 
-#define GEMV2_KERNEL(NAME, T, BITS, TAB, GLU, PIPE)                                            \
+#define GEMV2_KERNEL(NAME, T, BITS, TAB, GLU)                                                  \
   extern "C" __global__ void __launch_bounds__(32 * GEMV2_WARPS)                               \
       NAME(const T* x, const uint8_t* codes, const float* params, T* y, int m, int n, int k,    \
            int ld, int group, int gpr, int tab_off, int xvec, int n1, int n2, int lanes) {      \
-    gemv2_packed<T, BITS, TAB, GLU, PIPE>(x, codes, params, y, m, n, k, ld, group, gpr,         \
-                                          tab_off, xvec, n1, n2, lanes);                        \
+    gemv2_packed<T, BITS, TAB, GLU>(x, codes, params, y, m, n, k, ld, group, gpr, tab_off,      \
+                                    xvec, n1, n2, lanes);                                       \
   }
 
-#define GEMV2_KERNELS(SUFFIX, GLU, PIPE)                                              \
-  GEMV2_KERNEL(gemv2_q4_int_f32##SUFFIX, float, 4, false, GLU, PIPE)                  \
-  GEMV2_KERNEL(gemv2_q4_int_bf16##SUFFIX, __nv_bfloat16, 4, false, GLU, PIPE)         \
-  GEMV2_KERNEL(gemv2_q4_int_f16##SUFFIX, __half, 4, false, GLU, PIPE)                 \
-  GEMV2_KERNEL(gemv2_q8_int_f32##SUFFIX, float, 8, false, GLU, PIPE)                  \
-  GEMV2_KERNEL(gemv2_q8_int_bf16##SUFFIX, __nv_bfloat16, 8, false, GLU, PIPE)         \
-  GEMV2_KERNEL(gemv2_q8_int_f16##SUFFIX, __half, 8, false, GLU, PIPE)                 \
-  GEMV2_KERNEL(gemv2_q4_tab_f32##SUFFIX, float, 4, true, GLU, PIPE)                   \
-  GEMV2_KERNEL(gemv2_q4_tab_bf16##SUFFIX, __nv_bfloat16, 4, true, GLU, PIPE)          \
-  GEMV2_KERNEL(gemv2_q4_tab_f16##SUFFIX, __half, 4, true, GLU, PIPE)
+#define GEMV2_KERNELS(SUFFIX, GLU)                                          \
+  GEMV2_KERNEL(gemv2_q4_int_f32##SUFFIX, float, 4, false, GLU)                  \
+  GEMV2_KERNEL(gemv2_q4_int_bf16##SUFFIX, __nv_bfloat16, 4, false, GLU)         \
+  GEMV2_KERNEL(gemv2_q4_int_f16##SUFFIX, __half, 4, false, GLU)                 \
+  GEMV2_KERNEL(gemv2_q8_int_f32##SUFFIX, float, 8, false, GLU)                  \
+  GEMV2_KERNEL(gemv2_q8_int_bf16##SUFFIX, __nv_bfloat16, 8, false, GLU)         \
+  GEMV2_KERNEL(gemv2_q8_int_f16##SUFFIX, __half, 8, false, GLU)                 \
+  GEMV2_KERNEL(gemv2_q4_tab_f32##SUFFIX, float, 4, true, GLU)                   \
+  GEMV2_KERNEL(gemv2_q4_tab_bf16##SUFFIX, __nv_bfloat16, 4, true, GLU)          \
+  GEMV2_KERNEL(gemv2_q4_tab_f16##SUFFIX, __half, 4, true, GLU)
 
-// Kernel names end in _p0, _p1, _p2 (PIPE), before _glu.
-GEMV2_KERNELS(_p0, false, 0)
-GEMV2_KERNELS(_p0_glu, true, 0)
-GEMV2_KERNELS(_p1, false, 1)
-GEMV2_KERNELS(_p1_glu, true, 1)
-GEMV2_KERNELS(_p2, false, 2)
-GEMV2_KERNELS(_p2_glu, true, 2)
+GEMV2_KERNELS(, false)
+GEMV2_KERNELS(_glu, true)
+
+// ---------------------------------------------------------------------------------------
+// The bandwidth kernel (v3) for decode at large shapes: m = MM (1 or 2) activation rows,
+// the same layout and parameters as v1/v2. v2 converted activations per row-thread and
+// spent three instructions per weight on the code alone (mask-or-magic, subtract, FMA),
+// so at 4 and 8 bits it took the same time (~90 µs at 28672×8192): bound by issue, not
+// bytes. Here:
+//   - the block converts its activations ONCE into shared memory as f32 (a tile of
+//     GEMV3_TILE columns at a time), with Σx per 16-byte chunk of codes (for zero points);
+//   - a code becomes a weight in ONE instruction: the nibble or byte at bit p of a code
+//     word, masked in place, is the denormal float q·2^(p-149) (p + width <= 23: only
+//     mantissa bits), and the activation that meets it was stored pre-multiplied by
+//     2^(149-p-E), so the FMA's exact product is q·x·2^-E. Every product and sum is the
+//     unscaled one times 2^-E (power-of-two scaling is exact in f32), so the result,
+//     multiplied back by 2^E at the end, equals the same arithmetic on q and x: only f32
+//     summation order differs from v1, as long as |x| < 2^(E-21) = 2^43 (the scaled
+//     activation stays finite) and the products stay above 2^(E-126) = 2^-62 in
+//     magnitude (no denormal results). FFMA takes denormal operands at full rate (the
+//     PTX is built without -ftz);
+//   - the shared-memory tile is stored so that the lanes of a warp, which read
+//     consecutive chunks, read consecutive 16-byte words (no bank conflicts);
+//   - GEMV3_R rows per thread share every activation read; GEMV3_U chunks of each row are
+//     loaded (with their scales) one step ahead of their use, so 128 bytes of codes per
+//     lane are in flight while the previous 128 are multiplied;
+//   - `lanes` lanes per row as in v2 (short rows do not idle a warp).
+// NF4/FP4 (TAB) read the 16-entry table from shared memory and unscaled activations.
+// Chunks that cross a scale group (groups that are not a multiple of a chunk's values)
+// take the element-wise loop shared with v1 (gemv_ragged8).
+
+#define GEMV3_R 4
+#define GEMV3_U 2
+#define GEMV3_WARPS 4
+#define GEMV3_TILE 4096  // activation columns per shared-memory tile (a multiple of 32)
+#define GEMV3_E 64       // products are q·x·2^-E until the output is written
+
+// 2^e as a float (normal range).
+__device__ __forceinline__ float pow2f(int e) { return __uint_as_float((uint32_t)(127 + e) << 23); }
+
+// The bit position p at which column c's code is masked (4-bit: columns 0-4 of a word at
+// 4j, columns 5-7 at 4j-12 of the word shifted right by 12; 8-bit: 0 or 8 of the low or
+// the high half-word).
+template <int BITS>
+__device__ __forceinline__ int code_pos(int c) {
+  if (BITS == 4) {
+    const int j = c & 7;
+    return j < 5 ? 4 * j : 4 * j - 12;
+  }
+  return (c & 1) * 8;
+}
+
+// The 8 codes of one run of 8 columns as denormals q·2^(p-149): one LOP3 each (plus a
+// shift per 4-bit word, two per 8-bit pair of words).
+template <int BITS>
+__device__ __forceinline__ void codes8_denorm(const uint32_t* w, int sub, float* q) {
+  if (BITS == 4) {
+    const uint32_t v = w[sub], h = v >> 12;
+    q[0] = __uint_as_float(v & 0xFu);
+    q[1] = __uint_as_float(v & 0xF0u);
+    q[2] = __uint_as_float(v & 0xF00u);
+    q[3] = __uint_as_float(v & 0xF000u);
+    q[4] = __uint_as_float(v & 0xF0000u);
+    q[5] = __uint_as_float(h & 0xF00u);
+    q[6] = __uint_as_float(h & 0xF000u);
+    q[7] = __uint_as_float(h & 0xF0000u);
+  } else {
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+      const uint32_t v = w[2 * sub + hh], s = v >> 16;
+      q[4 * hh + 0] = __uint_as_float(v & 0xFFu);
+      q[4 * hh + 1] = __uint_as_float(v & 0xFF00u);
+      q[4 * hh + 2] = __uint_as_float(s & 0xFFu);
+      q[4 * hh + 3] = __uint_as_float(s & 0xFF00u);
+    }
+  }
+}
+
+// Where tile column tc is stored: quads of 4 columns, quad qi of chunk ch at
+// (qi · tch + ch) · 4, so that lanes reading consecutive chunks read consecutive words.
+template <int BITS>
+__device__ __forceinline__ int tile_off(int tc, int tch) {
+  constexpr int QPC = (BITS == 4 ? 32 : 16) / 4;  // quads per chunk
+  const int qd = tc >> 2;
+  return ((qd % QPC) * tch + qd / QPC) * 4 + (tc & 3);
+}
+
+template <typename T, int BITS, bool TAB, bool GLU, int MM>
+__device__ void gemv3_packed(const T* __restrict__ x, const uint8_t* __restrict__ codes,
+                             const float* __restrict__ params, T* __restrict__ y, int n, int k,
+                             int ld, int group, int gpr, int tab_off, int xvec, int n1, int n2,
+                             int lanes, int tch) {
+  extern __shared__ float4 smem4[];
+  float* xs = reinterpret_cast<float*>(smem4);  // [MM][tch · VPC] scaled activations
+  constexpr int VPC = BITS == 4 ? 32 : 16;
+  float* sxs = xs + MM * tch * VPC;               // [MM][tch] Σx·2^-E per chunk
+  __shared__ float tab[16];
+  if (TAB && threadIdx.y == 0 && threadIdx.x < 16) tab[threadIdx.x] = params[tab_off + threadIdx.x];
+  constexpr int R = GEMV3_R, U = GEMV3_U;
+  constexpr int RO = GLU ? R / 2 : R;
+  const int L = lanes;
+  const int seg = threadIdx.x / L, l = threadIdx.x % L;
+  const int out0 = ((blockIdx.x * GEMV3_WARPS + threadIdx.y) * (32 / L) + seg) * RO;
+  int row[R];
+  bool valid[R];
+#pragma unroll
+  for (int s = 0; s < R; s++) {
+    const int o = out0 + (GLU ? s % RO : s);
+    valid[s] = o < n;
+    row[s] = valid[s] ? (GLU && s >= RO ? o + n : o) : 0;
+  }
+  const int kch = (k + VPC - 1) / VPC;  // chunks that hold columns
+  const bool chunk_group = gpr == 1 || group % VPC == 0;
+  const int gshift = (group & (group - 1)) == 0 ? __ffs(group) - 1 : -1;
+  const float2* pr = reinterpret_cast<const float2*>(params);
+  float2 szr[R];  // one group per row: its parameters, read once
+#pragma unroll
+  for (int s = 0; s < R; s++)
+    szr[s] = gpr == 1 && valid[s] ? pr[row[s]] : make_float2(0.f, 0.f);
+  float acc[R][MM];
+#pragma unroll
+  for (int s = 0; s < R; s++)
+#pragma unroll
+    for (int i = 0; i < MM; i++) acc[s][i] = 0.f;
+  const int tid = threadIdx.y * 32 + threadIdx.x;
+  const float inv_e = TAB ? 1.f : pow2f(-GEMV3_E);
+  // One flat loop over (tile, iteration in the tile), every thread through every step
+  // (no early exit: the block synchronises per tile). The codes and scales of step it + 1
+  // are loaded before step it is used (two register sets), so a lane keeps its loads in
+  // flight while it computes (v3 without this was bound by load latency: ncu at
+  // 28672x8192, 4-bit, 4 warps per scheduler, 57% of cycles waiting on global loads).
+  const int ipt = (tch + L * U - 1) / (L * U);  // steps per tile
+  const int ntiles = (kch + tch - 1) / tch;
+  const int steps = ntiles * ipt;
+  // Codes and scales of U chunks of the R rows at step `it`, zeros past the tile, past
+  // the last step, or for invalid rows.
+  auto load = [&](uint4 (&wv)[U][R], float2 (&sz)[U][R], int it) {
+    const int t = it / ipt, base = l + (it - t * ipt) * L * U;
+    const int tchunks = min(tch, kch - t * tch);
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int ch = base + L * u, gch = t * tch + ch;
+      const int col0 = gch * VPC;
+      const int gi = gshift >= 0 ? col0 >> gshift : col0 / group;
+#pragma unroll
+      for (int s = 0; s < R; s++) {
+        const bool ok = it < steps && ch < tchunks && valid[s];
+        wv[u][s] = ok ? __ldg(reinterpret_cast<const uint4*>(codes + (size_t)row[s] * ld) + gch)
+                      : make_uint4(0u, 0u, 0u, 0u);
+        sz[u][s] = !ok ? make_float2(0.f, 0.f)
+                   : gpr == 1 ? szr[s]
+                   : chunk_group ? __ldg(pr + (size_t)row[s] * gpr + gi)
+                                 : make_float2(0.f, 0.f);
+      }
+    }
+  };
+  uint4 wv[U][R];
+  float2 sz[U][R];
+  load(wv, sz, 0);
+  for (int it = 0; it < steps; it++) {
+    const int t = it / ipt, base = l + (it - t * ipt) * L * U;
+    const int t0 = t * tch * VPC;
+    const int tcols = min(tch, kch - t * tch) * VPC, tchunks = tcols / VPC;
+    if (it == t * ipt) {
+      __syncthreads();  // the previous tile's readers are done (and the table is stored)
+      // Fill: a thread per run of 8 columns, zeros past k; the runs of one chunk are
+      // consecutive threads of one warp, whose sums are added with shuffles.
+      for (int r0 = 0; r0 < tcols / 8; r0 += 32 * GEMV3_WARPS) {
+        const int r = r0 + tid, c = t0 + 8 * r;
+        const bool in = r < tcols / 8;
+#pragma unroll
+        for (int i = 0; i < MM; i++) {
+          float xv[8];
+          if (in) {
+            load_x8<T>(x + (size_t)i * k + c, xvec, k - c, xv);
+          } else {
+#pragma unroll
+            for (int j = 0; j < 8; j++) xv[j] = 0.f;
+          }
+          float sx = 0.f;
+#pragma unroll
+          for (int j = 0; j < 8; j++) {
+            sx += xv[j];
+            if (!TAB) xv[j] *= pow2f(149 - GEMV3_E - code_pos<BITS>(j));
+          }
+#pragma unroll
+          for (int o = 1; o < VPC / 8; o <<= 1) sx += __shfl_xor_sync(0xffffffffu, sx, o);
+          if (in) {
+            float* xb = xs + i * tch * VPC;
+            *reinterpret_cast<float4*>(xb + tile_off<BITS>(8 * r, tch)) =
+                make_float4(xv[0], xv[1], xv[2], xv[3]);
+            *reinterpret_cast<float4*>(xb + tile_off<BITS>(8 * r + 4, tch)) =
+                make_float4(xv[4], xv[5], xv[6], xv[7]);
+            if (r % (VPC / 8) == 0) sxs[i * tch + r / (VPC / 8)] = sx * inv_e;
+          }
+        }
+      }
+      __syncthreads();
+    }
+    uint4 nwv[U][R];
+    float2 nsz[U][R];
+    load(nwv, nsz, it + 1);
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int ch = base + L * u;
+      if (ch >= tchunks) break;
+      if (chunk_group) {
+        float dot[R][MM];
+#pragma unroll
+        for (int s = 0; s < R; s++)
+#pragma unroll
+          for (int i = 0; i < MM; i++) dot[s][i] = 0.f;
+#pragma unroll
+        for (int sub = 0; sub < VPC / 8; sub++) {
+          float xv[MM][8];
+#pragma unroll
+          for (int i = 0; i < MM; i++) {
+            const float* b = xs + i * tch * VPC;
+            const float4 a = *reinterpret_cast<const float4*>(b + ((2 * sub) * tch + ch) * 4);
+            const float4 c = *reinterpret_cast<const float4*>(b + ((2 * sub + 1) * tch + ch) * 4);
+            xv[i][0] = a.x; xv[i][1] = a.y; xv[i][2] = a.z; xv[i][3] = a.w;
+            xv[i][4] = c.x; xv[i][5] = c.y; xv[i][6] = c.z; xv[i][7] = c.w;
+          }
+#pragma unroll
+          for (int s = 0; s < R; s++) {
+            const uint32_t* w = reinterpret_cast<const uint32_t*>(&wv[u][s]);
+            float q[8];
+            if (TAB) {
+              const uint32_t v = w[sub];
+#pragma unroll
+              for (int j = 0; j < 8; j++) q[j] = tab[(v >> (4 * j)) & 0xFu];
+            } else {
+              codes8_denorm<BITS>(w, sub, q);
+            }
+#pragma unroll
+            for (int i = 0; i < MM; i++)
+#pragma unroll
+              for (int j = 0; j < 8; j++) dot[s][i] = fmaf(q[j], xv[i][j], dot[s][i]);
+          }
+        }
+#pragma unroll
+        for (int s = 0; s < R; s++)
+#pragma unroll
+          for (int i = 0; i < MM; i++) {
+            const float inner = TAB ? dot[s][i] : dot[s][i] - sz[u][s].y * sxs[i * tch + ch];
+            acc[s][i] = fmaf(sz[u][s].x, inner, acc[s][i]);
+          }
+      } else {
+        // Groups that split a chunk: element by element (v1's loop), x·2^-E per column.
+        const int col0 = (t0 / VPC + ch) * VPC;
+#pragma unroll
+        for (int sub = 0; sub < VPC / 8; sub++) {
+          const int col = col0 + sub * 8;
+          if (col >= k) break;
+#pragma unroll
+          for (int s = 0; s < R; s++) {
+            if (!valid[s]) continue;
+            const uint32_t* w = reinterpret_cast<const uint32_t*>(&wv[u][s]);
+            float q[8];
+            if (TAB) {
+              const uint32_t v = w[sub];
+#pragma unroll
+              for (int j = 0; j < 8; j++) q[j] = tab[(v >> (4 * j)) & 0xFu];
+            } else {
+              codes8_fast<BITS>(w, sub, q);
+            }
+            gemv_ragged8<TAB, MM>(q, pr + (size_t)row[s] * gpr, col, k, group, MM,
+                                  [&](int i, int c) {
+                                    const int tc = c - t0;
+                                    const float v = xs[i * tch * VPC + tile_off<BITS>(tc, tch)];
+                                    // Back to x·2^-E: times 2^(p-149), a denormal power of two.
+                                    return TAB ? v : v * __uint_as_float(1u << code_pos<BITS>(c));
+                                  },
+                                  acc[s]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; u++)
+#pragma unroll
+      for (int s = 0; s < R; s++) {
+        wv[u][s] = nwv[u][s];
+        sz[u][s] = nsz[u][s];
+      }
+  }
+  // Sum over the row's L lanes (an aligned group of L lanes: xor offsets < L stay in it).
+#pragma unroll
+  for (int s = 0; s < R; s++)
+#pragma unroll
+    for (int i = 0; i < MM; i++)
+      for (int o = L / 2; o > 0; o >>= 1) acc[s][i] += __shfl_xor_sync(0xffffffffu, acc[s][i], o);
+  if (l != 0) return;
+  const float e = TAB ? 1.f : pow2f(GEMV3_E);
+#pragma unroll
+  for (int i = 0; i < MM; i++) {
+#pragma unroll
+    for (int t = 0; t < RO; t++) {
+      const int o = out0 + t;
+      if (o >= n) break;
+      if (GLU) {
+        const float g = acc[t][i] * e, u = acc[t + RO][i] * e;
+        from_f(g / (1.f + __expf(-g)) * u, &y[(size_t)i * n + o]);
+      } else {
+        from_f(acc[t][i] * e, &y[out_index(i, o, MM, n, n1, n2)]);
+      }
+    }
+  }
+}
+
+#define GEMV3_KERNEL(NAME, T, BITS, TAB, GLU, MM)                                              \
+  extern "C" __global__ void __launch_bounds__(32 * GEMV3_WARPS, 3)                            \
+      NAME(const T* x, const uint8_t* codes, const float* params, T* y, int n, int k, int ld,   \
+           int group, int gpr, int tab_off, int xvec, int n1, int n2, int lanes, int tch) {     \
+    gemv3_packed<T, BITS, TAB, GLU, MM>(x, codes, params, y, n, k, ld, group, gpr, tab_off,     \
+                                        xvec, n1, n2, lanes, tch);                              \
+  }
+
+#define GEMV3_KERNELS(SUFFIX, GLU, MM)                                        \
+  GEMV3_KERNEL(gemv3_q4_int_f32##SUFFIX, float, 4, false, GLU, MM)            \
+  GEMV3_KERNEL(gemv3_q4_int_bf16##SUFFIX, __nv_bfloat16, 4, false, GLU, MM)   \
+  GEMV3_KERNEL(gemv3_q4_int_f16##SUFFIX, __half, 4, false, GLU, MM)           \
+  GEMV3_KERNEL(gemv3_q8_int_f32##SUFFIX, float, 8, false, GLU, MM)            \
+  GEMV3_KERNEL(gemv3_q8_int_bf16##SUFFIX, __nv_bfloat16, 8, false, GLU, MM)   \
+  GEMV3_KERNEL(gemv3_q8_int_f16##SUFFIX, __half, 8, false, GLU, MM)           \
+  GEMV3_KERNEL(gemv3_q4_tab_f32##SUFFIX, float, 4, true, GLU, MM)             \
+  GEMV3_KERNEL(gemv3_q4_tab_bf16##SUFFIX, __nv_bfloat16, 4, true, GLU, MM)    \
+  GEMV3_KERNEL(gemv3_q4_tab_f16##SUFFIX, __half, 4, true, GLU, MM)
+
+// Names: gemv3_<kind>_<dtype>_m<MM>[_glu].
+GEMV3_KERNELS(_m1, false, 1)
+GEMV3_KERNELS(_m1_glu, true, 1)
+GEMV3_KERNELS(_m2, false, 2)
+GEMV3_KERNELS(_m2_glu, true, 2)

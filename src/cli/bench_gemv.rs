@@ -33,6 +33,20 @@ pub struct BenchGemvArgs {
     pub reps: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Packed kernels to time, comma separated: `v1`, `v2`, `v3` (v2 and v3 take m <= 2;
+    /// above, their rows repeat v1).
+    #[arg(long, default_value = "v1,v2,v3")]
+    pub kernels: String,
+}
+
+fn parse_kernel(k: &str) -> Result<(String, Kernel)> {
+    let kernel = match k.trim() {
+        "v1" => Kernel::V1,
+        "v2" => Kernel::V2,
+        "v3" => Kernel::V3,
+        other => bail!("unknown packed kernel '{other}': v1, v2 or v3"),
+    };
+    Ok((k.trim().to_string(), kernel))
 }
 
 fn parse_format(f: &str) -> Result<(u32, bool, usize)> {
@@ -95,6 +109,11 @@ pub fn report(a: &BenchGemvArgs, device: &Device) -> Result<Report> {
         .split(',')
         .map(|f| parse_format(f).map(|p| (f.to_string(), p)))
         .collect::<Result<_>>()?;
+    let kernels: Vec<_> = a
+        .kernels
+        .split(',')
+        .map(parse_kernel)
+        .collect::<Result<_>>()?;
     let dtype = crate::device::activation_dtype(device);
     let dname = crate::device::dtype_name(dtype);
     let mut t = Table::new(
@@ -122,9 +141,9 @@ pub fn report(a: &BenchGemvArgs, device: &Device) -> Result<Report> {
         for (name, (bits, table, group)) in &formats {
             let layout = PackedLayout::synthetic(n, k, *bits, *table, *group, seed);
             let p = PackedWeight::upload(&layout, device)?;
-            // Each kernel on its own row (v2 takes m <= 2; above, its row repeats v1).
-            for (kname, kernel) in [("v1", Kernel::V1), ("v2", Kernel::V2)] {
-                let p = p.with_kernel(kernel);
+            // Each kernel on its own row.
+            for (kname, kernel) in &kernels {
+                let p = p.with_kernel(*kernel);
                 let us = time(device, a.reps, || p.gemv(&x))?;
                 t.push(vec![
                     Cell::Text(shape.clone()),

@@ -623,73 +623,73 @@ struct GemvOp {
     kernel: Kernel,
 }
 
-/// Which CUDA kernel runs a product (the CPU reference is the same for both).
+/// Which CUDA kernel runs a product (the CPU reference is the same for all).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
-    /// [`Kernel::V2`] where it applies and the weight is large ([`V2_MIN_WEIGHTS`]),
-    /// else [`Kernel::V1`]; `QUANTLAB_GEMV_KERNEL=v1|v2` forces one (A/B runs).
+    /// For weights of at least [`V3_MIN_WEIGHTS`]: [`Kernel::V3`] for 4-bit codes at
+    /// m = 1, [`Kernel::V2`] for 8-bit codes and m = 2; [`Kernel::V1`] for smaller
+    /// weights and m > 2. `QUANTLAB_GEMV_KERNEL=v1|v2|v3` forces one (A/B runs). On the
+    /// H200 (`bench-gemv`, bf16, one run, µs ratio to cuBLAS) v3 against v2 at m = 1,
+    /// 4-bit g64: 1.99 / 1.47 at 4096², 1.38 / 1.25 at 14336×4096, 1.33 / 1.27 at 8192²,
+    /// 1.62 / 1.23 at 28672×8192, 1.61 / 1.17 at 49152×576; but 8-bit per channel
+    /// 0.85–1.15 / 1.10–1.21 from 14336×4096 up, and at m = 2 v3 lost at 8192² and above.
     Auto,
     /// `gemv_*` in `gemv.cuh`: one warp per row, any m up to [`MAX_ROWS`].
     V1,
     /// `gemv2_*`: several rows per thread sharing the activations, lanes per row sized
-    /// to the row, at most [`V2_MAX_ROWS`] activation rows (larger m falls back to v1).
+    /// to the row, at most [`V3_MAX_ROWS`] activation rows (larger m falls back to v1).
+    /// Kept for A/B runs against v3.
     V2,
+    /// `gemv3_*`: v2's thread layout with the activations converted once per block into
+    /// shared memory and one instruction per code (denormal decode), at most
+    /// [`V3_MAX_ROWS`] activation rows (larger m falls back to v1).
+    V3,
 }
 
-/// The v2 kernel's load pipelining (`PIPE` in gemv.cuh): 0 loads then uses each
-/// iteration's chunks, 1 also prefetches the next iteration's into L2, 2 loads the next
-/// iteration's into a second set of registers first. 0 by default: on the H200
-/// (`bench-gemv`, bf16, m = 1, one run) 1 and 2 were 0–7% slower at every large shape
-/// (28672×8192 q4g64: 88.4 / 92.0 / 93.6 µs), so the kernel is not bound by load latency
-/// a warp could hide. `QUANTLAB_GEMV2_PIPE=0|1|2` chooses (A/B runs); read once.
-pub fn v2_pipe() -> u32 {
-    static PIPE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *PIPE.get_or_init(|| match std::env::var("QUANTLAB_GEMV2_PIPE").as_deref() {
-        Ok("1") => 1,
-        Ok("2") => 2,
-        _ => 0,
-    })
-}
-
-/// Most activation rows the v2 kernel takes (`GEMV2_MM` in gemv.cuh).
-pub const V2_MAX_ROWS: usize = 2;
+/// Most activation rows the v2 and v3 kernels take (`GEMV2_MM`; v3 has m = 1 and m = 2
+/// instances).
+pub const V3_MAX_ROWS: usize = 2;
 
 /// Smallest weight (rows × columns, stacks counted whole) that [`Kernel::Auto`] gives the
-/// v2 kernel. On the H200 (`bench-gemv`, bf16, m = 1 and 2) v1 was faster on SmolLM2's
-/// layer shapes (up to 1536×576: v1 1.3–1.8× cuBLAS, v2 0.6–1.3×: short rows leave v2's
-/// lanes idle and few blocks), v2 on every shape from 4096×4096 up and on 49152×576
-/// (1.1–1.3× cuBLAS, v1 0.4–1.0×); shapes between were not measured.
-pub const V2_MIN_WEIGHTS: usize = 1 << 21;
+/// v2 or v3 kernel (the bound measured for v2, whose thread layout v3 keeps). On the H200
+/// (`bench-gemv`, bf16, m = 1 and 2) v1 was faster than v2 on SmolLM2's layer shapes (up
+/// to 1536×576: v1 1.3–1.8× cuBLAS, v2 0.6–1.3×: short rows leave lanes idle and few
+/// blocks), v2 on every shape from 4096×4096 up and on 49152×576.
+pub const V3_MIN_WEIGHTS: usize = 1 << 21;
+
+/// Activation columns per shared-memory tile of the v3 kernel (`GEMV3_TILE`).
+const V3_TILE: usize = 4096;
 
 impl Kernel {
     /// The kernel that runs `m` rows through an `rows × k` matrix.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    fn resolve(self, m: usize, rows: usize, k: usize) -> Kernel {
+    fn resolve(self, m: usize, rows: usize, k: usize, bits: u32) -> Kernel {
         static FORCED: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
         let forced = *FORCED.get_or_init(|| match std::env::var("QUANTLAB_GEMV_KERNEL") {
             Ok(v) if v == "v1" => Some(Kernel::V1),
             Ok(v) if v == "v2" => Some(Kernel::V2),
+            Ok(v) if v == "v3" => Some(Kernel::V3),
             _ => None,
         });
         let want = match (self, forced) {
             (Kernel::Auto, Some(f)) => f,
-            (Kernel::Auto, None) if rows * k >= V2_MIN_WEIGHTS => Kernel::V2,
+            (Kernel::Auto, None) if rows * k >= V3_MIN_WEIGHTS && bits == 4 && m == 1 => Kernel::V3,
+            (Kernel::Auto, None) if rows * k >= V3_MIN_WEIGHTS => Kernel::V2,
             (Kernel::Auto, None) => Kernel::V1,
             (k, _) => k,
         };
-        if want == Kernel::V2 && m <= V2_MAX_ROWS {
-            Kernel::V2
-        } else {
-            Kernel::V1
+        match want {
+            Kernel::V2 | Kernel::V3 if m <= V3_MAX_ROWS => want,
+            _ => Kernel::V1,
         }
     }
 }
 
-/// Lanes per row for the v2 kernel: each lane loads `GEMV2_U` = 2 of the row's `chunks`
-/// 16-byte chunks per iteration, so `lanes` lanes cover `2 · lanes` chunks; the count of
-/// 4, 8, 16 or 32 that leaves the fewest slots idle (ties: more lanes, fewer rows per
-/// warp). 576 4-bit columns (18 chunks) get 4 lanes (3 iterations, 75% busy) instead of
-/// a warp (28%).
+/// Lanes per row for the v2 and v3 kernels: each lane loads `GEMV2_U` = `GEMV3_U` = 2 of
+/// the row's `chunks` 16-byte chunks per iteration, so `lanes` lanes cover `2 · lanes`
+/// chunks; the count of 4, 8, 16 or 32 that leaves the fewest slots idle (ties: more
+/// lanes, fewer rows per warp). 576 4-bit columns (18 chunks) get 4 lanes (3 iterations,
+/// 75% busy) instead of a warp (28%).
 pub fn v2_lanes(chunks: usize) -> usize {
     let mut best = (32, 0.0);
     for lanes in [32, 16, 8, 4] {
@@ -700,6 +700,13 @@ pub fn v2_lanes(chunks: usize) -> usize {
         }
     }
     best.0
+}
+
+/// The v3 kernel's chunks per shared-memory tile for `k` columns of `bits`-bit codes: a
+/// whole row's chunks up to [`V3_TILE`] columns (the tile's row stride in shared memory).
+pub fn v3_tile_chunks(k: usize, bits: u32) -> usize {
+    let vpc = if bits == 4 { 32 } else { 16 };
+    k.div_ceil(vpc).min(V3_TILE / vpc)
 }
 
 fn contiguous(l: &Layout, len: usize, what: &str) -> candle_core::Result<(usize, usize)> {
@@ -877,11 +884,11 @@ mod gpu {
         } else {
             op.outputs()
         };
-        let v2 = op.kernel.resolve(op.m, rows, s.k) == Kernel::V2;
-        let fname = if v2 {
-            format!("gemv2_{kind}_{name}_p{}{glu}", super::v2_pipe())
-        } else {
-            format!("gemv_{kind}_{name}{glu}")
+        let kernel = op.kernel.resolve(op.m, rows, s.k, s.bits);
+        let fname = match kernel {
+            Kernel::V3 => format!("gemv3_{kind}_{name}_m{}{glu}", op.m),
+            Kernel::V2 => format!("gemv2_{kind}_{name}{glu}"),
+            _ => format!("gemv_{kind}_{name}{glu}"),
         };
         let func = dev.get_or_load_custom_func(&fname, MODULE, PTX)?;
         let size = std::mem::size_of::<T>();
@@ -905,27 +912,47 @@ mod gpu {
         // SAFETY: the kernel writes all m × outputs values (one per (row, output) pair).
         let y = unsafe { dev.alloc::<T>(op.m * outputs)? };
         const ROWS_PER_BLOCK: usize = 4; // GEMV_ROWS_PER_BLOCK in gemv.cuh
-                                         // v2: GEMV2_WARPS = 4 warps, each 32 / lanes row groups of GEMV2_R = 4 rows (2
-                                         // outputs for the GLU, whose rows are gate and up).
-        const V2_WARPS: usize = 4;
-        let lanes = v2_lanes(s.ld / 16);
-        let cfg = if v2 {
-            let per_thread = if op.output == Output::Glu { 2 } else { 4 };
-            let per_block = V2_WARPS * (32 / lanes) * per_thread;
-            LaunchConfig {
-                grid_dim: (outputs.div_ceil(per_block) as u32, 1, 1),
-                block_dim: (32, V2_WARPS as u32, 1),
-                shared_mem_bytes: 0,
+                                         // v2 and v3: GEMV2_WARPS = GEMV3_WARPS = 4 warps, each 32 / lanes row groups of
+                                         // GEMV2_R = GEMV3_R = 4 rows (2 outputs for the GLU, whose rows are gate and up).
+        const V23_WARPS: usize = 4;
+        let tch = super::v3_tile_chunks(s.k, s.bits);
+        let lanes = match kernel {
+            Kernel::V3 => v2_lanes(tch),
+            _ => v2_lanes(s.ld / 16),
+        };
+        let cfg = match kernel {
+            Kernel::V2 | Kernel::V3 => {
+                let per_thread = if op.output == Output::Glu { 2 } else { 4 };
+                let per_block = V23_WARPS * (32 / lanes) * per_thread;
+                // v3: the activation tile (m · tch · values per chunk f32) and Σx per
+                // chunk (m · tch f32) in dynamic shared memory (<= 35 KB: no opt-in).
+                let vpc = if s.bits == 4 { 32 } else { 16 };
+                let shared = if kernel == Kernel::V3 {
+                    4 * op.m * tch * (vpc + 1)
+                } else {
+                    0
+                };
+                LaunchConfig {
+                    grid_dim: (outputs.div_ceil(per_block) as u32, 1, 1),
+                    block_dim: (32, V23_WARPS as u32, 1),
+                    shared_mem_bytes: shared as u32,
+                }
             }
-        } else {
-            LaunchConfig {
+            _ => LaunchConfig {
                 grid_dim: (outputs.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
                 block_dim: (32, ROWS_PER_BLOCK as u32, 1),
                 shared_mem_bytes: 0,
-            }
+            },
         };
-        let args = [
-            i32_of(op.m, "rows")?,
+        let (n1, n2) = (i32_of(n1, "split")?, i32_of(n2, "split")?);
+        // v1, v2: (m, n, k, ld, group, gpr, tab_off, xvec, n1, n2) [+ lanes for v2];
+        // v3 (m fixed by the instance): (n, k, ld, group, gpr, tab_off, xvec, n1, n2,
+        // lanes, tile chunks).
+        let mut args = Vec::with_capacity(12);
+        if kernel != Kernel::V3 {
+            args.push(i32_of(op.m, "rows")?);
+        }
+        args.extend([
             // The GLU kernels take the outputs (half the rows: gate r and up r + n).
             i32_of(outputs, "outputs")?,
             i32_of(s.k, "inputs")?,
@@ -934,9 +961,14 @@ mod gpu {
             i32_of(s.gpr, "groups per row")?,
             i32_of(s.tab_off, "table offset")?,
             xvec,
-            i32_of(n1, "split")?,
-            i32_of(n2, "split")?,
-        ];
+            n1,
+            n2,
+        ]);
+        match kernel {
+            Kernel::V2 => args.push(i32_of(lanes, "lanes")?),
+            Kernel::V3 => args.extend([i32_of(lanes, "lanes")?, i32_of(tch, "tile chunks")?]),
+            _ => {}
+        }
         let mut b = func.builder();
         b.arg(&xs);
         b.arg(&cs);
@@ -945,15 +977,12 @@ mod gpu {
         for a in &args {
             b.arg(a);
         }
-        let lanes = i32_of(lanes, "lanes")?;
-        if v2 {
-            b.arg(&lanes);
-        }
         // SAFETY: the arguments match the kernel's signature (x: m·k of T, codes: n·ld
-        // bytes, params: 2·n·gpr (+16) f32, y: m·outputs of T, ten i32, and for v2 the
-        // lanes per row, a power of two dividing 32), the slices' lengths
-        // were checked against those counts by the caller, and the kernel bounds every
-        // read by k, n, ld and m.
+        // bytes, params: 2·n·gpr (+16) f32, y: m·outputs of T, then the i32s listed above;
+        // lanes a power of two dividing 32; for v3 the instance's m equals op.m and the
+        // dynamic shared memory holds m · tch · (values per chunk + 1) f32), the slices'
+        // lengths were checked against those counts by the caller, and the kernel bounds
+        // every read by k, n, ld and m.
         unsafe { b.launch(cfg) }.w()?;
         Ok(y)
     }
@@ -1144,6 +1173,81 @@ mod tests {
         }
     }
 
+    /// v3's decode (`codes8_denorm` in gemv.cuh): a code masked in place at bit p is the
+    /// denormal q·2^(p−149); times the activation stored as x·2^(85−p) (E = 64), one FMA
+    /// gives exactly the f32 arithmetic on q and x scaled by 2^−64, for activations and
+    /// partial sums of ordinary sizes (|x| < 2^43, products above 2^−62).
+    #[test]
+    fn the_v3_denormal_products_are_exact() {
+        let f = |bits: u32| f32::from_bits(bits);
+        let p2 = |e: i32| f32::from_bits(((127 + e) as u32) << 23);
+        let (down, up) = (p2(-64), p2(64));
+        let mut v: u32 = 0x9E37_79B9;
+        let mut next = || {
+            v ^= v << 13;
+            v ^= v >> 17;
+            v ^= v << 5;
+            v
+        };
+        for t in 0..20_000 {
+            let w = next();
+            // Activations and running sums over 2^-20 .. 2^20, either sign.
+            let mag = |r: u32, e0: i32| {
+                let e = e0 + (r % 41) as i32 - 20;
+                let sign = if r & 0x8000_0000 != 0 { -1.0 } else { 1.0 };
+                sign * p2(e) * (1.0 + (r >> 8 & 0xFFFF) as f32 / 65536.0)
+            };
+            let x = mag(next(), 0);
+            let acc = mag(next(), 0);
+            let h = w >> 12;
+            let q4 = [
+                (f(w & 0xF), 0),
+                (f(w & 0xF0), 4),
+                (f(w & 0xF00), 8),
+                (f(w & 0xF000), 12),
+                (f(w & 0xF_0000), 16),
+                (f(h & 0xF00), 8),
+                (f(h & 0xF000), 12),
+                (f(h & 0xF_0000), 16),
+            ];
+            for (j, &(dq, pos)) in q4.iter().enumerate() {
+                let q = ((w >> (4 * j)) & 0xF) as f32;
+                let got = dq.mul_add(x * p2(85 - pos), acc * down) * up;
+                assert_eq!(
+                    got,
+                    q.mul_add(x, acc),
+                    "nibble {j} of {w:#x}, x {x}, acc {acc} ({t})"
+                );
+            }
+            let s = w >> 16;
+            let q8 = [
+                (f(w & 0xFF), 0),
+                (f(w & 0xFF00), 8),
+                (f(s & 0xFF), 0),
+                (f(s & 0xFF00), 8),
+            ];
+            for (j, &(dq, pos)) in q8.iter().enumerate() {
+                let q = ((w >> (8 * j)) & 0xFF) as f32;
+                let got = dq.mul_add(x * p2(85 - pos), acc * down) * up;
+                assert_eq!(
+                    got,
+                    q.mul_add(x, acc),
+                    "byte {j} of {w:#x}, x {x}, acc {acc} ({t})"
+                );
+                // The element-wise path: back to x·2^-64 through the denormal 2^(p-149).
+                assert_eq!(x * p2(85 - pos) * f(1 << pos), x * down);
+            }
+        }
+    }
+
+    #[test]
+    fn v3_tiles_cover_the_row() {
+        assert_eq!(v3_tile_chunks(576, 4), 18);
+        assert_eq!(v3_tile_chunks(8192, 4), 128);
+        assert_eq!(v3_tile_chunks(8192, 8), 256);
+        assert_eq!(v3_tile_chunks(100, 8), 7);
+    }
+
     #[test]
     fn v2_lanes_fit_the_row() {
         assert_eq!(v2_lanes(128), 32); // 4096 4-bit columns
@@ -1152,8 +1256,14 @@ mod tests {
         for chunks in 1..300 {
             assert!([4, 8, 16, 32].contains(&v2_lanes(chunks)));
         }
-        assert_eq!(Kernel::V2.resolve(3, 4096, 4096), Kernel::V1);
-        assert_eq!(Kernel::Auto.resolve(1, 16, 64), Kernel::V1);
+        assert_eq!(Kernel::V2.resolve(3, 4096, 4096, 4), Kernel::V1);
+        assert_eq!(Kernel::V3.resolve(3, 4096, 4096, 4), Kernel::V1);
+        assert_eq!(Kernel::Auto.resolve(1, 16, 64, 4), Kernel::V1);
+        if std::env::var("QUANTLAB_GEMV_KERNEL").is_err() {
+            assert_eq!(Kernel::Auto.resolve(1, 4096, 4096, 4), Kernel::V3);
+            assert_eq!(Kernel::Auto.resolve(2, 4096, 4096, 4), Kernel::V2);
+            assert_eq!(Kernel::Auto.resolve(1, 4096, 4096, 8), Kernel::V2);
+        }
     }
 
     #[test]
