@@ -21,7 +21,7 @@
 //! eight independent FMA chains hide the FMA latency and every activation load serves four
 //! rows. Symmetric schemes (one zero point for every group) build the table from a constant
 //! `(n − z')` row and read no zero points: the int-N GEMV then streams what the NF4 one
-//! does (codes and one scale per group). A few activation rows (2 to [`MULTI_ROWS`], on
+//! does (codes and one scale per group). A few activation rows (from 2 to below [`panel_rows`], on
 //! AVX-512) go through [`LowBit::gemm_multi`], which decodes each chunk of
 //! two weight rows once in registers for up to ten activation rows, with no panel and no
 //! transpose; so do many rows of a matrix with few output rows ([`MULTI_MAX_OUT`]), for
@@ -42,22 +42,25 @@ mod gemm;
 
 /// Columns per chunk (the unit of the code layout and of scale groups).
 pub const CHUNK: usize = 32;
-/// Up to this many activation rows, one GEMV per row beats decoding panels.
-const GEMV_ROWS: usize = 12;
+/// Fewest activation rows for which the panel GEMM ([`LowBit::gemm`]) beats the GEMVs
+/// (one per row; several rows at once on AVX-512, [`LowBit::gemm_multi`]) on path `isa`.
+/// Measured (MNIST's 256 × 784 and 256 × 256, one thread, CPU time, µs): AVX-512 at 6 rows
+/// panels 26.8 / several-row GEMV 24.7, 8 rows 32.5 / 33.1, 12 rows 47.1 / 52.4; AVX2 at
+/// 2 rows 31.3 / 35.4 (one GEMV per row, whose table lookups are slow there); portable at
+/// 12 rows 1031 / 1007.
+pub fn panel_rows(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 8,
+        Isa::Avx2 => 2,
+        Isa::Portable => 13,
+    }
+}
 /// Activation rows and output rows per call of the AVX-512 several-row GEMV
 /// (`x86::g512m`): 10 × 2 accumulators, 4 decoded weight vectors and 2 activation vectors
 /// fit the 32 registers. Measured (MNIST's 256 × 784 at m = 64, one thread): 10 × 2 259 µs,
 /// 5 × 4 280 µs (twice the decoding per FMA), f32 panels 267 µs.
 const MULTI_MR: usize = 10;
 const MULTI_NR: usize = 2;
-/// Up to this many activation rows, AVX-512 runs the several-row GEMV
-/// ([`LowBit::gemm_multi`]) instead of one GEMV per row (which decodes the weight once per
-/// row). It stops where the row-by-row GEMV stops ([`GEMV_ROWS`]): on one thread it was
-/// about as fast as the f32 panels at m = 64 (0.97× their time on 256 × 784, 0.98× on
-/// 256 × 256, 0.13× on 10 × 256), but in the MNIST lab on two threads (batch 64, p50 of
-/// 200 runs, same run) the panels were faster: int4 0.266 ms against 0.313, nf4 0.269
-/// against 0.309.
-pub const MULTI_ROWS: usize = GEMV_ROWS;
 /// Matrices of at most this many output rows take [`LowBit::gemm_multi`] (AVX-512) at any
 /// number of activation rows: a 64-wide panel would be mostly padding. Measured (10 × 256,
 /// m = 64, one thread, CPU time): 3.9 µs against 29.5 through panels (f32 GEMM 18.1).
@@ -473,14 +476,13 @@ impl LowBit {
                 return y;
             }
         }
-        if (2..=MULTI_ROWS).contains(&m) || (m > GEMV_ROWS && self.rows <= MULTI_MAX_OUT) {
+        let panels = m >= panel_rows(isa);
+        if m >= 2 && (!panels || self.rows <= MULTI_MAX_OUT) {
             if let Some(y) = self.gemm_multi(isa, x, m) {
                 return y;
             }
         }
-        // Measured (576×576, one thread): m activation rows through the GEMV cost about m
-        // times one row; the GEMM's panel decoding costs about as much as 8–16 such rows.
-        if m <= GEMV_ROWS {
+        if !panels {
             let mut y = vec![0f32; m * self.rows];
             for r in 0..m {
                 self.gemv(
@@ -1439,7 +1441,7 @@ mod tests {
         let x: Vec<f32> = (0..m * cols).map(|_| rng.gen_range(-2.0..2.0)).collect();
         for isa in Isa::available() {
             // The panel GEMM called directly too, at every m (`matmul_with` takes it only
-            // past GEMV_ROWS rows, and not for matrices of few output rows on AVX-512).
+            // from `panel_rows` rows on, and not for matrices of few output rows on AVX-512).
             let mut ys = vec![
                 ("matmul_with", lb.matmul_with(isa, &x, m)),
                 ("gemm", lb.gemm(isa, &x, m)),

@@ -13,7 +13,9 @@
 //! holds the codes of rows `t·nr ..< t·nr + nr` at column `p`, so a panel row is two
 //! 16-byte loads, widening, one table permute per 16 weights and one multiply by a vector
 //! of per-row scales: ~4 vector operations per 64 weights on the FMA ports against the 256
-//! FMAs that 64 activation rows spend on them.
+//! FMAs that 64 activation rows spend on them. On AVX-512 the first four activation rows
+//! are multiplied while the panel is decoded (`x86::decode_mul64`), so the decoding's
+//! stores and shuffles overlap FMAs instead of running on their own.
 //!
 //! The decoded values are bit for bit those of [`LowBit::weight`] (the same one or two
 //! roundings, `(n − z')·s` or `table[n]·s`), so products differ from `x · Ŵᵀ` only by
@@ -179,30 +181,12 @@ impl TileCodes {
     /// `panel[q·nr + j] = W[t·nr + j, p0 + q]` for `q < kc`, `j < nr` (zeros past the
     /// matrix's rows), exactly [`LowBit::weight`]'s values.
     pub(super) fn decode(&self, isa: Isa, t: usize, p0: usize, kc: usize, panel: &mut [f32]) {
-        let (nr, step) = (self.nr, self.step);
-        assert!(t < self.tiles && p0 + kc <= self.cols && panel.len() >= kc * nr);
-        assert!(self.codes.len() >= self.tiles * self.cols * step);
-        let segs = &self.starts[self.first[t]..self.first[t + 1]];
-        // The segment holding p0 (the first starts at 0).
-        let mut s = segs.partition_point(|&st| st as usize <= p0) - 1;
+        let nr = self.nr;
+        assert!(panel.len() >= kc * nr);
         let mut p = p0;
         while p < p0 + kc {
-            let end = segs
-                .get(s + 1)
-                .map_or(self.cols, |&e| e as usize)
-                .min(p0 + kc);
-            let g = self.first[t] + s;
-            let scale = &self.scale[g * nr..(g + 1) * nr];
-            let zero = (!self.zero.is_empty()).then(|| &self.zero[g * nr..(g + 1) * nr]);
-            let codes = &self.codes[(t * self.cols + p) * step..(t * self.cols + end) * step];
+            let (run, end) = self.run(t, p, p0 + kc);
             let out = &mut panel[(p - p0) * nr..(end - p0) * nr];
-            let run = Run {
-                codes,
-                base: &self.base,
-                scale,
-                zero,
-                bytes: self.bytes,
-            };
             match (isa.min(Isa::detected()), nr) {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AVX-512 is detected (capped above); `run` is a whole number of
@@ -214,8 +198,27 @@ impl TileCodes {
                 _ => decode_portable(&run, nr, out),
             }
             p = end;
-            s += 1;
         }
+    }
+
+    /// The steps of tile `t` from column `p` to the end of its segment or `stop`, whichever
+    /// comes first (`p < stop <= cols`), with the segment's parameters; and that end.
+    fn run(&self, t: usize, p: usize, stop: usize) -> (Run<'_>, usize) {
+        let (nr, step) = (self.nr, self.step);
+        assert!(t < self.tiles && p < stop && stop <= self.cols);
+        let segs = &self.starts[self.first[t]..self.first[t + 1]];
+        // The segment holding p (the first starts at 0).
+        let s = segs.partition_point(|&st| st as usize <= p) - 1;
+        let end = segs.get(s + 1).map_or(self.cols, |&e| e as usize).min(stop);
+        let g = self.first[t] + s;
+        let run = Run {
+            codes: &self.codes[(t * self.cols + p) * step..(t * self.cols + end) * step],
+            base: &self.base,
+            scale: &self.scale[g * nr..(g + 1) * nr],
+            zero: (!self.zero.is_empty()).then(|| &self.zero[g * nr..(g + 1) * nr]),
+            bytes: self.bytes,
+        };
+        (run, end)
     }
 }
 
@@ -249,8 +252,8 @@ fn decode_portable(run: &Run, nr: usize, out: &mut [f32]) {
 }
 
 /// Rows `r0 .. r1` (activations `x`, `[m, cols]`) times tile `t` into `y` (`[m, rows]`):
-/// the tile decoded one depth block at a time into `panel`, each block through the f32
-/// register tiles.
+/// the tile decoded one depth block at a time into `panel` (on AVX-512 while multiplying
+/// the first four rows), each block through the f32 register tiles for the other rows.
 ///
 /// # Safety
 /// `y` is valid for writes of `[m, rows]` and no other thread writes rows `r0..r1` of
@@ -272,27 +275,51 @@ unsafe fn tile_rows(
         panel.resize(kb * nr, 0.0);
     }
     let width = nr.min(rows - t * nr);
+    // AVX-512: the first (up to) 4 rows are multiplied while the panel is decoded.
+    let fused = if cfg!(target_arch = "x86_64") && isa.min(Isa::detected()) == Isa::Avx512 {
+        (r1 - r0).min(4)
+    } else {
+        0
+    };
     let mut k0 = 0;
     while k0 < k {
         let kc = kb.min(k - k0);
-        tc.decode(isa, t, k0, kc, panel);
-        // SAFETY: rows r0..r1 and columns t·nr .. t·nr + width of y (row stride `rows`)
-        // are this call's alone (the caller's contract); the slices are bounds-checked in
-        // the callee.
-        unsafe {
-            gemm_f32::panel_block(
-                isa,
-                &x[r0 * k + k0..],
-                r1 - r0,
-                k,
-                kc,
-                panel,
-                y.add(r0 * rows + t * nr),
-                rows,
-                width,
-                k0 > 0,
-            )
-        };
+        // SAFETY (both blocks): rows r0..r1 and columns t·nr .. t·nr + width of y (row
+        // stride `rows`) are this call's alone (the caller's contract); the slices are
+        // bounds-checked in the callees; AVX-512 is detected where `fused > 0`.
+        #[cfg(target_arch = "x86_64")]
+        if fused > 0 {
+            let (xs, at, acc) = (&x[r0 * k + k0..], (t, k0, kc), k0 > 0);
+            unsafe {
+                let c = y.add(r0 * rows + t * nr);
+                match fused {
+                    4 => x86::decode_mul64::<4>(tc, at, panel, xs, k, c, rows, width, acc),
+                    3 => x86::decode_mul64::<3>(tc, at, panel, xs, k, c, rows, width, acc),
+                    2 => x86::decode_mul64::<2>(tc, at, panel, xs, k, c, rows, width, acc),
+                    _ => x86::decode_mul64::<1>(tc, at, panel, xs, k, c, rows, width, acc),
+                }
+            }
+        }
+        if fused == 0 {
+            tc.decode(isa, t, k0, kc, panel);
+        }
+        let r = r0 + fused;
+        if r < r1 {
+            unsafe {
+                gemm_f32::panel_block(
+                    isa,
+                    &x[r * k + k0..],
+                    r1 - r,
+                    k,
+                    kc,
+                    panel,
+                    y.add(r * rows + t * nr),
+                    rows,
+                    width,
+                    k0 > 0,
+                )
+            };
+        }
         k0 += kc;
     }
 }
@@ -360,7 +387,7 @@ pub(super) fn gemm(lb: &LowBit, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::Run;
+    use super::{Run, TileCodes};
     use std::arch::x86_64::*;
 
     /// 64 lanes a step (AVX-512): nibbles are 32 bytes, byte `j` lanes `j` and `j + 32`;
@@ -372,45 +399,247 @@ mod x86 {
     /// The CPU must have AVX-512 F/BW/VL.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn decode64(run: &Run, out: &mut [f32]) {
-        let step = if run.bytes { 64 } else { 32 };
-        let steps = run.codes.len() / step;
-        assert!(run.codes.len() == steps * step && out.len() >= steps * 64);
-        assert!(run.scale.len() >= 64 && run.zero.is_none_or(|z| z.len() >= 64));
-        // SAFETY (whole body): step s reads bytes s·step .. s·step + step of `codes` and
-        // writes floats s·64 .. s·64 + 64 of `out` (both asserted above); scale and zero
-        // hold 64 floats; `base` 16.
+        // SAFETY: AVX-512 per the caller; the callee asserts the bounds.
         unsafe {
-            let base = _mm512_loadu_ps(run.base.as_ptr());
-            let sc: [__m512; 4] =
-                std::array::from_fn(|v| _mm512_loadu_ps(run.scale.as_ptr().add(16 * v)));
-            let ze: Option<[__m512; 4]> = run
-                .zero
-                .map(|z| std::array::from_fn(|v| _mm512_loadu_ps(z.as_ptr().add(16 * v))));
+            match (run.bytes, run.zero.is_some()) {
+                (false, false) => decode64_with::<false, false>(run, out),
+                (false, true) => decode64_with::<false, true>(run, out),
+                (true, false) => decode64_with::<true, false>(run, out),
+                (true, true) => decode64_with::<true, true>(run, out),
+            }
+        }
+    }
+
+    /// [`decode64`] for one kind: byte codes or nibbles, with or without zero points.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn decode64_with<const BYTES: bool, const ZERO: bool>(run: &Run, out: &mut [f32]) {
+        let step = if BYTES { 64 } else { 32 };
+        let steps = run.codes.len() / step;
+        assert!(run.bytes == BYTES && run.zero.is_some() == ZERO);
+        assert!(run.codes.len() == steps * step && out.len() >= steps * 64);
+        // SAFETY (whole body): step s reads bytes s·step .. s·step + step of `codes` and
+        // writes floats s·64 .. s·64 + 64 of `out` (both asserted above); the parameters
+        // are checked in `params64`.
+        unsafe {
+            let (base, sc, ze) = params64::<ZERO>(run);
             let (c, o) = (run.codes.as_ptr(), out.as_mut_ptr());
             for s in 0..steps {
-                let p = c.add(s * step);
-                let v: [__m512; 4] = if run.bytes {
-                    std::array::from_fn(|v| {
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
-                            p.add(16 * v) as *const __m128i
-                        )))
-                    })
-                } else {
-                    let e0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
-                    let e1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
-                    [
-                        _mm512_permutexvar_ps(e0, base),
-                        _mm512_permutexvar_ps(e1, base),
-                        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e0), base),
-                        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e1), base),
-                    ]
-                };
-                for (i, v) in v.into_iter().enumerate() {
-                    let w = match ze {
-                        Some(z) => _mm512_mul_ps(_mm512_sub_ps(v, z[i]), sc[i]),
-                        None => _mm512_mul_ps(v, sc[i]),
-                    };
+                let w = step64::<BYTES, ZERO>(c.add(s * step), base, &sc, &ze);
+                for (i, w) in w.into_iter().enumerate() {
                     _mm512_storeu_ps(o.add(s * 64 + 16 * i), w);
+                }
+            }
+        }
+    }
+
+    /// A run's base table, 4 vectors of scales, and of zero points (zeros if none).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn params64<const ZERO: bool>(run: &Run) -> (__m512, [__m512; 4], [__m512; 4]) {
+        assert!(run.scale.len() >= 64 && run.zero.is_none_or(|z| z.len() >= 64));
+        let zero = run.zero.unwrap_or(run.scale);
+        // SAFETY: `base` holds 16 floats, `scale` and `zero` 64 (asserted).
+        unsafe {
+            let (s, z) = (run.scale.as_ptr(), zero.as_ptr());
+            let mut sc = [_mm512_setzero_ps(); 4];
+            let mut ze = [_mm512_setzero_ps(); 4];
+            for v in 0..4 {
+                sc[v] = _mm512_loadu_ps(s.add(16 * v));
+                if ZERO {
+                    ze[v] = _mm512_loadu_ps(z.add(16 * v));
+                }
+            }
+            (_mm512_loadu_ps(run.base.as_ptr()), sc, ze)
+        }
+    }
+
+    /// The 64 weights of the step at `p` (32 nibble bytes or 64 code bytes), exactly
+    /// `(v − z)·s` or `v·s` with `v` the base table's entry or the byte.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL; `p` readable for one step.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn step64<const BYTES: bool, const ZERO: bool>(
+        p: *const u8,
+        base: __m512,
+        sc: &[__m512; 4],
+        ze: &[__m512; 4],
+    ) -> [__m512; 4] {
+        // SAFETY: one step of bytes at `p` (the caller's contract).
+        let v = unsafe {
+            if BYTES {
+                let f = |o: usize| {
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                        p.add(o) as *const __m128i
+                    )))
+                };
+                [f(0), f(16), f(32), f(48)]
+            } else {
+                let e0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+                let e1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
+                [
+                    _mm512_permutexvar_ps(e0, base),
+                    _mm512_permutexvar_ps(e1, base),
+                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e0), base),
+                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e1), base),
+                ]
+            }
+        };
+        let mut w = v;
+        for i in 0..4 {
+            w[i] = if ZERO {
+                _mm512_mul_ps(_mm512_sub_ps(v[i], ze[i]), sc[i])
+            } else {
+                _mm512_mul_ps(v[i], sc[i])
+            };
+        }
+        w
+    }
+
+    /// `R` (1–4) activation rows times columns `p0 .. p0 + kc` of tile `t`, decoding the
+    /// tile's panel on the way: `panel` gets exactly what [`decode64`] writes, and
+    /// `c[r·ldc + j] (+)= Σ_{q < kc} x[r·ldx + q] · panel[q·64 + j]` for `r < R`, `j < cols`
+    /// (`+=` when `accumulate`), summed in `q` order from zero as the f32 GEMM's register
+    /// tile sums. The decoding's stores and shuffles run beside this pass's FMAs instead of
+    /// on their own (separately they cost ~3.5% of MNIST's batch-64 layers).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F/BW/VL; `c` valid for reads and writes at `r·ldc + j`
+    /// (`r < R`, `j < cols`), by this thread alone (the rest is asserted).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn decode_mul64<const R: usize>(
+        tc: &TileCodes,
+        (t, p0, kc): (usize, usize, usize),
+        panel: &mut [f32],
+        x: &[f32],
+        ldx: usize,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        // SAFETY: AVX-512 and `c` per the caller.
+        unsafe {
+            match (tc.bytes, !tc.zero.is_empty()) {
+                (false, false) => decode_mul64_with::<R, false, false>(
+                    tc,
+                    (t, p0, kc),
+                    panel,
+                    x,
+                    ldx,
+                    c,
+                    ldc,
+                    cols,
+                    accumulate,
+                ),
+                (false, true) => decode_mul64_with::<R, false, true>(
+                    tc,
+                    (t, p0, kc),
+                    panel,
+                    x,
+                    ldx,
+                    c,
+                    ldc,
+                    cols,
+                    accumulate,
+                ),
+                (true, false) => decode_mul64_with::<R, true, false>(
+                    tc,
+                    (t, p0, kc),
+                    panel,
+                    x,
+                    ldx,
+                    c,
+                    ldc,
+                    cols,
+                    accumulate,
+                ),
+                (true, true) => decode_mul64_with::<R, true, true>(
+                    tc,
+                    (t, p0, kc),
+                    panel,
+                    x,
+                    ldx,
+                    c,
+                    ldc,
+                    cols,
+                    accumulate,
+                ),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn decode_mul64_with<const R: usize, const BYTES: bool, const ZERO: bool>(
+        tc: &TileCodes,
+        (t, p0, kc): (usize, usize, usize),
+        panel: &mut [f32],
+        x: &[f32],
+        ldx: usize,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        assert!(tc.nr == 64 && tc.bytes == BYTES && (1..=4).contains(&R));
+        assert!(panel.len() >= kc * 64 && cols <= 64 && ldc >= cols && ldx >= kc);
+        assert!(x.len() >= (R - 1) * ldx + kc);
+        let step = if BYTES { 64 } else { 32 };
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        let (xp, out) = (x.as_ptr(), panel.as_mut_ptr());
+        let mut p = p0;
+        while p < p0 + kc {
+            let (run, end) = tc.run(t, p, p0 + kc);
+            assert!(run.zero.is_some() == ZERO && run.codes.len() == (end - p) * step);
+            let (base, sc, ze) = params64::<ZERO>(&run);
+            for q in p - p0..end - p0 {
+                // SAFETY: step q − (p − p0) of `run` is inside its codes (asserted); panel
+                // row q < kc and activation column q < kc of rows r < R are inside `panel`
+                // and `x` (asserted above).
+                unsafe {
+                    let w = step64::<BYTES, ZERO>(
+                        run.codes.as_ptr().add((q - (p - p0)) * step),
+                        base,
+                        &sc,
+                        &ze,
+                    );
+                    for (i, &w) in w.iter().enumerate() {
+                        _mm512_storeu_ps(out.add(q * 64 + 16 * i), w);
+                    }
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let a = _mm512_set1_ps(*xp.add(r * ldx + q));
+                        for i in 0..4 {
+                            acc[i] = _mm512_fmadd_ps(a, w[i], acc[i]);
+                        }
+                    }
+                }
+            }
+            p = end;
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, &sum) in acc.iter().enumerate() {
+                let left = cols.saturating_sub(16 * v).min(16);
+                if left == 0 {
+                    break;
+                }
+                let mask: __mmask16 = if left == 16 {
+                    0xffff
+                } else {
+                    (1u16 << left) - 1
+                };
+                // SAFETY: only the `left` columns of this vector of row r < R, inside the
+                // caller's bounds on `c`.
+                unsafe {
+                    let at = c.add(r * ldc + 16 * v);
+                    let sum = if accumulate {
+                        _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), sum)
+                    } else {
+                        sum
+                    };
+                    _mm512_mask_storeu_ps(at, mask, sum);
                 }
             }
         }
