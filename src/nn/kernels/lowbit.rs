@@ -24,12 +24,12 @@
 //! does (codes and one scale per group). A few activation rows (from 2 to below [`panel_rows`], on
 //! AVX-512) go through [`LowBit::gemm_multi`], which decodes each chunk of
 //! two weight rows once in registers for up to ten activation rows, with no panel and no
-//! transpose; so do many rows of a matrix with few output rows ([`MULTI_MAX_OUT`]), for
-//! which a panel would be mostly padding. Prefill (many rows, [`LowBit::gemm`], module
+//! transpose. Prefill (many rows, [`LowBit::gemm`], module
 //! `gemm`) reads a second copy of the codes laid out in the dense f32 GEMM's panel order,
 //! decodes each tile of 64 output rows (16 below AVX-512) once per call into a
 //! cache-resident f32 panel holding exactly the dequantized weights, and runs the f32
-//! GEMM's own register tiles over every activation row; tiles are spread over threads.
+//! GEMM's own register tiles over every activation row; tiles are spread over threads
+//! (matrices of at most [`NARROW_ROWS`] output rows take 16-wide tiles on AVX-512 too).
 //! Only float summation order differs from `x · Ŵᵀ` with `Ŵ` the exact dequantized
 //! weights.
 
@@ -61,10 +61,12 @@ pub fn panel_rows(isa: Isa) -> usize {
 /// 5 × 4 280 µs (twice the decoding per FMA), f32 panels 267 µs.
 const MULTI_MR: usize = 10;
 const MULTI_NR: usize = 2;
-/// Matrices of at most this many output rows take [`LowBit::gemm_multi`] (AVX-512) at any
-/// number of activation rows: a 64-wide panel would be mostly padding. Measured (10 × 256,
-/// m = 64, one thread, CPU time): 3.9 µs against 29.5 through panels (f32 GEMM 18.1).
-pub const MULTI_MAX_OUT: usize = 32;
+/// Matrices of at most this many output rows run the panel GEMM on 16-wide tiles (the AVX2
+/// path's layout and register tiles) on AVX-512 too: a 64-wide panel would be mostly
+/// padding (10 × 256 at m = 64, one thread: 18.7 µs through 64-wide panels, f32 GEMM 18.1).
+/// Every tile kernel sums each output as one FMA chain in column order, so the bits do not
+/// depend on the tile width: a stacked q|k|v weight gives what its parts give.
+pub const NARROW_ROWS: usize = 32;
 
 /// How codes are stored and turned into values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -477,7 +479,7 @@ impl LowBit {
             }
         }
         let panels = m >= panel_rows(isa);
-        if m >= 2 && (!panels || self.rows <= MULTI_MAX_OUT) {
+        if m >= 2 && !panels {
             if let Some(y) = self.gemm_multi(isa, x, m) {
                 return y;
             }
@@ -492,6 +494,8 @@ impl LowBit {
                 );
             }
             y
+        } else if isa == Isa::Avx512 && self.rows <= NARROW_ROWS {
+            self.gemm(Isa::Avx2, x, m)
         } else {
             self.gemm(isa, x, m)
         }
@@ -1470,6 +1474,15 @@ mod tests {
                     }
                 }
             }
+        }
+        // 16- and 64-wide tiles sum each output alike (one FMA chain in column order): the
+        // narrow-matrix rule (`NARROW_ROWS`) and stacked weights rely on it.
+        if Isa::available().contains(&Isa::Avx512) {
+            let (a, b) = (lb.gemm(Isa::Avx2, &x, m), lb.gemm(Isa::Avx512, &x, m));
+            assert!(
+                a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "m={m}"
+            );
         }
         // The layout decodes to exactly the reference weights.
         let d = lb.decode_all();
