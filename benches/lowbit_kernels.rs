@@ -1,7 +1,8 @@
 //! Weight-only low-bit kernels (nn::kernels::lowbit through `QLinear`) against candle's
 //! f32 matmul (also what a cached dequantized matrix costs) and candle's `QMatMul` on
 //! Q4_0 (and the kernel alone, with f32 or q8 activations: `gemv_q8` rows and the
-//! `--activations q8` panels), on SmolLM2-135M's shapes (`out × in`) for decoding (m = 1)
+//! `--activations q8` panels; for many rows the exact panel GEMM beside the dense f32 GEMM's
+//! packed kernel), on SmolLM2-135M's shapes (`out × in`) for decoding (m = 1)
 //! and prefill (m = 512), and the MNIST MLP's three layers at batch 1 and 64. Compare rows
 //! of one run: the machine is shared.
 //!
@@ -11,9 +12,9 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Module;
 use criterion::{criterion_group, criterion_main, Criterion};
-use quantlab::nn::kernels::gemv_q8;
 use quantlab::nn::kernels::lowbit::LowBit;
 use quantlab::nn::kernels::Isa;
+use quantlab::nn::kernels::{gemm_f32, gemv_q8};
 use quantlab::nn::QLinear;
 use quantlab::quant::random;
 use std::hint::black_box;
@@ -27,7 +28,8 @@ fn bench(c: &mut Criterion) {
         cases.push((o, i, 512));
     }
     cases.push((49152, 576, 1));
-    // The MNIST MLP's layers at batch 1 and 64 (64 rows take the several-row GEMV).
+    // The MNIST MLP's layers at batch 1 and 64 (64 rows take the panel GEMM; 10 × 256 the
+    // several-row GEMV).
     for &(o, i) in &[(256, 784), (256, 256), (10, 256)] {
         cases.push((o, i, 1));
         cases.push((o, i, 64));
@@ -83,6 +85,34 @@ fn bench(c: &mut Criterion) {
                 // GEMV above elsewhere.
                 g.bench_function(format!("kernel_i4_g64_a8_{}", isa.name()), |b| {
                     b.iter(|| lb.matmul_a8(isa, black_box(&xs), 1))
+                });
+            }
+        }
+        // Many rows: the exact panel GEMM (codes in panel order, decoded once per call)
+        // against the dense f32 GEMM's packed kernel on the same shape, every path.
+        if m > 1 {
+            let codes: Vec<u8> = (0..o * i).map(|k| ((k * 7919) % 16) as u8).collect();
+            let groups = o * i.div_ceil(64);
+            let lb = LowBit::from_int(
+                o,
+                i,
+                &codes,
+                false,
+                4,
+                &vec![0.01; groups],
+                &vec![8; groups],
+                64,
+            )
+            .unwrap();
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let ws = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for isa in Isa::available() {
+                let pw = gemm_f32::PackedWeight::new(&ws, o, i, gemm_f32::panel_width(isa));
+                g.bench_function(format!("kernel_f32_{}", isa.name()), |b| {
+                    b.iter(|| gemm_f32::matmul_with(isa, black_box(&xs), m, &pw))
+                });
+                g.bench_function(format!("kernel_i4_g64_{}", isa.name()), |b| {
+                    b.iter(|| lb.matmul_with(isa, black_box(&xs), m))
                 });
             }
         }

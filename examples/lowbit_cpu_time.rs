@@ -3,7 +3,8 @@
 //! layers at batch 1 and 64, SmolLM2's at 1 (decode) and 512 (prefill). Process CPU clock
 //! (a loaded machine's descheduling does not count), one rayon thread unless `THREADS`
 //! says otherwise; best and median of 7 repetitions, in µs.
-//! `cargo run --release --example lowbit_cpu_time [mnist|decode|prefill]`.
+//! `cargo run --release --example lowbit_cpu_time [mnist|decode|prefill]` (`M=6,64`: the
+//! MNIST batch sizes).
 use quantlab::nn::kernels::gemm_f32::{self, panel_width, PackedWeight};
 use quantlab::nn::kernels::lowbit::LowBit;
 use quantlab::nn::kernels::Isa;
@@ -50,7 +51,12 @@ fn main() {
             .iter()
             .map(|&(o, i)| (o, i, 512))
             .collect(),
-        _ => [1, 64]
+        // `M=6,64` picks the batch sizes (default 1 and 64).
+        _ => std::env::var("M")
+            .ok()
+            .map_or(vec![1, 64], |v| {
+                v.split(',').map(|m| m.trim().parse().unwrap()).collect()
+            })
             .iter()
             .flat_map(|&m| [(256, 784, m), (256, 256, m), (10, 256, m)])
             .collect(),

@@ -371,6 +371,54 @@ pub fn matmul_panels(
     }
 }
 
+/// `c[i·ldc + j] (+)= Σ_{p < kc} x[i·ldx + p] · panel[p·nr + j]` for `i < m`, `j < cols`
+/// (`+=` when `accumulate`), `nr = panel_width(isa)`: one `kc × nr` panel laid out as a
+/// packed weight's, through this GEMM's register tiles, on the calling thread. For kernels
+/// that build a panel themselves (the weight-only low-bit GEMM decodes its codes into one
+/// per call) and then run the very micro-kernels of the f32 product.
+///
+/// # Safety
+/// `c` must be valid for reads and writes at `i·ldc + j` for `i < m`, `j < cols`, with no
+/// other thread touching those elements meanwhile (the slice bounds are asserted).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn panel_block(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    ldx: usize,
+    kc: usize,
+    panel: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    let nr = panel_width(isa);
+    // (`isa <= detected` is `Isa::available().contains`, without a vector per call.)
+    assert!(isa <= Isa::detected(), "{isa:?} not available");
+    assert!(cols <= nr && ldc >= cols && ldx >= kc, "panel block shape");
+    assert!(panel.len() >= kc * nr, "panel size");
+    if m == 0 || kc == 0 {
+        return;
+    }
+    assert!(x.len() >= (m - 1) * ldx + kc, "activation buffer size");
+    for t0 in (0..m).step_by(MR) {
+        let tile = Tile {
+            a: &x[t0 * ldx..],
+            lda: ldx,
+            b: panel,
+            kc,
+            // SAFETY: row t0 < m: inside the caller's bounds on `c`.
+            c: unsafe { c.add(t0 * ldc) },
+            ldc,
+            mr: MR.min(m - t0),
+            cols,
+            accumulate,
+        };
+        tile.run(isa);
+    }
+}
+
 /// A part of a product: the first `n` output columns and the first `k` inner steps of a
 /// packed weight (attention multiplies by a causal prefix of its keys and values).
 pub struct Region {

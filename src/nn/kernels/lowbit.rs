@@ -21,63 +21,52 @@
 //! eight independent FMA chains hide the FMA latency and every activation load serves four
 //! rows. Symmetric schemes (one zero point for every group) build the table from a constant
 //! `(n − z')` row and read no zero points: the int-N GEMV then streams what the NF4 one
-//! does (codes and one scale per group). A few activation rows (2 to [`MULTI_ROWS`], on
+//! does (codes and one scale per group). A few activation rows (from 2 to below [`panel_rows`], on
 //! AVX-512) go through [`LowBit::gemm_multi`], which decodes each chunk of
 //! two weight rows once in registers for up to ten activation rows, with no panel and no
-//! transpose. Prefill (many rows, [`LowBit::gemm`]) decodes a tile of 64 output rows (32
-//! below AVX-512) × up to 768 columns into a cache-resident f32 panel holding exactly the
-//! dequantized weights, then an f32 register-blocked micro-kernel (6 activation rows × the
-//! tile's outputs) runs over every
-//! activation row; tiles are spread over threads. Only float summation order differs from
-//! `x · Ŵᵀ` with `Ŵ` the exact dequantized weights.
+//! transpose. Prefill (many rows, [`LowBit::gemm`], module
+//! `gemm`) reads a second copy of the codes laid out in the dense f32 GEMM's panel order,
+//! decodes each tile of 64 output rows (16 below AVX-512) once per call into a
+//! cache-resident f32 panel holding exactly the dequantized weights, and runs the f32
+//! GEMM's own register tiles over every activation row; tiles are spread over threads
+//! (matrices of at most [`NARROW_ROWS`] output rows take 16-wide tiles on AVX-512 too).
+//! Only float summation order differs from `x · Ŵᵀ` with `Ŵ` the exact dequantized
+//! weights.
 
 use super::ggml_blocks::{panels, BlockKind, PanelBlocks};
 use super::Isa;
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
+mod gemm;
+
 /// Columns per chunk (the unit of the code layout and of scale groups).
 pub const CHUNK: usize = 32;
-/// Output rows per prefill tile (the width of the decoded f32 panel) on the AVX2 and
-/// portable paths.
-const NR: usize = 32;
-/// The same on AVX-512: a 6 × 64 register tile (24 accumulators, four weight loads per six
-/// broadcasts) as the dense f32 GEMM's; the 6 × 32 tile was bound by its loads.
-const NR512: usize = 64;
-
-/// Fewest activation rows per part when a GEMM's rows are split between threads.
-const PART_ROWS: usize = 128;
-
-/// The prefill tile width of path `isa`.
-fn tile_width(isa: Isa) -> usize {
-    if isa == Isa::Avx512 {
-        NR512
-    } else {
-        NR
+/// Fewest activation rows for which the panel GEMM ([`LowBit::gemm`]) beats the GEMVs
+/// (one per row; several rows at once on AVX-512, [`LowBit::gemm_multi`]) on path `isa`.
+/// Measured (MNIST's 256 × 784 and 256 × 256, one thread, CPU time, µs): AVX-512 at 6 rows
+/// panels 26.8 / several-row GEMV 24.7, 8 rows 32.5 / 33.1, 12 rows 47.1 / 52.4; AVX2 at
+/// 2 rows 31.3 / 35.4 (one GEMV per row, whose table lookups are slow there); portable at
+/// 12 rows 1031 / 1007.
+pub fn panel_rows(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 8,
+        Isa::Avx2 => 2,
+        Isa::Portable => 13,
     }
 }
-/// Columns per prefill panel (64 × 768 f32 = 192 KiB, in L2 on Zen 4), as the dense
-/// GEMM's K block: SmolLM2's k = 576 is then one panel, and each output tile is written
-/// once instead of re-read and re-written per block (measured: 256 cost 3–7% over f32).
-const KC: usize = 768;
-/// Up to this many activation rows, one GEMV per row beats decoding panels.
-const GEMV_ROWS: usize = 12;
-/// Activation rows per micro-kernel call.
-const MR: usize = 6;
 /// Activation rows and output rows per call of the AVX-512 several-row GEMV
 /// (`x86::g512m`): 10 × 2 accumulators, 4 decoded weight vectors and 2 activation vectors
 /// fit the 32 registers. Measured (MNIST's 256 × 784 at m = 64, one thread): 10 × 2 259 µs,
 /// 5 × 4 280 µs (twice the decoding per FMA), f32 panels 267 µs.
 const MULTI_MR: usize = 10;
 const MULTI_NR: usize = 2;
-/// Up to this many activation rows, AVX-512 runs the several-row GEMV
-/// ([`LowBit::gemm_multi`]) instead of one GEMV per row (which decodes the weight once per
-/// row). It stops where the row-by-row GEMV stops ([`GEMV_ROWS`]): on one thread it was
-/// about as fast as the f32 panels at m = 64 (0.97× their time on 256 × 784, 0.98× on
-/// 256 × 256, 0.13× on 10 × 256), but in the MNIST lab on two threads (batch 64, p50 of
-/// 200 runs, same run) the panels were faster: int4 0.266 ms against 0.313, nf4 0.269
-/// against 0.309.
-pub const MULTI_ROWS: usize = GEMV_ROWS;
+/// Matrices of at most this many output rows run the panel GEMM on 16-wide tiles (the AVX2
+/// path's layout and register tiles) on AVX-512 too: a 64-wide panel would be mostly
+/// padding (10 × 256 at m = 64, one thread: 18.7 µs through 64-wide panels, f32 GEMM 18.1).
+/// Every tile kernel sums each output as one FMA chain in column order, so the bits do not
+/// depend on the tile width: a stacked q|k|v weight gives what its parts give.
+pub const NARROW_ROWS: usize = 32;
 
 /// How codes are stored and turned into values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +115,8 @@ pub struct LowBit {
     /// The q8-activation panel copy (`kernels::prefill`, [`LowBit::a8_panels`]), built on
     /// first use; `None` inside where the codes do not fit it.
     a8: OnceLock<Option<PanelBlocks>>,
+    /// The codes in panel order for [`Self::gemm`], 16 and 64 rows wide, built on first use.
+    tiles: [OnceLock<gemm::TileCodes>; 2],
 }
 
 impl std::fmt::Debug for LowBit {
@@ -284,6 +275,7 @@ impl LowBit {
             split: Vec::new(),
             split_halves: false,
             a8: OnceLock::new(),
+            tiles: Default::default(),
         })
     }
 
@@ -349,6 +341,7 @@ impl LowBit {
             split: Vec::new(),
             split_halves: false,
             a8: OnceLock::new(),
+            tiles: Default::default(),
         })
     }
 
@@ -401,6 +394,7 @@ impl LowBit {
             split_halves: split.iter().all(|&at| at % 16 == 0),
             split,
             a8: OnceLock::new(),
+            tiles: Default::default(),
         }
     }
 
@@ -422,9 +416,16 @@ impl LowBit {
         self.kind
     }
 
-    /// Bytes held by the kernel layout (codes and per-group parameters).
+    /// Bytes held by the kernel layout (codes and per-group parameters), with the
+    /// panel-ordered copies built so far ([`Self::gemm`]).
     pub fn layout_bytes(&self) -> usize {
-        self.codes.len() + 4 * (self.scale.len() + self.zero.len())
+        let tiles: usize = self
+            .tiles
+            .iter()
+            .filter_map(|t| t.get())
+            .map(|t| t.bytes())
+            .sum();
+        self.codes.len() + 4 * (self.scale.len() + self.zero.len()) + tiles
     }
 
     /// The unsigned code of (row `o`, column `p`).
@@ -477,14 +478,13 @@ impl LowBit {
                 return y;
             }
         }
-        if (2..=MULTI_ROWS).contains(&m) {
+        let panels = m >= panel_rows(isa);
+        if m >= 2 && !panels {
             if let Some(y) = self.gemm_multi(isa, x, m) {
                 return y;
             }
         }
-        // Measured (576×576, one thread): m activation rows through the GEMV cost about m
-        // times one row; the GEMM's panel decoding costs about as much as 8–16 such rows.
-        if m <= GEMV_ROWS {
+        if !panels {
             let mut y = vec![0f32; m * self.rows];
             for r in 0..m {
                 self.gemv(
@@ -494,6 +494,8 @@ impl LowBit {
                 );
             }
             y
+        } else if isa == Isa::Avx512 && self.rows <= NARROW_ROWS {
+            self.gemm(Isa::Avx2, x, m)
         } else {
             self.gemm(isa, x, m)
         }
@@ -672,164 +674,20 @@ impl LowBit {
         None
     }
 
-    /// Many activation rows: f32 panels of 32 decoded output rows × 256 columns, an f32
-    /// micro-kernel over all activation rows; output tiles in parallel.
+    /// Many activation rows: each tile of output rows decoded once per call from the
+    /// panel-ordered copy of the codes into an f32 panel that the dense f32 GEMM's
+    /// register tiles multiply with every activation row (see [`gemm`]).
     pub fn gemm(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
-        assert_eq!(x.len(), m * self.cols);
-        let nr = tile_width(isa);
-        let tiles = self.rows.div_ceil(nr);
-        // Few tiles (a 192-row projection is 3 tiles of 64): split the activation rows too,
-        // each part decoding its own panels; only parts of at least PART_ROWS rows, over
-        // which the decoding (scalar transposed stores) is repaid.
-        let threads = rayon::current_num_threads().max(1);
-        let parts = if tiles >= 4 * threads {
-            1
-        } else {
-            (4 * threads).div_ceil(tiles).min(m / PART_ROWS).max(1)
-        };
-        let rb = m.div_ceil(parts).next_multiple_of(MR);
-        let parts = m.div_ceil(rb);
-        let mut y = vec![0f32; m * self.rows];
-        let yp = super::SendPtr(y.as_mut_ptr());
-        (0..tiles * parts).into_par_iter().for_each(|item| {
-            let (t, b) = (item % tiles, item / tiles);
-            let (r0, r1) = (b * rb, ((b + 1) * rb).min(m));
-            let mut panel = vec![0f32; KC.min(self.nch * CHUNK) * nr];
-            let mut out = vec![0f32; (r1 - r0) * nr];
-            let mut p0 = 0;
-            while p0 < self.cols {
-                let kc = (self.cols - p0).min(KC);
-                self.decode_panel(isa, nr, t * nr, p0, kc, &mut panel);
-                let mut r = r0;
-                while r < r1 {
-                    let mr = (r1 - r).min(MR);
-                    micro(
-                        isa,
-                        nr,
-                        mr,
-                        &x[r * self.cols + p0..],
-                        self.cols,
-                        kc,
-                        &panel,
-                        &mut out[(r - r0) * nr..(r - r0 + mr) * nr],
-                        p0 == 0,
-                    );
-                    r += mr;
-                }
-                p0 += kc;
-            }
-            let (first, width) = (t * nr, (self.rows - t * nr).min(nr));
-            let ldy = self.rows;
-            for r in r0..r1 {
-                let src = &out[(r - r0) * nr..(r - r0) * nr + width];
-                // SAFETY: row r < m and columns first..first + width <= rows of the m × rows
-                // output: this item alone writes rows r0..r1 × these columns (items
-                // partition tiles × row parts); `y` outlives the parallel loop.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        src.as_ptr(),
-                        yp.get().add(r * ldy + first),
-                        width,
-                    )
-                };
-            }
-        });
-        y
+        gemm::gemm(self, isa, x, m)
     }
 
-    /// `panel[p][j] = W[o0 + j, p0 + p]` for `p < kc` (`p0` a multiple of [`CHUNK`]); rows
-    /// past the matrix are zero.
-    fn decode_panel(
-        &self,
-        isa: Isa,
-        nr: usize,
-        o0: usize,
-        p0: usize,
-        kc: usize,
-        panel: &mut [f32],
-    ) {
-        assert!(p0.is_multiple_of(CHUNK) && panel.len() >= kc * nr);
-        #[cfg(target_arch = "x86_64")]
-        let simd = isa == Isa::Avx512;
-        #[cfg(not(target_arch = "x86_64"))]
-        let simd = false;
-        let mut vals = [0f32; CHUNK];
-        let mut j = 0;
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // Whole groups of 16 rows: decoded in registers and transposed 16 × 16 there,
-            // so the panel gets whole-vector stores instead of one scalar store a weight.
-            while j + 16 <= nr && o0 + j + 16 <= self.rows {
-                // SAFETY: AVX-512 path (as below); o0 + j + 16 <= rows, j + 16 <= nr,
-                // panel.len() >= kc·nr and p0 + kc <= cols (a caller's KC cut), all
-                // re-checked in the callee.
-                unsafe { x86::decode16_avx512(self, o0 + j, p0, kc, nr, j, panel) };
-                j += 16;
-            }
-        }
-        for j in j..nr {
-            let o = o0 + j;
-            if o >= self.rows {
-                for p in 0..kc {
-                    panel[p * nr + j] = 0.0;
-                }
-                continue;
-            }
-            let mut p = 0;
-            while p < kc {
-                let c = (p0 + p) / CHUNK;
-                if simd {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `simd` holds only on the AVX-512 path (capped at the detected
-                    // one by `matmul_with`); `o < rows` and `c < nch` keep the reads inside
-                    // the row's chunk (checked in the callee).
-                    unsafe {
-                        x86::decode_chunk_avx512(self, o, c, &mut vals)
-                    }
-                } else {
-                    self.decode_chunk(o, c, &mut vals);
-                }
-                let n = (kc - p).min(CHUNK);
-                for (i, v) in vals[..n].iter().enumerate() {
-                    panel[(p + i) * nr + j] = *v;
-                }
-                p += n;
-            }
-        }
-    }
-
-    /// Chunk `c` of row `o` as f32 weights.
-    fn decode_chunk(&self, o: usize, c: usize, out: &mut [f32; CHUNK]) {
-        let g = o * self.gpr + c / self.cpg;
-        let s = self.scale[g];
-        let base = (o * self.nch + c) * chunk_bytes(self.kind);
-        match self.kind {
-            Codes::Byte => {
-                let z = self.zero[g];
-                for (d, &b) in out.iter_mut().zip(&self.codes[base..base + CHUNK]) {
-                    *d = (b as f32 - z) * s;
-                }
-            }
-            Codes::Nibble => {
-                let z = self.zero[g];
-                for (j, &b) in self.codes[base..base + 16].iter().enumerate() {
-                    out[j] = ((b & 15) as f32 - z) * s;
-                    out[j + 16] = ((b >> 4) as f32 - z) * s;
-                }
-            }
-            Codes::Table => {
-                for (j, &b) in self.codes[base..base + 16].iter().enumerate() {
-                    out[j] = self.table[(b & 15) as usize] * s;
-                    out[j + 16] = self.table[(b >> 4) as usize] * s;
-                }
-            }
-            Codes::SplitTable => {
-                for (j, &b) in self.codes[base..base + 16].iter().enumerate() {
-                    out[j] = self.table[(b & 15) as usize] * self.split_scale(g, j);
-                    out[j + 16] = self.table[(b >> 4) as usize] * self.split_scale(g, j + 16);
-                }
-            }
-        }
+    /// The panel-ordered codes for panels `nr` wide (16: AVX2 and portable, 64: AVX-512),
+    /// built on first use.
+    fn tile_codes(&self, nr: usize) -> &gemm::TileCodes {
+        let slot = &self.tiles[usize::from(nr == 64)];
+        let tc = slot.get_or_init(|| gemm::TileCodes::new(self, nr));
+        assert_eq!(tc.nr(), nr, "tile codes of another panel width");
+        tc
     }
 }
 
@@ -913,74 +771,9 @@ fn gemv_portable(lb: &LowBit, xp: &[f32], o0: usize, ys: &mut [f32]) {
     }
 }
 
-/// `out[r][0..32] (+)= Σ_p a[r·lda + p] · panel[p][0..32]` for `r < mr`, `p < kc`.
-#[allow(clippy::too_many_arguments)]
-fn micro(
-    isa: Isa,
-    nr: usize,
-    mr: usize,
-    a: &[f32],
-    lda: usize,
-    kc: usize,
-    panel: &[f32],
-    out: &mut [f32],
-    first: bool,
-) {
-    assert!((1..=MR).contains(&mr) && out.len() >= mr * nr && panel.len() >= kc * nr);
-    assert!(a.len() >= (mr - 1) * lda + kc);
-    assert!(nr == tile_width(isa) || (isa != Isa::Avx512 && nr == NR));
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => {
-            // SAFETY: the CPU has AVX-512 (path capped at the detected one); the asserts above
-            // bound every read of `a`, `panel` and write of `out` (nr = 64 here).
-            unsafe {
-                x86::micro64_avx512(
-                    mr,
-                    a.as_ptr(),
-                    lda,
-                    kc,
-                    panel.as_ptr(),
-                    out.as_mut_ptr(),
-                    first,
-                )
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            // SAFETY: AVX2+FMA are required by the build; bounds asserted above.
-            unsafe {
-                x86::micro_avx2(
-                    mr,
-                    a.as_ptr(),
-                    lda,
-                    kc,
-                    panel.as_ptr(),
-                    out.as_mut_ptr(),
-                    first,
-                )
-            }
-        }
-        _ => {
-            for r in 0..mr {
-                let o = &mut out[r * nr..(r + 1) * nr];
-                if first {
-                    o.fill(0.0);
-                }
-                for p in 0..kc {
-                    let av = a[r * lda + p];
-                    for (d, &b) in o.iter_mut().zip(&panel[p * nr..(p + 1) * nr]) {
-                        *d += av * b;
-                    }
-                }
-            }
-        }
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{chunk_bytes, Codes, LowBit, CHUNK, MR, MULTI_MR, MULTI_NR, NR, NR512};
+    use super::{chunk_bytes, Codes, LowBit, CHUNK, MULTI_MR, MULTI_NR};
     use std::arch::x86_64::*;
 
     /// AVX-512 GEMV for rows `o0 .. o0 + ys.len()` (at most 4).
@@ -1307,157 +1100,6 @@ mod x86 {
         )
     }
 
-    /// Chunk `c` of row `o` as f32 weights: nibble codes and code books by one permute per
-    /// 16 weights from the group's table of weights, bytes by `(n − z')·s` per lane (the
-    /// same products as `decode_chunk`).
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512 F.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn decode_chunk_avx512(lb: &LowBit, o: usize, c: usize, out: &mut [f32; CHUNK]) {
-        assert!(o < lb.rows && c < lb.nch);
-        let g = o * lb.gpr + c / lb.cpg;
-        let s = _mm512_set1_ps(lb.scale[g]);
-        if lb.kind == Codes::Byte {
-            // (n − z')·s per lane, the scalar decode's two roundings.
-            let base = (o * lb.nch + c) * CHUNK;
-            let bytes = &lb.codes[base..base + CHUNK];
-            let z = _mm512_set1_ps(lb.zero[g]);
-            for h in 0..2 {
-                // SAFETY: `bytes` holds 32 bytes, `out` 32 floats; h·16 + 16 <= 32.
-                let n = unsafe {
-                    _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.as_ptr().add(16 * h) as *const _))
-                };
-                let v = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(n), z), s);
-                // SAFETY: as above.
-                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), v) };
-            }
-            return;
-        }
-        let base = (o * lb.nch + c) * 16;
-        let bytes = &lb.codes[base..base + 16];
-        // SAFETY: `bytes` holds 16 bytes and `out` 32 floats.
-        let e = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.as_ptr() as *const __m128i));
-        if lb.kind == Codes::SplitTable {
-            // Lanes from the split on take the second scale (as in `g512`).
-            let full: u32 = (!0u32).checked_shl(lb.split[g] as u32).unwrap_or(0);
-            let s2 = _mm512_set1_ps(lb.scale2[g]);
-            let t = _mm512_loadu_ps(lb.table.as_ptr());
-            let lo = _mm512_mul_ps(
-                _mm512_permutexvar_ps(e, t),
-                _mm512_mask_blend_ps(full as u16, s, s2),
-            );
-            let hi = _mm512_mul_ps(
-                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e), t),
-                _mm512_mask_blend_ps((full >> 16) as u16, s, s2),
-            );
-            _mm512_storeu_ps(out.as_mut_ptr(), lo);
-            _mm512_storeu_ps(out.as_mut_ptr().add(16), hi);
-            return;
-        }
-        let tab = if lb.kind == Codes::Table {
-            _mm512_mul_ps(_mm512_loadu_ps(lb.table.as_ptr()), s)
-        } else {
-            let iota = _mm512_setr_ps(
-                0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0,
-                15.0,
-            );
-            _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(lb.zero[g])), s)
-        };
-        _mm512_storeu_ps(out.as_mut_ptr(), _mm512_permutexvar_ps(e, tab));
-        _mm512_storeu_ps(
-            out.as_mut_ptr().add(16),
-            _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(e), tab),
-        );
-    }
-
-    /// Rows `o .. o + 16` of columns `p0 .. p0 + kc` into panel columns `j0 .. j0 + 16`
-    /// (`panel[p][j0 + r] = W[o + r, p0 + p]`, rows `nr` apart): each chunk of the 16 rows
-    /// decoded as in [`decode_chunk_avx512`], then each 16 × 16 block transposed in
-    /// registers ([`transpose16`]) and stored a panel row (16 floats) at a time.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512 F (the bounds are asserted).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn decode16_avx512(
-        lb: &LowBit,
-        o: usize,
-        p0: usize,
-        kc: usize,
-        nr: usize,
-        j0: usize,
-        panel: &mut [f32],
-    ) {
-        assert!(o + 16 <= lb.rows && j0 + 16 <= nr && panel.len() >= kc * nr);
-        assert!(p0.is_multiple_of(CHUNK) && (p0 + kc).div_ceil(CHUNK) <= lb.nch);
-        let mut vals = [[0f32; CHUNK]; 16];
-        let mut p = 0;
-        while p < kc {
-            let c = (p0 + p) / CHUNK;
-            for (r, v) in vals.iter_mut().enumerate() {
-                // SAFETY: o + r < rows and c < nch (asserted above); AVX-512 per caller.
-                unsafe { decode_chunk_avx512(lb, o + r, c, v) };
-            }
-            let n = (kc - p).min(CHUNK);
-            for h in 0..2 {
-                if 16 * h >= n {
-                    break;
-                }
-                // SAFETY: each vals row holds 32 floats; 16·h + 16 <= 32.
-                let mut v: [__m512; 16] =
-                    std::array::from_fn(|r| unsafe { _mm512_loadu_ps(vals[r][16 * h..].as_ptr()) });
-                transpose16(&mut v);
-                for (i, col) in v.iter().enumerate().take((n - 16 * h).min(16)) {
-                    let at = (p + 16 * h + i) * nr + j0;
-                    // SAFETY: p + 16h + i < kc and j0 + 16 <= nr, so at + 16 <= kc·nr
-                    // <= panel.len() (asserted).
-                    unsafe { _mm512_storeu_ps(panel.as_mut_ptr().add(at), *col) };
-                }
-            }
-            p += n;
-        }
-    }
-
-    /// In-register transpose of a 16 × 16 f32 block: `v[i][j]` becomes `v[j][i]`.
-    /// Four stages (pairs of floats, pairs of doubles, then 128-bit lanes twice).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    fn transpose16(v: &mut [__m512; 16]) {
-        // t[2i] / t[2i+1]: rows 2i, 2i+1 interleaved, low / high pairs of each lane.
-        let mut t = [_mm512_setzero_ps(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
-        }
-        // r[4q + d]: column 4l + d of rows 4q..4q+4 in lane l.
-        let mut r = [_mm512_setzero_ps(); 16];
-        for q in 0..4 {
-            let (a0, a1, b0, b1) = (
-                _mm512_castps_pd(t[4 * q]),
-                _mm512_castps_pd(t[4 * q + 1]),
-                _mm512_castps_pd(t[4 * q + 2]),
-                _mm512_castps_pd(t[4 * q + 3]),
-            );
-            r[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, b0));
-            r[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, b0));
-            r[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, b1));
-            r[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, b1));
-        }
-        // Rows 0–7 (h = 0) and 8–15 (h = 1): lanes (l0, l2) and (l1, l3) of row blocks 4 apart.
-        for h in 0..2 {
-            for d in 0..4 {
-                let (a, b) = (r[8 * h + d], r[8 * h + 4 + d]);
-                t[8 * h + d] = _mm512_shuffle_f32x4::<0x88>(a, b);
-                t[8 * h + 4 + d] = _mm512_shuffle_f32x4::<0xdd>(a, b);
-            }
-        }
-        // Column c < 8: lanes (0, 2) of t[c] and t[8 + c]; c >= 8: lanes (1, 3) of the same.
-        for c in 0..8 {
-            v[c] = _mm512_shuffle_f32x4::<0x88>(t[c], t[8 + c]);
-            v[8 + c] = _mm512_shuffle_f32x4::<0xdd>(t[c], t[8 + c]);
-        }
-    }
-
     /// Output rows `a0 .. a1` of `m` activation rows (`xp`, rows `ldx = nch·32` apart, zero
     /// padded) into `y` (rows `ldy` apart): [`g512m`] over whole groups of [`MULTI_NR`]
     /// output rows and up to [`MULTI_MR`] activation rows, a last odd row on its own.
@@ -1593,7 +1235,7 @@ mod x86 {
     /// two lane-crossing permutes (which read bits 0–2) and a blend on bit 3.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn lookup16(idx: __m256i, t0: __m256, t1: __m256) -> __m256 {
+    pub(super) unsafe fn lookup16(idx: __m256i, t0: __m256, t1: __m256) -> __m256 {
         let a = _mm256_permutevar8x32_ps(t0, idx);
         let b = _mm256_permutevar8x32_ps(t1, idx);
         _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx)))
@@ -1743,118 +1385,6 @@ mod x86 {
         let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
         _mm_cvtss_f32(s)
     }
-
-    /// AVX-512 micro-kernel on a 64-wide panel: `mr ≤ 6` activation rows × 64 outputs,
-    /// up to 24 accumulators; `out` rows are 64 apart.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512 F; `a` holds `(mr − 1)·lda + kc` values, `panel`
-    /// `kc · 64`, `out` `mr · 64`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn micro64_avx512(
-        mr: usize,
-        a: *const f32,
-        lda: usize,
-        kc: usize,
-        panel: *const f32,
-        out: *mut f32,
-        first: bool,
-    ) {
-        macro_rules! run {
-            ($m:literal) => {{
-                let mut acc = [[_mm512_setzero_ps(); 4]; $m];
-                if !first {
-                    for r in 0..$m {
-                        for v in 0..4 {
-                            acc[r][v] = _mm512_loadu_ps(out.add(r * NR512 + 16 * v));
-                        }
-                    }
-                }
-                for p in 0..kc {
-                    let bp = panel.add(p * NR512);
-                    let b = [
-                        _mm512_loadu_ps(bp),
-                        _mm512_loadu_ps(bp.add(16)),
-                        _mm512_loadu_ps(bp.add(32)),
-                        _mm512_loadu_ps(bp.add(48)),
-                    ];
-                    for r in 0..$m {
-                        let av = _mm512_set1_ps(*a.add(r * lda + p));
-                        for v in 0..4 {
-                            acc[r][v] = _mm512_fmadd_ps(av, b[v], acc[r][v]);
-                        }
-                    }
-                }
-                for r in 0..$m {
-                    for v in 0..4 {
-                        _mm512_storeu_ps(out.add(r * NR512 + 16 * v), acc[r][v]);
-                    }
-                }
-            }};
-        }
-        debug_assert!(mr <= MR);
-        match mr {
-            6 => run!(6),
-            5 => run!(5),
-            4 => run!(4),
-            3 => run!(3),
-            2 => run!(2),
-            _ => run!(1),
-        }
-    }
-
-    /// AVX2 micro-kernel: `mr ≤ 6` activation rows × 16 outputs (called for both halves of
-    /// the 32-wide panel), 12 accumulators.
-    ///
-    /// # Safety
-    /// As [`micro64_avx512`] on a 32-wide panel, with AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn micro_avx2(
-        mr: usize,
-        a: *const f32,
-        lda: usize,
-        kc: usize,
-        panel: *const f32,
-        out: *mut f32,
-        first: bool,
-    ) {
-        macro_rules! run {
-            ($m:literal, $h:expr) => {{
-                let h: usize = $h;
-                let mut acc = [[_mm256_setzero_ps(); 2]; $m];
-                if !first {
-                    for r in 0..$m {
-                        acc[r][0] = _mm256_loadu_ps(out.add(r * NR + h));
-                        acc[r][1] = _mm256_loadu_ps(out.add(r * NR + h + 8));
-                    }
-                }
-                for p in 0..kc {
-                    let b0 = _mm256_loadu_ps(panel.add(p * NR + h));
-                    let b1 = _mm256_loadu_ps(panel.add(p * NR + h + 8));
-                    for r in 0..$m {
-                        let av = _mm256_set1_ps(*a.add(r * lda + p));
-                        acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
-                        acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
-                    }
-                }
-                for r in 0..$m {
-                    _mm256_storeu_ps(out.add(r * NR + h), acc[r][0]);
-                    _mm256_storeu_ps(out.add(r * NR + h + 8), acc[r][1]);
-                }
-            }};
-        }
-        debug_assert!(mr <= MR);
-        for h in [0usize, 16] {
-            match mr {
-                6 => run!(6, h),
-                5 => run!(5, h),
-                4 => run!(4, h),
-                3 => run!(3, h),
-                2 => run!(2, h),
-                _ => run!(1, h),
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -1914,7 +1444,12 @@ mod tests {
         let (rows, cols) = lb.shape();
         let x: Vec<f32> = (0..m * cols).map(|_| rng.gen_range(-2.0..2.0)).collect();
         for isa in Isa::available() {
-            let mut ys = vec![("matmul_with", lb.matmul_with(isa, &x, m))];
+            // The panel GEMM called directly too, at every m (`matmul_with` takes it only
+            // from `panel_rows` rows on, and not for matrices of few output rows on AVX-512).
+            let mut ys = vec![
+                ("matmul_with", lb.matmul_with(isa, &x, m)),
+                ("gemm", lb.gemm(isa, &x, m)),
+            ];
             // The several-row GEMV called directly, whatever `matmul_with` picks for m.
             if let Some(y) = lb.gemm_multi(isa, &x, m) {
                 ys.push(("gemm_multi", y));
@@ -1939,6 +1474,15 @@ mod tests {
                     }
                 }
             }
+        }
+        // 16- and 64-wide tiles sum each output alike (one FMA chain in column order): the
+        // narrow-matrix rule (`NARROW_ROWS`) and stacked weights rely on it.
+        if Isa::available().contains(&Isa::Avx512) {
+            let (a, b) = (lb.gemm(Isa::Avx2, &x, m), lb.gemm(Isa::Avx512, &x, m));
+            assert!(
+                a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "m={m}"
+            );
         }
         // The layout decodes to exactly the reference weights.
         let d = lb.decode_all();
@@ -2070,16 +1614,23 @@ mod tests {
     #[test]
     fn many_rows_and_threads() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        let (rows, cols) = (300, 320);
-        let codes: Vec<u8> = (0..rows * cols)
-            .map(|_| rng.gen_range(-8i32..8) as i8 as u8)
-            .collect();
-        let scale: Vec<f32> = (0..rows * 5).map(|_| rng.gen_range(0.01..0.1)).collect();
-        let zero = vec![0; rows * 5];
-        let lb = LowBit::from_int(rows, cols, &codes, true, 4, &scale, &zero, 64).unwrap();
-        let w = ref_int(rows, cols, &codes, true, &scale, &zero, 64);
-        for m in [1, 7, 64, 200] {
-            check(&lb, &w, m, &mut rng);
+        // 300 rows: 5 tiles of 64 (19 of 16), the rows split in two parts from m = 256 on;
+        // 1100 columns: two depth blocks of the panel GEMM and a ragged last group.
+        for (rows, cols, ms) in [
+            (300usize, 320usize, &[1, 7, 64, 200, 300][..]),
+            (70, 1100, &[17, 130]),
+        ] {
+            let np = rows * cols.div_ceil(64);
+            let codes: Vec<u8> = (0..rows * cols)
+                .map(|_| rng.gen_range(-8i32..8) as i8 as u8)
+                .collect();
+            let scale: Vec<f32> = (0..np).map(|_| rng.gen_range(0.01..0.1)).collect();
+            let zero = vec![0; np];
+            let lb = LowBit::from_int(rows, cols, &codes, true, 4, &scale, &zero, 64).unwrap();
+            let w = ref_int(rows, cols, &codes, true, &scale, &zero, 64);
+            for &m in ms {
+                check(&lb, &w, m, &mut rng);
+            }
         }
     }
 
