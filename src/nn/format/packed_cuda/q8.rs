@@ -139,6 +139,7 @@ pub fn quantize_reference(x: &[f32], m: usize, k: usize, perm: bool) -> Q8Rows {
 }
 
 /// Whether the kernel stores a weight's activations in the even/odd order (plain nibbles).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn perm_for(shape: &GemvShape) -> bool {
     shape.bits == 4 && shape.decode == Decode::Int
 }
@@ -216,8 +217,10 @@ struct Q8Op {
     shape: GemvShape,
     m: usize,
     output: Output,
-    /// The code book as signed bytes and its factor (Table decode).
+    /// The code book as signed bytes and its factor (Table decode; read by the launch).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     t8: [i8; 16],
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     tfac: f32,
 }
 
