@@ -57,21 +57,21 @@ fn bench(c: &mut Criterion) {
             g.bench_function(method, |b| b.iter(|| l.forward(black_box(&x)).unwrap()));
         }
         // The kernel alone (no tensors, no layer), on every path this CPU has.
+        let codes: Vec<u8> = (0..o * i).map(|k| ((k * 7919) % 16) as u8).collect();
+        let groups = o * i.div_ceil(64);
+        let lb = LowBit::from_int(
+            o,
+            i,
+            &codes,
+            false,
+            4,
+            &vec![0.01; groups],
+            &vec![8; groups],
+            64,
+        )
+        .unwrap();
+        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         if m == 1 {
-            let codes: Vec<u8> = (0..o * i).map(|k| ((k * 7919) % 16) as u8).collect();
-            let groups = o * i.div_ceil(64);
-            let lb = LowBit::from_int(
-                o,
-                i,
-                &codes,
-                false,
-                4,
-                &vec![0.01; groups],
-                &vec![8; groups],
-                64,
-            )
-            .unwrap();
-            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let mut y = vec![0f32; o];
             for isa in Isa::available() {
                 g.bench_function(format!("kernel_i4_g64_{}", isa.name()), |b| {
@@ -91,20 +91,6 @@ fn bench(c: &mut Criterion) {
         // Many rows: the exact panel GEMM (codes in panel order, decoded once per call)
         // against the dense f32 GEMM's packed kernel on the same shape, every path.
         if m > 1 {
-            let codes: Vec<u8> = (0..o * i).map(|k| ((k * 7919) % 16) as u8).collect();
-            let groups = o * i.div_ceil(64);
-            let lb = LowBit::from_int(
-                o,
-                i,
-                &codes,
-                false,
-                4,
-                &vec![0.01; groups],
-                &vec![8; groups],
-                64,
-            )
-            .unwrap();
-            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let ws = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             for isa in Isa::available() {
                 let pw = gemm_f32::PackedWeight::new(&ws, o, i, gemm_f32::panel_width(isa));

@@ -21,16 +21,7 @@ fn time(f: impl FnMut() + Send, calls: usize) -> (f64, f64) {
 
 fn time_here(mut f: impl FnMut(), calls: usize) -> (f64, f64) {
     f();
-    let mut v = Vec::new();
-    for _ in 0..7 {
-        let t0 = cpu_ns();
-        for _ in 0..calls {
-            f();
-        }
-        v.push((cpu_ns() - t0) as f64 / calls as f64 / 1e3);
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (v[0], v[3])
+    clock::best_and_median_us(cpu_ns, calls, f)
 }
 
 fn main() {

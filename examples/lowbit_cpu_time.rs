@@ -14,19 +14,8 @@ mod clock;
 use clock::cpu_ns;
 
 /// Best and median µs per call of 7 repetitions of `n` calls, on a pool thread.
-fn time(n: usize, mut f: impl FnMut() + Send) -> (f64, f64) {
-    rayon::scope(|_| {
-        let mut v = Vec::new();
-        for _ in 0..7 {
-            let t0 = cpu_ns();
-            for _ in 0..n {
-                f();
-            }
-            v.push((cpu_ns() - t0) as f64 / n as f64 / 1e3);
-        }
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        (v[0], v[3])
-    })
+fn time(n: usize, f: impl FnMut() + Send) -> (f64, f64) {
+    rayon::scope(|_| clock::best_and_median_us(cpu_ns, n, f))
 }
 
 fn main() {

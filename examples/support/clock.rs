@@ -28,3 +28,19 @@ pub fn cpu_or_wall_ns() -> u64 {
     }
     cpu_ns()
 }
+
+/// Best and median µs per call of 7 batches of `calls` calls of `f`, read on `clock`
+/// ([`cpu_ns`] or [`cpu_or_wall_ns`]): the one timing loop of the kernel examples.
+#[allow(dead_code)]
+pub fn best_and_median_us(clock: fn() -> u64, calls: usize, mut f: impl FnMut()) -> (f64, f64) {
+    let mut v = Vec::new();
+    for _ in 0..7 {
+        let t0 = clock();
+        for _ in 0..calls {
+            f();
+        }
+        v.push((clock() - t0) as f64 / calls as f64 / 1e3);
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (v[0], v[3])
+}
