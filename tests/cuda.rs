@@ -707,9 +707,21 @@ fn q8_activation_quantization_is_bit_identical_to_the_cpu() {
 /// The integer block sums are exact on both sides and each block adds f32(I)·(s·d): only
 /// the order of the ≤ k/32 f32 additions differs, bounded by 4e-6 of Σ|w·x| (2^-24 per
 /// addition, ≤ 32 blocks), plus one rounding of the output for bf16/f16 (2^-7 of |y|).
+/// Both GPU routes run: the fused kernel (activations quantized in each block's prologue;
+/// with the automatic grid and with 3 blocks, each walking many row tiles) and the two
+/// launches. Their lanes add the same blocks in the same order, so the fused outputs must
+/// equal the two-launch ones bit for bit (which also pins the fused quantization to
+/// q8_quantize's, itself bit-identical to the CPU). 40,000 columns take > 48 KB of
+/// shared memory (opt-in) at m = 1 and 2; 5,000 rows make many tiles.
 #[test]
 fn q8_gemv_matches_its_cpu_reference() {
+    use quantlab::nn::format::packed_cuda::q8::Route;
     use quantlab::nn::format::packed_cuda::{q8, PackedLayout, PackedWeight};
+    let routes = [
+        Route::Fused { max_blocks: 0 },
+        Route::Fused { max_blocks: 3 },
+        Route::TwoLaunch,
+    ];
     use quantlab::nn::kernels::prefill::ActivationMode;
     let gpu = gpu();
     let q8on = Some(ActivationMode::Q8);
@@ -724,7 +736,15 @@ fn q8_gemv_matches_its_cpu_reference() {
         "nf4",
         "fp4:b32:dq",
     ] {
-        for (n, k) in [(1, 64), (37, 128), (101, 320), (6, 1000), (257, 576)] {
+        for (n, k) in [
+            (1, 64),
+            (37, 128),
+            (101, 320),
+            (6, 1000),
+            (257, 576),
+            (5000, 96),
+            (19, 40000),
+        ] {
             let h = packed_host(method, n, k, (n + k) as u64);
             let Some(layout) = PackedLayout::from_format(h.as_ref()) else {
                 assert!(
@@ -758,7 +778,19 @@ fn q8_gemv_matches_its_cpu_reference() {
                             .unwrap()
                     };
                     let want = f(cpu.gemv(&xd).unwrap());
-                    let got = f(dev.gemv(&xd.to_device(&gpu).unwrap()).unwrap());
+                    let xg = xd.to_device(&gpu).unwrap();
+                    let outs: Vec<_> = routes
+                        .iter()
+                        .map(|&r| f(dev.with_q8_route(r).gemv(&xg).unwrap()))
+                        .collect();
+                    for (got, route) in outs.iter().zip(&routes) {
+                        assert_eq!(
+                            got,
+                            outs.last().unwrap(),
+                            "{method} {n}x{k} m={m} {dt:?}: {route:?} against two launches"
+                        );
+                    }
+                    let got = &outs[0];
                     let xs = xd.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
                     let out_round = if dt == DType::F32 { 0.0 } else { 1.0 / 128.0 };
                     for i in 0..m {
@@ -774,7 +806,7 @@ fn q8_gemv_matches_its_cpu_reference() {
             }
         }
     }
-    assert!(checked >= 200, "only {checked} cases ran");
+    assert!(checked >= 250, "only {checked} cases ran");
     // Stacks: q|k|v split outputs and gate|up with SiLU, as the decode step launches them.
     for method in ["w:i4:sym:g64", "w:i8:sym:ch0", "nf4", "w:u4:affine:g32"] {
         let k = 576;
@@ -826,18 +858,21 @@ fn q8_gemv_matches_its_cpu_reference() {
                         "q8 {method} m={m} {dt:?} {what}: {d} of {big}"
                     );
                 };
-                check(
-                    glu_c.gemv_glu(&x).unwrap(),
-                    glu_d.gemv_glu(&xg).unwrap(),
-                    "GLU",
-                );
-                for (a, b) in qkv_c
-                    .gemv_parts(&x)
-                    .unwrap()
-                    .into_iter()
-                    .zip(qkv_d.gemv_parts(&xg).unwrap())
-                {
-                    check(a, b, "split");
+                for route in routes {
+                    let (glu_d, qkv_d) = (glu_d.with_q8_route(route), qkv_d.with_q8_route(route));
+                    check(
+                        glu_c.gemv_glu(&x).unwrap(),
+                        glu_d.gemv_glu(&xg).unwrap(),
+                        "GLU",
+                    );
+                    for (a, b) in qkv_c
+                        .gemv_parts(&x)
+                        .unwrap()
+                        .into_iter()
+                        .zip(qkv_d.gemv_parts(&xg).unwrap())
+                    {
+                        check(a, b, "split");
+                    }
                 }
             }
         }

@@ -176,6 +176,42 @@ __device__ __forceinline__ size_t out_index(int i, int r, int m, int n, int n1, 
   return (size_t)m * n2 + (size_t)i * (n - n2) + (r - n2);
 }
 
+// The end shared by v2, v3 and the q8 kernels (gemv_q8.cuh): a thread's R row slots hold
+// partial sums acc[s][i] (activation row i) of `lanes` lanes that share those rows (an
+// aligned group of L lanes: xor offsets < L stay in it). They are summed across the group
+// by shuffles, multiplied by e (a power of two, exact: v3's 2^E, 1 elsewhere) and written
+// by the group's first lane: outputs out0..out0+RO of activation rows i < m, where RO = R,
+// or R/2 for the GLU, whose slots t and t + RO are output out0 + t's gate and up rows
+// (silu(gate) · up). Every lane of the warp must call it (the shuffles need all 32).
+template <typename T, int R, int MM, bool GLU>
+__device__ __forceinline__ void gemv_epilogue(float (&acc)[R][MM], int lanes, int out0, int m,
+                                              int n, int n1, int n2, float e,
+                                              T* __restrict__ y) {
+  constexpr int RO = GLU ? R / 2 : R;
+#pragma unroll
+  for (int s = 0; s < R; s++)
+#pragma unroll
+    for (int i = 0; i < MM; i++)
+      for (int o = lanes / 2; o > 0; o >>= 1)
+        acc[s][i] += __shfl_xor_sync(0xffffffffu, acc[s][i], o);
+  if (threadIdx.x % lanes != 0) return;
+#pragma unroll
+  for (int i = 0; i < MM; i++) {
+    if (i >= m) break;
+#pragma unroll
+    for (int t = 0; t < RO; t++) {
+      const int o = out0 + t;
+      if (o >= n) break;
+      if (GLU) {
+        const float g = acc[t][i] * e, u = acc[t + RO][i] * e;
+        from_f(g / (1.f + __expf(-g)) * u, &y[(size_t)i * n + o]);
+      } else {
+        from_f(acc[t][i] * e, &y[out_index(i, o, m, n, n1, n2)]);
+      }
+    }
+  }
+}
+
 // n outputs. GLU: the matrix stacks 2n rows (gate rows 0..n, up rows n..2n) and output r
 // is silu(gate_r · x) · (up_r · x) (the Llama MLP's first half in one launch).
 template <typename T, int BITS, bool TAB, bool GLU>
@@ -435,28 +471,7 @@ __device__ void gemv2_packed(const T* __restrict__ x, const uint8_t* __restrict_
     load(wv, base);
     consume(wv, base);
   }
-  // Sum over the row's L lanes (an aligned group of L lanes: xor offsets < L stay in it).
-#pragma unroll
-  for (int s = 0; s < R; s++)
-#pragma unroll
-    for (int i = 0; i < MM; i++)
-      for (int o = L / 2; o > 0; o >>= 1) acc[s][i] += __shfl_xor_sync(0xffffffffu, acc[s][i], o);
-  if (l != 0) return;
-#pragma unroll
-  for (int i = 0; i < MM; i++) {
-    if (i >= m) break;
-#pragma unroll
-    for (int t = 0; t < RO; t++) {
-      const int o = out0 + t;
-      if (o >= n) break;
-      if (GLU) {
-        const float g = acc[t][i], u = acc[t + RO][i];
-        from_f(g / (1.f + __expf(-g)) * u, &y[(size_t)i * n + o]);
-      } else {
-        from_f(acc[t][i], &y[out_index(i, o, m, n, n1, n2)]);
-      }
-    }
-  }
+  gemv_epilogue<T, R, MM, GLU>(acc, L, out0, m, n, n1, n2, 1.f, y);
 }
 
 #define GEMV2_KERNEL(NAME, T, BITS, TAB, GLU)                                                  \
@@ -764,28 +779,7 @@ __device__ void gemv3_packed(const T* __restrict__ x, const uint8_t* __restrict_
         sz[u][s] = nsz[u][s];
       }
   }
-  // Sum over the row's L lanes (an aligned group of L lanes: xor offsets < L stay in it).
-#pragma unroll
-  for (int s = 0; s < R; s++)
-#pragma unroll
-    for (int i = 0; i < MM; i++)
-      for (int o = L / 2; o > 0; o >>= 1) acc[s][i] += __shfl_xor_sync(0xffffffffu, acc[s][i], o);
-  if (l != 0) return;
-  const float e = TAB ? 1.f : pow2f(GEMV3_E);
-#pragma unroll
-  for (int i = 0; i < MM; i++) {
-#pragma unroll
-    for (int t = 0; t < RO; t++) {
-      const int o = out0 + t;
-      if (o >= n) break;
-      if (GLU) {
-        const float g = acc[t][i] * e, u = acc[t + RO][i] * e;
-        from_f(g / (1.f + __expf(-g)) * u, &y[(size_t)i * n + o]);
-      } else {
-        from_f(acc[t][i] * e, &y[out_index(i, o, MM, n, n1, n2)]);
-      }
-    }
-  }
+  gemv_epilogue<T, R, MM, GLU>(acc, L, out0, MM, n, n1, n2, TAB ? 1.f : pow2f(GEMV3_E), y);
 }
 
 #define GEMV3_KERNEL(NAME, T, BITS, TAB, GLU, MM)                                              \

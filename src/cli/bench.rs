@@ -49,7 +49,12 @@ struct Measured {
     results: Vec<Throughput>,
 }
 
-const BASELINE: &str = "f32 (baseline)";
+/// The unquantized model's row: `f32 (baseline)` on the CPU, `bf16 (baseline)` on a GPU
+/// (named by the activation dtype it runs in, `--dtype`).
+fn baseline_label(device: &Device) -> String {
+    let dtype = crate::device::activation_dtype(device);
+    format!("{} (baseline)", crate::device::dtype_name(dtype))
+}
 
 pub fn report(
     a: &BenchArgs,
@@ -75,7 +80,7 @@ pub fn report(
         p.parse::<crate::nn::Plan>()
             .with_context(|| format!("in --plan '{p}'"))?;
     }
-    let mut configs = vec![(BASELINE.to_string(), None, LoadAs::F32)];
+    let mut configs = vec![(baseline_label(device), None, LoadAs::F32)];
     for p in &a.plans {
         configs.push((p.clone(), Some(p.as_str()), a.load_as.into()));
     }
@@ -143,20 +148,13 @@ fn table(a: &BenchArgs, rows: &[Measured], device: &Device) -> Report {
         };
         format!("{} {dtype}{q8}", crate::device::describe(device))
     };
+    let ratio = format!("ratio vs {dtype}");
     let mut t = Table::new(
         "bench",
         "Throughput (llama-bench protocol)",
         &[
-            "plan",
-            "weights",
-            "size MiB",
-            "params M",
-            "backend",
-            "threads",
-            "test",
-            "t/s",
-            "± std",
-            "ratio vs f32",
+            "plan", "weights", "size MiB", "params M", "backend", "threads", "test", "t/s",
+            "± std", &ratio,
         ],
     );
     let baseline = &rows[0].results;
@@ -177,7 +175,7 @@ fn table(a: &BenchArgs, rows: &[Measured], device: &Device) -> Report {
         }
     }
     t.note(format!(
-        "{}: model {}; mean ± sample std over {} timed repetitions after one warm-up, seeded random tokens (seed {}). pp = one forward over the prompt from an empty cache, last-position logits only; tg = one-token steps from an empty cache (llama-bench's protocol). × f32 is against the f32 model measured first in this run.",
+        "{}: model {}; mean ± sample std over {} timed repetitions after one warm-up, seeded random tokens (seed {}). pp = one forward over the prompt from an empty cache, last-position logits only; tg = one-token steps from an empty cache (llama-bench's protocol). The ratio is against the unquantized {dtype} model measured first in this run.",
         "quantlab bench", a.model, a.reps, a.seed
     ));
     t.note(format!("CPU kernels: {}.", isa::describe()));

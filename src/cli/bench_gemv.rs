@@ -3,9 +3,11 @@
 //! The packed matrices are synthetic (random codes and scales: the kernel's time does not
 //! depend on the values), so the largest shapes cost no quantization time. Rows `a:q8`:
 //! the same codes against activations quantized to 8 bits per 32 columns
-//! (`packed_cuda::q8`; its time includes the activations' quantization launch).
+//! (`packed_cuda::q8`): the fused kernel (one launch, the quantization in each block's
+//! prologue) and `a:q8 2-launch` (a quantization launch, then the GEMV) in the same run.
 
-use crate::nn::format::packed_cuda::{q8, Kernel, PackedLayout, PackedWeight};
+use crate::nn::format::packed_cuda::q8::{self, Route};
+use crate::nn::format::packed_cuda::{Kernel, PackedLayout, PackedWeight};
 use crate::nn::kernels::prefill::ActivationMode;
 use crate::report::{Cell, Report, Table};
 use anyhow::{bail, Context, Result};
@@ -153,22 +155,30 @@ pub fn report(a: &BenchGemvArgs, device: &Device) -> Result<Report> {
                     Cell::f(dense_us / us, 2),
                 ]);
             }
-            // The q8-activation kernel (`--activations q8`), where the layout takes it.
+            // The q8-activation kernel (`--activations q8`), where the layout takes it:
+            // fused, then the two launches.
             if a.rows <= q8::MAX_ROWS && q8::eligible(&p) {
-                let p = p.with_activations(Some(ActivationMode::Q8));
-                let us = time(device, a.reps, || p.gemv(&x))?;
-                t.push(vec![
-                    Cell::Text(shape.clone()),
-                    Cell::Text(format!("{name} a:q8")),
-                    Cell::f(us, 2),
-                    Cell::f(gbs(p.device_bytes(), us), 0),
-                    Cell::f(dense_us / us, 2),
-                ]);
+                for (label, route) in [
+                    ("a:q8", Route::Fused { max_blocks: 0 }),
+                    ("a:q8 2-launch", Route::TwoLaunch),
+                ] {
+                    let p = p
+                        .with_activations(Some(ActivationMode::Q8))
+                        .with_q8_route(route);
+                    let us = time(device, a.reps, || p.gemv(&x))?;
+                    t.push(vec![
+                        Cell::Text(shape.clone()),
+                        Cell::Text(format!("{name} {label}")),
+                        Cell::f(us, 2),
+                        Cell::f(gbs(p.device_bytes(), us), 0),
+                        Cell::f(dense_us / us, 2),
+                    ]);
+                }
             }
         }
     }
     t.note(format!(
-        "{}, {dname} activations, m = {} row(s); mean over {} calls after 5 warm-up calls, device synchronised around them. GB/s = bytes of the weight (codes + scales) / time; × dense = dense time / packed time, same run. a:q8 rows: activations quantized to 8 bits per 32 columns (two launches: quantization, then the dp4a GEMV).",
+        "{}, {dname} activations, m = {} row(s); mean over {} calls after 5 warm-up calls, device synchronised around them. GB/s = bytes of the weight (codes + scales) / time; × dense = dense time / packed time, same run. a:q8 rows: activations quantized to 8 bits per 32 columns, then a dp4a GEMV: fused (one launch; QUANTLAB_Q8_BLOCKS_PER_SM, if set, fixes its grid) or 2-launch (quantization, then the GEMV).",
         crate::device::describe(device),
         a.rows,
         a.reps

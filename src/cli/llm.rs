@@ -268,6 +268,18 @@ pub fn reference_note(p: &PreparedLlm) -> String {
     )
 }
 
+/// The label of scores computed with `--activations`: ` a:q8` where q8 activations ran.
+/// On the CPU they run in every product; on a GPU only in decode products (≤ 2 rows,
+/// `packed_cuda::q8`), so a scored window (whole rows of a chunk) runs exact there and
+/// its row carries no label (a note says so).
+fn scored_activations_label(device: &Device) -> &'static str {
+    if device.is_cpu() {
+        crate::nn::kernels::prefill::label()
+    } else {
+        ""
+    }
+}
+
 pub fn perplexity_report(
     a: &PerplexityArgs,
     data: Option<&Path>,
@@ -339,7 +351,12 @@ pub fn perplexity_report(
     };
     t.push(vec![
         // `a:q8`: weight-only layers ran with q8 activations (`--activations q8`).
-        format!("{}{}", p.plan, crate::nn::kernels::prefill::label()).into(),
+        format!(
+            "{}{}",
+            p.plan,
+            scored_activations_label(&p.llm.model.device)
+        )
+        .into(),
         Cell::f(p.linear_bits_per_weight(), 3),
         mb(p.weight_bytes()),
         s.ppl.windows.into(),
@@ -355,6 +372,11 @@ pub fn perplexity_report(
         ids.len()
     ));
     t.note(reference_note(&p));
+    if !p.llm.model.device.is_cpu() && crate::nn::kernels::prefill::q8_activations() {
+        t.note(
+            "--activations q8 changes decode products (at most 2 rows) on a GPU only: these windows were scored with exact activations.",
+        );
+    }
     t.provenance = Some(llm_provenance(&p, &path, &ids, &protocol, &a.model, data)?);
     if let KlMode::Save(f, k) = &mode {
         t.note(format!(

@@ -389,6 +389,8 @@ pub struct PackedWeight {
     int_zeros: bool,
     /// The activations its products use ([`q8`]); `None`: `--activations` on a GPU.
     acts: Option<crate::nn::kernels::prefill::ActivationMode>,
+    /// How the q8 kernel runs ([`q8::Route`]; automatic unless chosen).
+    q8_route: q8::Route,
 }
 
 /// What one launch computes.
@@ -429,6 +431,7 @@ impl PackedWeight {
                         .all(|p| p[1].fract() == 0.0 && (0.0..=255.0).contains(&p[1]))
                 }),
             acts: None,
+            q8_route: q8::Route::Auto,
         })
     }
 
@@ -450,6 +453,15 @@ impl PackedWeight {
     ) -> Self {
         PackedWeight {
             acts,
+            ..self.clone()
+        }
+    }
+
+    /// The same weight with its q8 products on `route` (the fused kernel or the two
+    /// launches: benchmarks and tests of each).
+    pub fn with_q8_route(&self, q8_route: q8::Route) -> Self {
+        PackedWeight {
+            q8_route,
             ..self.clone()
         }
     }
@@ -520,6 +532,7 @@ impl PackedWeight {
             kernel: Kernel::Auto,
             int_zeros: layers.iter().all(|w| w.int_zeros),
             acts: first.acts,
+            q8_route: first.q8_route,
         }))
     }
 

@@ -41,6 +41,50 @@ pub const BLOCK: usize = 32;
 /// Most activation rows the q8 kernel takes (`Q8_MM` in gemv_q8.cuh).
 pub const MAX_ROWS: usize = 2;
 
+/// How a q8 product runs on a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Route {
+    /// [`Route::Fused`] with the automatic grid, unless `QUANTLAB_Q8_FUSED=0` (the A/B
+    /// switch) asks for [`Route::TwoLaunch`].
+    #[default]
+    Auto,
+    /// One launch (`gemv_q8f_*`): each block quantizes the activation rows into shared
+    /// memory in its prologue. At most `max_blocks` blocks (0: about one wave, from the
+    /// kernel's occupancy; tests give small numbers so that each block walks many row
+    /// tiles). Rows whose quantized copy does not fit in a block's shared memory
+    /// (`m · ⌈k/32⌉ · 40` bytes above the device's opt-in limit, 227 KB on the H200:
+    /// k > 90,000 at m = 2) take the two launches.
+    Fused { max_blocks: u32 },
+    /// Two launches: `q8_quantize_*` into a scratch buffer, then `gemv_q8_*`.
+    TwoLaunch,
+}
+
+impl Route {
+    /// [`Route::Auto`] resolved by `QUANTLAB_Q8_FUSED` (read once).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn resolve(self) -> Route {
+        static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        match self {
+            Route::Auto => {
+                if *FUSED
+                    .get_or_init(|| std::env::var("QUANTLAB_Q8_FUSED").map_or(true, |v| v != "0"))
+                {
+                    Route::Fused { max_blocks: 0 }
+                } else {
+                    Route::TwoLaunch
+                }
+            }
+            r => r,
+        }
+    }
+}
+
+/// Bytes of shared memory the fused kernel takes for `m` rows of `k` columns: the codes
+/// (32 per block), an f32 scale and an i32 sum per block.
+pub fn fused_shared_bytes(m: usize, k: usize) -> usize {
+    m * k.div_ceil(BLOCK) * (BLOCK + 8)
+}
+
 /// Whether the q8 kernel runs `w`'s products (see the module doc).
 pub fn eligible(w: &PackedWeight) -> bool {
     let s = &w.shape;
@@ -82,6 +126,7 @@ pub(super) fn run(
         output,
         t8,
         tfac,
+        route: w.q8_route,
     };
     Ok(Some(
         x.reshape((m, w.shape.k))?
@@ -222,6 +267,9 @@ struct Q8Op {
     t8: [i8; 16],
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     tfac: f32,
+    /// Fused or two launches (GPU).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    route: Route,
 }
 
 impl Q8Op {
@@ -419,14 +467,19 @@ pub fn lanes(kb: usize, u: usize) -> usize {
 #[cfg(feature = "cuda")]
 mod gpu {
     //! The launches of `kernels/cuda/gemv_q8.cuh`.
-    use super::{lanes, perm_for, Decode, Output, Q8Op, BLOCK};
+    use super::{lanes, perm_for, Decode, Output, Q8Op, Route, BLOCK};
     use crate::nn::cuda::gpu::{MODULE, PTX};
     use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::sys::{
+        CUdevice_attribute, CUfunction_attribute,
+    };
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+        CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, Result};
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
 
     type Range = (usize, usize);
 
@@ -517,16 +570,68 @@ mod gpu {
         Ok(buf)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn launch<T: DeviceRepr>(
-        op: &Q8Op,
-        x: &CudaSlice<T>,
-        codes: &CudaSlice<u8>,
-        params: &CudaSlice<f32>,
-        (rx, rc, rp): (Range, Range, Range),
-        dev: &CudaDevice,
-        name: &str,
-    ) -> Result<CudaSlice<T>> {
+    /// (multiprocessors, opt-in shared memory bytes per block) of the device, read once
+    /// (the machines here have one kind of GPU).
+    fn device_limits(dev: &CudaDevice) -> Result<(usize, usize)> {
+        static LIMITS: OnceLock<(usize, usize)> = OnceLock::new();
+        if let Some(l) = LIMITS.get() {
+            return Ok(*l);
+        }
+        let ctx = dev.cuda_stream().context().clone();
+        let sms = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .w()?;
+        let optin = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .w()?;
+        Ok(*LIMITS.get_or_init(|| (sms.max(1) as usize, optin.max(0) as usize)))
+    }
+
+    /// Blocks of `fname` resident per multiprocessor with `shared` bytes each: the
+    /// occupancy calculator's answer, cached per (kernel, shared bytes), unless
+    /// `QUANTLAB_Q8_BLOCKS_PER_SM` sets it (tuning).
+    fn blocks_per_sm(func: &CudaFunction, fname: &str, shared: usize) -> Result<usize> {
+        static FORCED: OnceLock<Option<usize>> = OnceLock::new();
+        static CACHE: OnceLock<Mutex<HashMap<(String, usize), usize>>> = OnceLock::new();
+        let forced = *FORCED.get_or_init(|| {
+            std::env::var("QUANTLAB_Q8_BLOCKS_PER_SM")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&v: &usize| v > 0)
+        });
+        if let Some(f) = forced {
+            return Ok(f);
+        }
+        let cache = CACHE.get_or_init(Default::default);
+        let key = (fname.to_string(), shared);
+        if let Some(&b) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(b);
+        }
+        let b = func
+            .occupancy_max_active_blocks_per_multiprocessor((32 * WARPS) as u32, shared, None)
+            .w()?
+            .max(1) as usize;
+        cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, b);
+        Ok(b)
+    }
+
+    /// What both routes share: the kernel's name part, blocks per group, lanes, outputs.
+    struct Plan {
+        kind: &'static str,
+        kb: usize,
+        bpg: usize,
+        lanes: usize,
+        outputs: usize,
+        per_tile: usize,
+        n1: usize,
+        n2: usize,
+        glu: bool,
+    }
+
+    fn plan(op: &Q8Op, rc: Range, rp: Range) -> Result<Plan> {
         let s = &op.shape;
         let (m, k) = (op.m, s.k);
         if m == 0 || m > super::MAX_ROWS {
@@ -558,6 +663,151 @@ mod gpu {
         } else {
             candle_core::bail!("q8 GEMV: groups of {} columns", s.group);
         };
+        let glu = op.output == Output::Glu;
+        let outputs = op.outputs();
+        let (n1, n2) = match op.output {
+            Output::Split(a, b) => (a, b),
+            _ => (outputs, outputs),
+        };
+        let lanes = lanes(kb, if s.bits == 4 { 4 } else { 2 });
+        let per_thread = if glu { ROWS / 2 } else { ROWS };
+        Ok(Plan {
+            kind,
+            kb,
+            bpg,
+            lanes,
+            outputs,
+            per_tile: WARPS * (32 / lanes) * per_thread,
+            n1,
+            n2,
+            glu,
+        })
+    }
+
+    /// The code book as 4 little-endian words of signed bytes.
+    fn table_words(op: &Q8Op) -> [u32; 4] {
+        std::array::from_fn(|j| u32::from_le_bytes(std::array::from_fn(|b| op.t8[4 * j + b] as u8)))
+    }
+
+    /// The fused route: one launch, or `None` where the quantized rows do not fit in a
+    /// block's shared memory (the caller takes the two launches).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_fused<T: DeviceRepr>(
+        op: &Q8Op,
+        p: &Plan,
+        x: &CudaSlice<T>,
+        codes: &CudaSlice<u8>,
+        params: &CudaSlice<f32>,
+        (rx, rc, rp): (Range, Range, Range),
+        dev: &CudaDevice,
+        name: &str,
+        max_blocks: u32,
+    ) -> Result<Option<CudaSlice<T>>> {
+        let s = &op.shape;
+        let (m, k) = (op.m, s.k);
+        let shared = super::fused_shared_bytes(m, k);
+        let (sms, optin) = device_limits(dev)?;
+        if shared > optin {
+            return Ok(None);
+        }
+        let fname = format!(
+            "gemv_q8f_{}_{name}{}",
+            p.kind,
+            if p.glu { "_glu" } else { "" }
+        );
+        let func = dev.get_or_load_custom_func(&fname, MODULE, PTX)?;
+        if shared > 48 * 1024 {
+            // Above 48 KB a kernel's dynamic shared memory must be opted into.
+            func.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared as i32,
+            )
+            .w()?;
+        }
+        // About one wave of blocks, each walking an equal number of row tiles (the last
+        // block possibly fewer): the activations are quantized once per block.
+        let tiles = p.outputs.div_ceil(p.per_tile);
+        let mut resident = sms * blocks_per_sm(&func, &fname, shared)?;
+        if max_blocks > 0 {
+            resident = resident.min(max_blocks as usize);
+        }
+        let per_block = tiles.div_ceil(resident.max(1));
+        let grid = tiles.div_ceil(per_block.max(1)).max(1);
+        let size = std::mem::size_of::<T>();
+        // 8-value vector loads of x need every row start 16-byte aligned.
+        let xvec = i32::from((k * size).is_multiple_of(16) && (rx.0 * size).is_multiple_of(16));
+        // SAFETY: the kernel writes all m × outputs values (one per (row, output) pair).
+        let y = unsafe { dev.alloc::<T>(m * p.outputs)? };
+        let cfg = LaunchConfig {
+            grid_dim: (grid as u32, 1, 1),
+            block_dim: (32, WARPS as u32, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let ints = [
+            i32_of(m, "rows")?,
+            i32_of(p.outputs, "outputs")?,
+            i32_of(k, "columns")?,
+            i32_of(s.ld, "row bytes")?,
+            i32_of(p.bpg, "blocks per group")?,
+            i32_of(s.gpr, "groups per row")?,
+        ];
+        let tail = [
+            i32_of(p.n1, "split")?,
+            i32_of(p.n2, "split")?,
+            i32_of(p.lanes, "lanes")?,
+            xvec,
+        ];
+        let t = table_words(op);
+        let (xs, cs, ps) = (
+            x.slice(rx.0..rx.1),
+            codes.slice(rc.0..rc.1),
+            params.slice(rp.0..rp.1),
+        );
+        let mut b = func.builder();
+        b.arg(&xs);
+        b.arg(&cs);
+        b.arg(&ps);
+        b.arg(&y);
+        for a in &ints {
+            b.arg(a);
+        }
+        for w in &t {
+            b.arg(w);
+        }
+        b.arg(&op.tfac);
+        for a in &tail {
+            b.arg(a);
+        }
+        // SAFETY: the arguments match the kernel's signature (x m·k of T, codes n·ld
+        // bytes, params 2·n·gpr f32, y m·outputs of T; six i32, four u32, one f32, four
+        // i32); the slices' lengths were checked against those counts by the caller, each
+        // block's codes lie inside its row (checked in `plan`), the dynamic shared memory
+        // is the m·kb·40 bytes the kernel lays out (opted into above 48 KB, within the
+        // device's limit), and the kernel bounds every read by k, kb, n, ld and m.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(Some(y))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: DeviceRepr>(
+        op: &Q8Op,
+        x: &CudaSlice<T>,
+        codes: &CudaSlice<u8>,
+        params: &CudaSlice<f32>,
+        (rx, rc, rp): (Range, Range, Range),
+        dev: &CudaDevice,
+        name: &str,
+    ) -> Result<CudaSlice<T>> {
+        let p = plan(op, rc, rp)?;
+        if let Route::Fused { max_blocks } = op.route.resolve() {
+            let ranges = (rx, rc, rp);
+            if let Some(y) = launch_fused(op, &p, x, codes, params, ranges, dev, name, max_blocks)?
+            {
+                return Ok(y);
+            }
+        }
+        let s = &op.shape;
+        let (m, k, kb) = (op.m, s.k, p.kb);
         let buf = scratch(dev, m, k)?;
         quantize_into(dev, &x.slice(rx.0..rx.1), name, &buf, (m, k, perm_for(s)))?;
         let (nq, nb) = (m * kb * BLOCK, m * kb);
@@ -566,39 +816,32 @@ mod gpu {
             buf.slice(nq..nq + 4 * nb),
             buf.slice(nq + 4 * nb..nq + 8 * nb),
         );
-        let glu = op.output == Output::Glu;
-        let fname = format!("gemv_q8_{kind}_{name}{}", if glu { "_glu" } else { "" });
+        let fname = format!(
+            "gemv_q8_{}_{name}{}",
+            p.kind,
+            if p.glu { "_glu" } else { "" }
+        );
         let func = dev.get_or_load_custom_func(&fname, MODULE, PTX)?;
-        let outputs = op.outputs();
-        let (n1, n2) = match op.output {
-            Output::Split(a, b) => (a, b),
-            _ => (outputs, outputs),
-        };
         // SAFETY: the kernel writes all m × outputs values (one per (row, output) pair).
-        let y = unsafe { dev.alloc::<T>(m * outputs)? };
-        let lanes = lanes(kb, if s.bits == 4 { 4 } else { 2 });
-        let per_thread = if glu { ROWS / 2 } else { ROWS };
-        let per_block = WARPS * (32 / lanes) * per_thread;
+        let y = unsafe { dev.alloc::<T>(m * p.outputs)? };
         let cfg = LaunchConfig {
-            grid_dim: (outputs.div_ceil(per_block) as u32, 1, 1),
+            grid_dim: (p.outputs.div_ceil(p.per_tile) as u32, 1, 1),
             block_dim: (32, WARPS as u32, 1),
             shared_mem_bytes: 0,
         };
-        let t: [u32; 4] = std::array::from_fn(|j| {
-            u32::from_le_bytes(std::array::from_fn(|b| op.t8[4 * j + b] as u8))
-        });
+        let t = table_words(op);
         let ints = [
             i32_of(m, "rows")?,
-            i32_of(outputs, "outputs")?,
+            i32_of(p.outputs, "outputs")?,
             i32_of(kb, "blocks")?,
             i32_of(s.ld, "row bytes")?,
-            i32_of(bpg, "blocks per group")?,
+            i32_of(p.bpg, "blocks per group")?,
             i32_of(s.gpr, "groups per row")?,
         ];
         let tail = [
-            i32_of(n1, "split")?,
-            i32_of(n2, "split")?,
-            i32_of(lanes, "lanes")?,
+            i32_of(p.n1, "split")?,
+            i32_of(p.n2, "split")?,
+            i32_of(p.lanes, "lanes")?,
         ];
         let (cs, ps) = (codes.slice(rc.0..rc.1), params.slice(rp.0..rp.1));
         let mut b = func.builder();
@@ -622,7 +865,7 @@ mod gpu {
         // bytes, m·kb f32 and i32; codes n·ld bytes; params 2·n·gpr f32; y m·outputs of
         // T; six i32, four u32, one f32, three i32), the slices' lengths were checked
         // against those counts by the caller, each block's codes lie inside its row
-        // (checked above), and the kernel bounds every read by kb, n, ld and m.
+        // (checked in `plan`), and the kernel bounds every read by kb, n, ld and m.
         unsafe { b.launch(cfg) }.w()?;
         Ok(y)
     }
