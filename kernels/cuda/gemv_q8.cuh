@@ -19,8 +19,9 @@
 //    to signed bytes t8 = round(127 t / max|t|) (4 registers), scale_w · (max|t| / 127).
 //    Groups must be whole blocks (a multiple of 32 columns, or one group per row) and
 //    zero points integers: the host checks, other layouts take gemv.cuh.
-// Threads: as gemv2 (GEMV2_*): `lanes` lanes share Q8_R rows, each lane Q8_U blocks of
-// each row per iteration, loaded before any is used; lanes' sums added by shuffles.
+// Threads: as gemv2 (GEMV2_*): `lanes` lanes share Q8_R rows, each lane U blocks of
+// each row per iteration; lanes' sums added by shuffles (gemv_epilogue, gemv.cuh).
+// 3. gemv_q8f_*: 1 and 2 in one launch (below).
 
 #define Q8_WARPS 4
 #define Q8_R 2
@@ -207,8 +208,11 @@ __device__ void gemv_q8_body(const int8_t* __restrict__ xq, const float* __restr
 // into shared memory in its prologue, exactly as q8_quantize (same codes, f16-rounded
 // scales and sums, bit for bit), while its first weight loads are in flight, then walks
 // its share of the output rows reading activations from shared memory. Blocks loop over
-// row tiles (a tile: Q8_WARPS · (32 / lanes) · RO outputs, the two-launch kernel's block)
+// row tiles (a tile: W · (32 / lanes) · RO outputs, W warps of a block)
 // so that a grid about one wave deep quantizes x once per block, not once per tile.
+// Blocks of W = blockDim.y warps (at most Q8_WARPS): the host takes fewer warps per
+// block, then more lanes per row, until the tiles number at least the multiprocessors
+// (SmolLM2's 576-row layers: 9 tiles of 4 warps would leave 123 of 132 SMs idle).
 // Shared memory: [m][2][kb] int4 (bytes 0-15 and 16-31 of each block: the lanes of a row
 // group read consecutive blocks, so consecutive 16-byte words: no bank conflicts), then
 // [m][kb] f32 scales, then [m][kb] i32 sums: m · kb · 40 bytes (the host checks the limit
@@ -237,20 +241,21 @@ __device__ void gemv_q8f_body(const T* __restrict__ x, const uint8_t* __restrict
   constexpr int WPB = BITS == 4 ? 1 : 2;
   constexpr int RO = GLU ? R / 2 : R;
   constexpr bool PERM = BITS == 4 && !TAB;
-  constexpr int NT = 32 * Q8_WARPS;
+  const int W = blockDim.y;  // warps per block (1, 2 or 4: the host's choice)
+  const int NT = 32 * W;
   const int kb = (k + 31) / 32;
   int4* qa = q8smem;                                      // [m][2][kb]
   float* sd = reinterpret_cast<float*>(qa + 2 * m * kb);  // [m][kb]
   int* ss = reinterpret_cast<int*>(sd + m * kb);          // [m][kb]
   const int L = lanes, seg = threadIdx.x / L, l = threadIdx.x % L;
-  const int per_tile = Q8_WARPS * (32 / L) * RO;
+  const int per_tile = W * (32 / L) * RO;
   const int ntiles = (n + per_tile - 1) / per_tile;
   const int my_tiles = blockIdx.x < ntiles ? (ntiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
   const int spt = (kb + L * U - 1) / (L * U);  // steps per tile (the same for every lane)
   const float2* pr = reinterpret_cast<const float2*>(params);
   // The first output of this thread's rows in its t-th tile.
   auto first_out = [&](int t) {
-    return (((blockIdx.x + t * gridDim.x) * Q8_WARPS + threadIdx.y) * (32 / L) + seg) * RO;
+    return (((blockIdx.x + t * gridDim.x) * W + threadIdx.y) * (32 / L) + seg) * RO;
   };
   // Codes and parameters of step s of tile t (zeros past the row, the tiles or n).
   auto load = [&](uint4 (&wv)[U][R][WPB], float2 (&sz)[U][R], int t, int s) {

@@ -464,10 +464,37 @@ pub fn lanes(kb: usize, u: usize) -> usize {
     best.0
 }
 
+/// Warps per block of the two-launch kernel (`Q8_WARPS`), the fused kernel's most.
+pub const WARPS: usize = 4;
+
+/// Lanes per row and warps per block (fused kernel) for `outputs` outputs of `kb` blocks,
+/// `u` blocks per lane per step, `per_thread` outputs per row group: [`lanes`] (fewest
+/// idle lanes) and [`WARPS`], then, while the row tiles would not cover the `sms`
+/// multiprocessors, fewer warps per block and then more lanes per row (small layers:
+/// more, smaller blocks). Both routes take the same lanes, so they add the same blocks in
+/// the same order (bit-identical outputs).
+pub fn shape_threads(
+    kb: usize,
+    u: usize,
+    outputs: usize,
+    per_thread: usize,
+    sms: usize,
+) -> (usize, usize) {
+    let (mut lanes, mut warps) = (lanes(kb, u), WARPS);
+    let tiles = |w: usize, l: usize| outputs.div_ceil(w * (32 / l) * per_thread);
+    while tiles(warps, lanes) < sms && warps > 1 {
+        warps /= 2;
+    }
+    while tiles(warps, lanes) < sms && lanes < 32 {
+        lanes *= 2;
+    }
+    (lanes, warps)
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     //! The launches of `kernels/cuda/gemv_q8.cuh`.
-    use super::{lanes, perm_for, Decode, Output, Q8Op, Route, BLOCK};
+    use super::{perm_for, Decode, Output, Q8Op, Route, BLOCK};
     use crate::nn::cuda::gpu::{MODULE, PTX};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::sys::{
@@ -482,9 +509,11 @@ mod gpu {
     use std::sync::{Mutex, OnceLock};
 
     type Range = (usize, usize);
+    /// Blocks per multiprocessor by (kernel name, threads per block, shared bytes).
+    type OccupancyCache = HashMap<(String, usize, usize), usize>;
 
-    /// Warps per block and rows per thread (`Q8_WARPS`, `Q8_R` in gemv_q8.cuh).
-    const WARPS: usize = 4;
+    use super::WARPS;
+    /// Rows per thread (`Q8_R` in gemv_q8.cuh).
     const ROWS: usize = 2;
 
     fn i32_of(v: usize, what: &str) -> Result<i32> {
@@ -588,11 +617,16 @@ mod gpu {
     }
 
     /// Blocks of `fname` resident per multiprocessor with `shared` bytes each: the
-    /// occupancy calculator's answer, cached per (kernel, shared bytes), unless
+    /// occupancy calculator's answer, cached per (kernel, block size, shared bytes), unless
     /// `QUANTLAB_Q8_BLOCKS_PER_SM` sets it (tuning).
-    fn blocks_per_sm(func: &CudaFunction, fname: &str, shared: usize) -> Result<usize> {
+    fn blocks_per_sm(
+        func: &CudaFunction,
+        fname: &str,
+        threads: usize,
+        shared: usize,
+    ) -> Result<usize> {
         static FORCED: OnceLock<Option<usize>> = OnceLock::new();
-        static CACHE: OnceLock<Mutex<HashMap<(String, usize), usize>>> = OnceLock::new();
+        static CACHE: OnceLock<Mutex<OccupancyCache>> = OnceLock::new();
         let forced = *FORCED.get_or_init(|| {
             std::env::var("QUANTLAB_Q8_BLOCKS_PER_SM")
                 .ok()
@@ -603,12 +637,12 @@ mod gpu {
             return Ok(f);
         }
         let cache = CACHE.get_or_init(Default::default);
-        let key = (fname.to_string(), shared);
+        let key = (fname.to_string(), threads, shared);
         if let Some(&b) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Ok(b);
         }
         let b = func
-            .occupancy_max_active_blocks_per_multiprocessor((32 * WARPS) as u32, shared, None)
+            .occupancy_max_active_blocks_per_multiprocessor(threads as u32, shared, None)
             .w()?
             .max(1) as usize;
         cache
@@ -618,20 +652,29 @@ mod gpu {
         Ok(b)
     }
 
-    /// What both routes share: the kernel's name part, blocks per group, lanes, outputs.
+    /// What both routes share: the kernel's name part, blocks per group, lanes, outputs;
+    /// the fused kernel's warps per block.
     struct Plan {
         kind: &'static str,
         kb: usize,
         bpg: usize,
         lanes: usize,
+        warps: usize,
         outputs: usize,
-        per_tile: usize,
+        per_thread: usize,
         n1: usize,
         n2: usize,
         glu: bool,
     }
 
-    fn plan(op: &Q8Op, rc: Range, rp: Range) -> Result<Plan> {
+    impl Plan {
+        /// Outputs per block (per tile of the fused kernel) with `warps` warps.
+        fn per_tile(&self, warps: usize) -> usize {
+            warps * (32 / self.lanes) * self.per_thread
+        }
+    }
+
+    fn plan(op: &Q8Op, rc: Range, rp: Range, sms: usize) -> Result<Plan> {
         let s = &op.shape;
         let (m, k) = (op.m, s.k);
         if m == 0 || m > super::MAX_ROWS {
@@ -669,15 +712,17 @@ mod gpu {
             Output::Split(a, b) => (a, b),
             _ => (outputs, outputs),
         };
-        let lanes = lanes(kb, if s.bits == 4 { 4 } else { 2 });
         let per_thread = if glu { ROWS / 2 } else { ROWS };
+        let u = if s.bits == 4 { 4 } else { 2 };
+        let (lanes, warps) = super::shape_threads(kb, u, outputs, per_thread, sms);
         Ok(Plan {
             kind,
             kb,
             bpg,
             lanes,
+            warps,
             outputs,
-            per_tile: WARPS * (32 / lanes) * per_thread,
+            per_thread,
             n1,
             n2,
             glu,
@@ -726,8 +771,9 @@ mod gpu {
         }
         // About one wave of blocks, each walking an equal number of row tiles (the last
         // block possibly fewer): the activations are quantized once per block.
-        let tiles = p.outputs.div_ceil(p.per_tile);
-        let mut resident = sms * blocks_per_sm(&func, &fname, shared)?;
+        let tiles = p.outputs.div_ceil(p.per_tile(p.warps));
+        let threads = 32 * p.warps;
+        let mut resident = sms * blocks_per_sm(&func, &fname, threads, shared)?;
         if max_blocks > 0 {
             resident = resident.min(max_blocks as usize);
         }
@@ -740,7 +786,7 @@ mod gpu {
         let y = unsafe { dev.alloc::<T>(m * p.outputs)? };
         let cfg = LaunchConfig {
             grid_dim: (grid as u32, 1, 1),
-            block_dim: (32, WARPS as u32, 1),
+            block_dim: (32, p.warps as u32, 1),
             shared_mem_bytes: shared as u32,
         };
         let ints = [
@@ -798,7 +844,7 @@ mod gpu {
         dev: &CudaDevice,
         name: &str,
     ) -> Result<CudaSlice<T>> {
-        let p = plan(op, rc, rp)?;
+        let p = plan(op, rc, rp, device_limits(dev)?.0)?;
         if let Route::Fused { max_blocks } = op.route.resolve() {
             let ranges = (rx, rc, rp);
             if let Some(y) = launch_fused(op, &p, x, codes, params, ranges, dev, name, max_blocks)?
@@ -825,7 +871,7 @@ mod gpu {
         // SAFETY: the kernel writes all m × outputs values (one per (row, output) pair).
         let y = unsafe { dev.alloc::<T>(m * p.outputs)? };
         let cfg = LaunchConfig {
-            grid_dim: (p.outputs.div_ceil(p.per_tile) as u32, 1, 1),
+            grid_dim: (p.outputs.div_ceil(p.per_tile(WARPS)) as u32, 1, 1),
             block_dim: (32, WARPS as u32, 1),
             shared_mem_bytes: 0,
         };
@@ -907,6 +953,20 @@ mod tests {
             assert_eq!(at, if r % 2 == 0 { r / 2 } else { 4 + r / 2 });
             assert_eq!(p / 8, j / 8);
         }
+    }
+
+    #[test]
+    fn small_layers_get_smaller_blocks_and_large_ones_keep_theirs() {
+        // SmolLM2's 576x576 at 8 bits (18 blocks): 9 tiles of 4 warps; 1 warp of 16 lanes
+        // per row makes 144 tiles for 132 SMs.
+        assert_eq!(shape_threads(18, 2, 576, 2, 132), (16, 1));
+        // gate|up GLU at 4 bits (1536 outputs, one per row group): 96 tiles of 4 warps,
+        // 192 of 2.
+        assert_eq!(shape_threads(18, 4, 1536, 1, 132), (8, 2));
+        // 4096x4096 at 8 bits: 512 tiles as it was.
+        assert_eq!(shape_threads(128, 2, 4096, 2, 132), (32, 4));
+        // One output: nothing to split, lanes grow to a warp.
+        assert_eq!(shape_threads(2, 2, 1, 2, 132), (32, 1));
     }
 
     #[test]
