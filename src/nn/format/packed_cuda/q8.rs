@@ -16,13 +16,20 @@
 //! columns, or one per row), at most [`MAX_ROWS`] activation rows. Other layouts (real
 //! zero points, groups of 16, more rows) keep the exact kernels.
 //!
-//! Measured on the H200 (`bench-gemv`, bf16 activations, m = 1, one run, time including
-//! the quantization launch): at 14336×4096, 8192² and 28672×8192 it reads 2.3–3.7 TB/s of
-//! packed bytes, 1.35–1.76x cuBLAS bf16 for 8-bit codes and 1.44–1.99x for 4-bit (the
-//! exact v2 kernel: 1.13–1.32x); the 4.2B synthetic Llama decodes 1.54x (w:i8) and 1.67x
-//! (w:i4 g64) bf16. On SmolLM2's layers (576–1536 rows) the two launches cost more than
-//! the bytes saved: 0.55–1.1x cuBLAS against v1's 0.9–1.9x, and SmolLM2 decode runs
-//! 1.2–1.4x bf16 with q8 against 1.25–1.5x exact (one run each, ±10%).
+//! Two routes ([`Route`]): the fused kernel (`gemv_q8f_*`, the default), one launch per
+//! product, each block quantizing the activation rows into shared memory in its prologue
+//! (bit for bit as the quantization kernel) and walking row tiles so that about one wave
+//! of blocks quantizes x once each; and two launches (`q8_quantize_*` into a scratch
+//! buffer, then `gemv_q8_*`), kept for rows too long for shared memory and for A/B runs
+//! (`QUANTLAB_Q8_FUSED=0`). Both take the same lanes per row, so their outputs are equal.
+//! Small layers (fewer row tiles than multiprocessors) get blocks of fewer warps and more
+//! lanes per row ([`shape_threads`]).
+//!
+//! Measured on the H200 before fusion (`bench-gemv`, bf16 activations, m = 1, one run,
+//! two launches): at 14336×4096, 8192² and 28672×8192 it read 2.3–3.7 TB/s of packed
+//! bytes, 1.35–1.76x cuBLAS bf16 for 8-bit codes and 1.44–1.99x for 4-bit; on SmolLM2's
+//! layers (576–1536 rows) the two launches cost more than the bytes saved (0.55–1.1x
+//! cuBLAS). README's GPU section has the fused kernel's numbers.
 //!
 //! The CPU side of the op is [`reference`], the kernel's arithmetic in plain Rust (what
 //! the tests check the kernel and the CPU q8 route against).
