@@ -328,15 +328,16 @@ case "$1" in
     # The fused q8 GEMV (gemv_q8f_* in kernels/cuda/gemv_q8.cuh: the activations quantized in
     # each block's prologue, one launch): all cuda-tests, bench-gemv m = 1, 2 (a:q8 fused and
     # 2-launch, v1/v2/v3 exact, cuBLAS bf16: one run each), the fused kernel's grid at 2, 4
-    # and 8 blocks per SM, SmolLM2 decode with --activations q8 fused / two launches /
-    # fused (QUANTLAB_Q8_FUSED), each against bf16 in its run. The big model: fusebig.
+    # and 8 blocks per SM (FUSE_GRID=0 skips it), SmolLM2 decode with --activations q8
+    # fused / two launches / fused (QUANTLAB_Q8_FUSED), each against bf16 in its run.
+    # SKIP_ALL_TESTS=1 skips the tests. The big model: fusebig.
     nvidia-smi -L | tee -a "$LOG"
     [ -n "${SKIP_ALL_TESTS:-}" ] || run env CARGO_MANIFEST_DIR="$PWD" $Q/bin/cuda-tests --test-threads 1
     for m in 1 2; do
       run $QL --device cuda --dtype bf16 bench-gemv -m $m -r 100 --formats q8,q4g64,nf4 \
         > "$OUT/fuse-gemv-m$m.md"
     done
-    for b in 2 4 8; do
+    for b in $([ "${FUSE_GRID:-1}" != 0 ] && echo 2 4 8); do
       echo "## QUANTLAB_Q8_BLOCKS_PER_SM=$b" >> "$OUT/fuse-grid.md"
       QUANTLAB_Q8_BLOCKS_PER_SM=$b run $QL --device cuda --dtype bf16 bench-gemv -r 100 \
         --shapes 4096x4096,14336x4096,28672x8192 --formats q8,q4g64 --kernels v2 >> "$OUT/fuse-grid.md"
@@ -354,16 +355,18 @@ case "$1" in
     fi
     ;;
   fusebig)
-    # The 4.23 B synthetic Llama (as bwbig) with --activations q8, fused: bf16, w:i8, w:i4 g64,
-    # nf4 in one run (FUSE_BIG_AB=1: then the two launches, QUANTLAB_Q8_FUSED=0).
+    # The 4.23 B synthetic Llama (as bwbig) with --activations q8: bf16, w:i8, w:i4 g64, nf4
+    # in one run with the automatic route (fused up to 2^24 weights: none of this model's
+    # layers); FUSE_BIG_AB=1 adds a run forced fused and one forced to two launches.
     tok=$Q/tok
     big=$Q/big-4
     [ -d $tok ] || run $QL --quiet quantize --model "$M" --plan '*=bf16' --out $tok
     [ -d $big ] || run python3 scripts/synthetic_llama.py --out $big --tokenizer-dir $tok \
       --layers 4 --hidden 8192 --intermediate 28672 --heads 64 --kv-heads 8
-    for f in 1 $([ -n "${FUSE_BIG_AB:-}" ] && echo 0); do
+    for f in auto ${FUSE_BIG_AB:+1 0}; do
+      if [ $f = auto ]; then e=(); else e=(QUANTLAB_Q8_FUSED=$f); fi
       echo "{\"q8_fused\": \"$f\"}" >> "$OUT/fuse-big.jsonl"
-      QUANTLAB_Q8_FUSED=$f run $QL --quiet --activations q8 --format json --device cuda --dtype bf16 \
+      run env "${e[@]}" $QL --quiet --activations q8 --format json --device cuda --dtype bf16 \
         bench --model $big -p 0 -n 128 -r 3 --plan "lm_head=keep;*=w:i8:sym" \
         --plan "lm_head=keep;*=w:i4:sym:g64" --plan "lm_head=keep;*=nf4" >> "$OUT/fuse-big.jsonl"
     done

@@ -16,12 +16,13 @@
 //! columns, or one per row), at most [`MAX_ROWS`] activation rows. Other layouts (real
 //! zero points, groups of 16, more rows) keep the exact kernels.
 //!
-//! Two routes ([`Route`]): the fused kernel (`gemv_q8f_*`, the default), one launch per
-//! product, each block quantizing the activation rows into shared memory in its prologue
-//! (bit for bit as the quantization kernel) and walking row tiles so that about one wave
-//! of blocks quantizes x once each; and two launches (`q8_quantize_*` into a scratch
-//! buffer, then `gemv_q8_*`), kept for rows too long for shared memory and for A/B runs
-//! (`QUANTLAB_Q8_FUSED=0`). Both take the same lanes per row, so their outputs are equal.
+//! Two routes ([`Route`]): the fused kernel (`gemv_q8f_*`), one launch per product, each
+//! block quantizing the activation rows into shared memory in its prologue (bit for bit
+//! as the quantization kernel) and walking row tiles so that about one wave of blocks
+//! quantizes x once each; and two launches (`q8_quantize_*` into a scratch buffer, then
+//! `gemv_q8_*`). By default weights up to [`FUSED_MAX_WEIGHTS`] take the fused kernel
+//! (where the second launch cost most), larger ones the two launches (as fast or faster
+//! there), as do rows too long for shared memory; `QUANTLAB_Q8_FUSED=1|0` forces one. Both take the same lanes per row, so their outputs are equal.
 //! Small layers (fewer row tiles than multiprocessors) get blocks of fewer warps and more
 //! lanes per row ([`shape_threads`]).
 //!
@@ -29,7 +30,7 @@
 //! two launches): at 14336×4096, 8192² and 28672×8192 it read 2.3–3.7 TB/s of packed
 //! bytes, 1.35–1.76x cuBLAS bf16 for 8-bit codes and 1.44–1.99x for 4-bit; on SmolLM2's
 //! layers (576–1536 rows) the two launches cost more than the bytes saved (0.55–1.1x
-//! cuBLAS). README's GPU section has the fused kernel's numbers.
+//! cuBLAS). The fused kernel there: 1.1–1.6x (README's GPU section).
 //!
 //! The CPU side of the op is [`reference`], the kernel's arithmetic in plain Rust (what
 //! the tests check the kernel and the CPU q8 route against).
@@ -51,8 +52,9 @@ pub const MAX_ROWS: usize = 2;
 /// How a q8 product runs on a GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Route {
-    /// [`Route::Fused`] with the automatic grid, unless `QUANTLAB_Q8_FUSED=0` (the A/B
-    /// switch) asks for [`Route::TwoLaunch`].
+    /// [`Route::Fused`] with the automatic grid up to [`FUSED_MAX_WEIGHTS`] weights (stacks
+    /// counted whole), [`Route::TwoLaunch`] above; `QUANTLAB_Q8_FUSED=1` or `=0` (A/B runs)
+    /// takes one route at every size.
     #[default]
     Auto,
     /// One launch (`gemv_q8f_*`): each block quantizes the activation rows into shared
@@ -66,20 +68,39 @@ pub enum Route {
     TwoLaunch,
 }
 
+/// Largest weight (rows × columns) that [`Route::Auto`] gives the fused kernel. Measured
+/// on the H200 (bench-gemv, bf16, one run each at m = 1 and 2): up to 4096² the fused
+/// kernel wins everywhere (SmolLM2's layers 1.1–1.6x cuBLAS against 0.8–0.9x with two
+/// launches; 4096² 1.23–1.50x against 1.10–1.14x); from 14336×4096 the two launches are as
+/// fast or faster (NF4 1.46–1.93x against 1.09–1.51x, everything at m = 2): their grid of
+/// one block per row tile balances better than the fused kernel's one wave of blocks that
+/// each quantize x first.
+pub const FUSED_MAX_WEIGHTS: usize = 1 << 24;
+
 impl Route {
-    /// [`Route::Auto`] resolved by `QUANTLAB_Q8_FUSED` (read once).
+    /// The route of [`Route::Auto`] for a weight of `weights` rows × columns, given
+    /// `QUANTLAB_Q8_FUSED` (`Some(true)`: fused, `Some(false)`: two launches, `None`: by size).
+    pub fn auto(weights: usize, forced: Option<bool>) -> Route {
+        match forced {
+            Some(false) => Route::TwoLaunch,
+            Some(true) => Route::Fused { max_blocks: 0 },
+            None if weights <= FUSED_MAX_WEIGHTS => Route::Fused { max_blocks: 0 },
+            None => Route::TwoLaunch,
+        }
+    }
+
+    /// [`Route::Auto`] resolved for `weights` by `QUANTLAB_Q8_FUSED` (read once).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    fn resolve(self) -> Route {
-        static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    fn resolve(self, weights: usize) -> Route {
+        static FORCED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
         match self {
             Route::Auto => {
-                if *FUSED
-                    .get_or_init(|| std::env::var("QUANTLAB_Q8_FUSED").map_or(true, |v| v != "0"))
-                {
-                    Route::Fused { max_blocks: 0 }
-                } else {
-                    Route::TwoLaunch
-                }
+                let forced = *FORCED.get_or_init(|| {
+                    std::env::var("QUANTLAB_Q8_FUSED")
+                        .ok()
+                        .map(|v| v.trim() != "0")
+                });
+                Route::auto(weights, forced)
             }
             r => r,
         }
@@ -852,7 +873,7 @@ mod gpu {
         name: &str,
     ) -> Result<CudaSlice<T>> {
         let p = plan(op, rc, rp, device_limits(dev)?.0)?;
-        if let Route::Fused { max_blocks } = op.route.resolve() {
+        if let Route::Fused { max_blocks } = op.route.resolve(op.shape.n * op.shape.k) {
             let ranges = (rx, rc, rp);
             if let Some(y) = launch_fused(op, &p, x, codes, params, ranges, dev, name, max_blocks)?
             {
@@ -960,6 +981,16 @@ mod tests {
             assert_eq!(at, if r % 2 == 0 { r / 2 } else { 4 + r / 2 });
             assert_eq!(p / 8, j / 8);
         }
+    }
+
+    #[test]
+    fn auto_route_fuses_up_to_2_pow_24_weights_unless_forced() {
+        let fused = Route::Fused { max_blocks: 0 };
+        assert_eq!(Route::auto(576 * 576, None), fused);
+        assert_eq!(Route::auto(4096 * 4096, None), fused);
+        assert_eq!(Route::auto(14336 * 4096, None), Route::TwoLaunch);
+        assert_eq!(Route::auto(14336 * 4096, Some(true)), fused);
+        assert_eq!(Route::auto(576, Some(false)), Route::TwoLaunch);
     }
 
     #[test]
