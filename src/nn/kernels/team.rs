@@ -165,8 +165,16 @@ impl Team {
                 self.done.fetch_add(1, Ordering::Release);
             }
         }
+        // Tasks claimed by helpers: spin, then yield (a helper preempted on a loaded
+        // machine needs a core to finish its task).
+        let mut polls = 0u32;
         while self.done.load(Ordering::Acquire) < tasks {
-            std::hint::spin_loop();
+            polls = polls.saturating_add(1);
+            if polls < SPIN_POLLS {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
         if let Some(e) = own_panic {
             std::panic::resume_unwind(e);
