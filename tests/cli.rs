@@ -404,6 +404,8 @@ fn bench_measures_every_plan_beside_f32_and_refuses_what_it_cannot_measure() {
         let ts = r["t_s"].as_f64().unwrap();
         assert!(ts.is_finite() && ts > 0.0, "{r}");
         assert!(r["std"].as_f64().unwrap() >= 0.0);
+        // the best repetition is at least the mean
+        assert!(r["best_t_s"].as_f64().unwrap() >= ts * (1.0 - 1e-9), "{r}");
         assert!(r["threads"].as_i64().unwrap() >= 1);
         assert!(r["backend"].as_str().unwrap().starts_with("cpu "));
         // the ratio is this row's t/s over the baseline row of the same test
@@ -417,7 +419,35 @@ fn bench_measures_every_plan_beside_f32_and_refuses_what_it_cannot_measure() {
     assert_eq!(rows[2]["weights"], "q8_0 (8.50 bpw)");
     assert!(rows[4]["size_mib"].as_f64().unwrap() < rows[0]["size_mib"].as_f64().unwrap());
 
+    // --no-baseline: the plans alone, no ratio.
+    let (ok, out, err) = quantlab(&[
+        "--format",
+        "json",
+        "--quiet",
+        "bench",
+        "--model",
+        &tiny,
+        "-p",
+        "0",
+        "-n",
+        "2",
+        "-r",
+        "1",
+        "--no-baseline",
+        "--plan",
+        "*=q8_0",
+    ]);
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1, "{out}");
+    assert_eq!(rows[0]["plan"], "*=q8_0");
+    assert!(rows[0]["ratio_vs_f32"].is_null(), "{out}");
+
     for (args, needle) in [
+        (vec!["--no-baseline"], "--no-baseline with no --plan"),
         (vec!["-p", "0", "-n", "0"], "nothing to measure"),
         (vec!["-p", "300"], "exceed the model's context of 256"),
         (vec!["-r", "0"], "--reps must be at least 1"),

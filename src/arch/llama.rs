@@ -388,6 +388,10 @@ pub mod limits {
 /// (`interleaved` when they came from a GGUF file, whose q/k rows are permuted).
 pub const ROPE_LAYOUT_KEY: &str = "quantlab_rope_layout";
 
+/// Forward passes of fewer rows than this (decode steps) run inside a thread-team session
+/// (`kernels::team`).
+const DECODE_TEAM_ROWS: usize = 8;
+
 /// How weights are materialised when a model is loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadAs {
@@ -1158,8 +1162,19 @@ impl Llama {
     /// decoded token), while one started on a worker is a `join` whose other half the idle
     /// worker steals while still spinning.
     fn forward_cpu(&self, x: Tensor, cache: &mut KvCache, rows: usize) -> Result<Tensor> {
+        // A decode step (a few rows): ~120 small products, split over a spinning thread
+        // team (`kernels::team`) instead of one rayon fork/join each. Same task partitions:
+        // same numbers.
+        if x.dim(0)? < DECODE_TEAM_ROWS && !crate::nn::kernels::team::leading() {
+            return crate::nn::kernels::team::session(|| self.forward_cpu_pooled(x, cache, rows));
+        }
+        self.forward_cpu_pooled(x, cache, rows)
+    }
+
+    /// [`Self::forward_cpu`] on a rayon worker (the products split from inside the pool).
+    fn forward_cpu_pooled(&self, x: Tensor, cache: &mut KvCache, rows: usize) -> Result<Tensor> {
         if rayon::current_thread_index().is_none() {
-            return rayon::scope(|_| self.forward_cpu(x, cache, rows));
+            return rayon::scope(|_| self.forward_cpu_pooled(x, cache, rows));
         }
         let h = self.hidden_cpu(x, cache, rows)?;
         let h = Tensor::from_vec(h, (rows, self.cfg.hidden_size), &self.device)?;

@@ -541,7 +541,8 @@ impl Region {
         if !self.parallel || items == 1 || (m * n * k) < 1 << 16 {
             (0..items).for_each(run);
         } else {
-            (0..items).into_par_iter().for_each(run);
+            // Over the decode step's spinning team when there is one, rayon otherwise.
+            super::team::for_each(items, run);
         }
     }
 }

@@ -216,25 +216,31 @@ pub fn causal_attention(
     let width = nh * hd;
     let mut y = vec![0f32; t * width];
     if t < 8 {
-        // Decoding: a few rows, dot products straight from the cache rows.
-        for (i, yrow) in y.chunks_exact_mut(width).enumerate() {
+        // Decoding: a few rows, dot products straight from the cache rows; one task per
+        // (row, head), split over the decode step's spinning team when there is one (a
+        // rayon split costs more than these µs-sized tasks), in order otherwise. Each head's
+        // arithmetic is the same whichever thread runs it.
+        let yp = SendPtr(y.as_mut_ptr());
+        super::team::for_each_in_session(t * nh, |item| {
+            let (i, h) = (item / nh, item % nh);
             let keys = offset + i + 1;
             let mut s = vec![0f32; keys];
-            for h in 0..nh {
-                let (kh, vh) = (&kv.k[h / rep], &kv.v[h / rep]);
-                let qh = &q[i * width + h * hd..i * width + (h + 1) * hd];
-                for (j, sj) in s.iter_mut().enumerate() {
-                    *sj = dot(qh, &kh[j * hd..(j + 1) * hd]) * scale;
-                }
-                softmax_in_place(&mut s);
-                let out = &mut yrow[h * hd..(h + 1) * hd];
-                for (j, &p) in s.iter().enumerate() {
-                    for (o, &v) in out.iter_mut().zip(&vh[j * hd..(j + 1) * hd]) {
-                        *o += p * v;
-                    }
+            let (kh, vh) = (&kv.k[h / rep], &kv.v[h / rep]);
+            let qh = &q[i * width + h * hd..i * width + (h + 1) * hd];
+            for (j, sj) in s.iter_mut().enumerate() {
+                *sj = dot(qh, &kh[j * hd..(j + 1) * hd]) * scale;
+            }
+            softmax_in_place(&mut s);
+            // SAFETY: task (i, h) alone writes y[i·width + h·hd ..][..hd] (i < t, h < nh,
+            // y is t·width long and outlives the split).
+            let out =
+                unsafe { std::slice::from_raw_parts_mut(yp.get().add(i * width + h * hd), hd) };
+            for (j, &p) in s.iter().enumerate() {
+                for (o, &v) in out.iter_mut().zip(&vh[j * hd..(j + 1) * hd]) {
+                    *o += p * v;
                 }
             }
-        }
+        });
         return y;
     }
     let isa = Isa::selected();

@@ -9,6 +9,7 @@ pub mod isa;
 pub mod llm_f32;
 pub mod lowbit;
 pub mod prefill;
+pub mod team;
 
 pub use int8::*;
 pub use isa::Isa;

@@ -27,7 +27,6 @@
 
 use super::{ActBlocks, BlockKind, PackedBlocks, QK};
 use crate::nn::kernels::{Isa, SendPtr};
-use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -312,10 +311,11 @@ pub fn matmul_with(isa: Isa, w: &PanelBlocks, a: &ActBlocks, out: &mut [f32]) {
         return;
     }
     // A few panel ranges per thread: each thread streams its own part of the weight.
+    // Over the decode step's spinning team when there is one (`team`), rayon otherwise.
     let per = panels.div_ceil(4 * threads).max(1);
-    (0..panels.div_ceil(per))
-        .into_par_iter()
-        .for_each(|t| run(t * per, ((t + 1) * per).min(panels)));
+    super::super::team::for_each(panels.div_ceil(per), |t| {
+        run(t * per, ((t + 1) * per).min(panels))
+    });
 }
 
 /// `x [m, cols] · Wᵀ` → `[m, w.n]` with `x` quantized to llama.cpp's q8 blocks first
