@@ -277,6 +277,12 @@ pub struct DecoderState {
     past: Vec<Option<(Tensor, Tensor)>>,
     /// Additive source padding mask `[rows, 1, 1, src_len]`.
     src_mask: Tensor,
+    /// The encoded sentence (row of the encoder batch) each row reads.
+    source: Vec<usize>,
+    /// Rows of `past` each row continues, when [`DecoderState::select_rows`] reordered them
+    /// since the last step: applied while the next step appends its keys/values (one copy
+    /// of the cache per step instead of a gather and then a concatenation).
+    pending: Option<Vec<usize>>,
     /// Tokens fed so far (the decoder position of the next one).
     pub len: usize,
 }
@@ -288,21 +294,38 @@ impl DecoderState {
 
     /// Keeps (and reorders, or repeats) rows: row `i` of the result is old row `rows[i]`.
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let n = self.source.len();
+        if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
+            bail!("select_rows: row {bad} of {n}");
+        }
+        if rows.iter().copied().eq(0..n) {
+            return Ok(());
+        }
         let idx = Tensor::from_vec(
             rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
             rows.len(),
             self.src_mask.device(),
         )?;
         let pick = |t: &Tensor| t.index_select(&idx, 0);
-        self.src_mask = pick(&self.src_mask)?;
-        for (k, v) in &mut self.cross {
-            *k = pick(k)?;
-            *v = pick(v)?;
+        // The cross-attention keys/values and the mask of a row depend only on its source
+        // sentence: when every new row reads the same sentence as the old row in its place
+        // (a beam search reordering beams inside each sentence, the usual step), they are
+        // already the right values and copying them would change nothing.
+        let source: Vec<usize> = rows.iter().map(|&r| self.source[r]).collect();
+        if source != self.source {
+            self.src_mask = pick(&self.src_mask)?;
+            for (k, v) in &mut self.cross {
+                *k = pick(k)?;
+                *v = pick(v)?;
+            }
+            self.source = source;
         }
-        for (k, v) in self.past.iter_mut().flatten() {
-            *k = pick(k)?;
-            *v = pick(v)?;
-        }
+        // The self-attention cache is gathered when the next step appends to it.
+        let pending = match self.pending.take() {
+            Some(before) => rows.iter().map(|&r| before[r]).collect(),
+            None => rows.to_vec(),
+        };
+        self.pending = Some(pending);
         Ok(())
     }
 }
@@ -581,6 +604,8 @@ impl Marian {
             cross,
             past: vec![None; self.decoder.len()],
             src_mask: src_mask.clone(),
+            source: (0..src_mask.dim(0)?).collect(),
+            pending: None,
             len: 0,
         })
     }
@@ -603,7 +628,10 @@ impl Marian {
         for (i, l) in self.decoder.iter().enumerate() {
             let (k, v) = l.self_attn.keys_values(&x)?;
             let (k, v) = match state.past[i].take() {
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                Some((pk, pv)) => (
+                    gather_append(&pk, state.pending.as_deref(), &k)?,
+                    gather_append(&pv, state.pending.as_deref(), &v)?,
+                ),
                 None => (k, v),
             };
             let h = l.self_attn.attend(&x, &k, &v, causal.as_ref())?;
@@ -619,8 +647,55 @@ impl Marian {
             x = l.final_norm.forward(&(x + h)?)?;
         }
         state.len += t;
+        state.pending = None;
         self.lm_head.forward(&x)
     }
+}
+
+/// `past` (`[rows', heads, t, hd]`) with its rows picked by `rows` (all, in order, when
+/// `None`), then `new` (`[rows, heads, t', hd]`) appended along the sequence: the result
+/// of `index_select` followed by `cat`, built in one copy on the CPU (values copied, never
+/// computed: the same bits).
+fn gather_append(past: &Tensor, rows: Option<&[usize]>, new: &Tensor) -> Result<Tensor> {
+    let (pr, h, tp, hd) = past.dims4()?;
+    let (n, h2, tn, hd2) = new.dims4()?;
+    if (h, hd) != (h2, hd2) || rows.map_or(pr != n, |r| r.len() != n || r.iter().any(|&i| i >= pr))
+    {
+        bail!(
+            "decoder cache {:?} does not fit new keys/values {:?}",
+            past.dims(),
+            new.dims()
+        );
+    }
+    let pick = candle_core::CpuStorage::as_slice::<f32>;
+    let fused = crate::nn::rows::with_cpu_slice(past, pr * h * tp * hd, pick, |p| {
+        crate::nn::rows::with_cpu_slice(new, n * h * tn * hd, pick, |q| {
+            let (bp, bq, t) = (tp * hd, tn * hd, (tp + tn) * hd);
+            let mut out = Vec::with_capacity(n * h * t);
+            for r in 0..n {
+                let src = rows.map_or(r, |rows| rows[r]);
+                for j in 0..h {
+                    out.extend_from_slice(&p[(src * h + j) * bp..][..bp]);
+                    out.extend_from_slice(&q[(r * h + j) * bq..][..bq]);
+                }
+            }
+            out
+        })
+    })
+    .flatten();
+    Ok(match fused {
+        Some(out) => Tensor::from_vec(out, (n, h, tp + tn, hd), past.device())?,
+        None => {
+            let past = match rows {
+                Some(rows) => {
+                    let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+                    past.index_select(&Tensor::from_vec(idx, n, past.device())?, 0)?
+                }
+                None => past.clone(),
+            };
+            Tensor::cat(&[&past, new], 2)?
+        }
+    })
 }
 
 impl HasLinears for Marian {
