@@ -301,12 +301,7 @@ impl DecoderState {
         if rows.iter().copied().eq(0..n) {
             return Ok(());
         }
-        let idx = Tensor::from_vec(
-            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-            rows.len(),
-            self.src_mask.device(),
-        )?;
-        let pick = |t: &Tensor| t.index_select(&idx, 0);
+        let pick = |t: &Tensor| gather_rows(t, rows);
         // The cross-attention keys/values and the mask of a row depend only on its source
         // sentence: when every new row reads the same sentence as the old row in its place
         // (a beam search reordering beams inside each sentence, the usual step), they are
@@ -652,6 +647,34 @@ impl Marian {
     }
 }
 
+/// Rows `rows` of `t` (along dimension 0): `index_select`, copied in one pass on the CPU
+/// (candle's fills a zeroed buffer first). Rows were checked against `t` by the caller.
+fn gather_rows(t: &Tensor, rows: &[usize]) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    if dims.is_empty() {
+        bail!("cannot pick rows of a scalar");
+    }
+    let per: usize = dims[1..].iter().product();
+    let pick = candle_core::CpuStorage::as_slice::<f32>;
+    let fused = crate::nn::rows::with_cpu_slice(t, dims[0] * per, pick, |x| {
+        let mut out = Vec::with_capacity(rows.len() * per);
+        for &r in rows {
+            out.extend_from_slice(&x[r * per..][..per]);
+        }
+        out
+    });
+    let mut shape = dims;
+    shape[0] = rows.len();
+    Ok(match fused {
+        Some(out) => Tensor::from_vec(out, shape, t.device())?,
+        None => {
+            let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            t.contiguous()?
+                .index_select(&Tensor::from_vec(idx, rows.len(), t.device())?, 0)?
+        }
+    })
+}
+
 /// `past` (`[rows', heads, t, hd]`) with its rows picked by `rows` (all, in order, when
 /// `None`), then `new` (`[rows, heads, t', hd]`) appended along the sequence: the result
 /// of `index_select` followed by `cat`, built in one copy on the CPU (values copied, never
@@ -689,7 +712,8 @@ fn gather_append(past: &Tensor, rows: Option<&[usize]>, new: &Tensor) -> Result<
             let past = match rows {
                 Some(rows) => {
                     let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-                    past.index_select(&Tensor::from_vec(idx, n, past.device())?, 0)?
+                    past.contiguous()?
+                        .index_select(&Tensor::from_vec(idx, n, past.device())?, 0)?
                 }
                 None => past.clone(),
             };
@@ -757,4 +781,72 @@ pub fn load_dir(dir: &Path, device: &Device) -> Result<Marian> {
         MarianConfig::from_hf_json(&v).with_context(|| format!("in {}", cfg_path.display()))?;
     let mut src = crate::load::open_checkpoint(dir)?;
     Marian::build(cfg, src.as_mut(), device).with_context(|| format!("loading {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn randn(dims: &[usize], seed: u64) -> Tensor {
+        crate::quant::random::randn(dims, seed).unwrap()
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn cache_copies_equal_index_select_and_cat() {
+        let past = randn(&[5, 3, 7, 4], 1);
+        let new = randn(&[4, 3, 1, 4], 2);
+        let rows = [4usize, 0, 0, 2];
+        let idx = Tensor::new(&[4u32, 0, 0, 2], &Device::Cpu).unwrap();
+        let want = Tensor::cat(&[&past.index_select(&idx, 0).unwrap(), &new], 2).unwrap();
+        let got = gather_append(&past, Some(&rows), &new).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        assert_eq!(bits(&got), bits(&want));
+        // The copying fallback (a non-contiguous cache) gives the same values.
+        let strided = past.t().unwrap().contiguous().unwrap().t().unwrap();
+        assert!(!strided.is_contiguous());
+        assert_eq!(
+            bits(&gather_append(&strided, Some(&rows), &new).unwrap()),
+            bits(&want)
+        );
+        // No reordering: a plain concatenation.
+        let same = randn(&[5, 3, 2, 4], 3);
+        let want = Tensor::cat(&[&past, &same], 2).unwrap();
+        assert_eq!(
+            bits(&gather_append(&past, None, &same).unwrap()),
+            bits(&want)
+        );
+        // Rows alone.
+        let want = past.index_select(&idx, 0).unwrap();
+        assert_eq!(bits(&gather_rows(&past, &rows).unwrap()), bits(&want));
+        assert_eq!(bits(&gather_rows(&strided, &rows).unwrap()), bits(&want));
+        // Shapes that do not fit are errors.
+        assert!(gather_append(&past, Some(&[9, 0, 0, 0]), &new).is_err());
+        assert!(gather_append(&past, None, &new).is_err());
+        assert!(gather_append(&past, Some(&rows), &randn(&[4, 2, 1, 4], 4)).is_err());
+    }
+
+    #[test]
+    fn select_rows_rejects_rows_out_of_range() {
+        let mask = Tensor::zeros((2, 1, 1, 3), DType::F32, &Device::Cpu).unwrap();
+        let mut s = DecoderState {
+            cross: vec![],
+            past: vec![None],
+            src_mask: mask,
+            source: vec![0, 1],
+            pending: None,
+            len: 0,
+        };
+        assert!(s.select_rows(&[0, 2]).is_err());
+        s.select_rows(&[1, 1, 0]).unwrap();
+        assert_eq!(s.rows().unwrap(), 3);
+        assert_eq!(s.source, [1, 1, 0]);
+        // A reorder inside the same sources composes with the pending one.
+        s.select_rows(&[1, 0, 2]).unwrap();
+        assert_eq!(s.pending.as_deref(), Some(&[1, 1, 0][..]));
+    }
 }
