@@ -6,6 +6,9 @@
 //! two-thread wall time. Minimum and median over 7 batches. `STREAM=1`: each call takes
 //! the next of enough copies of the weight (≥ 96 MB) that it comes from memory, as in a
 //! decode step, instead of from cache.
+//! `SHAPES=marian`: the shared MarianMT's products instead (d_model 256, ffn 1024, 15258
+//! target tokens; decode rows = 4 beams × sentences still running, default m = 1, 4, 8, 32,
+//! 128), int8 only.
 //! `cargo run --release --example int8_cpu_time`.
 use quantlab::nn::kernels::lowbit::LowBit;
 use quantlab::nn::kernels::{self, ActRows, Isa, PackedI8};
@@ -41,20 +44,31 @@ fn main() {
         "threads {threads}, paths {:?}, streamed {stream}",
         Isa::available()
     );
-    for &(o, i) in &[
-        (576usize, 576usize),
-        (192, 576),
-        (1536, 576),
-        (576, 1536),
-        (49152, 576),
-    ] {
+    let marian = std::env::var("SHAPES").is_ok_and(|v| v == "marian");
+    let shapes: &[(usize, usize)] = if marian {
+        &[(256, 256), (1024, 256), (256, 1024), (15258, 256)]
+    } else {
+        &[
+            (576, 576),
+            (192, 576),
+            (1536, 576),
+            (576, 1536),
+            (49152, 576),
+        ]
+    };
+    let default_ms = if marian {
+        vec![1, 4, 8, 32, 128]
+    } else {
+        vec![1, 2, 4]
+    };
+    for &(o, i) in shapes {
         let n = o * i;
         let codes: Vec<i8> = (0..n).map(|k| ((k * 7919) % 255) as i8).collect();
         let copies = if stream { (96 << 20) / n + 1 } else { 1 };
         let packed: Vec<PackedI8> = (0..copies).map(|_| PackedI8::new(&codes, o, i)).collect();
         let sw = vec![0.01f32; o];
         let byte: Vec<u8> = codes.iter().map(|&c| (c as i32 + 128) as u8).collect();
-        let lb: Vec<LowBit> = (0..copies)
+        let lb: Vec<LowBit> = (0..if marian { 0 } else { copies })
             .map(|_| {
                 let l = LowBit::from_int(o, i, &byte, false, 8, &vec![0.01; o], &vec![128; o], i)
                     .unwrap();
@@ -64,7 +78,7 @@ fn main() {
             .collect();
         let kp = packed[0].kp;
         let calls = (20_000_000 / n).clamp(2, 400);
-        for m in only.clone().unwrap_or(vec![1, 2, 4]) {
+        for m in only.clone().unwrap_or(default_ms.clone()) {
             let x: Vec<f32> = (0..m * i).map(|k| ((k * 31) % 17) as f32 - 8.0).collect();
             let (lo, hi) = kernels::min_max(&x);
             let (s, z) = kernels::activation_qparams_u8(lo, hi);
@@ -86,7 +100,7 @@ fn main() {
                     calls,
                 );
                 line += &format!("  int8/{} {t:7.1} (med {tm:7.1})", isa.name());
-                if lb[0].matmul_a8(isa, &x, m).is_some() {
+                if !marian && lb[0].matmul_a8(isa, &x, m).is_some() {
                     let mut c = 0;
                     let (q, qm) = time(
                         || {

@@ -277,6 +277,12 @@ pub struct DecoderState {
     past: Vec<Option<(Tensor, Tensor)>>,
     /// Additive source padding mask `[rows, 1, 1, src_len]`.
     src_mask: Tensor,
+    /// The encoded sentence (row of the encoder batch) each row reads.
+    source: Vec<usize>,
+    /// Rows of `past` each row continues, when [`DecoderState::select_rows`] reordered them
+    /// since the last step: applied while the next step appends its keys/values (one copy
+    /// of the cache per step instead of a gather and then a concatenation).
+    pending: Option<Vec<usize>>,
     /// Tokens fed so far (the decoder position of the next one).
     pub len: usize,
 }
@@ -288,21 +294,33 @@ impl DecoderState {
 
     /// Keeps (and reorders, or repeats) rows: row `i` of the result is old row `rows[i]`.
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
-        let idx = Tensor::from_vec(
-            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-            rows.len(),
-            self.src_mask.device(),
-        )?;
-        let pick = |t: &Tensor| t.index_select(&idx, 0);
-        self.src_mask = pick(&self.src_mask)?;
-        for (k, v) in &mut self.cross {
-            *k = pick(k)?;
-            *v = pick(v)?;
+        let n = self.source.len();
+        if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
+            bail!("select_rows: row {bad} of {n}");
         }
-        for (k, v) in self.past.iter_mut().flatten() {
-            *k = pick(k)?;
-            *v = pick(v)?;
+        if rows.iter().copied().eq(0..n) {
+            return Ok(());
         }
+        let pick = |t: &Tensor| gather_rows(t, rows);
+        // The cross-attention keys/values and the mask of a row depend only on its source
+        // sentence: when every new row reads the same sentence as the old row in its place
+        // (a beam search reordering beams inside each sentence, the usual step), they are
+        // already the right values and copying them would change nothing.
+        let source: Vec<usize> = rows.iter().map(|&r| self.source[r]).collect();
+        if source != self.source {
+            self.src_mask = pick(&self.src_mask)?;
+            for (k, v) in &mut self.cross {
+                *k = pick(k)?;
+                *v = pick(v)?;
+            }
+            self.source = source;
+        }
+        // The self-attention cache is gathered when the next step appends to it.
+        let pending = match self.pending.take() {
+            Some(before) => rows.iter().map(|&r| before[r]).collect(),
+            None => rows.to_vec(),
+        };
+        self.pending = Some(pending);
         Ok(())
     }
 }
@@ -581,6 +599,8 @@ impl Marian {
             cross,
             past: vec![None; self.decoder.len()],
             src_mask: src_mask.clone(),
+            source: (0..src_mask.dim(0)?).collect(),
+            pending: None,
             len: 0,
         })
     }
@@ -603,7 +623,10 @@ impl Marian {
         for (i, l) in self.decoder.iter().enumerate() {
             let (k, v) = l.self_attn.keys_values(&x)?;
             let (k, v) = match state.past[i].take() {
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                Some((pk, pv)) => (
+                    gather_append(&pk, state.pending.as_deref(), &k)?,
+                    gather_append(&pv, state.pending.as_deref(), &v)?,
+                ),
                 None => (k, v),
             };
             let h = l.self_attn.attend(&x, &k, &v, causal.as_ref())?;
@@ -619,8 +642,84 @@ impl Marian {
             x = l.final_norm.forward(&(x + h)?)?;
         }
         state.len += t;
+        state.pending = None;
         self.lm_head.forward(&x)
     }
+}
+
+/// Rows `rows` of `t` (along dimension 0): `index_select`, copied in one pass on the CPU
+/// (candle's fills a zeroed buffer first). Rows were checked against `t` by the caller.
+fn gather_rows(t: &Tensor, rows: &[usize]) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    if dims.is_empty() {
+        bail!("cannot pick rows of a scalar");
+    }
+    let per: usize = dims[1..].iter().product();
+    let pick = candle_core::CpuStorage::as_slice::<f32>;
+    let fused = crate::nn::rows::with_cpu_slice(t, dims[0] * per, pick, |x| {
+        let mut out = Vec::with_capacity(rows.len() * per);
+        for &r in rows {
+            out.extend_from_slice(&x[r * per..][..per]);
+        }
+        out
+    });
+    let mut shape = dims;
+    shape[0] = rows.len();
+    Ok(match fused {
+        Some(out) => Tensor::from_vec(out, shape, t.device())?,
+        None => {
+            let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            t.contiguous()?
+                .index_select(&Tensor::from_vec(idx, rows.len(), t.device())?, 0)?
+        }
+    })
+}
+
+/// `past` (`[rows', heads, t, hd]`) with its rows picked by `rows` (all, in order, when
+/// `None`), then `new` (`[rows, heads, t', hd]`) appended along the sequence: the result
+/// of `index_select` followed by `cat`, built in one copy on the CPU (values copied, never
+/// computed: the same bits).
+fn gather_append(past: &Tensor, rows: Option<&[usize]>, new: &Tensor) -> Result<Tensor> {
+    let (pr, h, tp, hd) = past.dims4()?;
+    let (n, h2, tn, hd2) = new.dims4()?;
+    if (h, hd) != (h2, hd2) || rows.map_or(pr != n, |r| r.len() != n || r.iter().any(|&i| i >= pr))
+    {
+        bail!(
+            "decoder cache {:?} does not fit new keys/values {:?}",
+            past.dims(),
+            new.dims()
+        );
+    }
+    let pick = candle_core::CpuStorage::as_slice::<f32>;
+    let fused = crate::nn::rows::with_cpu_slice(past, pr * h * tp * hd, pick, |p| {
+        crate::nn::rows::with_cpu_slice(new, n * h * tn * hd, pick, |q| {
+            let (bp, bq, t) = (tp * hd, tn * hd, (tp + tn) * hd);
+            let mut out = Vec::with_capacity(n * h * t);
+            for r in 0..n {
+                let src = rows.map_or(r, |rows| rows[r]);
+                for j in 0..h {
+                    out.extend_from_slice(&p[(src * h + j) * bp..][..bp]);
+                    out.extend_from_slice(&q[(r * h + j) * bq..][..bq]);
+                }
+            }
+            out
+        })
+    })
+    .flatten();
+    Ok(match fused {
+        Some(out) => Tensor::from_vec(out, (n, h, tp + tn, hd), past.device())?,
+        None => {
+            let past = match rows {
+                Some(rows) => {
+                    let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+                    past.contiguous()?
+                        .index_select(&Tensor::from_vec(idx, n, past.device())?, 0)?
+                }
+                None => past.clone(),
+            };
+            Tensor::cat(&[&past, new], 2)?
+        }
+    })
 }
 
 impl HasLinears for Marian {
@@ -682,4 +781,72 @@ pub fn load_dir(dir: &Path, device: &Device) -> Result<Marian> {
         MarianConfig::from_hf_json(&v).with_context(|| format!("in {}", cfg_path.display()))?;
     let mut src = crate::load::open_checkpoint(dir)?;
     Marian::build(cfg, src.as_mut(), device).with_context(|| format!("loading {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn randn(dims: &[usize], seed: u64) -> Tensor {
+        crate::quant::random::randn(dims, seed).unwrap()
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn cache_copies_equal_index_select_and_cat() {
+        let past = randn(&[5, 3, 7, 4], 1);
+        let new = randn(&[4, 3, 1, 4], 2);
+        let rows = [4usize, 0, 0, 2];
+        let idx = Tensor::new(&[4u32, 0, 0, 2], &Device::Cpu).unwrap();
+        let want = Tensor::cat(&[&past.index_select(&idx, 0).unwrap(), &new], 2).unwrap();
+        let got = gather_append(&past, Some(&rows), &new).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        assert_eq!(bits(&got), bits(&want));
+        // The copying fallback (a non-contiguous cache) gives the same values.
+        let strided = past.t().unwrap().contiguous().unwrap().t().unwrap();
+        assert!(!strided.is_contiguous());
+        assert_eq!(
+            bits(&gather_append(&strided, Some(&rows), &new).unwrap()),
+            bits(&want)
+        );
+        // No reordering: a plain concatenation.
+        let same = randn(&[5, 3, 2, 4], 3);
+        let want = Tensor::cat(&[&past, &same], 2).unwrap();
+        assert_eq!(
+            bits(&gather_append(&past, None, &same).unwrap()),
+            bits(&want)
+        );
+        // Rows alone.
+        let want = past.index_select(&idx, 0).unwrap();
+        assert_eq!(bits(&gather_rows(&past, &rows).unwrap()), bits(&want));
+        assert_eq!(bits(&gather_rows(&strided, &rows).unwrap()), bits(&want));
+        // Shapes that do not fit are errors.
+        assert!(gather_append(&past, Some(&[9, 0, 0, 0]), &new).is_err());
+        assert!(gather_append(&past, None, &new).is_err());
+        assert!(gather_append(&past, Some(&rows), &randn(&[4, 2, 1, 4], 4)).is_err());
+    }
+
+    #[test]
+    fn select_rows_rejects_rows_out_of_range() {
+        let mask = Tensor::zeros((2, 1, 1, 3), DType::F32, &Device::Cpu).unwrap();
+        let mut s = DecoderState {
+            cross: vec![],
+            past: vec![None],
+            src_mask: mask,
+            source: vec![0, 1],
+            pending: None,
+            len: 0,
+        };
+        assert!(s.select_rows(&[0, 2]).is_err());
+        s.select_rows(&[1, 1, 0]).unwrap();
+        assert_eq!(s.rows().unwrap(), 3);
+        assert_eq!(s.source, [1, 1, 0]);
+        // A reorder inside the same sources composes with the pending one.
+        s.select_rows(&[1, 0, 2]).unwrap();
+        assert_eq!(s.pending.as_deref(), Some(&[1, 1, 0][..]));
+    }
 }

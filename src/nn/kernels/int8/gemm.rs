@@ -43,6 +43,65 @@ const PAR_MIN_WORK_FEW_ROWS: usize = 1 << 22;
 /// MLP's (≤ 784·256, in cache, ~2 µs a call at batch 1: a rayon round trip costs more).
 const PAR_MIN_WORK_DECODE: usize = 1 << 18;
 
+/// The driver's thresholds: the constants above unless `QUANTLAB_INT8_TUNE` says otherwise
+/// (`walk_rows=4,walk_bytes=262144,split_decode=262144,split_few=4194304,split_rows=524288`,
+/// any subset, read once), for A/B timing of one binary on whole models
+/// (`examples/marian_cpu_time`, `quantlab bench`). They choose the walk order and the
+/// thread split only, never the arithmetic: the outputs are the same bits whatever they say.
+#[derive(Debug, Clone, Copy)]
+struct Tuning {
+    /// Products of at most this many rows walk weights of at least `walk_bytes` one panel
+    /// at a time (module doc) and split over threads from `split_decode` multiply-adds.
+    walk_rows: usize,
+    walk_bytes: usize,
+    split_decode: usize,
+    /// Split point of the other products of too few rows to split by rows.
+    split_few: usize,
+    /// Split point of products split by rows.
+    split_rows: usize,
+}
+
+impl Tuning {
+    fn get() -> &'static Tuning {
+        static T: std::sync::OnceLock<Tuning> = std::sync::OnceLock::new();
+        T.get_or_init(|| {
+            let mut t = Tuning {
+                walk_rows: MR,
+                walk_bytes: PAR_MIN_WORK_DECODE,
+                split_decode: PAR_MIN_WORK_DECODE,
+                split_few: PAR_MIN_WORK_FEW_ROWS,
+                split_rows: PAR_MIN_WORK,
+            };
+            if let Ok(spec) = std::env::var("QUANTLAB_INT8_TUNE") {
+                t.apply(&spec);
+                eprintln!("int8 kernel thresholds (QUANTLAB_INT8_TUNE): {t:?}");
+            }
+            t
+        })
+    }
+
+    /// Applies `key=value,…`; a malformed item is reported and skipped (a timing knob
+    /// must not stop a run).
+    fn apply(&mut self, spec: &str) {
+        for item in spec.split(',').filter(|s| !s.is_empty()) {
+            let Some((key, Ok(value))) = item.split_once('=').map(|(k, v)| (k, v.parse())) else {
+                eprintln!("QUANTLAB_INT8_TUNE: '{item}' is not key=integer, ignored");
+                continue;
+            };
+            match key {
+                "walk_rows" => self.walk_rows = value,
+                "walk_bytes" => self.walk_bytes = value,
+                "split_decode" => self.split_decode = value,
+                "split_few" => self.split_few = value,
+                "split_rows" => self.split_rows = value,
+                _ => eprintln!(
+                    "QUANTLAB_INT8_TUNE: unknown key '{key}' (walk_rows, walk_bytes, split_decode, split_few, split_rows), ignored"
+                ),
+            }
+        }
+    }
+}
+
 /// What a micro-kernel reads: `nr` activation rows of `stride` bytes and `np` packed panels
 /// of `panel_stride` bytes, summed over `groups` groups of four k positions.
 pub(super) struct Tile<'a> {
@@ -116,13 +175,14 @@ pub fn gemm_u8_i8_f32_with(
     let panels = w.panels();
     let threads = rayon::current_num_threads();
     let work = m * n * w.kp;
+    let tune = Tuning::get();
     let by_rows = m >= 2 * MR * threads;
     let min_work = if by_rows {
-        PAR_MIN_WORK
-    } else if m <= MR {
-        PAR_MIN_WORK_DECODE
+        tune.split_rows
+    } else if m <= tune.walk_rows {
+        tune.split_decode
     } else {
-        PAR_MIN_WORK_FEW_ROWS
+        tune.split_few
     };
     if threads < 2 || work < min_work {
         job.run(0..m, 0..panels, &mut out, n, 0);
@@ -137,7 +197,11 @@ pub fn gemm_u8_i8_f32_with(
         // Few rows: split the panels; each task fills its own columns, copied in after.
         // Decode: a few ranges per thread, as the GGML panels (a thread that finishes
         // early takes another).
-        let tasks = if m <= MR { 4 * threads } else { 2 * threads };
+        let tasks = if m <= tune.walk_rows {
+            4 * threads
+        } else {
+            2 * threads
+        };
         let per = panels.div_ceil(tasks).max(1);
         let firsts: Vec<usize> = (0..panels).step_by(per).collect();
         let parts: Vec<Vec<f32>> = firsts
@@ -185,7 +249,8 @@ impl Job<'_> {
         // memory; small ones (MNIST's layers, in cache) keep the tiles, whose activation
         // broadcasts serve four panels: measured 0.0050-0.0052 ms against 0.0055-0.0056
         // walking (MNIST lab, dynamic int8 batch-1 p50, three alternating runs each).
-        let walk = rows.len() <= MR && self.w.n * self.w.kp >= PAR_MIN_WORK_DECODE;
+        let tune = Tuning::get();
+        let walk = rows.len() <= tune.walk_rows && self.w.n * self.w.kp >= tune.walk_bytes;
         let step = if walk { 1 } else { NP };
         for p0 in panels.clone().step_by(step) {
             let np = step.min(panels.end - p0);
