@@ -37,11 +37,8 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 fn same_everywhere(what: &str, f: impl Fn() -> Vec<f32> + Sync + Send) {
     let one = pool(1).install(&f);
     for threads in [2, 3] {
-        let teamed = pool(threads).install(|| team::session(|| (team::leading(), f())));
-        assert!(
-            teamed.0 || !team::enabled(),
-            "{what}: no session on {threads} threads"
-        );
+        let teamed = pool(threads).install(|| team::session_forced(|| (team::leading(), f())));
+        assert!(teamed.0, "{what}: no session on {threads} threads");
         let same = one
             .iter()
             .zip(&teamed.1)
@@ -131,13 +128,16 @@ fn tiny_llama_decode_is_bit_identical_on_any_thread_count() {
         let m = tiny_llama(plan);
         let one = pool(1).install(|| decode(&m, &ids));
         for threads in [2, 3] {
+            // rayon's splits (the default), then every step inside one team session.
             let many = pool(threads).install(|| decode(&m, &ids));
-            assert!(
-                one.iter()
-                    .zip(&many)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "plan '{plan}': {threads} threads differ from one"
-            );
+            let teamed = pool(threads).install(|| team::session_forced(|| decode(&m, &ids)));
+            for (how, got) in [("rayon", &many), ("a team", &teamed)] {
+                assert!(
+                    one.len() == got.len()
+                        && one.iter().zip(got).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "plan '{plan}': {threads} threads with {how} differ from one"
+                );
+            }
         }
     }
 }

@@ -34,18 +34,16 @@ const MAX_TASKS: usize = (1 << 16) - 1;
 /// between polls (~ tens of µs: longer than the serial gaps of a decode step).
 const SPIN_POLLS: u32 = 1 << 14;
 
-/// Environment switch: `QUANTLAB_TEAM=off` (or `0`) leaves every split to rayon (A/B).
+/// Environment switch: `QUANTLAB_TEAM=on` (or `1`) runs CPU decode steps on a team.
 pub const TEAM_ENV: &str = "QUANTLAB_TEAM";
 
-/// Whether sessions are on (`QUANTLAB_TEAM` unset, or anything but `off`/`0`/`false`).
+/// Whether decode steps open sessions (`QUANTLAB_TEAM=on`). Off by default: idle on a
+/// 2-core EPYC (AVX-512 VNNI) the team made SmolLM2 q4_0 decode 6–14% slower than rayon's
+/// fork/join in three alternating runs and w:i4 a:q8 level (−3% to +11%); under load it
+/// loses whenever a helper is preempted.
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        !matches!(
-            std::env::var(TEAM_ENV).as_deref(),
-            Ok("off" | "0" | "false")
-        )
-    })
+    *ON.get_or_init(|| matches!(std::env::var(TEAM_ENV).as_deref(), Ok("on" | "1" | "true")))
 }
 
 /// The job a helper runs after claiming one of its tasks.
@@ -196,17 +194,27 @@ impl Drop for Close<'_> {
     }
 }
 
-/// Runs `body` with the other rayon workers spinning as its team: [`for_each`] calls made
-/// by `body` on this thread go to the team. Without a second thread, when sessions are off
-/// (`QUANTLAB_TEAM=off`), or inside another session, `body` just runs. Called from outside
-/// rayon's pool, it first moves onto a worker (the helpers are the pool's other workers).
+/// Runs `body` with the other rayon workers spinning as its team when sessions are on
+/// (`QUANTLAB_TEAM=on`, see [`enabled`]); otherwise `body` just runs.
 pub fn session<R: Send>(body: impl FnOnce() -> R + Send) -> R {
+    if !enabled() {
+        return body();
+    }
+    session_forced(body)
+}
+
+/// Runs `body` with the other rayon workers spinning as its team, whatever
+/// `QUANTLAB_TEAM` says (tests and A/B runs): [`for_each`] calls made by `body` on this
+/// thread go to the team. Without a second thread, or inside another session, `body` just
+/// runs. Called from outside rayon's pool, it first moves onto a worker (the helpers are
+/// the pool's other workers).
+pub fn session_forced<R: Send>(body: impl FnOnce() -> R + Send) -> R {
     let threads = rayon::current_num_threads();
-    if threads < 2 || !enabled() || leading() {
+    if threads < 2 || leading() {
         return body();
     }
     if rayon::current_thread_index().is_none() {
-        return rayon::scope(|_| session(body));
+        return rayon::scope(|_| session_forced(body));
     }
     let team = Team::new();
     rayon::scope(|s| {
@@ -304,8 +312,8 @@ mod tests {
                         }
                     };
                     if in_session {
-                        session(|| {
-                            assert!(leading() || threads < 2 || !enabled());
+                        session_forced(|| {
+                            assert!(leading() || threads < 2);
                             run()
                         });
                     } else {
@@ -323,8 +331,8 @@ mod tests {
     fn nested_and_outside_calls_complete() {
         let p = pool(2);
         p.install(|| {
-            let total = session(|| {
-                let inner = session(|| {
+            let total = session_forced(|| {
+                let inner = session_forced(|| {
                     let v: Vec<u64> = (0..1000u64).into_par_iter().map(|x| x * 2).collect();
                     v.iter().sum::<u64>()
                 });
@@ -340,7 +348,7 @@ mod tests {
             assert_eq!(total, 999_000 + (0..192u64).sum::<u64>());
         });
         // From a thread outside any pool (the global pool is used).
-        let n = session(|| {
+        let n = session_forced(|| {
             let c = AtomicUsize::new(0);
             for_each(10, |_| {
                 c.fetch_add(1, Ordering::Relaxed);
@@ -357,7 +365,7 @@ mod tests {
         for culprit in [0usize, 7] {
             let r = p.install(|| {
                 std::panic::catch_unwind(|| {
-                    session(|| {
+                    session_forced(|| {
                         for_each(8, |i| {
                             if i == culprit {
                                 panic!("task {i}");
