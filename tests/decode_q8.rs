@@ -10,21 +10,9 @@
 
 mod common;
 use candle_core::{Device, Tensor};
-use common::tiny_llama;
+use common::{decode_logits, tiny_llama};
 use quantlab::arch::llama::Llama;
 use quantlab::nn::kernels::prefill::{set_activations, ActivationMode};
-
-/// Logits of every position, fed one token at a time through one cache.
-fn decode(m: &Llama, ids: &[u32]) -> Vec<f32> {
-    let mut cache = m.new_cache();
-    let mut out = Vec::new();
-    for &id in ids {
-        let x = Tensor::from_vec(vec![id], (1, 1), &Device::Cpu).unwrap();
-        let l = m.forward(&x, &mut cache, true).unwrap();
-        out.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-    }
-    out
-}
 
 /// Logits of every position from one forward over all of `ids` (the many-row products).
 fn prefill(m: &Llama, ids: &[u32]) -> Vec<f32> {
@@ -49,7 +37,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 fn q8_decode_activations_move_logits_far_less_than_4_bit_weights() {
     let _one = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     let ids: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % 200).collect();
-    let base = decode(&tiny_llama(""), &ids);
+    let base = decode_logits(&tiny_llama(""), &ids);
     for plan in [
         "*=w:i4:sym:g32",
         "*=w:i4:sym:g64",
@@ -59,9 +47,9 @@ fn q8_decode_activations_move_logits_far_less_than_4_bit_weights() {
     ] {
         let m = tiny_llama(plan);
         set_activations(ActivationMode::F32);
-        let exact = decode(&m, &ids);
+        let exact = decode_logits(&m, &ids);
         set_activations(ActivationMode::Q8);
-        let q8 = decode(&m, &ids);
+        let q8 = decode_logits(&m, &ids);
         set_activations(ActivationMode::F32);
         let (weights, acts) = (max_diff(&base, &exact), max_diff(&exact, &q8));
         assert!(acts > 0.0, "{plan}: the q8 path did not run");

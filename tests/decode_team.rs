@@ -4,9 +4,7 @@
 //! on one thread without a team (the path every split must reproduce).
 
 mod common;
-use candle_core::{Device, Tensor};
-use common::tiny_llama;
-use quantlab::arch::llama::Llama;
+use common::{decode_logits, tiny_llama};
 use quantlab::nn::kernels::gemm_f32::{self, panel_width, PackedWeight};
 use quantlab::nn::kernels::ggml_blocks::{panels, BlockKind, PackedBlocks};
 use quantlab::nn::kernels::llm_f32::{causal_attention, KvHeads};
@@ -109,28 +107,16 @@ fn decode_attention_is_bit_identical_in_a_team() {
     }
 }
 
-/// Logits of every position, fed one token at a time (each step opens its own session).
-fn decode(m: &Llama, ids: &[u32]) -> Vec<f32> {
-    let mut cache = m.new_cache();
-    let mut out = Vec::new();
-    for &id in ids {
-        let x = Tensor::from_vec(vec![id], (1, 1), &Device::Cpu).unwrap();
-        let l = m.forward(&x, &mut cache, true).unwrap();
-        out.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-    }
-    out
-}
-
 #[test]
 fn tiny_llama_decode_is_bit_identical_on_any_thread_count() {
     let ids: Vec<u32> = (0..24).map(|i| (i * 41 + 3) % 300).collect();
     for plan in ["", "*=q4_0", "*=w:i4:sym:g32"] {
         let m = tiny_llama(plan);
-        let one = pool(1).install(|| decode(&m, &ids));
+        let one = pool(1).install(|| decode_logits(&m, &ids));
         for threads in [2, 3] {
             // rayon's splits (the default), then every step inside one team session.
-            let many = pool(threads).install(|| decode(&m, &ids));
-            let teamed = pool(threads).install(|| team::session_forced(|| decode(&m, &ids)));
+            let many = pool(threads).install(|| decode_logits(&m, &ids));
+            let teamed = pool(threads).install(|| team::session_forced(|| decode_logits(&m, &ids)));
             for (how, got) in [("rayon", &many), ("a team", &teamed)] {
                 assert!(
                     one.len() == got.len()
