@@ -13,24 +13,10 @@ use clock::cpu_or_wall_ns as cpu_ns;
 /// `WALL=1`: wall-clock time instead of process CPU time (for `THREADS=2`).
 fn time(f: impl FnMut() + Send) -> (f64, f64) {
     if std::env::var("OUTSIDE").is_ok_and(|v| v == "1") {
-        time_here(f)
+        clock::best_and_median_us(cpu_ns, 50, f)
     } else {
-        rayon::scope(|_| time_here(f))
+        rayon::scope(|_| clock::best_and_median_us(cpu_ns, 50, f))
     }
-}
-
-fn time_here(mut f: impl FnMut()) -> (f64, f64) {
-    let mut v = Vec::new();
-    for _ in 0..7 {
-        let n = 50;
-        let t0 = cpu_ns();
-        for _ in 0..n {
-            f();
-        }
-        v.push((cpu_ns() - t0) as f64 / n as f64 / 1e3);
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (v[0], v[3])
 }
 
 fn main() {

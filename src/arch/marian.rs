@@ -710,11 +710,7 @@ fn gather_append(past: &Tensor, rows: Option<&[usize]>, new: &Tensor) -> Result<
         Some(out) => Tensor::from_vec(out, (n, h, tp + tn, hd), past.device())?,
         None => {
             let past = match rows {
-                Some(rows) => {
-                    let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-                    past.contiguous()?
-                        .index_select(&Tensor::from_vec(idx, n, past.device())?, 0)?
-                }
+                Some(rows) => gather_rows(past, rows)?,
                 None => past.clone(),
             };
             Tensor::cat(&[&past, new], 2)?
