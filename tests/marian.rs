@@ -159,11 +159,21 @@ fn teacher_forced_log_probs_equal_transformers() {
             .iter()
             .map(|x| x.as_f64().unwrap())
             .collect();
+        // Beam search's log-softmax (polynomial exp into a flat buffer) as well as candle's.
+        let vocab = logits.dim(1).unwrap();
+        let flat = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut ours = vec![0f32; flat.len()];
+        quantlab::nn::kernels::log_softmax_rows::log_softmax_into(&flat, &mut ours, vocab);
         for (t, e) in expected.iter().enumerate() {
             let got = logp[t][dec[t + 1] as usize] as f64;
             assert!(
                 (got - e).abs() < 2e-4,
                 "sentence {idx} step {t}: {got} vs {e}"
+            );
+            let fast = ours[t * vocab + dec[t + 1] as usize] as f64;
+            assert!(
+                (fast - e).abs() < 2e-4 && (fast - got).abs() < 1e-5 * got.abs().max(1.0),
+                "sentence {idx} step {t}: log_softmax_into {fast}, candle {got}, transformers {e}"
             );
         }
         let top = &rec["first_step_top10"];

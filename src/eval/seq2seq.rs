@@ -7,6 +7,8 @@
 
 use crate::arch::marian::{DecoderState, Marian, MarianConfig};
 use crate::load::marian_tokenizer::{MarianTokenizer, Side};
+use crate::nn::kernels::log_softmax_rows::log_softmax_into;
+use crate::nn::rows::with_cpu_slice;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde_json::Value;
@@ -333,21 +335,47 @@ pub fn generate(model: &Marian, src: &[Vec<u32>], cfg: &GenerateConfig) -> Resul
     }
 }
 
-/// Next-token scores `[rows][vocab]` for the last token of each row.
+/// Next-token scores of the last token of each row, written into `out` as `[rows, vocab]`
+/// row-major (a buffer reused from step to step); returns `vocab`. Log-probabilities come
+/// from [`log_softmax_into`] (the polynomial `exp`, within 2 ulp of libm's: not candle's
+/// op chain bit for bit, but the full test set translates to the same text, see the README).
 fn step(
     model: &Marian,
     state: &mut DecoderState,
     last: &[u32],
     log_probs: bool,
-) -> Result<Vec<Vec<f32>>> {
+    out: &mut Vec<f32>,
+) -> Result<usize> {
     let ids = Tensor::from_vec(last.to_vec(), (last.len(), 1), model.device())?;
-    let logits = model.decode(state, &ids)?.squeeze(1)?;
-    let out = if log_probs {
-        candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?
-    } else {
-        logits
+    let logits = model.decode(state, &ids)?;
+    let vocab = logits.dim(candle_core::D::Minus1)?;
+    let n = logits.elem_count();
+    if n != last.len() * vocab {
+        bail!(
+            "decoder returned {:?} for {} rows",
+            logits.dims(),
+            last.len()
+        );
+    }
+    out.resize(n, 0.0);
+    let write = |x: &[f32]| {
+        if log_probs {
+            log_softmax_into(x, out, vocab);
+        } else {
+            out.copy_from_slice(x);
+        }
     };
-    Ok(out.to_vec2::<f32>()?)
+    let pick = candle_core::CpuStorage::as_slice::<f32>;
+    if with_cpu_slice(&logits, n, pick, write).is_none() {
+        // Another device or layout: the logits come to the host first.
+        let host = logits.flatten_all()?.to_vec1::<f32>()?;
+        if log_probs {
+            log_softmax_into(&host, out, vocab);
+        } else {
+            *out = host;
+        }
+    }
+    Ok(vocab)
 }
 
 fn greedy(
@@ -358,13 +386,14 @@ fn greedy(
 ) -> Result<Vec<Hypothesis>> {
     let mut seqs: Vec<Vec<u32>> = vec![vec![cfg.decoder_start_token_id]; n];
     let mut active: Vec<usize> = (0..n).collect();
+    let mut scores = Vec::new();
     while !active.is_empty() {
         let last: Vec<u32> = active.iter().map(|&i| *seqs[i].last().unwrap()).collect();
-        let scores = step(model, state, &last, false)?;
+        let vocab = step(model, state, &last, false, &mut scores)?;
         let mut keep = Vec::with_capacity(active.len());
-        for (row, (&i, mut s)) in active.iter().zip(scores).enumerate() {
-            cfg.process(&mut s, &seqs[i]);
-            let next = argmax(&s);
+        for (row, (&i, s)) in active.iter().zip(scores.chunks_mut(vocab)).enumerate() {
+            cfg.process(s, &seqs[i]);
+            let next = argmax(s);
             seqs[i].push(next);
             if next != cfg.eos_token_id && seqs[i].len() < cfg.max_length {
                 keep.push(row);
@@ -398,6 +427,55 @@ fn argmax(v: &[f32]) -> u32 {
 /// transformers' stand-in for "impossible" in beam bookkeeping.
 const NEG: f32 = -1.0e9;
 
+/// Values per block of [`top_k_scores`]'s scan: a block whose largest value cannot enter
+/// the best `k` is skipped after one vectorised maximum.
+const TOP_K_BLOCK: usize = 64;
+
+/// `best` ← the `k` largest `row[t] + base` with their `t`, best first, ties to the lower
+/// `t` (the candidates transformers' `topk` over one beam yields). Equal to inserting every
+/// value in turn (`scan`), which it does for the first block; later blocks are scanned only
+/// when their largest value could enter: `x + base` rounds monotonically in `x`, so no value
+/// of a block whose maximum `m` has `m + base <= best[k - 1]` enters (entry needs more than
+/// the current k-th score).
+fn top_k_scores(row: &[f32], base: f32, k: usize, best: &mut Vec<(f32, u32)>) {
+    best.clear();
+    let scan = |best: &mut Vec<(f32, u32)>, from: usize, block: &[f32]| {
+        for (j, &lp) in block.iter().enumerate() {
+            let s = lp + base;
+            if best.len() < k || s > best[k - 1].0 {
+                let pos = best.partition_point(|&(x, _)| x >= s);
+                best.insert(pos, (s, (from + j) as u32));
+                best.truncate(k);
+            }
+        }
+    };
+    for (i, block) in row.chunks(TOP_K_BLOCK).enumerate() {
+        if best.len() == k && block_max(block) + base <= best[k - 1].0 {
+            continue;
+        }
+        scan(best, i * TOP_K_BLOCK, block);
+    }
+}
+
+/// The largest value of a block (NaN ignored: a NaN score never enters a full top k).
+#[inline]
+fn block_max(block: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = block.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    for &x in rest {
+        lanes[0] = if x > lanes[0] { x } else { lanes[0] };
+    }
+    lanes
+        .into_iter()
+        .fold(f32::NEG_INFINITY, |m, x| if x > m { x } else { m })
+}
+
 /// The beam state of one sentence.
 struct Beams {
     running: Vec<(Vec<u32>, f32)>,
@@ -420,29 +498,20 @@ impl Beams {
         }
     }
 
-    /// One step given the log-probs of each running beam; returns the parent beam of each
-    /// new running beam.
-    fn advance(&mut self, mut logp: Vec<Vec<f32>>, cfg: &GenerateConfig) -> Vec<usize> {
+    /// One step given the log-probs of each running beam (`[num_beams, vocab]` row-major,
+    /// processed in place); returns the parent beam of each new running beam.
+    fn advance(&mut self, logp: &mut [f32], vocab: usize, cfg: &GenerateConfig) -> Vec<usize> {
         let nb = cfg.num_beams;
         let k = 2 * nb;
         let cur_len = self.running[0].0.len();
         // Top-k over beams × vocab of accumulated scores: each beam's own top k suffices.
         let mut cands: Vec<(f32, usize, u32)> = Vec::with_capacity(nb * k);
-        for (b, row) in logp.iter_mut().enumerate() {
+        let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+        for (b, row) in logp.chunks_mut(vocab).enumerate() {
             cfg.process(row, &self.running[b].0);
-            let base = self.running[b].1;
-            let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
-            for (t, &lp) in row.iter().enumerate() {
-                let s = lp + base;
-                if best.len() < k || s > best[k - 1].0 {
-                    let pos = best.partition_point(|&(x, _)| x >= s);
-                    best.insert(pos, (s, t as u32));
-                    best.truncate(k);
-                }
-            }
-            cands.extend(best.into_iter().map(|(s, t)| (s, b, t)));
+            top_k_scores(row, self.running[b].1, k, &mut best);
+            cands.extend(best.iter().map(|&(s, t)| (s, b, t)));
         }
-        let vocab = logp.first().map_or(0, Vec::len);
         cands.sort_by(|x, y| {
             y.0.total_cmp(&x.0)
                 .then((x.1 * vocab + x.2 as usize).cmp(&(y.1 * vocab + y.2 as usize)))
@@ -541,17 +610,17 @@ fn beam_search(
     let nb = cfg.num_beams;
     let mut beams: Vec<Beams> = (0..n).map(|_| Beams::new(cfg)).collect();
     let mut active: Vec<usize> = (0..n).collect();
+    let mut scores = Vec::new();
     while !active.is_empty() {
         let last: Vec<u32> = active
             .iter()
             .flat_map(|&i| beams[i].running.iter().map(|r| *r.0.last().unwrap()))
             .collect();
-        let mut scores = step(model, state, &last, true)?.into_iter();
+        let vocab = step(model, state, &last, true, &mut scores)?;
         let mut rows = Vec::with_capacity(active.len() * nb);
         let mut still = Vec::with_capacity(active.len());
-        for (slot, &i) in active.iter().enumerate() {
-            let logp: Vec<Vec<f32>> = scores.by_ref().take(nb).collect();
-            let parents = beams[i].advance(logp, cfg);
+        for (slot, (&i, logp)) in active.iter().zip(scores.chunks_mut(nb * vocab)).enumerate() {
+            let parents = beams[i].advance(logp, vocab, cfg);
             if !beams[i].done {
                 rows.extend(parents.iter().map(|&p| slot * nb + p));
                 still.push(i);
@@ -609,4 +678,86 @@ pub fn translate(
     }
     bar.finish_and_clear();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The scan `top_k_scores` replaced: every value inserted in turn.
+    fn top_k_naive(row: &[f32], base: f32, k: usize) -> Vec<(f32, u32)> {
+        let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+        for (t, &lp) in row.iter().enumerate() {
+            let s = lp + base;
+            if best.len() < k || s > best[k - 1].0 {
+                let pos = best.partition_point(|&(x, _)| x >= s);
+                best.insert(pos, (s, t as u32));
+                best.truncate(k);
+            }
+        }
+        best
+    }
+
+    fn bits(v: &[(f32, u32)]) -> Vec<(u32, u32)> {
+        v.iter().map(|&(s, t)| (s.to_bits(), t)).collect()
+    }
+
+    #[test]
+    fn top_k_scores_equals_inserting_every_value() {
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let mut best = Vec::new();
+        for case in 0..400 {
+            let len = [8, 15, 64, 65, 200, 1000, 15258][case % 7];
+            let k = [1, 2, 8, 8, 16][case % 5].min(len);
+            // Coarse values make ties; a large base makes distinct values round together.
+            let coarse = case % 3 == 0;
+            let mut row: Vec<f32> = (0..len)
+                .map(|_| {
+                    let x = -20.0 * next();
+                    if coarse {
+                        x.round()
+                    } else {
+                        x
+                    }
+                })
+                .collect();
+            if case % 4 == 1 {
+                for t in (0..len).step_by(3) {
+                    row[t] = f32::NEG_INFINITY;
+                }
+            }
+            if case % 5 == 2 {
+                row[len / 2] = f32::NAN;
+            }
+            // The best values late in the row, so early blocks must be revisited never.
+            if case % 6 == 5 {
+                row[len - 1] = 1.0;
+            }
+            let base = [0.0, -3.25, NEG, -1234.567][case % 4];
+            top_k_scores(&row, base, k, &mut best);
+            assert_eq!(
+                bits(&best),
+                bits(&top_k_naive(&row, base, k)),
+                "case {case}: {len} values, k {k}, base {base}"
+            );
+        }
+    }
+
+    #[test]
+    fn block_max_ignores_nan_and_finds_the_tail() {
+        let mut v = vec![-1.0f32; 37];
+        v[3] = f32::NAN;
+        v[36] = 5.0;
+        assert_eq!(block_max(&v), 5.0);
+        v[36] = -2.0;
+        v[20] = 4.0;
+        assert_eq!(block_max(&v), 4.0);
+        assert_eq!(block_max(&[f32::NEG_INFINITY; 3]), f32::NEG_INFINITY);
+    }
 }
