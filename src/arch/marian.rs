@@ -39,12 +39,35 @@ impl Activation {
 
     fn apply(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Self::Swish => candle_nn::ops::silu(x)?,
+            Self::Swish => match swish_on_cpu(x)? {
+                Some(y) => y,
+                None => candle_nn::ops::silu(x)?,
+            },
             Self::Relu => x.relu()?,
             Self::Gelu => x.gelu_erf()?,
             Self::GeluTanh => x.gelu()?,
         })
     }
+}
+
+/// SiLU of a contiguous f32 CPU tensor with `kernels::silu_rows` (candle's values bit for
+/// bit, split over rayon's pool: candle's `silu` waits on its own thread pool from 64K
+/// values on, which cost a sixth of a decode); `None` for other tensors.
+fn swish_on_cpu(x: &Tensor) -> Result<Option<Tensor>> {
+    if x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let n = x.elem_count();
+    let pick = candle_core::CpuStorage::as_slice::<f32>;
+    let y = crate::nn::rows::with_cpu_slice(x, n, pick, |v| {
+        let mut y = v.to_vec();
+        crate::nn::kernels::silu_rows::silu_in_place(&mut y);
+        y
+    });
+    Ok(match y {
+        Some(y) => Some(Tensor::from_vec(y, x.shape(), x.device())?),
+        None => None,
+    })
 }
 
 /// The fields of a Marian `config.json` that the forward pass and generation need.

@@ -311,7 +311,42 @@ fn pad_batch(model: &Marian, src: &[Vec<u32>], pad: u32) -> Result<(Tensor, Tens
 }
 
 /// Decodes one batch of source id lists (each ending with EOS) with `cfg`.
+///
+/// On the CPU the whole decode runs on one of rayon's worker threads (see [`on_rayon_worker`]).
 pub fn generate(model: &Marian, src: &[Vec<u32>], cfg: &GenerateConfig) -> Result<Vec<Hypothesis>> {
+    if model.device().is_cpu() {
+        on_rayon_worker(|| generate_here(model, src, cfg))
+    } else {
+        generate_here(model, src, cfg)
+    }
+}
+
+/// Runs `f` on a worker thread of rayon's global pool (directly when already on one).
+/// A decode step alternates short serial work (beam bookkeeping, candle's small ops) with
+/// rayon-parallel products and log-softmax. Called from outside the pool, every parallel
+/// op is injected into it and the calling thread sleeps until it is done, so with
+/// rayon's two workers on a 2-core machine three threads take turns on two cores (the
+/// workers spin looking for work while the caller runs its serial part). On a worker, the
+/// parallel ops are plain `join`s: the caller's thread takes its own half of the work and
+/// only the other worker waits in between. `QUANTLAB_DECODE_POOL=off` keeps the calling
+/// thread (for A/B timing); the arithmetic is the same either way.
+fn on_rayon_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| {
+        std::env::var("QUANTLAB_DECODE_POOL").is_ok_and(|v| v == "off" || v == "0")
+    });
+    if off || rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
+fn generate_here(
+    model: &Marian,
+    src: &[Vec<u32>],
+    cfg: &GenerateConfig,
+) -> Result<Vec<Hypothesis>> {
     if src.is_empty() {
         return Ok(Vec::new());
     }

@@ -10,6 +10,7 @@ pub mod llm_f32;
 pub mod log_softmax_rows;
 pub mod lowbit;
 pub mod prefill;
+pub mod silu_rows;
 pub mod team;
 
 pub use int8::*;
