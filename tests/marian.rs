@@ -163,7 +163,7 @@ fn teacher_forced_log_probs_equal_transformers() {
         let vocab = logits.dim(1).unwrap();
         let flat = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let mut ours = vec![0f32; flat.len()];
-        quantlab::nn::kernels::log_softmax_rows::log_softmax_into(&flat, &mut ours, vocab);
+        quantlab::nn::kernels::llm_f32::log_softmax_into(&flat, &mut ours, vocab);
         for (t, e) in expected.iter().enumerate() {
             let got = logp[t][dec[t + 1] as usize] as f64;
             assert!(

@@ -7,7 +7,7 @@
 
 use crate::arch::marian::{DecoderState, Marian, MarianConfig};
 use crate::load::marian_tokenizer::{MarianTokenizer, Side};
-use crate::nn::kernels::log_softmax_rows::log_softmax_into;
+use crate::nn::kernels::llm_f32::log_softmax_into;
 use crate::nn::rows::with_cpu_slice;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;

@@ -352,26 +352,47 @@ pub fn softmax_in_place(v: &mut [f32]) {
 }
 
 /// Row-wise `log_softmax` of `x` (rows of `cols`): `(v - max) - ln Σ exp(v - max)`, as
-/// candle's `log_softmax`.
+/// candle's `log_softmax` (up to the `exp` and summation order described above).
 pub fn log_softmax(x: &[f32], cols: usize) -> Vec<f32> {
-    assert!(
-        cols > 0 && x.len().is_multiple_of(cols),
-        "log_softmax: rows of {cols}"
-    );
     let mut out = vec![0f32; x.len()];
-    x.par_chunks(cols)
-        .zip(out.par_chunks_mut(cols))
-        .for_each(|(src, dst)| {
-            let max = max(src);
-            for (d, &s) in dst.iter_mut().zip(src) {
-                *d = exp(s - max);
-            }
-            let ln = sum(dst).ln();
-            for (d, &s) in dst.iter_mut().zip(src) {
-                *d = (s - max) - ln;
-            }
-        });
+    log_softmax_into(x, &mut out, cols);
     out
+}
+
+/// Values from which [`log_softmax_into`] splits its rows over rayon's threads.
+const LOG_SOFTMAX_PAR_MIN: usize = 1 << 15;
+
+/// [`log_softmax`] into a buffer the caller reuses: beam search turns `[rows, vocab]`
+/// logits (Marian: 128 × 15258 at batch 32, beam 4) into log-probabilities at every step,
+/// where candle's op chain (six tensors, libm `expf`) and a `Vec` per row cost a quarter of
+/// a dynamic-int8 decode. Panics if the lengths differ or are not whole rows (callers size
+/// both from one shape).
+pub fn log_softmax_into(src: &[f32], dst: &mut [f32], cols: usize) {
+    assert!(
+        cols > 0 && src.len() == dst.len() && src.len().is_multiple_of(cols),
+        "log_softmax: {} and {} values, rows of {cols}",
+        src.len(),
+        dst.len()
+    );
+    // The exponentials are written into `dst` first: a plain map over `exp` vectorises;
+    // summed as they are computed, the loop stays scalar.
+    let row = |(src, dst): (&[f32], &mut [f32])| {
+        let max = max(src);
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = exp(s - max);
+        }
+        let ln = sum(dst).ln();
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = (s - max) - ln;
+        }
+    };
+    if src.len() >= LOG_SOFTMAX_PAR_MIN {
+        src.par_chunks(cols)
+            .zip(dst.par_chunks_mut(cols))
+            .for_each(row);
+    } else {
+        src.chunks(cols).zip(dst.chunks_mut(cols)).for_each(row);
+    }
 }
 
 /// The log-probability of each row's target, `log_softmax(x)[r, targets[r]]`, without the
@@ -931,5 +952,48 @@ mod tests {
             .unwrap();
             assert_eq!(x, want, "{pairs:?}: same formula, bit for bit");
         }
+    }
+
+    #[test]
+    fn log_softmax_into_matches_f64_at_the_vocabulary_width() {
+        // Marian's 15258-word rows, split over threads (3 rows) and not (1 row).
+        let cols = 15258;
+        for rows in [1, 3] {
+            let x: Vec<f32> = lcg(rows * cols, 11).iter().map(|v| v * 12.0).collect();
+            let mut got = vec![f32::NAN; x.len()];
+            log_softmax_into(&x, &mut got, cols);
+            for (src, out) in x.chunks(cols).zip(got.chunks(cols)) {
+                let max = src.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+                let ln = src
+                    .iter()
+                    .map(|&v| (v as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+                for (&v, &o) in src.iter().zip(out) {
+                    let want = v as f64 - max - ln;
+                    assert!(
+                        (o as f64 - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "{o} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn log_softmax_keeps_banned_tokens_at_minus_infinity() {
+        // −∞ entries (tokens a decoding rule banned) stay −∞; the rest stays normalised.
+        let x = [f32::NEG_INFINITY, 0.0, 0.0, f32::NEG_INFINITY];
+        let mut got = [0f32; 4];
+        log_softmax_into(&x, &mut got, 4);
+        assert_eq!(got[0], f32::NEG_INFINITY);
+        assert_eq!(got[3], f32::NEG_INFINITY);
+        assert!((got[1] - (-std::f32::consts::LN_2)).abs() < 1e-7);
+    }
+
+    #[test]
+    #[should_panic(expected = "rows of 3")]
+    fn log_softmax_into_refuses_partial_rows() {
+        log_softmax_into(&[0.0; 4], &mut [0.0; 4], 3);
     }
 }

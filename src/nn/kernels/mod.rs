@@ -7,7 +7,6 @@ pub mod ggml_blocks;
 pub mod int8;
 pub mod isa;
 pub mod llm_f32;
-pub mod log_softmax_rows;
 pub mod lowbit;
 pub mod prefill;
 pub mod silu_rows;
