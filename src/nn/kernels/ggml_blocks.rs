@@ -33,6 +33,7 @@
 use super::{Isa, SendPtr};
 use anyhow::{bail, Result};
 
+mod aligned;
 pub mod panels;
 use half::f16;
 pub use panels::PanelBlocks;
