@@ -33,6 +33,7 @@
 use super::{Isa, SendPtr};
 use anyhow::{bail, Result};
 
+mod aligned;
 pub mod panels;
 use half::f16;
 pub use panels::PanelBlocks;
@@ -994,7 +995,10 @@ pub fn matmul(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
             } else {
                 Isa::Portable
             };
-            let a = ActBlocks::quantize(isa, p.kind, x, m, p.k);
+            // The panel kernels take their start values per block (`panels::block_starts`),
+            // not the row kernels' per-4 ones: quantize as for Q4_1 (offset 0), which skips
+            // those (the codes, scales and sums are the same for every kind).
+            let a = ActBlocks::quantize(isa, BlockKind::Q4_1, x, m, p.k);
             panels::matmul_with(isa, p, &a, &mut out);
         }
         Packed::Rows(r) => {

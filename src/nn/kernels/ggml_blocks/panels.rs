@@ -25,6 +25,7 @@
 //! scalar version of the same layout (the portable path keeps the parent's row kernels:
 //! see [`panel_layout`]).
 
+use super::aligned::Aligned;
 use super::{ActBlocks, BlockKind, PackedBlocks, QK};
 use crate::nn::kernels::{Isa, SendPtr};
 
@@ -54,12 +55,13 @@ pub struct PanelBlocks {
     pub k: usize,
     /// What each unsigned code exceeds its signed value by (GGML: the kind's offset).
     offset: i32,
-    /// `panels × kb × block_bytes()` code bytes.
-    codes: Vec<u8>,
+    /// `panels × kb × block_bytes()` code bytes (64-byte aligned, as the scales and
+    /// minima: the kernels' 64-byte loads never straddle cache lines).
+    codes: Aligned<u8>,
     /// `panels × kb × 16` scales.
-    d: Vec<f32>,
+    d: Aligned<f32>,
     /// Q4_1: `panels × kb × 16` minima (empty otherwise).
-    m: Vec<f32>,
+    m: Aligned<f32>,
     /// Weight-only affine int-N: `panels × kb × 16` unsigned zero points `z'` per channel
     /// and block (empty otherwise: then every code's zero is the uniform `offset`). Each
     /// block's i32 sum starts at `−z'·Σq`, so `Σ (n − z')·q` stays exact in integers.
@@ -179,12 +181,12 @@ impl PanelBlocks {
         let panels = n.div_ceil(PANEL);
         let bb = Self::block_bytes(kind);
         // Padding channels: zero codes with scale 0 (their outputs are never stored).
-        let mut codes = vec![0u8; panels * kb * bb];
-        let mut d = vec![0f32; panels * kb * PANEL];
+        let mut codes = Aligned::<u8>::zeroed(panels * kb * bb);
+        let mut d = Aligned::<f32>::zeroed(panels * kb * PANEL);
         let mut m = if kind == BlockKind::Q4_1 {
-            vec![0f32; panels * kb * PANEL]
+            Aligned::<f32>::zeroed(panels * kb * PANEL)
         } else {
-            Vec::new()
+            Aligned::empty()
         };
         let mut row = vec![0u8; k];
         for ch in 0..n {
