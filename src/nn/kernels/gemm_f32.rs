@@ -85,7 +85,7 @@ fn advise_huge(buf: &mut Vec<f32>, off: usize, floats: usize) {
         off + floats <= buf.capacity(),
         "advised range inside the allocation"
     );
-    if floats == 0 || std::env::var("QUANTLAB_HUGEPAGES").is_ok_and(|v| v == "off" || v == "0") {
+    if floats == 0 || !super::huge_pages_on() {
         return;
     }
     // SAFETY: the range lies inside `buf`'s allocation (asserted), starts on a page

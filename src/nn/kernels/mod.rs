@@ -31,3 +31,11 @@ impl SendPtr {
         self.0
     }
 }
+
+/// Whether packed weights may ask for transparent huge pages (`QUANTLAB_HUGEPAGES` not
+/// `off`/`0`): the f32 panels (`gemm_f32`) and the quantized panels (`ggml_blocks::aligned`).
+/// Off gives ordinary heap pages, for A/B timing; the arithmetic is the same either way.
+pub(crate) fn huge_pages_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("QUANTLAB_HUGEPAGES").is_ok_and(|v| v == "off" || v == "0"))
+}

@@ -15,6 +15,7 @@
 //! token than weight-only int4 (packed lazily on the first decode step).
 //! `QUANTLAB_HUGEPAGES=off` keeps every buffer on the heap (A/B).
 
+use crate::nn::kernels::huge_pages_on;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 
@@ -118,12 +119,6 @@ impl<T: Plain> DerefMut for Aligned<T> {
         // SAFETY: as in `deref`, with exclusive access through `&mut self`.
         unsafe { std::slice::from_raw_parts_mut(self.ptr() as *mut T, self.len) }
     }
-}
-
-/// Whether packed weights go to huge-page chunks (`QUANTLAB_HUGEPAGES` not `off`/`0`).
-fn huge_pages_on() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| !std::env::var("QUANTLAB_HUGEPAGES").is_ok_and(|v| v == "off" || v == "0"))
 }
 
 #[cfg(target_os = "linux")]
