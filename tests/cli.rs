@@ -14,14 +14,18 @@ fn quantlab(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `--format json` output: one object per line.
+fn json_rows(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
 #[test]
 fn ex0_json_is_one_object_per_row() {
     let (ok, out, err) = quantlab(&["lab", "ex0", "--format", "json"]);
     assert!(ok, "{err}");
-    let rows: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_rows(&out);
     let params = rows.iter().find(|r| r["table"] == "ex0_params").unwrap();
     assert_eq!(params["zero_point"], 0);
     let codes: Vec<&serde_json::Value> =
@@ -381,10 +385,7 @@ fn bench_measures_every_plan_beside_f32_and_refuses_what_it_cannot_measure() {
         "*=w:i4:sym:g32",
     ]);
     assert!(ok, "{err}");
-    let rows: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_rows(&out);
     // baseline + 2 plans, pp16 and tg4 each, in that order
     let got: Vec<(String, String)> = rows
         .iter()
@@ -438,10 +439,7 @@ fn bench_measures_every_plan_beside_f32_and_refuses_what_it_cannot_measure() {
         "*=q8_0",
     ]);
     assert!(ok, "{err}");
-    let rows: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_rows(&out);
     assert_eq!(rows.len(), 1, "{out}");
     assert_eq!(rows[0]["plan"], "*=q8_0");
     assert!(rows[0]["ratio_vs_f32"].is_null(), "{out}");
@@ -502,10 +500,7 @@ fn lab_bnb_runs_every_row_on_a_tiny_model() {
         "1",
     ]);
     assert!(ok, "{err}");
-    let rows: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_rows(&out);
     let main: Vec<&serde_json::Value> = rows.iter().filter(|r| r["table"] == "bnb").collect();
     let plans: Vec<&str> = main.iter().map(|r| r["plan"].as_str().unwrap()).collect();
     assert_eq!(
@@ -564,10 +559,7 @@ fn lab_gptq_runs_on_the_tiny_model_and_draws_its_plots() {
         "json",
     ]);
     assert!(ok, "{err}");
-    let rows: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_rows(&out);
     let methods: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
     assert_eq!(
         methods,

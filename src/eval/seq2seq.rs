@@ -7,7 +7,7 @@
 
 use crate::arch::marian::{DecoderState, Marian, MarianConfig};
 use crate::load::marian_tokenizer::{MarianTokenizer, Side};
-use crate::nn::kernels::llm_f32::log_softmax_into;
+use crate::nn::kernels::llm_f32::{log_softmax_into, max as max_ignoring_nan};
 use crate::nn::rows::with_cpu_slice;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
@@ -393,24 +393,23 @@ fn step(
         );
     }
     out.resize(n, 0.0);
-    let write = |x: &[f32]| {
-        if log_probs {
-            log_softmax_into(x, out, vocab);
-        } else {
-            out.copy_from_slice(x);
-        }
-    };
     let pick = candle_core::CpuStorage::as_slice::<f32>;
-    if with_cpu_slice(&logits, n, pick, write).is_none() {
+    let written = with_cpu_slice(&logits, n, pick, |x| write_scores(x, out, vocab, log_probs));
+    if written.is_none() {
         // Another device or layout: the logits come to the host first.
         let host = logits.flatten_all()?.to_vec1::<f32>()?;
-        if log_probs {
-            log_softmax_into(&host, out, vocab);
-        } else {
-            *out = host;
-        }
+        write_scores(&host, out, vocab, log_probs);
     }
     Ok(vocab)
+}
+
+/// `out ← x`, or its row-wise log-softmax (rows of `vocab`); both of one length.
+fn write_scores(x: &[f32], out: &mut [f32], vocab: usize, log_probs: bool) {
+    if log_probs {
+        log_softmax_into(x, out, vocab);
+    } else {
+        out.copy_from_slice(x);
+    }
 }
 
 fn greedy(
@@ -485,30 +484,11 @@ fn top_k_scores(row: &[f32], base: f32, k: usize, best: &mut Vec<(f32, u32)>) {
         }
     };
     for (i, block) in row.chunks(TOP_K_BLOCK).enumerate() {
-        if best.len() == k && block_max(block) + base <= best[k - 1].0 {
+        if best.len() == k && max_ignoring_nan(block) + base <= best[k - 1].0 {
             continue;
         }
         scan(best, i * TOP_K_BLOCK, block);
     }
-}
-
-/// The largest value of a block (NaN ignored: a NaN score never enters a full top k).
-#[inline]
-fn block_max(block: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    let chunks = block.chunks_exact(16);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (m, &x) in lanes.iter_mut().zip(c) {
-            *m = if x > *m { x } else { *m };
-        }
-    }
-    for &x in rest {
-        lanes[0] = if x > lanes[0] { x } else { lanes[0] };
-    }
-    lanes
-        .into_iter()
-        .fold(f32::NEG_INFINITY, |m, x| if x > m { x } else { m })
 }
 
 /// The beam state of one sentence.
@@ -789,10 +769,10 @@ mod tests {
         let mut v = vec![-1.0f32; 37];
         v[3] = f32::NAN;
         v[36] = 5.0;
-        assert_eq!(block_max(&v), 5.0);
+        assert_eq!(max_ignoring_nan(&v), 5.0);
         v[36] = -2.0;
         v[20] = 4.0;
-        assert_eq!(block_max(&v), 4.0);
-        assert_eq!(block_max(&[f32::NEG_INFINITY; 3]), f32::NEG_INFINITY);
+        assert_eq!(max_ignoring_nan(&v), 4.0);
+        assert_eq!(max_ignoring_nan(&[f32::NEG_INFINITY; 3]), f32::NEG_INFINITY);
     }
 }

@@ -75,7 +75,7 @@ fn sum(v: &[f32]) -> f32 {
 /// on the order it is taken in (a tie between −0 and +0 may give either zero, as
 /// `f32::max` may: both give the same differences `x − max`).
 #[inline]
-fn max(v: &[f32]) -> f32 {
+pub fn max(v: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 16];
     let chunks = v.chunks_exact(16);
     let rest = chunks.remainder();

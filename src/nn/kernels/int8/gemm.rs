@@ -346,3 +346,24 @@ pub(super) fn block(isa: Isa, t: &Tile, nr: usize, np: usize, acc: &mut Acc) {
         _ => super::portable::block(t, nr, np, acc),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tuning_applies_known_keys_and_skips_malformed_items() {
+        let mut t = Tuning {
+            walk_rows: MR,
+            walk_bytes: 1,
+            split_decode: 2,
+            split_few: 3,
+            split_rows: 4,
+        };
+        t.apply("walk_rows=2,bogus,split_few=7,,zzz=1,split_rows=x");
+        assert_eq!(t.walk_rows, 2);
+        assert_eq!(t.split_few, 7);
+        // Untouched: not named, or named with a value that is not an integer.
+        assert_eq!((t.walk_bytes, t.split_decode, t.split_rows), (1, 2, 4));
+    }
+}
