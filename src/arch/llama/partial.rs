@@ -4,7 +4,7 @@
 //! One window at a time, f32 on the CPU; the arithmetic is exactly that of
 //! [`Llama::forward`] on the CPU.
 
-use super::{add_in_place, fused, Block, Llama, RopeLayout};
+use super::{fused, Block, Llama, RopeLayout};
 use crate::nn::kernels::llm_f32::{self, KvHeads, RopePairs};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
@@ -110,16 +110,9 @@ impl Llama {
             fused::project(&b.qkv_fused, self.fuse, &[&b.q, &b.k, &b.v], &h, t)?
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("q/k/v projection gave the wrong part count"))?;
-        llm_f32::rope(
+        llm_f32::rope_qk(
             &mut q,
             nh,
-            hd,
-            offset,
-            &self.cos_host,
-            &self.sin_host,
-            pairs,
-        );
-        llm_f32::rope(
             &mut k,
             nkv,
             hd,
@@ -131,7 +124,7 @@ impl Llama {
         kv.append(&k, &v, nkv, hd);
         let y = llm_f32::causal_attention(&q, t, nh, hd, kv, offset, scale);
         let y = b.o.forward(&Tensor::from_vec(y, (t, nh * hd), dev)?)?;
-        with_host(&y, |y| add_in_place(x, y))?;
+        with_host(&y, |y| llm_f32::add_in_place(x, y))?;
         Ok(())
     }
 
@@ -152,7 +145,7 @@ impl Llama {
         let d = b
             .down
             .forward(&Tensor::from_vec(g, (t, c.intermediate_size), dev)?)?;
-        with_host(&d, |d| add_in_place(x, d))?;
+        with_host(&d, |d| llm_f32::add_in_place(x, d))?;
         Ok(())
     }
 

@@ -284,23 +284,66 @@ pub fn matmul_split(
         at += wd;
     }
     assert!(x.len() >= m * w.k, "activation buffer size");
-    Some(
-        widths
-            .iter()
-            .zip(starts)
-            .map(|(&wd, first)| {
-                let mut y = vec![0f32; m * wd];
-                let region = Region {
-                    m,
-                    n: wd,
-                    k: w.k,
-                    parallel: true,
+    assert_eq!(
+        nr,
+        panel_width(isa),
+        "weight packed for another kernel path"
+    );
+    assert!(Isa::available().contains(&isa), "{isa:?} not available");
+    let mut outs: Vec<Vec<f32>> = widths.iter().map(|&wd| vec![0f32; m * wd]).collect();
+    if m == 0 || w.k == 0 {
+        return Some(outs);
+    }
+    // One split over the threads for all parts (q, k and v as one product): the threads
+    // meet once instead of once per part, and the small parts' items fill the gaps the
+    // large ones leave at the end. Each part's items are [`Region::run_at`]'s.
+    let data = w.data();
+    let parts: Vec<(Region, Plan, SendPtr, usize)> = widths
+        .iter()
+        .zip(&starts)
+        .zip(outs.iter_mut())
+        .map(|((&wd, &first), y)| {
+            let region = Region {
+                m,
+                n: wd,
+                k: w.k,
+                parallel: true,
+            };
+            let plan = region.plan(nr);
+            (region, plan, SendPtr(y.as_mut_ptr()), first)
+        })
+        .collect();
+    let items: usize = parts.iter().map(|p| p.1.items).sum();
+    let run = |mut item: usize| {
+        for (region, plan, yp, first) in &parts {
+            if item < plan.items {
+                // SAFETY: part `first..` of the weight holds `region.n` columns (the widths
+                // add up to `w.n`), its output is `m × n` and `x` holds `m` rows of `w.k`
+                // (asserted above); items partition each part's rows × panels.
+                unsafe {
+                    region.run_item(
+                        isa,
+                        x,
+                        w.k,
+                        w,
+                        &data[first * w.k * nr..],
+                        plan,
+                        *yp,
+                        region.n,
+                        item,
+                    )
                 };
-                region.run_at(isa, x, w.k, w, first, &mut y, wd);
-                y
-            })
-            .collect(),
-    )
+                return;
+            }
+            item -= plan.items;
+        }
+    };
+    if items <= 1 || (m * w.n * w.k) < 1 << 16 {
+        (0..items).for_each(run);
+    } else {
+        super::team::for_each(items, run);
+    }
+    Some(outs)
 }
 
 /// `y[i, j - p0·nr] = x[i, ..] · W[j, ..]` for `i < m` and the columns `j` of panels
@@ -479,6 +522,24 @@ impl Region {
             }
             return;
         }
+        let plan = self.plan(nr);
+        let data = &w.data()[first * w.k * nr..];
+        let yp = SendPtr(y.as_mut_ptr());
+        // SAFETY: items partition rows × panels of this region, each written by one item;
+        // the asserts above keep the region inside `x`, `y` and the weight.
+        let run =
+            |item: usize| unsafe { self.run_item(isa, x, ldx, w, data, &plan, yp, ldy, item) };
+        if !self.parallel || plan.items == 1 || (m * n * k) < 1 << 16 {
+            (0..plan.items).for_each(run);
+        } else {
+            // Over the decode step's spinning team when there is one, rayon otherwise.
+            super::team::for_each(plan.items, run);
+        }
+    }
+
+    /// How [`Self::run_at`] cuts the region into work items of (panel group, row block).
+    fn plan(&self, nr: usize) -> Plan {
+        let (m, n, k) = (self.m, self.n, self.k);
         let panels = n.div_ceil(nr);
         let row_blocks = m.div_ceil(MB);
         // Few rows (decoding): bandwidth bound, the weight read once, split by columns into
@@ -498,59 +559,87 @@ impl Region {
         };
         let group = panels.div_ceil(want).max(1);
         let groups = panels.div_ceil(group);
-        let items = groups * row_blocks;
-        // A few rows stay in L1 whatever k is: block k only when many rows share the panel.
-        let kb = if m <= MR { k } else { KC };
-        let stride = w.k * nr;
-        let data = &w.data()[first * stride..];
-        let yp = SendPtr(y.as_mut_ptr());
-        let run = |item: usize| {
-            let (g, rb) = (item % groups, item / groups);
-            let (p0, p1) = (g * group, ((g + 1) * group).min(panels));
-            #[cfg(target_arch = "x86_64")]
-            if m == 1 && isa == Isa::Avx512 {
-                // SAFETY: columns p0*nr.. of row 0 are written by this item alone; the
-                // asserts above keep n <= y.len(), k <= w.k and x.len() >= k, and the
-                // panels p0..p1 lie in `data`.
-                unsafe { avx512::gemv(x, data, w.k, k, n, p0, p1, yp.get()) };
-                return;
-            }
-            let (r0, r1) = (rb * MB, ((rb + 1) * MB).min(m));
-            for k0 in (0..k).step_by(kb) {
-                let kc = kb.min(k - k0);
-                for p in p0..p1 {
-                    let cols = nr.min(n - p * nr);
-                    let b = &data[p * stride + k0 * nr..p * stride + (k0 + kc) * nr];
-                    for t0 in (r0..r1).step_by(MR) {
-                        let mr = MR.min(r1 - t0);
-                        let a = &x[t0 * ldx + k0..];
-                        // SAFETY: rows t0..t0+mr and columns p*nr..p*nr+cols of y are written
-                        // by this item alone (items partition rows × panels); the bounds
-                        // asserted above keep (t0+mr-1)*ldy + p*nr + cols <= y.len().
-                        let c = unsafe { yp.get().add(t0 * ldy + p * nr) };
-                        let tile = Tile {
-                            a,
-                            lda: ldx,
-                            b,
-                            kc,
-                            c,
-                            ldc: ldy,
-                            mr,
-                            cols,
-                            accumulate: k0 > 0,
-                        };
-                        tile.run(isa);
-                    }
-                }
-            }
-        };
-        if !self.parallel || items == 1 || (m * n * k) < 1 << 16 {
-            (0..items).for_each(run);
-        } else {
-            // Over the decode step's spinning team when there is one, rayon otherwise.
-            super::team::for_each(items, run);
+        Plan {
+            panels,
+            group,
+            groups,
+            items: groups * row_blocks,
+            // A few rows stay in L1 whatever k is: block k only when many rows share the panel.
+            kb: if m <= MR { k } else { KC },
         }
     }
+
+    /// Work item `item` of `plan`: the rows of one row block times the panels of one panel
+    /// group, `data` being the weight's panels from the region's first one on.
+    ///
+    /// # Safety
+    /// The region must lie inside `x`, `y` (through `yp`, row stride `ldy`) and `data` (as
+    /// `run_at` asserts), and no other thread may touch this item's outputs meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_item(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        ldx: usize,
+        w: &PackedWeight,
+        data: &[f32],
+        plan: &Plan,
+        yp: SendPtr,
+        ldy: usize,
+        item: usize,
+    ) {
+        let (m, n, k, nr) = (self.m, self.n, self.k, w.nr);
+        let stride = w.k * nr;
+        let (g, rb) = (item % plan.groups, item / plan.groups);
+        let (p0, p1) = (g * plan.group, ((g + 1) * plan.group).min(plan.panels));
+        #[cfg(target_arch = "x86_64")]
+        if m == 1 && isa == Isa::Avx512 {
+            // SAFETY: columns p0*nr.. of row 0 are written by this item alone; the caller's
+            // bounds keep n <= y.len(), k <= w.k and x.len() >= k, and the panels p0..p1
+            // lie in `data`.
+            unsafe { avx512::gemv(x, data, w.k, k, n, p0, p1, yp.get()) };
+            return;
+        }
+        let (r0, r1) = (rb * MB, ((rb + 1) * MB).min(m));
+        for k0 in (0..k).step_by(plan.kb) {
+            let kc = plan.kb.min(k - k0);
+            for p in p0..p1 {
+                let cols = nr.min(n - p * nr);
+                let b = &data[p * stride + k0 * nr..p * stride + (k0 + kc) * nr];
+                for t0 in (r0..r1).step_by(MR) {
+                    let mr = MR.min(r1 - t0);
+                    let a = &x[t0 * ldx + k0..];
+                    // SAFETY: rows t0..t0+mr and columns p*nr..p*nr+cols of y are written
+                    // by this item alone (items partition rows × panels); the caller's
+                    // bounds keep (t0+mr-1)*ldy + p*nr + cols <= y.len().
+                    let c = unsafe { yp.get().add(t0 * ldy + p * nr) };
+                    let tile = Tile {
+                        a,
+                        lda: ldx,
+                        b,
+                        kc,
+                        c,
+                        ldc: ldy,
+                        mr,
+                        cols,
+                        accumulate: k0 > 0,
+                    };
+                    tile.run(isa);
+                }
+            }
+        }
+    }
+}
+
+/// A region's work items (see [`Region::plan`]).
+struct Plan {
+    panels: usize,
+    /// Panels per item.
+    group: usize,
+    groups: usize,
+    items: usize,
+    /// Steps of `k` per block.
+    kb: usize,
 }
 
 /// One register tile: `c[r, 0..cols] (+)= Σ_{p < kc} a[r * lda + p] · b[p * nr + 0..cols]`
@@ -985,6 +1074,37 @@ mod tests {
                 }
                 assert!(matmul_split(isa, &x, m, &pw, &[nr + 1, n - nr - 1]).is_none());
                 assert!(matmul_split(isa, &x, m, &pw, &[nr]).is_none());
+            }
+        }
+    }
+
+    /// The split's one pass over all parts equals the whole product with `k` cut into
+    /// blocks (above `KC`), a last row block shorter than `MB`, and an empty part.
+    #[test]
+    fn split_outputs_equal_the_whole_product_across_k_blocks() {
+        let (m, k) = (MB + 37, KC + 100);
+        for isa in Isa::available() {
+            let nr = panel_width(isa);
+            let widths = [3 * nr, 0, nr, 2 * nr + 9];
+            let n: usize = widths.iter().sum();
+            let x = lcg(m * k, 41);
+            let w = lcg(n * k, 42);
+            let pw = PackedWeight::new(&w, n, k, nr);
+            let whole = matmul_with(isa, &x, m, &pw);
+            let parts = matmul_split(isa, &x, m, &pw, &widths).unwrap();
+            let mut c0 = 0;
+            for (part, &wd) in parts.iter().zip(&widths) {
+                assert_eq!(part.len(), m * wd);
+                for i in 0..m {
+                    for j in 0..wd {
+                        assert_eq!(
+                            part[i * wd + j].to_bits(),
+                            whole[i * n + c0 + j].to_bits(),
+                            "{isa:?} part at column {c0}: {i},{j}"
+                        );
+                    }
+                }
+                c0 += wd;
             }
         }
     }

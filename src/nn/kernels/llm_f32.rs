@@ -123,6 +123,23 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     out
 }
 
+/// `x += y` elementwise (a residual connection), split over rayon's threads for a
+/// prefill's rows: one pass over `t × hidden` values between two parallel products, which
+/// on one thread left the other idle (60 per SmolLM2 chunk). The same sums in any split.
+pub fn add_in_place(x: &mut [f32], y: &[f32]) {
+    assert_eq!(x.len(), y.len(), "add_in_place: lengths");
+    let f = |(x, y): (&mut [f32], &[f32])| {
+        for (a, &b) in x.iter_mut().zip(y) {
+            *a += b;
+        }
+    };
+    if x.len() >= 1 << 15 {
+        x.par_chunks_mut(4096).zip(y.par_chunks(4096)).for_each(f);
+    } else {
+        f((x, y));
+    }
+}
+
 /// `g ← silu(g) · u` with `silu(v) = v / (1 + e^-v)`, as candle.
 pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     assert_eq!(g.len(), u.len(), "silu_mul: lengths");
@@ -162,26 +179,70 @@ pub fn rope(
     assert!(hd.is_multiple_of(2) && width > 0 && x.len().is_multiple_of(width));
     let rows = x.len() / width;
     assert!(cos.len() >= (pos0 + rows) * half && sin.len() >= (pos0 + rows) * half);
-    let rotate = |(r, row): (usize, &mut [f32])| {
-        let c = &cos[(pos0 + r) * half..(pos0 + r + 1) * half];
-        let s = &sin[(pos0 + r) * half..(pos0 + r + 1) * half];
-        for h in row.chunks_exact_mut(hd) {
-            for i in 0..half {
-                let (a, b) = match pairs {
-                    RopePairs::Adjacent => (2 * i, 2 * i + 1),
-                    RopePairs::Halves => (i, i + half),
-                };
-                let (x0, x1) = (h[a], h[b]);
-                h[a] = x0 * c[i] - x1 * s[i];
-                h[b] = x0 * s[i] + x1 * c[i];
-            }
-        }
-    };
+    let rotate = |(r, row): (usize, &mut [f32])| rotate_row(row, hd, pos0 + r, cos, sin, pairs);
     // A prefill's rows in parallel (each row is rotated independently).
     if x.len() >= 1 << 15 {
         x.par_chunks_exact_mut(width).enumerate().for_each(rotate);
     } else {
         x.chunks_exact_mut(width).enumerate().for_each(rotate);
+    }
+}
+
+/// [`rope`] of the queries `q` (`nh` heads) and the keys `k` (`nkv` heads) of the same rows
+/// in one pass: a prefill splits over the threads once instead of twice. The same
+/// rotation of every row as two calls of [`rope`].
+#[allow(clippy::too_many_arguments)]
+pub fn rope_qk(
+    q: &mut [f32],
+    nh: usize,
+    k: &mut [f32],
+    nkv: usize,
+    hd: usize,
+    pos0: usize,
+    cos: &[f32],
+    sin: &[f32],
+    pairs: RopePairs,
+) {
+    let (half, wq, wk) = (hd / 2, nh * hd, nkv * hd);
+    assert!(
+        hd.is_multiple_of(2) && wq > 0 && wk > 0,
+        "rope_qk: head sizes"
+    );
+    assert!(
+        q.len().is_multiple_of(wq) && k.len() / wk == q.len() / wq && k.len().is_multiple_of(wk),
+        "rope_qk: rows"
+    );
+    if q.len() + k.len() < 1 << 15 {
+        rope(q, nh, hd, pos0, cos, sin, pairs);
+        rope(k, nkv, hd, pos0, cos, sin, pairs);
+        return;
+    }
+    let rows = q.len() / wq;
+    assert!(cos.len() >= (pos0 + rows) * half && sin.len() >= (pos0 + rows) * half);
+    q.par_chunks_exact_mut(wq)
+        .zip(k.par_chunks_exact_mut(wk))
+        .enumerate()
+        .for_each(|(r, (qr, kr))| {
+            rotate_row(qr, hd, pos0 + r, cos, sin, pairs);
+            rotate_row(kr, hd, pos0 + r, cos, sin, pairs);
+        });
+}
+
+/// One row's heads (`hd` features each) rotated to position `pos`.
+fn rotate_row(row: &mut [f32], hd: usize, pos: usize, cos: &[f32], sin: &[f32], pairs: RopePairs) {
+    let half = hd / 2;
+    let c = &cos[pos * half..(pos + 1) * half];
+    let s = &sin[pos * half..(pos + 1) * half];
+    for h in row.chunks_exact_mut(hd) {
+        for i in 0..half {
+            let (a, b) = match pairs {
+                RopePairs::Adjacent => (2 * i, 2 * i + 1),
+                RopePairs::Halves => (i, i + half),
+            };
+            let (x0, x1) = (h[a], h[b]);
+            h[a] = x0 * c[i] - x1 * s[i];
+            h[b] = x0 * s[i] + x1 * c[i];
+        }
     }
 }
 
@@ -268,13 +329,17 @@ pub fn causal_attention(
     }
     let isa = Isa::selected();
     let nr = panel_width(isa);
-    let packed: Vec<(PackedWeight, PackedWeight)> = (0..nkv)
+    // Keys and values packed as separate tasks: 2·nkv of them (SmolLM2's 3 key/value
+    // heads as 3 tasks kept one of 2 threads waiting for a third of the packing).
+    let packed: Vec<PackedWeight> = (0..2 * nkv)
         .into_par_iter()
-        .map(|g| {
-            (
-                PackedWeight::new(&kv.k[g], total, hd, nr),
-                PackedWeight::from_transposed(&kv.v[g], total, hd, nr),
-            )
+        .map(|i| {
+            let g = i / 2;
+            if i % 2 == 0 {
+                PackedWeight::new(&kv.k[g], total, hd, nr)
+            } else {
+                PackedWeight::from_transposed(&kv.v[g], total, hd, nr)
+            }
         })
         .collect();
     // Work items: (head, block of query rows); later blocks see more keys.
@@ -286,7 +351,7 @@ pub fn causal_attention(
         let (i0, i1) = (b * QB, ((b + 1) * QB).min(t));
         let rows = i1 - i0;
         let keys = offset + i1; // keys seen by the block's last row
-        let (pk, pv) = &packed[h / rep];
+        let (pk, pv) = (&packed[2 * (h / rep)], &packed[2 * (h / rep) + 1]);
         let mut s = vec![0f32; rows * keys];
         Region {
             m: rows,
@@ -905,6 +970,49 @@ mod tests {
         for isa in Isa::available() {
             let pw = PackedWeight::new(&[1.0, 2.0], 2, 1, panel_width(isa));
             assert!(head_target_log_probs(isa, &[1.0], 1, &pw, &[2])[0].is_nan());
+        }
+    }
+
+    /// Queries and keys rotated in one pass equal two calls of `rope` bit for bit, below
+    /// and above the size that splits rows over the threads (SmolLM2's 9 and 3 heads).
+    #[test]
+    fn rope_qk_equals_rope_of_each() {
+        let (nh, nkv, hd) = (9, 3, 64);
+        for (rows, pos0) in [(3usize, 5usize), (100, 0), (130, 7)] {
+            let cos: Vec<f32> = (0..(pos0 + rows) * hd / 2)
+                .map(|i| (i as f32 * 0.013).cos())
+                .collect();
+            let sin: Vec<f32> = (0..(pos0 + rows) * hd / 2)
+                .map(|i| (i as f32 * 0.013).sin())
+                .collect();
+            for pairs in [RopePairs::Adjacent, RopePairs::Halves] {
+                let (q0, k0) = (lcg(rows * nh * hd, 21), lcg(rows * nkv * hd, 22));
+                let (mut q, mut k) = (q0.clone(), k0.clone());
+                rope_qk(&mut q, nh, &mut k, nkv, hd, pos0, &cos, &sin, pairs);
+                let (mut wq, mut wk) = (q0, k0);
+                rope(&mut wq, nh, hd, pos0, &cos, &sin, pairs);
+                rope(&mut wk, nkv, hd, pos0, &cos, &sin, pairs);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&q), bits(&wq), "q, {rows} rows, {pairs:?}");
+                assert_eq!(bits(&k), bits(&wk), "k, {rows} rows, {pairs:?}");
+            }
+        }
+    }
+
+    /// The residual add equals the elementwise sum in order, split over threads or not.
+    #[test]
+    fn add_in_place_is_the_elementwise_sum() {
+        for n in [7usize, 1 << 15, 295_000] {
+            let (x0, y) = (lcg(n, 31), lcg(n, 32));
+            let mut x = x0.clone();
+            add_in_place(&mut x, &y);
+            for i in 0..n {
+                assert_eq!(
+                    x[i].to_bits(),
+                    (x0[i] + y[i]).to_bits(),
+                    "n {n}, element {i}"
+                );
+            }
         }
     }
 
