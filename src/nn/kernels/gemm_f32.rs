@@ -419,6 +419,15 @@ pub unsafe fn panel_block(
     }
 }
 
+/// Products of fewer multiply-adds than this (`m·n·k`) run on the calling thread. A rayon
+/// call from outside its pool (the MNIST lab's forward runs on the main thread) hands the
+/// job over and sleeps on a latch, which under load costs more than MNIST's 784 → 256
+/// layer at batch 1 (200k multiply-adds) takes on one core. Measured (2-core EPYC,
+/// loaded, MNIST fp32 at batch 1, 4000 interleaved rounds): 43 → 16 µs a forward at 2^18
+/// (was 2^16). SmolLM2's decode products (stacked q|k|v 553k, o 332k) and Marian's
+/// (512 × 512 = 2^18 and up) are not below it; attention's own calls are serial anyway.
+pub const SERIAL_WORK: usize = 1 << 18;
+
 /// A part of a product: the first `n` output columns and the first `k` inner steps of a
 /// packed weight (attention multiplies by a causal prefix of its keys and values).
 pub struct Region {
@@ -544,7 +553,7 @@ impl Region {
                 }
             }
         };
-        if !self.parallel || items == 1 || (m * n * k) < 1 << 16 {
+        if !self.parallel || items == 1 || (m * n * k) < SERIAL_WORK {
             (0..items).for_each(run);
         } else {
             // Over the decode step's spinning team when there is one, rayon otherwise.
