@@ -4,8 +4,9 @@
 //! wall time per call, the median of the per-round ratios against fp32, and process CPU
 //! time per call (both rayon threads).
 //!
-//! `cargo run --release --example mnist_forward_time -- MODEL_DIR [ROUNDS]`
-//! (MODEL_DIR as `lab mnist --model`, e.g. /work/main/models/mnist-mlp; default 2000 rounds).
+//! `cargo run --release --example mnist_forward_time -- MODEL_DIR [ROUNDS] [BATCHES]`
+//! (MODEL_DIR as `lab mnist --model`, e.g. /work/main/models/mnist-mlp; default 2000 rounds; BATCHES comma-separated,
+//! default `64,1`).
 use candle_core::{Device, Tensor};
 use quantlab::arch::mlp::Mlp;
 use quantlab::nn::{apply_plan, Method, Plan};
@@ -23,6 +24,13 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let dir = args.next().unwrap_or_else(|| "models/mnist-mlp".into());
     let rounds: usize = args.next().map_or(2000, |v| v.parse().unwrap());
+    // Optional third argument: the batch sizes to time, comma-separated (default 64,1).
+    let batches: Vec<usize> = args
+        .next()
+        .unwrap_or_else(|| "64,1".to_string())
+        .split(',')
+        .map(|b| b.parse().expect("batch sizes: comma-separated integers"))
+        .collect();
     let base = Mlp::load(std::path::Path::new(&dir), &Device::Cpu)?;
     let mut models = Vec::new();
     for name in ["f32", "w:i4:sym:g64", "nf4"] {
@@ -31,7 +39,7 @@ fn main() -> anyhow::Result<()> {
         apply_plan(&mut m, &Plan::uniform(method), |_| Ok(()))?;
         models.push((name, m));
     }
-    for batch in [64usize, 1] {
+    for batch in batches {
         let x = Tensor::rand(0f32, 1f32, (batch, 784), &Device::Cpu)?;
         // Warm-up (first calls build the kernels' layouts).
         for _ in 0..50 {

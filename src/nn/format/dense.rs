@@ -46,9 +46,9 @@ impl Dense {
         Some(self.packed.get_or_init(|| p))
     }
 
-    /// `x [m, in] · Wᵀ` with the packed CPU kernel; `None` when the weight or `x` is not
-    /// on the CPU (or the weight's storage is not a plain contiguous f32 buffer).
-    fn forward_packed(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    /// `x [m, in] · Wᵀ (+ bias)` with the packed CPU kernel; `None` when the weight or `x`
+    /// is not on the CPU (or the weight's storage is not a plain contiguous f32 buffer).
+    fn forward_packed(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
         if !x.device().is_cpu() {
             return Ok(None);
         }
@@ -62,7 +62,7 @@ impl Dense {
             gemm_f32::matmul(xs, m, packed)
         });
         Ok(match y {
-            Some(y) => Some(Tensor::from_vec(y, (m, o), x.device())?),
+            Some(y) => Some(rows::with_bias(y, (m, o), bias, x.device())?),
             None => None,
         })
     }
@@ -98,11 +98,8 @@ impl WeightFormat for Dense {
     }
 
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        if let Some(y) = self.forward_packed(x)? {
-            return Ok(match bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            });
+        if let Some(y) = self.forward_packed(x, bias)? {
+            return Ok(y);
         }
         let (o, i) = self.shape();
         forward_rows_or_matmul(
@@ -232,11 +229,7 @@ impl WeightFormat for StackedPanels {
             gemm_f32::matmul(xs, m, &self.packed)
         })
         .ok_or_else(|| anyhow::anyhow!("input is not a CPU f32 buffer"))?;
-        let y = Tensor::from_vec(y, (m, o), x.device())?;
-        Ok(match bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        rows::with_bias(y, (m, o), bias, x.device())
     }
 
     fn dequantize(&self) -> Result<Tensor> {
@@ -265,5 +258,38 @@ impl WeightFormat for StackedPanels {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Dense layer with a bias gives the product plus the bias, as before.
+    #[test]
+    fn dense_forward_with_bias_matches_matmul_plus_bias() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (37, 19), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 37, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 19), &dev).unwrap();
+        let d = Dense::new(w.clone()).unwrap();
+        let got = d.forward(&x, Some(&b)).unwrap().to_vec2::<f32>().unwrap();
+        let no_bias = d.forward(&x, None).unwrap();
+        let want = no_bias.broadcast_add(&b).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(got, want);
+        let reference = x
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        let diff = (reference - Tensor::new(got, &dev).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "{diff}");
     }
 }

@@ -14,7 +14,7 @@
 //! f32 in another order (per k-block partial sums, each summed in k order), so results
 //! differ from candle's only by float summation order.
 
-use super::{Isa, SendPtr};
+use super::{Isa, SendPtr, SERIAL_WORK};
 use rayon::prelude::*;
 
 /// Rows of activations per register tile.
@@ -338,7 +338,7 @@ pub fn matmul_split(
             item -= plan.items;
         }
     };
-    if items <= 1 || (m * w.n * w.k) < 1 << 16 {
+    if items <= 1 || (m * w.n * w.k) < SERIAL_WORK {
         (0..items).for_each(run);
     } else {
         super::team::for_each(items, run);
@@ -529,7 +529,7 @@ impl Region {
         // the asserts above keep the region inside `x`, `y` and the weight.
         let run =
             |item: usize| unsafe { self.run_item(isa, x, ldx, w, data, &plan, yp, ldy, item) };
-        if !self.parallel || plan.items == 1 || (m * n * k) < 1 << 16 {
+        if !self.parallel || plan.items == 1 || (m * n * k) < SERIAL_WORK {
             (0..plan.items).for_each(run);
         } else {
             // Over the decode step's spinning team when there is one, rayon otherwise.

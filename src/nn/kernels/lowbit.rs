@@ -61,6 +61,9 @@ pub fn panel_rows(isa: Isa) -> usize {
 /// 5 × 4 280 µs (twice the decoding per FMA), f32 panels 267 µs.
 const MULTI_MR: usize = 10;
 const MULTI_NR: usize = 2;
+/// Small products stay on the calling thread (see the constant).
+pub use super::SERIAL_WORK;
+
 /// Matrices of at most this many output rows run the panel GEMM on 16-wide tiles (the AVX2
 /// path's layout and register tiles) on AVX-512 too: a 64-wide panel would be mostly
 /// padding (10 × 256 at m = 64, one thread: 18.7 µs through 64-wide panels, f32 GEMM 18.1).
@@ -587,13 +590,12 @@ impl LowBit {
         // padding adds exact zeros).
         let mut xp = vec![0f32; self.nch * CHUNK];
         xp[..self.cols].copy_from_slice(x);
-        // Blocks of rows (a multiple of 4) per task; one task for small matrices.
-        let work = self.rows * self.cols;
-        let tasks = if work < 1 << 16 {
-            1
-        } else {
-            rayon::current_num_threads().max(1) * 4
-        };
+        // Small matrices on this thread; else blocks of rows (a multiple of 4) per task.
+        if self.rows * self.cols < SERIAL_WORK {
+            self.gemv_rows(isa, &xp, 0, y);
+            return;
+        }
+        let tasks = rayon::current_num_threads().max(1) * 4;
         let block = self.rows.div_ceil(tasks).div_ceil(4).max(1) * 4;
         y.par_chunks_mut(block).enumerate().for_each(|(b, ys)| {
             self.gemv_rows(isa, &xp, b * block, ys);
@@ -652,11 +654,15 @@ impl LowBit {
                 &padded
             };
             let mut y = vec![0f32; m * self.rows];
-            let tasks = if self.rows * self.cols * m < 1 << 16 {
-                1
-            } else {
-                rayon::current_num_threads().max(1) * 4
-            };
+            if self.rows * self.cols * m < SERIAL_WORK {
+                // SAFETY: isa is AVX-512 and detected (checked above); `y` is m × rows and
+                // written by this call alone; the kernel asserts the rest.
+                unsafe {
+                    x86::multi_rows(self, xp, ldx, m, (0, self.rows), y.as_mut_ptr(), self.rows)
+                };
+                return Some(y);
+            }
+            let tasks = rayon::current_num_threads().max(1) * 4;
             let block = self.rows.div_ceil(tasks).div_ceil(4).max(1) * 4;
             let yp = super::SendPtr(y.as_mut_ptr());
             (0..self.rows.div_ceil(block))
@@ -1616,9 +1622,13 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         // 300 rows: 5 tiles of 64 (19 of 16), the rows split in two parts from m = 256 on;
         // 1100 columns: two depth blocks of the panel GEMM and a ragged last group.
+        // 520 × 544 is above SERIAL_WORK at one row: the GEMVs split over threads (the
+        // 300 × 320 ones run on the calling thread).
+        const { assert!(520 * 544 >= SERIAL_WORK && 300 * 320 * 2 < SERIAL_WORK) };
         for (rows, cols, ms) in [
-            (300usize, 320usize, &[1, 7, 64, 200, 300][..]),
+            (300usize, 320usize, &[1, 2, 7, 64, 200, 300][..]),
             (70, 1100, &[17, 130]),
+            (520, 544, &[1, 3]),
         ] {
             let np = rows * cols.div_ceil(64);
             let codes: Vec<u8> = (0..rows * cols)

@@ -15,6 +15,17 @@ pub mod team;
 pub use int8::*;
 pub use isa::Isa;
 
+/// Products of fewer multiply-adds than this (activation rows × output columns × inner
+/// length) run on the calling thread without entering rayon (f32 GEMM, low-bit GEMV and
+/// panel GEMM). A rayon call from outside its pool (the MNIST lab's forward runs on the main
+/// thread) hands the job over and sleeps on a latch: tens of µs under load, more than MNIST's
+/// 784 → 256 layer at batch 1 (200k multiply-adds, ~10 µs on one core) takes to compute.
+/// Measured (2-core EPYC, loaded, MNIST at batch 1, 4000 interleaved rounds), 2^16 → 2^18:
+/// fp32 43 → 16 µs, w:i4:sym:g64 40 → 14 µs, nf4 41 → 15 µs a forward. int8's decode
+/// threshold is the same; SmolLM2's decode products (stacked q|k|v 553k, o 332k) and Marian's
+/// (512 × 512 = 2^18 and up) are not below it.
+pub const SERIAL_WORK: usize = 1 << 18;
+
 /// A raw output pointer handed to rayon tasks that each write a disjoint part of one
 /// buffer (tiles, column ranges, heads): the one shared way kernels split an output.
 #[derive(Clone, Copy)]

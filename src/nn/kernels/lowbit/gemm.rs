@@ -377,7 +377,7 @@ pub(super) fn gemm(lb: &LowBit, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
             unsafe { tile_rows(lb, tc, isa, x, rows, t, yp.get(), panel) };
         });
     };
-    if tiles * parts == 1 || m * lb.rows * lb.cols < 1 << 16 {
+    if tiles * parts == 1 || m * lb.rows * lb.cols < super::SERIAL_WORK {
         (0..tiles * parts).for_each(run);
     } else {
         (0..tiles * parts).into_par_iter().for_each(run);
