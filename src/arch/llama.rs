@@ -1199,7 +1199,7 @@ impl Llama {
         }
         cache.len = offset + t;
         let x = &x[(t - rows) * hs..];
-        Ok(llm_f32::rms_norm(x, &host(&self.norm)?, eps))
+        partial::with_host(&self.norm, |w| llm_f32::rms_norm(x, w, eps))
     }
 
     /// Parameters of the linear layers plus embeddings and norms.

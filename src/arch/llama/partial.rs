@@ -18,7 +18,7 @@ pub(super) fn host(t: &Tensor) -> Result<Vec<f32>> {
 /// CPU buffer (the linear layers' outputs are), copied otherwise. Read-only uses of a
 /// layer's output borrow it, so a 512-token prefill does not copy 6 MB per block on one
 /// thread while the other waits.
-fn with_host<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(super) fn with_host<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let mut f = Some(f);
     if t.dtype() == DType::F32 {
         let n = t.elem_count();
@@ -101,11 +101,9 @@ impl Llama {
             pairs,
         } = self.attn_dims();
         let dev = &self.device;
-        let h = Tensor::from_vec(
-            llm_f32::rms_norm(x, &host(&b.attn_norm)?, eps),
-            (t, hs),
-            dev,
-        )?;
+        // The norm's weights are read in place (no per-step copy of a host vector).
+        let h = with_host(&b.attn_norm, |w| llm_f32::rms_norm(x, w, eps))?;
+        let h = Tensor::from_vec(h, (t, hs), dev)?;
         let [mut q, mut k, v]: [Vec<f32>; 3] =
             fused::project(&b.qkv_fused, self.fuse, &[&b.q, &b.k, &b.v], &h, t)?
                 .try_into()
@@ -132,11 +130,9 @@ impl Llama {
     pub(super) fn mlp_half(&self, b: &Block, x: &mut [f32], t: usize) -> Result<()> {
         let c = &self.cfg;
         let dev = &self.device;
-        let h = Tensor::from_vec(
-            llm_f32::rms_norm(x, &host(&b.ffn_norm)?, c.rms_norm_eps as f32),
-            (t, c.hidden_size),
-            dev,
-        )?;
+        let eps = c.rms_norm_eps as f32;
+        let h = with_host(&b.ffn_norm, |w| llm_f32::rms_norm(x, w, eps))?;
+        let h = Tensor::from_vec(h, (t, c.hidden_size), dev)?;
         let [mut g, u]: [Vec<f32>; 2] =
             fused::project(&b.gate_up_fused, self.fuse, &[&b.gate, &b.up], &h, t)?
                 .try_into()

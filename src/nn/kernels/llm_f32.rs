@@ -18,6 +18,8 @@ use super::gemm_f32::{panel_width, PackedWeight, Region};
 use super::{Isa, SendPtr};
 use rayon::prelude::*;
 
+mod decode_attention;
+
 /// `e^x` in f32 within 2 ulp over the range where the result is a normal number; 0 below
 /// it (libm returns subnormals there: below 1.2e-38, nothing these ops can see), +inf above
 /// `ln(f32::MAX)`, NaN for NaN. Cody–Waite reduction `x = n·ln2 + r` with `ln2` split in two,
@@ -300,31 +302,7 @@ pub fn causal_attention(
     let width = nh * hd;
     let mut y = vec![0f32; t * width];
     if t < 8 {
-        // Decoding: a few rows, dot products straight from the cache rows; one task per
-        // (row, head), split over the decode step's spinning team when there is one (a
-        // rayon split costs more than these µs-sized tasks), in order otherwise. Each head's
-        // arithmetic is the same whichever thread runs it.
-        let yp = SendPtr(y.as_mut_ptr());
-        super::team::for_each_in_session(t * nh, |item| {
-            let (i, h) = (item / nh, item % nh);
-            let keys = offset + i + 1;
-            let mut s = vec![0f32; keys];
-            let (kh, vh) = (&kv.k[h / rep], &kv.v[h / rep]);
-            let qh = &q[i * width + h * hd..i * width + (h + 1) * hd];
-            for (j, sj) in s.iter_mut().enumerate() {
-                *sj = dot(qh, &kh[j * hd..(j + 1) * hd]) * scale;
-            }
-            softmax_in_place(&mut s);
-            // SAFETY: task (i, h) alone writes y[i·width + h·hd ..][..hd] (i < t, h < nh,
-            // y is t·width long and outlives the split).
-            let out =
-                unsafe { std::slice::from_raw_parts_mut(yp.get().add(i * width + h * hd), hd) };
-            for (j, &p) in s.iter().enumerate() {
-                for (o, &v) in out.iter_mut().zip(&vh[j * hd..(j + 1) * hd]) {
-                    *o += p * v;
-                }
-            }
-        });
+        decode_attention::decode_attention(q, t, nh, hd, kv, offset, scale, &mut y);
         return y;
     }
     let isa = Isa::selected();
@@ -392,7 +370,7 @@ pub fn causal_attention(
 }
 
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -747,8 +725,18 @@ mod tests {
 
     #[test]
     fn causal_attention_matches_f64_with_and_without_a_cache() {
-        // (t, offset): decoding rows, a prefill of ragged length, a chunk after a cache.
-        for (t, off) in [(1, 0), (1, 37), (3, 5), (61, 0), (50, 13)] {
+        // (t, offset): decoding rows (odd key counts, rows after a long cache: the split
+        // decode path), a prefill of ragged length, a chunk after a cache.
+        for (t, off) in [
+            (1, 0),
+            (1, 37),
+            (3, 5),
+            (2, 126),
+            (1, 700),
+            (7, 400),
+            (61, 0),
+            (50, 13),
+        ] {
             let (nh, nkv, hd) = (6, 2, 24);
             let mut kv = KvHeads::default();
             let total = off + t;
