@@ -46,21 +46,77 @@ pub fn measure(
     runs: usize,
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<LatencyStats> {
+    let mut stats = measure_interleaved(warmup, runs, &mut [&mut f])?;
+    Ok(stats.remove(0))
+}
+
+/// Timed calls of one function per turn in [`measure_interleaved`].
+const TURN: usize = 10;
+
+/// Times several functions in turns: after `warmup` untimed rounds, each turn gives every
+/// function one untimed call (its weights back in cache after the others ran; none when
+/// there is one function) and up to
+/// [`TURN`] timed ones, until each has `runs`. Each function's samples then span the same
+/// stretch of time: on a shared machine the load drifts within seconds, and rows timed one
+/// after another saw different loads (MNIST lab B64 p50s moved 30% between runs of one binary).
+pub fn measure_interleaved(
+    warmup: usize,
+    runs: usize,
+    fs: &mut [&mut dyn FnMut() -> Result<()>],
+) -> Result<Vec<LatencyStats>> {
     for _ in 0..warmup {
-        f()?;
+        for f in fs.iter_mut() {
+            f()?;
+        }
     }
-    let mut samples = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let t = Instant::now();
-        f()?;
-        samples.push(t.elapsed().as_secs_f64() * 1e3);
+    let mut samples = vec![Vec::with_capacity(runs); fs.len()];
+    let rewarm = fs.len() > 1;
+    for start in (0..runs).step_by(TURN) {
+        for (f, s) in fs.iter_mut().zip(&mut samples) {
+            if rewarm {
+                f()?;
+            }
+            for _ in start..(start + TURN).min(runs) {
+                let t = Instant::now();
+                f()?;
+                s.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
     }
-    LatencyStats::from_samples(&samples)
+    samples
+        .iter()
+        .map(|s| LatencyStats::from_samples(s))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interleaved_runs_take_turns_and_count_runs_not_warmup() {
+        let order = std::cell::RefCell::new(Vec::new());
+        let mut a = || {
+            order.borrow_mut().push('a');
+            Ok(())
+        };
+        let mut b = || {
+            order.borrow_mut().push('b');
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            Ok(())
+        };
+        // One warm-up round, then turns of one untimed and up to TURN timed calls each.
+        let stats = measure_interleaved(1, TURN + 2, &mut [&mut a, &mut b]).unwrap();
+        let (a1, b1) = ("a".repeat(TURN + 1), "b".repeat(TURN + 1));
+        let want = format!("ab{a1}{b1}aaabbb");
+        assert_eq!(order.borrow().iter().collect::<String>(), want);
+        assert_eq!(stats.len(), 2);
+        assert!(stats.iter().all(|s| s.runs == TURN + 2));
+        assert!(stats[1].p50_ms >= 2.0 && stats[0].p50_ms < stats[1].p50_ms);
+        let mut failing = || -> Result<()> { anyhow::bail!("broken row") };
+        let err = measure_interleaved(0, 2, &mut [&mut failing]).unwrap_err();
+        assert!(err.to_string().contains("broken row"));
+    }
 
     #[test]
     fn statistics_by_hand() {

@@ -4,7 +4,7 @@
 use crate::arch::mlp::{Mlp, MlpConfig};
 use crate::arch::train::{accuracy, train, TrainConfig};
 use crate::data::{mnist, DataDir};
-use crate::eval::latency::{measure, LatencyStats};
+use crate::eval::latency::{measure_interleaved, LatencyStats};
 use crate::nn::{apply_plan, Method, Plan};
 use crate::quant::ObserverKind;
 use crate::report::{Cell, Report, Table};
@@ -160,9 +160,9 @@ pub fn run(data_dir: &DataDir, cfg: &MnistLabConfig) -> Result<MnistLab> {
     let one = test.images.narrow(0, 0, 1)?;
     let batch64 = test.images.narrow(0, 0, 64.min(test.len()))?;
     let tmp = tempfile::tempdir()?;
-    let mut rows = Vec::new();
     let plan_rows = rows_plan(cfg.observer)?;
-    let bar = crate::progress::bar(plan_rows.len() as u64, "rows", cfg.train.progress);
+    let bar = crate::progress::bar(plan_rows.len() as u64 + 1, "rows", cfg.train.progress);
+    let mut built = Vec::new();
     for (q, method) in plan_rows {
         bar.set_message(method.to_string());
         let mut model = base.clone();
@@ -172,21 +172,40 @@ pub fn run(data_dir: &DataDir, cfg: &MnistLabConfig) -> Result<MnistLab> {
         let dir = tmp.path().join(method.to_string().replace(':', "_"));
         let size_bytes = model.save(&dir)?;
         let acc = accuracy(&model, &test, 1000)?;
-        let runs = cfg.latency_runs.max(2);
-        let warm = (runs / 5).max(3);
-        let b1 = measure(warm, runs, || model.forward(&one).map(|_| ()))?;
-        let b64 = measure(warm, runs, || model.forward(&batch64).map(|_| ()))?;
-        rows.push(MnistRow {
-            q,
-            method,
-            size_bytes,
-            params: model.num_params(),
-            accuracy: acc,
-            b1,
-            b64,
-        });
+        built.push((q, method, size_bytes, acc, model));
         bar.inc(1);
     }
+    // Every row's latency is timed in turns with the others' (see `measure_interleaved`).
+    bar.set_message("latency");
+    let runs = cfg.latency_runs.max(2);
+    let warm = (runs / 5).max(3);
+    let time = |x: &candle_core::Tensor| -> Result<Vec<LatencyStats>> {
+        let mut fs: Vec<Box<dyn FnMut() -> Result<()> + '_>> = built
+            .iter()
+            .map(|b| Box::new(move || b.4.forward(x).map(|_| ())) as Box<_>)
+            .collect();
+        let mut refs: Vec<&mut dyn FnMut() -> Result<()>> =
+            fs.iter_mut().map(|f| f.as_mut() as &mut _).collect();
+        measure_interleaved(warm, runs, &mut refs)
+    };
+    let b1 = time(&one)?;
+    let b64 = time(&batch64)?;
+    bar.inc(1);
+    let rows = built
+        .into_iter()
+        .zip(b1.into_iter().zip(b64))
+        .map(
+            |((q, method, size_bytes, accuracy, model), (b1, b64))| MnistRow {
+                q,
+                method,
+                size_bytes,
+                params: model.num_params(),
+                accuracy,
+                b1,
+                b64,
+            },
+        )
+        .collect();
     bar.finish_and_clear();
     Ok(MnistLab {
         rows,
@@ -244,7 +263,7 @@ pub fn report(lab: &MnistLab, cfg: &MnistLabConfig, test_n: usize) -> Report {
         "CPU kernels: {}.",
         crate::nn::kernels::isa::describe()
     ));
-    t.note(format!("Latency: {} timed runs after warm-up, on this machine's CPU, single process. Size: model.safetensors as written (payload + header).", cfg.latency_runs));
+    t.note(format!("Latency: {} timed runs after warm-up, every row timed in turns with the others (one forward of each row per round), on this machine's CPU, single process. Size: model.safetensors as written (payload + header).", cfg.latency_runs));
     t.note("Lab reference (PyTorch 1.13, i9 laptop): fp32 97.34% 5.88 MB B1 0.323 ms B64 1.30 ms; D fp16 97.34% 5.89 MB 0.512/1.72; D qint8 97.34% 1.48 MB 0.503/1.11; S qint8 96.67% 1.52 MB 0.593/0.955.");
     Report {
         tables: vec![t],
