@@ -1042,6 +1042,31 @@ mod tests {
         }
     }
 
+    /// Each part (`m` rows of its width) equals its columns of `whole` bit for bit.
+    fn assert_parts_are_columns(
+        parts: &[Vec<f32>],
+        whole: &[f32],
+        m: usize,
+        widths: &[usize],
+        what: &str,
+    ) {
+        let n: usize = widths.iter().sum();
+        let mut c0 = 0;
+        for (part, &wd) in parts.iter().zip(widths) {
+            assert_eq!(part.len(), m * wd);
+            for i in 0..m {
+                for j in 0..wd {
+                    assert_eq!(
+                        part[i * wd + j].to_bits(),
+                        whole[i * n + c0 + j].to_bits(),
+                        "{what} part at column {c0}: {i},{j}"
+                    );
+                }
+            }
+            c0 += wd;
+        }
+    }
+
     /// Split outputs equal the columns of the whole product bit for bit (parts on panel
     /// boundaries, a ragged last part, one row and many); a part off a panel boundary
     /// is refused.
@@ -1058,20 +1083,7 @@ mod tests {
                 let pw = PackedWeight::new(&w, n, k, nr);
                 let whole = matmul_with(isa, &x, m, &pw);
                 let parts = matmul_split(isa, &x, m, &pw, &widths).unwrap();
-                let mut c0 = 0;
-                for (part, &wd) in parts.iter().zip(&widths) {
-                    assert_eq!(part.len(), m * wd);
-                    for i in 0..m {
-                        for j in 0..wd {
-                            assert_eq!(
-                                part[i * wd + j].to_bits(),
-                                whole[i * n + c0 + j].to_bits(),
-                                "{isa:?} m{m} part at column {c0}: {i},{j}"
-                            );
-                        }
-                    }
-                    c0 += wd;
-                }
+                assert_parts_are_columns(&parts, &whole, m, &widths, &format!("{isa:?} m{m}"));
                 assert!(matmul_split(isa, &x, m, &pw, &[nr + 1, n - nr - 1]).is_none());
                 assert!(matmul_split(isa, &x, m, &pw, &[nr]).is_none());
             }
@@ -1092,20 +1104,7 @@ mod tests {
             let pw = PackedWeight::new(&w, n, k, nr);
             let whole = matmul_with(isa, &x, m, &pw);
             let parts = matmul_split(isa, &x, m, &pw, &widths).unwrap();
-            let mut c0 = 0;
-            for (part, &wd) in parts.iter().zip(&widths) {
-                assert_eq!(part.len(), m * wd);
-                for i in 0..m {
-                    for j in 0..wd {
-                        assert_eq!(
-                            part[i * wd + j].to_bits(),
-                            whole[i * n + c0 + j].to_bits(),
-                            "{isa:?} part at column {c0}: {i},{j}"
-                        );
-                    }
-                }
-                c0 += wd;
-            }
+            assert_parts_are_columns(&parts, &whole, m, &widths, &format!("{isa:?}"));
         }
     }
 

@@ -682,7 +682,8 @@ mod tests {
         assert!(exp(f32::NAN).is_nan());
     }
 
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
+    /// Deterministic values in [-1, 1) (also for `decode_attention`'s tests).
+    pub(super) fn lcg(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
         (0..n)
             .map(|_| {

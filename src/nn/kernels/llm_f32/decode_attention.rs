@@ -165,19 +165,8 @@ fn per_head_reference(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::lcg;
     use super::*;
-
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// Grouped heads (1 to 7 per key/value head, split 2 + 1 ... over threads), head sizes
     /// with and without an eight-lane remainder, odd key counts, rows after a cache, split
