@@ -1269,13 +1269,6 @@ impl Llama {
     }
 }
 
-/// `x += y` elementwise (the residual connections).
-fn add_in_place(x: &mut [f32], y: &[f32]) {
-    for (a, &b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
-}
-
 impl HasLinears for Llama {
     /// Pre-norm blocks: `input_layernorm` feeds q/k/v, `post_attention_layernorm` feeds
     /// gate/up (the final norm feeds `lm_head`).

@@ -180,12 +180,12 @@ pub fn run(data_dir: &DataDir, cfg: &MnistLabConfig) -> Result<MnistLab> {
     let runs = cfg.latency_runs.max(2);
     let warm = (runs / 5).max(3);
     let time = |x: &candle_core::Tensor| -> Result<Vec<LatencyStats>> {
-        let mut fs: Vec<Box<dyn FnMut() -> Result<()> + '_>> = built
+        let mut fs: Vec<_> = built
             .iter()
-            .map(|b| Box::new(move || b.4.forward(x).map(|_| ())) as Box<_>)
+            .map(|b| move || b.4.forward(x).map(|_| ()))
             .collect();
         let mut refs: Vec<&mut dyn FnMut() -> Result<()>> =
-            fs.iter_mut().map(|f| f.as_mut() as &mut _).collect();
+            fs.iter_mut().map(|f| f as &mut _).collect();
         measure_interleaved(warm, runs, &mut refs)
     };
     let b1 = time(&one)?;

@@ -8,8 +8,8 @@
 //! every block runs once. The arithmetic is that of the CPU forward pass.
 
 use super::partial::host;
-use super::{add_in_place, Llama};
-use crate::nn::kernels::llm_f32::{self, KvHeads};
+use super::Llama;
+use crate::nn::kernels::llm_f32::{self, add_in_place, KvHeads};
 use crate::nn::{CalibrateInStages, StageSink};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};

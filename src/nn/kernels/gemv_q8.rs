@@ -28,7 +28,6 @@
 
 use super::lowbit::{Codes, LowBit, CHUNK};
 use super::Isa;
-use rayon::prelude::*;
 
 /// Chunks per block (one 512-bit register holds 4 chunks of nibbles).
 const BC: usize = 4;
@@ -175,15 +174,8 @@ pub fn gemv(lb: &LowBit, isa: Isa, x: &[f32], y: &mut [f32]) {
     let isa = isa.min(Isa::detected());
     let a = Q8Row::quantize(x);
     let prep = Prep::new(lb, &a);
-    let work = lb.rows * lb.cols;
-    let tasks = if work < 1 << 16 {
-        1
-    } else {
-        rayon::current_num_threads().max(1) * 2
-    };
-    let block = lb.rows.div_ceil(tasks).div_ceil(4).max(1) * 4;
-    y.par_chunks_mut(block).enumerate().for_each(|(b, ys)| {
-        rows(lb, isa, &a, &prep, b * block, ys);
+    super::for_row_blocks(y, lb.rows * lb.cols, 2, |o0, ys| {
+        rows(lb, isa, &a, &prep, o0, ys);
     });
 }
 

@@ -130,30 +130,27 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 /// on one thread left the other idle (60 per SmolLM2 chunk). The same sums in any split.
 pub fn add_in_place(x: &mut [f32], y: &[f32]) {
     assert_eq!(x.len(), y.len(), "add_in_place: lengths");
-    let f = |(x, y): (&mut [f32], &[f32])| {
-        for (a, &b) in x.iter_mut().zip(y) {
-            *a += b;
-        }
-    };
-    if x.len() >= 1 << 15 {
-        x.par_chunks_mut(4096).zip(y.par_chunks(4096)).for_each(f);
-    } else {
-        f((x, y));
-    }
+    pairwise_split(x, y, |a, b| *a += b);
 }
 
 /// `g ← silu(g) · u` with `silu(v) = v / (1 + e^-v)`, as candle.
 pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     assert_eq!(g.len(), u.len(), "silu_mul: lengths");
-    let f = |(g, u): (&mut [f32], &[f32])| {
-        for (a, &b) in g.iter_mut().zip(u) {
-            *a = *a / (1.0 + exp(-*a)) * b;
+    pairwise_split(g, u, |a, b| *a = *a / (1.0 + exp(-*a)) * b);
+}
+
+/// `f(a[i], b[i])` for every `i`, in chunks of 4096 over rayon's threads from 32K values
+/// (a prefill's rows), in order on the calling thread below (a decode step's one row).
+fn pairwise_split(a: &mut [f32], b: &[f32], f: impl Fn(&mut f32, f32) + Sync) {
+    let run = |(a, b): (&mut [f32], &[f32])| {
+        for (x, &y) in a.iter_mut().zip(b) {
+            f(x, y);
         }
     };
-    if g.len() >= 1 << 15 {
-        g.par_chunks_mut(4096).zip(u.par_chunks(4096)).for_each(f);
+    if a.len() >= 1 << 15 {
+        a.par_chunks_mut(4096).zip(b.par_chunks(4096)).for_each(run);
     } else {
-        f((g, u));
+        run((a, b));
     }
 }
 
@@ -302,7 +299,8 @@ pub fn causal_attention(
     let width = nh * hd;
     let mut y = vec![0f32; t * width];
     if t < 8 {
-        decode_attention::decode_attention(q, t, nh, hd, kv, offset, scale, &mut y);
+        let split = decode_attention::splits(t, nh, total, hd);
+        decode_attention::decode_attention(q, t, nh, hd, kv, offset, scale, &mut y, split);
         return y;
     }
     let isa = Isa::selected();

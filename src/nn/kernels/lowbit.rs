@@ -61,8 +61,7 @@ pub fn panel_rows(isa: Isa) -> usize {
 /// 5 × 4 280 µs (twice the decoding per FMA), f32 panels 267 µs.
 const MULTI_MR: usize = 10;
 const MULTI_NR: usize = 2;
-/// Small products stay on the calling thread (see the constant).
-pub use super::SERIAL_WORK;
+use super::SERIAL_WORK;
 
 /// Matrices of at most this many output rows run the panel GEMM on 16-wide tiles (the AVX2
 /// path's layout and register tiles) on AVX-512 too: a 64-wide panel would be mostly
@@ -590,15 +589,8 @@ impl LowBit {
         // padding adds exact zeros).
         let mut xp = vec![0f32; self.nch * CHUNK];
         xp[..self.cols].copy_from_slice(x);
-        // Small matrices on this thread; else blocks of rows (a multiple of 4) per task.
-        if self.rows * self.cols < SERIAL_WORK {
-            self.gemv_rows(isa, &xp, 0, y);
-            return;
-        }
-        let tasks = rayon::current_num_threads().max(1) * 4;
-        let block = self.rows.div_ceil(tasks).div_ceil(4).max(1) * 4;
-        y.par_chunks_mut(block).enumerate().for_each(|(b, ys)| {
-            self.gemv_rows(isa, &xp, b * block, ys);
+        super::for_row_blocks(y, self.rows * self.cols, 4, |o0, ys| {
+            self.gemv_rows(isa, &xp, o0, ys);
         });
     }
 

@@ -26,6 +26,27 @@ pub use isa::Isa;
 /// (512 × 512 = 2^18 and up) are not below it.
 pub const SERIAL_WORK: usize = 1 << 18;
 
+/// `f(o0, ys)` over blocks of `y`'s rows (each a multiple of 4 rows, `o0` its first), as
+/// `tasks_per_thread` tasks a rayon thread; all of `y` in one call on this thread when the
+/// product's `work` (multiply-adds) is below [`SERIAL_WORK`]. The GEMVs' row split.
+pub fn for_row_blocks(
+    y: &mut [f32],
+    work: usize,
+    tasks_per_thread: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    if work < SERIAL_WORK {
+        f(0, y);
+        return;
+    }
+    let tasks = rayon::current_num_threads().max(1) * tasks_per_thread;
+    let block = y.len().div_ceil(tasks).div_ceil(4).max(1) * 4;
+    y.par_chunks_mut(block)
+        .enumerate()
+        .for_each(|(b, ys)| f(b * block, ys));
+}
+
 /// A raw output pointer handed to rayon tasks that each write a disjoint part of one
 /// buffer (tiles, column ranges, heads): the one shared way kernels split an output.
 #[derive(Clone, Copy)]

@@ -41,7 +41,10 @@ const SHAPES: &[(usize, usize)] = &[
     (9, 160),
     (130, 577),
     (61, 1100),
+    // Above SERIAL_WORK: rows split over threads (the others run on the calling thread).
+    (520, 544),
 ];
+const _: () = assert!(520 * 544 >= crate::nn::kernels::SERIAL_WORK);
 
 /// Integer activations with |x| = 127 somewhere in each chunk (so `d = 1`, `q = x`),
 /// unit scales and integer zero points: every path must give the integer sum exactly

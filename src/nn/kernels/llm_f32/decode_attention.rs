@@ -23,29 +23,18 @@ thread_local! {
     static SCORES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-/// Writes `y` (`t` rows of `nh · hd`): the attention of the query rows `q` at positions
-/// `offset..offset + t` over the cached keys up to each row's own position.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn decode_attention(
-    q: &[f32],
-    t: usize,
-    nh: usize,
-    hd: usize,
-    kv: &KvHeads,
-    offset: usize,
-    scale: f32,
-    y: &mut [f32],
-) {
-    let work = t * nh * (offset + t) * hd;
-    let split = team::leading() || (work >= SPLIT_WORK && rayon::current_num_threads() > 1);
-    decode_attention_split(q, t, nh, hd, kv, offset, scale, y, split);
+/// Whether a step of `t` rows, `nh` heads of `hd` over `keys` cached positions splits its
+/// heads over threads: on the decode step's spinning team always, else from [`SPLIT_WORK`].
+pub(super) fn splits(t: usize, nh: usize, keys: usize, hd: usize) -> bool {
+    team::leading() || (t * nh * keys * hd >= SPLIT_WORK && rayon::current_num_threads() > 1)
 }
 
-/// [`decode_attention`] with the choice of splitting over threads made by the caller
-/// (tests run both). Split, each key/value head's query heads go in two tasks (3 heads:
+/// Writes `y` (`t` rows of `nh · hd`): the attention of the query rows `q` at positions
+/// `offset..offset + t` over the cached keys up to each row's own position. Split (see
+/// [`splits`]; tests run both), each key/value head's query heads go in two tasks (3 heads:
 /// 2 + 1), so two threads share three groups evenly; otherwise one task per group.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn decode_attention_split(
+pub(super) fn decode_attention(
     q: &[f32],
     t: usize,
     nh: usize,
@@ -197,7 +186,7 @@ mod tests {
                 let want = per_head_reference(&q, t, nh, hd, &kv, offset, scale);
                 for split in [false, true] {
                     let mut y = vec![f32::NAN; want.len()];
-                    decode_attention_split(&q, t, nh, hd, &kv, offset, scale, &mut y, split);
+                    decode_attention(&q, t, nh, hd, &kv, offset, scale, &mut y, split);
                     for (k, (g, w)) in y.iter().zip(&want).enumerate() {
                         assert_eq!(
                             g.to_bits(),
@@ -223,8 +212,8 @@ mod tests {
         longer.append(&vec![f32::NAN; extra], &vec![f32::NAN; extra], nkv, hd);
         let q = lcg(t * nh * hd, 3);
         let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
-        decode_attention_split(&q, t, nh, hd, &kv, offset, 0.125, &mut a, false);
-        decode_attention_split(&q, t, nh, hd, &longer, offset, 0.125, &mut b, true);
+        decode_attention(&q, t, nh, hd, &kv, offset, 0.125, &mut a, false);
+        decode_attention(&q, t, nh, hd, &longer, offset, 0.125, &mut b, true);
         assert!(a.iter().all(|v| v.is_finite()));
         assert_eq!(a, b);
     }
